@@ -26,5 +26,8 @@ def find_yalm_vocab() -> Path | None:
 def yalm_vocab() -> Path:
     path = find_yalm_vocab()
     if path is None:
-        pytest.fail("the real YaLM tokenizer was not found: set YALM_VOCAB or provide ../shared/yalm/voc_100b.sp")
+        pytest.fail(
+            "the real YaLM tokenizer was not found: set YALM_VOCAB or provide "
+            "../shared/yalm/voc_100b.sp"
+        )
     return path

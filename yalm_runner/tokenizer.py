@@ -36,10 +36,11 @@ class Tokenizer:
             raise ConfigError(f"not a SentencePiece model: {self.path} ({exc})") from exc
         self.vocab_size: int = self._sp.GetPieceSize()
         self.newline_id = self._sp.PieceToId(NEWLINE_PIECE)
-        if self._sp.IdToPiece(BOS_ID) != "<s>" or self._sp.IdToPiece(EOS_ID) != "</s>":
+        bos, eos = self._sp.IdToPiece(BOS_ID), self._sp.IdToPiece(EOS_ID)
+        if (bos, eos) != ("<s>", "</s>"):
             raise ConfigError(
-                f"{self.path}: expected <s>=1 and </s>=2 as in YaLM's vocabulary, got "
-                f"{self._sp.IdToPiece(BOS_ID)!r}={BOS_ID} and {self._sp.IdToPiece(EOS_ID)!r}={EOS_ID}"
+                f"{self.path}: expected <s>=1 and </s>=2 as in YaLM's vocabulary, "
+                f"got {bos!r}=1 and {eos!r}=2"
             )
         if self._sp.IdToPiece(self.newline_id) != NEWLINE_PIECE:
             raise ConfigError(f"{self.path}: vocabulary has no {NEWLINE_PIECE} piece")
@@ -77,7 +78,7 @@ class Tokenizer:
         # A byte-fallback character split across the boundary: the prompt alone decodes its
         # dangling bytes as U+FFFD. Find the longest common prefix instead.
         common = 0
-        for left, right in zip(head, full):
+        for left, right in zip(head, full, strict=False):
             if left != right:
                 break
             common += 1

@@ -1,0 +1,269 @@
+"""``yalm-runner``: the command line. Thin: each command parses, makes one library call, reports.
+
+Every flag can also come from an environment variable ``YALM_RUNNER_<FLAG>`` (shown in
+``--help``). Library errors print as one line on stderr and exit 1; ``--verbose`` shows the
+traceback. Results go to files or stdout, progress and summaries to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from yalm_runner import __version__
+from yalm_runner.errors import ConfigError, YalmError
+
+EXAMPLES = {
+    "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-store/ --dtype bf16",
+    "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
+    "--greedy -n 64",
+    "inspect": "example: yalm-runner inspect store/",
+    "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
+}
+
+
+def _env(flag: str, default: object = None) -> object:
+    return os.environ.get("YALM_RUNNER_" + flag.upper().replace("-", "_"), default)
+
+
+def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: object) -> None:
+    """Add an option whose default may come from ``YALM_RUNNER_<FLAG>``."""
+    flag = next(name for name in names if name.startswith("--")).removeprefix("--")
+    env_name = "YALM_RUNNER_" + flag.upper().replace("-", "_")
+    default = _env(flag, kwargs.pop("default", None))
+    if kwargs.get("action") == "store_true":
+        default = str(default).lower() in {"1", "true", "yes"} if default is not None else False
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {env_name}]".strip()
+    if kwargs.pop("required", False) and default is None:
+        kwargs["required"] = True
+    parser.add_argument(*names, default=default, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yalm-runner", description="Run Yandex's YaLM-100B on small machines."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+        return sub
+
+    convert = command("convert", "Convert the released checkpoint folder into a store.")
+    convert.add_argument("src", type=Path, help="release folder (weights/, vocab/)")
+    convert.add_argument("dst", type=Path, help="store folder to create")
+    _add(
+        convert,
+        "--num-heads",
+        type=int,
+        default=128,
+        help="attention heads (the release does not record them)",
+    )
+    _add(
+        convert,
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="store dtype (default: the release's own)",
+    )
+    _add(convert, "--max-positions", type=int, default=1024, help="rotary table size")
+
+    generate = command("generate", "Continue the prefixes of a JSONL file.")
+    _add(generate, "-m", "--model", type=Path, required=True, help="store folder")
+    _add(generate, "--input", type=Path, required=True, help="JSONL with a 'prefix' per line")
+    _add(generate, "--output", type=Path, required=True, help="JSONL to write")
+    _add(generate, "--greedy", action="store_true", help="argmax instead of sampling")
+    _add(generate, "--temp", type=float, default=1.0, help="sampling temperature")
+    _add(generate, "--top-p", type=float, default=0.9, help="nucleus threshold (0 = off)")
+    _add(generate, "--top-k", type=int, default=0, help="top-k filter (0 = off)")
+    _add(generate, "-n", "--max-new-tokens", type=int, default=128, help="new tokens per row")
+    _add(generate, "-s", "--seed", type=int, default=1234, help="sampling seed")
+    _add(
+        generate,
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda",
+    )
+    _add(
+        generate,
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="compute dtype (default: fp32 on cpu, the store's 16-bit dtype on cuda)",
+    )
+    _add(generate, "--batch-size", type=int, default=32, help="rows per batch")
+    _add(generate, "--no-verify", action="store_true", help="skip weight checksums")
+
+    inspect = command("inspect", "Show a store's shape, sizes and per-step traffic.")
+    inspect.add_argument("store", type=Path)
+
+    tiny = command("make-tiny", "Write a tiny random YaLM checkpoint in the release layout.")
+    tiny.add_argument("dst", type=Path)
+    _add(tiny, "--layers", type=int, default=2)
+    _add(tiny, "--embedding", type=int, default=32)
+    _add(tiny, "--hidden", type=int, default=64)
+    _add(tiny, "--heads", type=int, default=4)
+    _add(tiny, "--ffn", type=int, default=172)
+    _add(tiny, "--seed", type=int, default=0)
+    _add(tiny, "--vocab", type=Path, help="a .sp file to use (default: train a small one)")
+    _add(tiny, "--vocab-size", type=int, default=1000, help="size of the trained vocabulary")
+    _add(tiny, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    _add(tiny, "--tensor-parallel", type=int, default=1, help="write this many TP shards")
+    return parser
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from yalm_runner.convert import convert_release, parse_dtype
+
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} parts"),
+        TimeRemainingColumn(),
+        transient=False,
+        console=_stderr_console(),
+    ) as progress:
+        task = progress.add_task("converting", total=None)
+
+        def on_part(report) -> None:
+            progress.update(
+                task,
+                total=report.total,
+                completed=report.index + 1,
+                description=f"wrote {report.part}",
+            )
+
+        manifest = convert_release(
+            args.src,
+            args.dst,
+            num_heads=args.num_heads,
+            dtype=dtype,
+            max_positions=args.max_positions,
+            on_part=on_part,
+        )
+    print(manifest.parent)
+    return 0
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from yalm_runner.config import SamplingParams
+    from yalm_runner.convert import parse_dtype
+    from yalm_runner.runner import generate_file
+
+    sampling = SamplingParams(
+        greedy=args.greedy,
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    started = time.perf_counter()
+    stats = generate_file(
+        args.model,
+        args.input,
+        args.output,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        device=device,
+        dtype=dtype,
+        batch_size=args.batch_size,
+        verify=not args.no_verify,
+    )
+    elapsed = time.perf_counter() - started
+    print(
+        f"{stats.rows} rows, {stats.new_tokens} new tokens in {elapsed:.1f} s; "
+        f"generation {stats.tokens_per_s:.1f} tokens/s "
+        f"(prefill {stats.prefill_s:.2f} s, decode {stats.decode_s:.2f} s); "
+        f"peak RSS {_peak_rss_gib():.2f} GiB",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from yalm_runner.checkpoint import Store
+    from yalm_runner.runner import describe_store
+
+    print(describe_store(Store.open(args.store)))
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from yalm_runner.convert import parse_dtype
+    from yalm_runner.tiny import TinySpec, make_tiny
+
+    spec = TinySpec(
+        num_layers=args.layers,
+        embedding_size=args.embedding,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        ffn_size=args.ffn,
+        seed=args.seed,
+        dtype=parse_dtype(args.dtype),
+        tensor_parallel=args.tensor_parallel,
+    )
+    config = make_tiny(args.dst, spec, vocab=args.vocab, vocab_size=args.vocab_size)
+    print(args.dst)
+    print(
+        f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
+        f"convert with: yalm-runner convert {args.dst} STORE --num-heads {config.num_heads}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+COMMANDS = {
+    "convert": _cmd_convert,
+    "generate": _cmd_generate,
+    "inspect": _cmd_inspect,
+    "make-tiny": _cmd_make_tiny,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except YalmError as exc:
+        if args.verbose:
+            raise
+        print(f"yalm-runner {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"yalm-runner {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The released checkpoint -> our store, one part at a time.
+
+Sizes are inferred from tensor shapes (the release has no config file); the head count cannot be
+inferred and is given (YaLM-100B's 128 by default). Each part's release files are memory-mapped,
+its tensors merged across tensor-parallel ranks and cast one tensor at a time, and streamed into
+the part's file, so peak memory stays near one release file plus one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from yalm_runner.checkpoint import StoreWriter, part_names
+from yalm_runner.config import ModelConfig
+from yalm_runner.errors import CheckpointError, ConfigError
+from yalm_runner.release import (
+    SPLIT_DIMS,
+    ReleaseLayout,
+    load_release_file,
+    merge_shards,
+    scan_release,
+    slots_for_parts,
+)
+from yalm_runner.tensorfile import TensorSpec
+
+FP16_MAX = 65504.0
+CHECK_CHUNK_ELEMENTS = 1 << 24
+
+DTYPE_ARGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPE_ARGS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPE_ARGS)}") from None
+
+
+@dataclass(frozen=True)
+class PartProgress:
+    """Reported after each part is written."""
+
+    part: str
+    index: int
+    total: int
+    bytes_written: int
+
+
+def _merged_shape(name: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    dim = SPLIT_DIMS.get(name)
+    if dim is None or len(shapes) == 1:
+        return shapes[0]
+    merged = list(shapes[0])
+    merged[dim] = sum(shape[dim] for shape in shapes)
+    return tuple(merged)
+
+
+def _load_slot(layout: ReleaseLayout, slot: int) -> tuple[dict[str, list[torch.Tensor]], Path]:
+    shards: dict[str, list[torch.Tensor]] = {}
+    paths = layout.files(slot)
+    for rank, path in enumerate(paths):
+        tensors = load_release_file(path)
+        if rank and set(tensors) != set(shards):
+            raise CheckpointError(
+                f"{path}: tensor names differ from rank 0's ({sorted(set(tensors) ^ set(shards))})"
+            )
+        for name, tensor in tensors.items():
+            shards.setdefault(name, []).append(tensor)
+    return shards, paths[0]
+
+
+def infer_config(
+    layout: ReleaseLayout, num_heads: int = 128, max_positions: int = 1024
+) -> ModelConfig:
+    """The model's shape from the release's tensor shapes (and the given head count)."""
+    embedding, embedding_path = _load_slot(layout, 0)
+    first_layer, layer_path = _load_slot(layout, 3)
+    try:
+        vocab_size, embedding_size = _merged_shape(
+            "word_embeddings.weight", [t.shape for t in embedding["word_embeddings.weight"]]
+        )
+    except KeyError:
+        raise CheckpointError(f"{embedding_path}: missing tensor word_embeddings.weight") from None
+    try:
+        qkv_rows, hidden_size = _merged_shape(
+            "attention.query_key_value.weight",
+            [t.shape for t in first_layer["attention.query_key_value.weight"]],
+        )
+        ffn_size, _ = _merged_shape(
+            "mlp.dense_ffn_hidden.weight",
+            [t.shape for t in first_layer["mlp.dense_ffn_hidden.weight"]],
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{layer_path}: missing tensor {exc.args[0]}") from None
+    if qkv_rows != 3 * hidden_size:
+        raise CheckpointError(
+            f"{layer_path}: attention.query_key_value.weight has {qkv_rows} rows, "
+            f"expected 3 x {hidden_size}"
+        )
+    if hidden_size % num_heads:
+        raise ConfigError(
+            f"hidden size {hidden_size} is not divisible by --num-heads {num_heads}; "
+            "the release does not record the head count, pass the right one"
+        )
+    return ModelConfig(
+        vocab_size=vocab_size,
+        embedding_size=embedding_size,
+        hidden_size=hidden_size,
+        num_layers=layout.num_layers,
+        num_heads=num_heads,
+        ffn_size=ffn_size,
+        max_positions=max_positions,
+    )
+
+
+def _checked_cast(
+    tensor: torch.Tensor, dtype: torch.dtype, name: str, source: Path
+) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHECK_CHUNK_ELEMENTS):
+        chunk = flat[start : start + CHECK_CHUNK_ELEMENTS]
+        if not torch.isfinite(chunk).all():
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values")
+        if dtype == torch.float16 and tensor.dtype != torch.float16:
+            peak = chunk.abs().max().item()
+            if peak > FP16_MAX:
+                raise CheckpointError(
+                    f"{source}: tensor {name} has |value| {peak:.4g} beyond fp16's range; "
+                    "convert with --dtype bf16 or fp32"
+                )
+    return tensor.to(dtype)
+
+
+def convert_release(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    num_heads: int = 128,
+    dtype: torch.dtype | None = None,
+    max_positions: int = 1024,
+    on_part: Callable[[PartProgress], None] | None = None,
+) -> Path:
+    """Convert the release folder ``src`` into a store at ``dst``; returns the manifest path.
+
+    ``dtype`` None keeps the release's own dtype.
+    """
+    layout = scan_release(src)
+    config = infer_config(layout, num_heads, max_positions)
+    if dtype is None:
+        first, _ = _load_slot(layout, 0)
+        dtype = first["word_embeddings.weight"][0].dtype
+        del first
+    if not dtype.is_floating_point:
+        raise ConfigError(f"store dtype must be floating point, got {dtype}")
+    writer = StoreWriter(
+        Path(dst),
+        config,
+        dtype,
+        source={
+            "kind": "yalm-release",
+            "path": Path(src).name,
+            "tensor_parallel_ranks": layout.num_ranks,
+            "num_heads_given": num_heads,
+        },
+    )
+    slots = slots_for_parts(config.num_layers)
+    parts = part_names(config)
+    for index, part in enumerate(parts):
+        shards: dict[str, list[torch.Tensor]] = {}
+        origin: dict[str, Path] = {}
+        for slot in slots[part]:
+            slot_shards, path = _load_slot(layout, slot)
+            for name, tensors in slot_shards.items():
+                if name in shards:
+                    raise CheckpointError(f"{path}: tensor {name} appears twice in part {part}")
+                shards[name] = tensors
+                origin[name] = path
+        specs = [
+            TensorSpec(name, _merged_shape(name, [t.shape for t in tensors]), dtype)
+            for name, tensors in shards.items()
+        ]
+
+        def produce(spec: TensorSpec, shards=shards, origin=origin) -> torch.Tensor:
+            # Pop each tensor's shards so its memory is released once it has been written.
+            merged = merge_shards(spec.name, shards.pop(spec.name), origin[spec.name])
+            return _checked_cast(merged, dtype, spec.name, origin[spec.name])
+
+        try:
+            bytes_written = writer.write_part(part, specs, produce)
+        except CheckpointError as exc:
+            sources = sorted({str(path) for path in origin.values()})
+            raise CheckpointError(f"{exc} (from {', '.join(sources)})") from exc
+        if on_part is not None:
+            on_part(PartProgress(part, index, len(parts), bytes_written))
+    return writer.finish(layout.vocab_path)

@@ -1,0 +1,261 @@
+"""Prefill and decode over token ids for a whole batch, layer by layer.
+
+The engine speaks token ids only: text stays with the tokenizer and the callers. A batch holds
+prompts of different lengths, left-padded so that every row writes its next token into the same
+cache slot; each row has its own rotary positions (0 at its BOS) and a mask that hides its
+padding. Rows that finish (EOS or their own ``max_new_tokens``) leave the batch at once, so they
+stop costing compute and cache traffic.
+
+Weights come from a ``WeightSource`` (resident or streamed); the math comes from ``model``
+unchanged. A request may carry ids it already generated (a resumed row): they are prefilled with
+the prompt in one pass and the row goes on from there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from yalm_runner import model
+from yalm_runner.config import SamplingParams
+from yalm_runner.errors import GenerationError
+from yalm_runner.offload import WeightSource
+from yalm_runner.sampling import sample_next
+from yalm_runner.tokenizer import EOS_ID
+
+PAD_ID = EOS_ID  # the reference pads with </s>
+
+
+@dataclass(frozen=True)
+class Request:
+    """One row to generate. ``generated`` holds ids already produced before a resume."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    generated: tuple[int, ...] = ()
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.generated)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished row: its new ids (EOS included when produced) and why it stopped."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+    finish_reason: str  # "eos" or "length"
+
+
+@dataclass
+class GenerationStats:
+    """What a ``generate`` call did and how long it took."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    forward_passes: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        elapsed = self.prefill_s + self.decode_s
+        return self.new_tokens / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass
+class _Batch:
+    """The rows in flight and their caches; every row's next token goes to slot ``length``."""
+
+    requests: list[Request]
+    generated: list[list[int]]
+    pad: torch.Tensor  # (B,) left padding per row
+    key_valid: torch.Tensor  # (B, S_max)
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, S_max, NH, D) x 2
+    length: int
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.pad.device, dtype=torch.long)
+        self.requests = [self.requests[row] for row in rows]
+        self.generated = [self.generated[row] for row in rows]
+        self.pad = self.pad[index]
+        self.key_valid = self.key_valid[index]
+        self.caches = [(keys[index], values[index]) for keys, values in self.caches]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Generates token ids for batches of requests with the weights of one source."""
+
+    def __init__(self, weights: WeightSource, eos_id: int = EOS_ID):
+        self.weights = weights
+        self.config = weights.config
+        self.device = weights.device
+        self.dtype = weights.dtype
+        self.eos_id = eos_id
+        self.rotary = model.Rotary.build(self.config, self.device, self.dtype)
+        self.stats = GenerationStats()
+
+    def check(self, request: Request) -> None:
+        """Raise ``GenerationError`` if ``request`` cannot run on this model."""
+        if not request.prompt_ids:
+            raise GenerationError(f"row {request.key}: empty prompt (it needs at least BOS)")
+        if request.max_new_tokens < 1:
+            raise GenerationError(f"row {request.key}: max_new_tokens must be >= 1")
+        bad = [token for token in request.prompt_ids if not 0 <= token < self.config.vocab_size]
+        if bad:
+            raise GenerationError(f"row {request.key}: token ids {bad[:5]} outside the vocabulary")
+        total = len(request.prompt_ids) + request.max_new_tokens
+        if total > self.config.max_positions:
+            raise GenerationError(
+                f"row {request.key}: {len(request.prompt_ids)} prompt tokens + "
+                f"{request.max_new_tokens} new tokens exceed the model's "
+                f"{self.config.max_positions} positions"
+            )
+
+    def generate(
+        self,
+        requests: Iterable[Request],
+        sampling: SamplingParams,
+        *,
+        batch_size: int = 32,
+        on_finished: Callable[[Finished], None] | None = None,
+    ) -> list[Finished]:
+        """Run every request; return the finished rows in request order.
+
+        ``on_finished`` is called as each row finishes (in finishing order), so a caller can
+        store it at once.
+        """
+        pending = list(requests)
+        for request in pending:
+            self.check(request)
+        finished: dict[str, Finished] = {}
+        for request in pending:
+            if request.remaining <= 0 or (
+                request.generated and request.generated[-1] == self.eos_id
+            ):
+                reason = (
+                    "eos"
+                    if request.generated and request.generated[-1] == self.eos_id
+                    else "length"
+                )
+                done = Finished(request.key, request.prompt_ids, request.generated, reason)
+                finished[request.key] = done
+                if on_finished is not None:
+                    on_finished(done)
+        runnable = [request for request in pending if request.key not in finished]
+        for start in range(0, len(runnable), batch_size):
+            for done in self._run_batch(runnable[start : start + batch_size], sampling):
+                finished[done.key] = done
+                if on_finished is not None:
+                    on_finished(done)
+        return [finished[request.key] for request in pending]
+
+    @torch.inference_mode()
+    def _run_batch(self, requests: list[Request], sampling: SamplingParams) -> Iterable[Finished]:
+        config, device = self.config, self.device
+        contexts = [list(request.prompt_ids) + list(request.generated) for request in requests]
+        lengths = [len(context) for context in contexts]
+        prompt_len = max(lengths)
+        slots = prompt_len + max(request.remaining for request in requests)
+        batch = len(requests)
+        self.stats.rows += batch
+        self.stats.prompt_tokens += sum(lengths)
+        self.stats.batch_sizes.append(batch)
+
+        pad = torch.tensor([prompt_len - length for length in lengths], device=device)
+        tokens = torch.full((batch, prompt_len), PAD_ID, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            tokens[row, prompt_len - len(context) :] = torch.tensor(context)
+        slot_index = torch.arange(slots, device=device)
+        key_valid = slot_index[None, :] >= pad[:, None]
+        key_valid[:, prompt_len:] = False
+        shape = (batch, slots, config.num_heads, config.head_dim)
+        caches = [
+            (
+                torch.empty(shape, device=device, dtype=self.dtype),
+                torch.zeros(shape, device=device, dtype=self.dtype),
+            )
+            for _ in range(config.num_layers)
+        ]
+        state = _Batch(
+            list(requests),
+            [list(request.generated) for request in requests],
+            pad,
+            key_valid,
+            caches,
+            0,
+        )
+
+        began = time.perf_counter()
+        logits = self._forward(state, tokens.to(device))
+        _synchronize(device)
+        self.stats.prefill_s += time.perf_counter() - began
+
+        began = time.perf_counter()
+        while True:
+            steps = [len(generated) for generated in state.generated]
+            next_ids = sample_next(
+                logits, sampling, [r.key for r in state.requests], steps
+            ).tolist()
+            keep, done = [], []
+            for row, token in enumerate(next_ids):
+                state.generated[row].append(token)
+                self.stats.new_tokens += 1
+                request = state.requests[row]
+                if token == self.eos_id or len(state.generated[row]) >= request.max_new_tokens:
+                    reason = "eos" if token == self.eos_id else "length"
+                    done.append(
+                        Finished(
+                            request.key, request.prompt_ids, tuple(state.generated[row]), reason
+                        )
+                    )
+                else:
+                    keep.append(row)
+            yield from done
+            if not keep:
+                break
+            if len(keep) < len(next_ids):
+                next_ids = [next_ids[row] for row in keep]
+                state.keep(keep)
+            step_tokens = torch.tensor(next_ids, device=device).unsqueeze(1)  # (B, 1)
+            logits = self._forward(state, step_tokens)
+        _synchronize(device)
+        self.stats.decode_s += time.perf_counter() - began
+
+    def _forward(self, state: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits."""
+        num_new = tokens.shape[1]
+        start = state.length
+        end = start + num_new
+        state.key_valid[:, start:end] |= (
+            torch.arange(start, end, device=self.device)[None, :] >= state.pad[:, None]
+        )
+        positions = (
+            torch.arange(start, end, device=self.device)[None, :] - state.pad[:, None]
+        ).clamp(min=0)  # (B, T)
+        mask = model.attention_mask(state.key_valid[:, :end], start, num_new)
+        embedding = self.weights.embedding()
+        h = model.embed(tokens, embedding, self.config)
+        for layer_idx, weights in self.weights.layers():
+            keys, values = state.caches[layer_idx]
+            h = model.block(
+                h, weights, self.config, self.rotary, positions, keys, values, start, mask
+            )
+        state.length = end
+        self.stats.forward_passes += 1
+        return model.head(
+            h[:, -1], self.weights.head(), embedding["word_embeddings.weight"], self.config
+        )
