@@ -1,0 +1,183 @@
+"""Turning a feed's bytes into normalised news items.
+
+Owns parsing (feedparser on the raw bytes, so any encoding it supports: UTF-8, cp1251, ...;
+RSS and Atom), normalisation (HTML stripped from summaries, times in UTC, the fetch time when a
+feed gives none), matching items to watchlist tickers, and the stable dedup key. A malformed
+feed that still yields items gives those items plus a ``problem``; one that yields nothing is a
+``FeedError``. It does not do HTTP and knows nothing of the store.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from html import unescape
+from html.parser import HTMLParser
+
+import feedparser
+
+from flows.config import WatchlistEntry
+from flows.errors import FeedError
+
+MAX_SUMMARY_CHARS = 4000
+# feedparser flags these as "bozo" although the feed parsed correctly.
+_BENIGN_BOZO = (feedparser.CharacterEncodingOverride, feedparser.NonXMLContentType)
+
+
+@dataclass(frozen=True)
+class NewsItem:
+    source: str
+    title: str
+    summary: str
+    link: str | None
+    guid: str | None
+    published_at: datetime
+    published_estimated: bool  # True when the feed gave no time and the fetch time is used
+    tickers: tuple[str, ...]
+    dedup_key: str
+
+
+@dataclass(frozen=True)
+class ParsedFeed:
+    title: str
+    items: tuple[NewsItem, ...]
+    problem: str | None  # set when the feed was malformed but still readable
+
+
+class _TextExtractor(HTMLParser):
+    _SKIP = frozenset({"script", "style"})
+    _BLOCK = frozenset({"p", "br", "div", "li", "tr", "h1", "h2", "h3", "h4", "blockquote"})
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BLOCK:
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag):
+        if tag in self._SKIP and self._skipping:
+            self._skipping -= 1
+
+    def handle_data(self, data):
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def strip_html(text: str) -> str:
+    """Plain text of an HTML fragment: tags and scripts dropped, entities decoded, spaces folded."""
+    if "<" not in text and "&" not in text:
+        return " ".join(text.split())
+    extractor = _TextExtractor()
+    extractor.feed(text)
+    extractor.close()
+    return " ".join(unescape("".join(extractor.parts)).split())
+
+
+class TickerMatcher:
+    """Finds watchlist tickers in text.
+
+    A ticker matches as a whole word in capitals (``SBER``, ``$NVDA``); an alias matches as a
+    whole word in any case, and a Cyrillic alias also with up to three more letters, so
+    ``Сбербанк`` matches ``Сбербанка`` and ``Сбербанком``.
+    """
+
+    def __init__(self, watchlist: Sequence[WatchlistEntry]):
+        self._patterns = []
+        for entry in watchlist:
+            parts = [rf"(?<![\w$])\$?{re.escape(entry.ticker)}(?!\w)"]
+            for alias in entry.aliases:
+                suffix = r"[а-яё]{0,3}" if re.search(r"[а-яё]", alias, re.IGNORECASE) else ""
+                parts.append(rf"(?i:(?<!\w){re.escape(alias)}{suffix}(?!\w))")
+            self._patterns.append((entry.ticker, re.compile("|".join(parts))))
+
+    def match(self, text: str) -> tuple[str, ...]:
+        return tuple(ticker for ticker, pattern in self._patterns if pattern.search(text))
+
+
+def dedup_key(source: str, guid: str | None, link: str | None, title: str, summary: str) -> str:
+    """Stable identity of an item: its guid (within its feed), else its link, else its text."""
+    if guid:
+        basis = f"guid\n{source}\n{guid.strip()}"
+    elif link:
+        basis = f"link\n{link.strip()}"
+    else:
+        basis = f"text\n{source}\n{title}\n{summary}"
+    return hashlib.sha256(basis.encode("utf-8")).hexdigest()
+
+
+def parse_feed(
+    body: bytes,
+    *,
+    source: str,
+    fetched_at: datetime,
+    content_type: str = "",
+    matcher: TickerMatcher | None = None,
+) -> ParsedFeed:
+    """Parse one feed's bytes into items; raise ``FeedError`` when nothing usable is in them."""
+    try:
+        parsed = feedparser.parse(body, response_headers={"content-type": content_type})
+    except Exception as exc:
+        raise FeedError(f"parser failed: {exc.__class__.__name__}: {exc}") from exc
+    problem = None
+    if parsed.get("bozo") and not isinstance(parsed.get("bozo_exception"), _BENIGN_BOZO):
+        problem = f"malformed feed: {_describe(parsed.get('bozo_exception'))}"
+    if not parsed.entries:
+        if problem:
+            raise FeedError(problem)
+        if not parsed.get("version"):
+            raise FeedError("not an RSS or Atom feed")
+    items = []
+    for entry in parsed.entries:
+        item = _normalise(entry, source=source, fetched_at=fetched_at, matcher=matcher)
+        if item is not None:
+            items.append(item)
+    if parsed.entries and not items:
+        problem = problem or "no entry had a title, summary or link"
+    title = strip_html(parsed.feed.get("title", "")) if parsed.get("feed") else ""
+    return ParsedFeed(title=title, items=tuple(items), problem=problem)
+
+
+def _describe(exc: object) -> str:
+    if exc is None:
+        return "unknown problem"
+    return str(exc).strip() or exc.__class__.__name__
+
+
+def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatcher | None):
+    title = strip_html(entry.get("title", "") or "")
+    summary_html = entry.get("summary", "") or ""
+    if not summary_html and entry.get("content"):
+        summary_html = entry["content"][0].get("value", "")
+    summary = strip_html(summary_html)[:MAX_SUMMARY_CHARS]
+    link = (entry.get("link") or "").strip() or None
+    guid = (entry.get("id") or "").strip() or None
+    if not (title or summary or link):
+        return None
+    published_at, estimated = fetched_at, True
+    for field in ("published_parsed", "updated_parsed", "created_parsed"):
+        moment = entry.get(field)
+        if moment:
+            published_at = datetime.fromtimestamp(calendar.timegm(moment), tz=timezone.utc)
+            estimated = False
+            break
+    tickers = matcher.match(f"{title}\n{summary}") if matcher else ()
+    return NewsItem(
+        source=source,
+        title=title or summary[:120],
+        summary=summary,
+        link=link,
+        guid=guid,
+        published_at=published_at,
+        published_estimated=estimated,
+        tickers=tickers,
+        dedup_key=dedup_key(source, guid, link, title, summary),
+    )

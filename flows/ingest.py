@@ -1,0 +1,124 @@
+"""Ingesting the configured feeds into the store: fetch, parse, save, one feed at a time.
+
+Glue between ``flows.fetcher``, ``flows.feeds`` and ``flows.store``. Owns the per-feed outcome
+(ok, partial, not_modified, failed) and the rule that one bad feed is recorded with its reason
+and never stops the others. Each feed is saved in its own transaction. It does not schedule or
+retry whole runs; the caller (CLI, a Prefect flow) does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from flows.config import FeedConfig, PipelineConfig
+from flows.errors import FeedError
+from flows.feeds import TickerMatcher, parse_feed
+from flows.fetcher import FetchError, fetch
+from flows.store import (
+    FetchRecord,
+    Store,
+    feed_validators,
+    finish_run,
+    save_fetch,
+    start_run,
+    utc_now,
+)
+
+
+@dataclass(frozen=True)
+class FeedReport:
+    feed: str
+    status: str  # ok | partial | not_modified | failed
+    reason: str | None
+    http_status: int | None
+    items_seen: int
+    items_new: int
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    run_id: int
+    feeds: tuple[FeedReport, ...]
+
+    @property
+    def failed(self) -> tuple[FeedReport, ...]:
+        return tuple(report for report in self.feeds if report.status == "failed")
+
+    def rows(self) -> list[dict]:
+        return [asdict(report) for report in self.feeds]
+
+
+def ingest_feeds(
+    config: PipelineConfig, store: Store, *, only: Sequence[str] | None = None
+) -> IngestReport:
+    """Fetch every enabled feed (or those named in ``only``) and store what they hold."""
+    feeds = [feed for feed in config.feeds if feed.enabled and (not only or feed.name in only)]
+    unknown = sorted(set(only or ()) - {feed.name for feed in config.feeds})
+    if unknown:
+        raise FeedError(f"no feed named {unknown[0]!r} in the config")
+    matcher = TickerMatcher(config.watchlist)
+    run_id = start_run(store, "ingest", {"feeds": [feed.name for feed in feeds]})
+    reports = tuple(ingest_feed(feed, store, matcher, run_id=run_id) for feed in feeds)
+    failed = sum(report.status == "failed" for report in reports)
+    status = "ok" if not failed else ("failed" if failed == len(reports) else "partial")
+    finish_run(store, run_id, status, {"feeds": [asdict(report) for report in reports]})
+    return IngestReport(run_id=run_id, feeds=reports)
+
+
+def ingest_feed(
+    feed: FeedConfig, store: Store, matcher: TickerMatcher, *, run_id: int | None = None
+) -> FeedReport:
+    """Fetch, parse and save one feed; any ``FeedError`` becomes a recorded failure."""
+    etag, last_modified = feed_validators(store, feed.name)
+    fetched_at = utc_now()
+    try:
+        response = fetch(
+            feed.url,
+            etag=etag,
+            last_modified=last_modified,
+            timeout_s=feed.timeout_s,
+            max_bytes=feed.max_bytes,
+            retries=feed.retries,
+            backoff_s=feed.backoff_s,
+        )
+    except FetchError as error:
+        record = FetchRecord(
+            feed.name, feed.url, "failed", str(error), error.http_status, attempts=error.attempts
+        )
+        return _save(store, record, (), fetched_at, run_id)
+    base = {
+        "http_status": response.http_status,
+        "etag": response.etag,
+        "last_modified": response.last_modified,
+        "bytes_received": len(response.body),
+        "attempts": response.attempts,
+        "duration_s": round(response.duration_s, 3),
+    }
+    if response.not_modified:
+        record = FetchRecord(feed.name, feed.url, "not_modified", None, **base)
+        return _save(store, record, (), fetched_at, run_id)
+    try:
+        parsed = parse_feed(
+            response.body,
+            source=feed.name,
+            fetched_at=fetched_at,
+            content_type=response.content_type,
+            matcher=matcher,
+        )
+    except FeedError as error:
+        # Keep the old validators: the next run must fetch this feed in full again.
+        base.update(etag=None, last_modified=None)
+        record = FetchRecord(feed.name, feed.url, "failed", str(error), **base)
+        return _save(store, record, (), fetched_at, run_id)
+    status = "partial" if parsed.problem else "ok"
+    record = FetchRecord(feed.name, feed.url, status, parsed.problem, **base)
+    return _save(store, record, parsed.items, fetched_at, run_id)
+
+
+def _save(store, record: FetchRecord, items, fetched_at, run_id) -> FeedReport:
+    record = FetchRecord(**{**asdict(record), "fetched_at": fetched_at})
+    new = save_fetch(store, record, items, run_id=run_id)
+    return FeedReport(
+        record.feed_name, record.status, record.reason, record.http_status, len(items), new
+    )

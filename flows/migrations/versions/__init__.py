@@ -1,0 +1,1 @@
+"""Named migrations, applied in order, each in its own transaction."""

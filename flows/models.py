@@ -1,0 +1,160 @@
+"""The pipeline's tables as SQLAlchemy 2 models (internal: the robot reads ``forecasts_v1``).
+
+Owns the Python side of the schema; the schema itself is created and changed only by the Alembic
+migrations in ``flows/migrations`` (a test checks the two agree). Timestamps are stored as
+ISO 8601 UTC text (``2024-05-01T06:00:00Z``) so that they compare correctly as strings in any
+SQL client. This module knows nothing of feeds, templates or how the store is opened.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def utc_text(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment!r}: the store keeps UTC times only")
+    return moment.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+class UtcTimestamp(TypeDecorator):
+    """An aware datetime in Python, ``YYYY-MM-DDTHH:MM:SSZ`` text in SQL."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else utc_text(value)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return datetime.strptime(value, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # running | ok | partial | failed
+    started_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    details_json: Mapped[str] = mapped_column(Text, default="{}")
+    code_version: Mapped[str] = mapped_column(String(64))
+
+
+class Feed(Base):
+    __tablename__ = "feeds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(Text)
+    last_modified: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[str | None] = mapped_column(String(16))
+    last_fetched_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    last_ok_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+
+
+class Fetch(Base):
+    """One attempt to fetch one feed: the fetch history."""
+
+    __tablename__ = "fetches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feed_id: Mapped[int] = mapped_column(ForeignKey("feeds.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    fetched_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    status: Mapped[str] = mapped_column(String(16))  # ok | partial | not_modified | failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    etag: Mapped[str | None] = mapped_column(Text)
+    last_modified: Mapped[str | None] = mapped_column(Text)
+    bytes_received: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    items_seen: Mapped[int] = mapped_column(Integer, default=0)
+    items_new: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class NewsItem(Base):
+    __tablename__ = "news_items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dedup_key: Mapped[str] = mapped_column(String(64), unique=True)
+    feed_id: Mapped[int] = mapped_column(ForeignKey("feeds.id"), index=True)
+    source: Mapped[str] = mapped_column(String(128))
+    guid: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str] = mapped_column(Text)
+    summary: Mapped[str] = mapped_column(Text)
+    link: Mapped[str | None] = mapped_column(Text)
+    published_at: Mapped[datetime] = mapped_column(UtcTimestamp, index=True)
+    published_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    fetched_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+
+
+class NewsTicker(Base):
+    __tablename__ = "news_item_tickers"
+    item_id: Mapped[int] = mapped_column(ForeignKey("news_items.id"), primary_key=True)
+    ticker: Mapped[str] = mapped_column(String(16), primary_key=True, index=True)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    template_name: Mapped[str] = mapped_column(String(128))
+    template_version: Mapped[int] = mapped_column(Integer)
+    template_hash: Mapped[str] = mapped_column(String(64))
+    language: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(16))
+    ticker: Mapped[str | None] = mapped_column(String(16))
+    as_of: Mapped[str] = mapped_column(String(10))
+    text: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int] = mapped_column(Integer)
+    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    sampling_json: Mapped[str] = mapped_column(Text)
+    item_keys_json: Mapped[str] = mapped_column(Text)
+    items_dropped: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | done | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    created_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    updated_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+
+
+class Generation(Base):
+    """A finished forecast with everything needed to say how it was made."""
+
+    __tablename__ = "generations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), unique=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    text: Mapped[str] = mapped_column(Text)
+    token_ids_json: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    new_tokens: Mapped[int] = mapped_column(Integer)
+    finish_reason: Mapped[str] = mapped_column(String(32))
+    model_manifest_hash: Mapped[str] = mapped_column(String(64))
+    template_name: Mapped[str] = mapped_column(String(128))
+    template_version: Mapped[int] = mapped_column(Integer)
+    template_hash: Mapped[str] = mapped_column(String(64))
+    sampling_json: Mapped[str] = mapped_column(Text)
+    timings_json: Mapped[str] = mapped_column(Text)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    code_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcTimestamp, index=True)
+
+
+class GenerationState(Base):
+    """Token ids generated so far for a prompt, so an interrupted run resumes."""
+
+    __tablename__ = "generation_state"
+    prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), primary_key=True)
+    token_ids_json: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UtcTimestamp)

@@ -1,0 +1,183 @@
+"""Rendering the configured templates over stored news into pending prompts.
+
+Glue between ``flows.templates`` and the store: picks each template's news items (time window,
+sources, ticker, maximum count), builds the template context, fits it to the model's positions,
+keys the result by a hash of everything that went into it, and saves it as pending. Re-rendering
+the same inputs finds the same key and adds nothing. Token counting is a function the caller
+passes in (the CLI gives the real YaLM tokenizer); this module never imports the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from flows.config import PipelineConfig, TemplateSelection, WatchlistEntry
+from flows.errors import PipelineConfigError
+from flows.generations import save_prompt
+from flows.store import Store, list_news, utc_now
+from flows.templates import PromptTemplate, RenderedPrompt, fit_to_budget, load_template
+
+
+@dataclass(frozen=True)
+class RenderOutcome:
+    template: str
+    ticker: str | None
+    status: str  # new | existing | skipped
+    prompt_key: str | None
+    token_count: int
+    items_used: int
+    items_dropped: int
+
+
+def read_theses(config: PipelineConfig) -> str:
+    if config.theses is None:
+        return ""
+    try:
+        return config.theses.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineConfigError(f"theses: cannot read {config.theses}: {exc}") from exc
+
+
+def render_prompts(
+    config: PipelineConfig,
+    store: Store,
+    *,
+    count_tokens: Callable[[str], int],
+    as_of: datetime | None = None,
+    run_id: int | None = None,
+) -> list[RenderOutcome]:
+    """Render every configured template (per ticker or market-wide) and queue the prompts."""
+    as_of = as_of or utc_now()
+    theses = read_theses(config)
+    outcomes = []
+    for selection in config.templates:
+        template = load_template(config.prompts_dir / f"{selection.name}.yaml")
+        sampling = effective_sampling(config, template, selection)
+        targets = config.watchlist if template.scope == "ticker" else (None,)
+        for entry in targets:
+            outcome = render_one(
+                config,
+                store,
+                template,
+                sampling,
+                entry,
+                as_of=as_of,
+                theses=theses,
+                count_tokens=count_tokens,
+                run_id=run_id,
+            )
+            outcomes.append(outcome)
+    return outcomes
+
+
+def effective_sampling(
+    config: PipelineConfig, template: PromptTemplate, selection: TemplateSelection
+) -> dict[str, Any]:
+    """Config defaults, overridden by the template, overridden by the config's per-template."""
+    return {**config.generation.sampling(), **template.generation, **selection.generation}
+
+
+def render_one(
+    config: PipelineConfig,
+    store: Store,
+    template: PromptTemplate,
+    sampling: Mapping[str, Any],
+    entry: WatchlistEntry | None,
+    *,
+    as_of: datetime,
+    theses: str,
+    count_tokens: Callable[[str], int],
+    run_id: int | None = None,
+) -> RenderOutcome:
+    ticker = entry.ticker if entry else None
+    selection = template.items
+    news = list_news(
+        store,
+        since=as_of - timedelta(hours=selection.window_h),
+        until=as_of,
+        source=list(selection.sources) or None,
+        ticker=ticker,
+        limit=selection.max_items,
+    )
+    if not news:
+        return RenderOutcome(template.name, ticker, "skipped", None, 0, 0, 0)
+    items = [_item_context(row, selection.max_summary_chars) for row in reversed(news)]
+    context = {
+        "as_of": as_of.astimezone(ZoneInfo(config.schedule.timezone)).date().isoformat(),
+        "language": template.language,
+        "theses": theses,
+        "watchlist": [_ticker_context(item) for item in config.watchlist],
+        **({"ticker": _ticker_context(entry)} if entry else {}),
+    }
+    max_new_tokens = int(sampling["max_new_tokens"])
+    fitted = fit_to_budget(
+        template,
+        context,
+        items,
+        count_tokens=count_tokens,
+        max_new_tokens=max_new_tokens,
+        max_positions=config.generation.max_positions,
+    )
+    key_inputs = {
+        "template": [template.name, template.version, template.template_hash],
+        "context": {**context, "items": list(fitted.items_used)},
+        "sampling": dict(sorted(sampling.items())),
+        "max_positions": config.generation.max_positions,
+    }
+    encoded = json.dumps(key_inputs, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    prompt = RenderedPrompt(
+        key=hashlib.sha256(encoded.encode("utf-8")).hexdigest(),
+        template_name=template.name,
+        template_version=template.version,
+        template_hash=template.template_hash,
+        language=template.language,
+        scope=template.scope,
+        ticker=ticker,
+        as_of=context["as_of"],
+        text=fitted.text,
+        token_count=fitted.token_count,
+        max_new_tokens=max_new_tokens,
+        sampling=dict(sampling),
+        item_keys=tuple(item["key"] for item in fitted.items_used),
+        items_dropped=fitted.items_dropped,
+    )
+    is_new = save_prompt(store, prompt, run_id=run_id)
+    return RenderOutcome(
+        template.name,
+        ticker,
+        "new" if is_new else "existing",
+        prompt.key,
+        fitted.token_count,
+        len(fitted.items_used),
+        fitted.items_dropped,
+    )
+
+
+def _ticker_context(entry: WatchlistEntry) -> dict[str, Any]:
+    name = entry.aliases[0] if entry.aliases else entry.ticker
+    return {"symbol": entry.ticker, "name": name, "aliases": list(entry.aliases)}
+
+
+def _item_context(row: Mapping[str, Any], max_summary_chars: int) -> dict[str, Any]:
+    summary = row["summary"]
+    if len(summary) > max_summary_chars:
+        summary = summary[: max_summary_chars - 1].rstrip() + "…"
+    return {
+        "key": row["dedup_key"],
+        "title": row["title"],
+        "summary": summary,
+        "source": row["source"],
+        "link": row["link"] or "",
+        "published_at": row["published_at"],
+        "tickers": list(row["tickers"]),
+    }
+
+
+def outcome_rows(outcomes: list[RenderOutcome]) -> list[dict[str, Any]]:
+    return [asdict(outcome) for outcome in outcomes]

@@ -1,0 +1,324 @@
+"""Opening the pipeline's SQLite store, migrating it, and writing feeds and news into it.
+
+Owns the connection rules (WAL so readers never wait for the writer, a busy timeout, foreign
+keys, ``BEGIN IMMEDIATE`` so every write transaction takes the write lock up front), running
+the Alembic migrations on open, and the feed/news/run writes and reads. Every write happens in
+one explicit transaction: a failure leaves what was stored before untouched. Prompt and
+generation writes live in ``flows.generations``; the robot's read-only side in ``flows.robot``.
+This module does not fetch, parse or render anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from flows.errors import StoreError
+from flows.models import Feed, Fetch, NewsItem, NewsTicker, Run
+from flows.provenance import code_version
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+BUSY_TIMEOUT_MS = 10_000
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class Store:
+    """An open store: an engine plus explicit transactions. Use as a context manager."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._writes = sessionmaker(engine, expire_on_commit=False)
+        self._reads = sessionmaker(engine.execution_options(read_only=True), expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One write transaction (``BEGIN IMMEDIATE``): all of it commits, or none of it."""
+        with self._wrap_errors(), self._writes.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """One read transaction (``BEGIN``): a consistent snapshot that never blocks a writer."""
+        with self._wrap_errors(), self._reads.begin() as session:
+            yield session
+
+    @contextmanager
+    def _wrap_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            detail = getattr(exc, "orig", None) or exc
+            raise StoreError(f"{self.engine.url.database}: {detail}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def sqlite_engine(database_url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
+    """An engine whose connections use WAL, a busy timeout, foreign keys, BEGIN IMMEDIATE."""
+    engine = create_engine(database_url, connect_args={"timeout": busy_timeout_ms / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Take transaction control from the sqlite3 module so BEGIN is ours (see "begin").
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        # Writers take the write lock up front: a deferred transaction that later writes can
+        # fail with "database is locked" without waiting for the busy timeout.
+        read_only = connection.get_execution_options().get("read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def open_store(database_url: str, *, migrate: bool = True) -> Store:
+    """Open (creating if needed) the SQLite store and bring its schema to the newest migration."""
+    path = Path(database_url.removeprefix("sqlite:///"))
+    if not path.parent.is_dir():
+        raise StoreError(f"database directory does not exist: {path.parent}")
+    engine = sqlite_engine(database_url)
+    try:
+        if migrate:
+            migrate_to_head(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StoreError(f"{path}: cannot open or migrate: {getattr(exc, 'orig', exc)}") from exc
+    return Store(engine)
+
+
+def _alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def migrate_to_head(engine: Engine) -> None:
+    """Apply the named migrations not yet applied, each in its own transaction."""
+    config = _alembic_config()
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+        connection.rollback()
+        if current == head:
+            return
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        connection.commit()
+
+
+# ---- runs ------------------------------------------------------------------------------------
+
+
+def start_run(store: Store, kind: str, details: dict[str, Any] | None = None) -> int:
+    with store.transaction() as session:
+        run = Run(
+            kind=kind,
+            status="running",
+            started_at=utc_now(),
+            details_json=json.dumps(details or {}, ensure_ascii=False, sort_keys=True),
+            code_version=code_version(),
+        )
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def finish_run(store: Store, run_id: int, status: str, details: dict[str, Any] | None = None):
+    with store.transaction() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise StoreError(f"no run with id {run_id}")
+        run.status, run.finished_at = status, utc_now()
+        if details is not None:
+            run.details_json = json.dumps(details, ensure_ascii=False, sort_keys=True)
+
+
+# ---- feeds and news --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchRecord:
+    """What one fetch of one feed produced, as the store keeps it."""
+
+    feed_name: str
+    url: str
+    status: str  # ok | partial | not_modified | failed
+    reason: str | None
+    http_status: int | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    bytes_received: int = 0
+    attempts: int = 1
+    duration_s: float = 0.0
+    fetched_at: datetime | None = None
+
+
+def feed_validators(store: Store, feed_name: str) -> tuple[str | None, str | None]:
+    """The (ETag, Last-Modified) stored for a feed, for a conditional GET."""
+    with store.reading() as session:
+        feed = session.scalar(select(Feed).where(Feed.name == feed_name))
+        return (feed.etag, feed.last_modified) if feed else (None, None)
+
+
+def save_fetch(
+    store: Store, record: FetchRecord, items: Sequence, run_id: int | None = None
+) -> int:
+    """Record one fetch and insert its new items (deduplicated); returns how many were new.
+
+    ``items`` are ``flows.feeds.NewsItem``. The feed's stored validators change only when the
+    fetch produced a body, so a failed fetch never loses the ETag of the last good one.
+    """
+    fetched_at = record.fetched_at or utc_now()
+    with store.transaction() as session:
+        feed = session.scalar(select(Feed).where(Feed.name == record.feed_name))
+        if feed is None:
+            feed = Feed(name=record.feed_name, url=record.url)
+            session.add(feed)
+            session.flush()
+        feed.url, feed.last_status, feed.last_fetched_at = record.url, record.status, fetched_at
+        if record.status in ("ok", "partial", "not_modified"):
+            feed.last_ok_at = fetched_at
+        if record.status in ("ok", "partial"):
+            feed.etag, feed.last_modified = record.etag, record.last_modified
+        keys = [item.dedup_key for item in items]
+        existing = set(
+            session.scalars(select(NewsItem.dedup_key).where(NewsItem.dedup_key.in_(keys)))
+        )
+        new_count = 0
+        for item in items:
+            if item.dedup_key in existing:
+                continue
+            existing.add(item.dedup_key)
+            row = NewsItem(
+                dedup_key=item.dedup_key,
+                feed_id=feed.id,
+                source=item.source,
+                guid=item.guid,
+                title=item.title,
+                summary=item.summary,
+                link=item.link,
+                published_at=item.published_at,
+                published_estimated=item.published_estimated,
+                fetched_at=fetched_at,
+            )
+            session.add(row)
+            session.flush()
+            session.add_all(NewsTicker(item_id=row.id, ticker=ticker) for ticker in item.tickers)
+            new_count += 1
+        session.add(
+            Fetch(
+                feed_id=feed.id,
+                run_id=run_id,
+                fetched_at=fetched_at,
+                status=record.status,
+                reason=record.reason,
+                http_status=record.http_status,
+                etag=record.etag,
+                last_modified=record.last_modified,
+                bytes_received=record.bytes_received,
+                attempts=record.attempts,
+                duration_s=record.duration_s,
+                items_seen=len(items),
+                items_new=new_count,
+            )
+        )
+        return new_count
+
+
+def list_news(
+    store: Store,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    source: str | Sequence[str] | None = None,
+    ticker: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Stored news items, newest first, as plain dicts (tickers as a sorted list)."""
+    query = select(NewsItem).order_by(NewsItem.published_at.desc(), NewsItem.id.desc())
+    if since is not None:
+        query = query.where(NewsItem.published_at >= since)
+    if until is not None:
+        query = query.where(NewsItem.published_at <= until)
+    if source:
+        sources = [source] if isinstance(source, str) else list(source)
+        query = query.where(NewsItem.source.in_(sources))
+    if ticker:
+        query = query.where(
+            NewsItem.id.in_(select(NewsTicker.item_id).where(NewsTicker.ticker == ticker))
+        )
+    if limit is not None:
+        query = query.limit(limit)
+    with store.reading() as session:
+        rows = list(session.scalars(query))
+        tickers: dict[int, list[str]] = {row.id: [] for row in rows}
+        if rows:
+            pairs = session.execute(
+                select(NewsTicker.item_id, NewsTicker.ticker).where(NewsTicker.item_id.in_(tickers))
+            )
+            for item_id, symbol in pairs:
+                tickers[item_id].append(symbol)
+        return [
+            {
+                "published_at": row.published_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "source": row.source,
+                "title": row.title,
+                "summary": row.summary,
+                "link": row.link,
+                "tickers": sorted(tickers[row.id]),
+                "published_estimated": row.published_estimated,
+                "dedup_key": row.dedup_key,
+            }
+            for row in rows
+        ]
+
+
+def fetch_history(store: Store, feed_name: str | None = None) -> list[dict[str, Any]]:
+    """Every recorded fetch, oldest first: the feed, status, reason and counts."""
+    query = select(Fetch, Feed.name).join(Feed, Feed.id == Fetch.feed_id).order_by(Fetch.id)
+    if feed_name:
+        query = query.where(Feed.name == feed_name)
+    with store.reading() as session:
+        return [
+            {
+                "feed": name,
+                "status": fetch.status,
+                "reason": fetch.reason,
+                "http_status": fetch.http_status,
+                "items_seen": fetch.items_seen,
+                "items_new": fetch.items_new,
+                "run_id": fetch.run_id,
+            }
+            for fetch, name in session.execute(query)
+        ]
