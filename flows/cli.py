@@ -1,0 +1,297 @@
+"""``yalm-forecast``: the pipeline's command line. Thin: parse, one library call, report.
+
+Every command takes ``--config FILE`` (else ``$YALM_FORECAST_CONFIG``, else
+``./yalm-forecast.yaml``). Results go to stdout (``--format table|json|csv``), summaries and
+errors to stderr. Library errors print as one line and exit 1; ``--verbose`` adds the traceback.
+Commands are entries in ``COMMANDS``; a later module adds its own with ``register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from flows import __version__
+from flows.config import ENV_VAR, PipelineConfig, load_config, resolve_config_path
+from flows.errors import PipelineConfigError, PipelineError
+from flows.output import FORMATS, write_rows
+
+EXIT_OK, EXIT_ERROR, EXIT_SOME_FEEDS_FAILED = 0, 1, 3
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    example: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    COMMANDS[command.name] = command
+    return command
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # SUPPRESS so a flag given before the command is not reset by the command's own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+        help=f"config file [env {ENV_VAR}; default ./yalm-forecast.yaml]",
+    )  # fmt: skip
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="show tracebacks and progress logs",
+    )  # fmt: skip
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="yalm-forecast",
+        description="News feeds in, templated prompts out, forecasts in a SQLite store.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        sub = subcommands.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            epilog=f"example: {command.example}",
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.configure(sub)
+        sub.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except (PipelineError, _runner_errors()) as exc:
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"yalm-forecast: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("yalm-forecast: interrupted", file=sys.stderr)
+        return 130
+
+
+def _runner_errors() -> type[Exception]:
+    from yalm_runner.errors import YalmError
+
+    return YalmError
+
+
+# ---- helpers shared by commands ------------------------------------------------------------
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return resolve_config_path(getattr(args, "config", None))
+
+
+def load(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(config_path(args))
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """``24h``, ``7d``, ``30m``, or an ISO date/time (UTC unless it says otherwise)."""
+    now = now or datetime.now(timezone.utc)
+    relative = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
+    if relative:
+        amount, unit = int(relative.group(1)), relative.group(2)
+        return now - timedelta(**{{"m": "minutes", "h": "hours", "d": "days"}[unit]: amount})
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 24h, 7d, 30m or an ISO date like 2024-05-01"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def add_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f", "--format", choices=FORMATS, default="table", help="output format (default table)"
+    )
+
+
+def resolve_tokenizer_path(config: PipelineConfig) -> Path:
+    """The ``tokenizer`` key, else the model store's own tokenizer."""
+    if config.tokenizer is not None:
+        if not config.tokenizer.is_file():
+            raise PipelineConfigError(f"tokenizer: file not found: {config.tokenizer}")
+        return config.tokenizer
+    if config.model is None:
+        raise PipelineConfigError("tokenizer: not set, and no `model` store to take it from")
+    from yalm_runner.checkpoint import Store as ModelStore
+
+    return ModelStore.open(config.model, verify_tokenizer=False).tokenizer_path
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    from flows.config import write_starter_config
+
+    path = write_starter_config(config_path(args))
+    print(path)
+    print(
+        f"wrote a starter config to {path}; edit it, then run `yalm-forecast ingest`",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import ingest_feeds
+    from flows.store import open_store
+
+    config = load(args)
+    with open_store(config.database_url) as store:
+        report = ingest_feeds(config, store, only=args.feed)
+    columns = ("feed", "status", "http_status", "items_seen", "items_new", "reason")
+    write_rows(report.rows(), columns, args.format, sys.stdout)
+    new = sum(feed.items_new for feed in report.feeds)
+    print(
+        f"ingest run {report.run_id}: {len(report.feeds)} feeds, {new} new items, "
+        f"{len(report.failed)} failed",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FEEDS_FAILED if report.failed else EXIT_OK
+
+
+def _render(args: argparse.Namespace) -> int:
+    from flows.rendering import outcome_rows, render_prompts
+    from flows.store import finish_run, open_store, start_run
+    from yalm_runner.tokenizer import Tokenizer
+
+    config = load(args)
+    tokenizer = Tokenizer(resolve_tokenizer_path(config))
+    with open_store(config.database_url) as store:
+        run_id = start_run(store, "render")
+        try:
+            outcomes = render_prompts(
+                config,
+                store,
+                count_tokens=lambda text: len(tokenizer.encode(text)),
+                as_of=args.as_of,
+                run_id=run_id,
+            )
+        except PipelineError as exc:
+            finish_run(store, run_id, "failed", {"error": str(exc)})
+            raise
+        finish_run(store, run_id, "ok", {"prompts": len(outcomes)})
+    columns = ("template", "ticker", "status", "token_count", "items_used", "items_dropped")
+    write_rows(outcome_rows(outcomes), (*columns, "prompt_key"), args.format, sys.stdout)
+    return EXIT_OK
+
+
+def _news(args: argparse.Namespace) -> int:
+    from flows.store import list_news, open_store
+
+    config = load(args)
+    with open_store(config.database_url) as store:
+        rows = list_news(
+            store, since=args.since, source=args.source, ticker=args.ticker, limit=args.limit
+        )
+    columns = ("published_at", "source", "tickers", "title", "summary", "link")
+    write_rows(rows, columns, args.format, sys.stdout)
+    return EXIT_OK
+
+
+def _results(args: argparse.Namespace) -> int:
+    from flows.robot import COLUMNS, read_forecasts
+
+    config = load(args)
+    forecasts = read_forecasts(
+        config.database_path,
+        since=args.since,
+        ticker=args.ticker,
+        template=args.template,
+        limit=args.limit,
+    )
+    rows = [vars(forecast) for forecast in forecasts]
+    columns = (
+        COLUMNS if args.format != "table" else ("generated_at", "ticker", "template", "forecast")
+    )
+    write_rows(rows, columns, args.format, sys.stdout)
+    return EXIT_OK
+
+
+def _configure_ingest(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--feed", action="append", metavar="NAME", help="only this feed (repeatable)"
+    )
+    add_format(parser)
+
+
+def _configure_render(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of", type=parse_since, default=None, metavar="TIME",
+        help="render as if it were this time (ISO, UTC unless stated; default now)",
+    )  # fmt: skip
+    add_format(parser)
+
+
+def _configure_filters(parser: argparse.ArgumentParser, *extra: str) -> None:
+    parser.add_argument(
+        "--since", type=parse_since, metavar="WHEN", help="24h, 7d, 30m or an ISO date/time"
+    )
+    parser.add_argument("--ticker", metavar="TICKER", help="only this ticker, e.g. SBER")
+    for name in extra:
+        parser.add_argument(f"--{name}", metavar=name.upper(), help=f"only this {name}")
+    parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
+    add_format(parser)
+
+
+register(Command(
+    "init", "Write a commented starter config (never overwrites an existing file).",
+    "yalm-forecast init --config ~/forecast/yalm-forecast.yaml", lambda parser: None, _init,
+))  # fmt: skip
+register(Command(
+    "ingest", "Fetch every enabled feed now and store the new items (exit 3 if some failed).",
+    "yalm-forecast ingest --feed interfax --format json", _configure_ingest, _ingest,
+))  # fmt: skip
+register(Command(
+    "render", "Render the configured templates over stored news into pending prompts.",
+    "yalm-forecast render --as-of 2024-05-01T03:00Z", _configure_render, _render,
+))  # fmt: skip
+register(Command(
+    "news", "List stored news items, newest first.",
+    "yalm-forecast news --since 24h --source interfax --format csv",
+    lambda parser: _configure_filters(parser, "source"), _news,
+))  # fmt: skip
+register(Command(
+    "results", "List finished forecasts from the robot's view forecasts_v1, newest first.",
+    "yalm-forecast results --since 2024-05-01 --ticker SBER --format json",
+    lambda parser: _configure_filters(parser, "template"), _results,
+))  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
