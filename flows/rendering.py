@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from flows.errors import PipelineConfigError
 from flows.generations import save_prompt
 from flows.store import Store, list_news, utc_now
 from flows.templates import PromptTemplate, RenderedPrompt, fit_to_budget, load_template
+
+_CYRILLIC = re.compile(r"[а-яё]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,8 @@ def render_one(
         "as_of": as_of.astimezone(ZoneInfo(config.schedule.timezone)).date().isoformat(),
         "language": template.language,
         "theses": theses,
-        "watchlist": [_ticker_context(item) for item in config.watchlist],
-        **({"ticker": _ticker_context(entry)} if entry else {}),
+        "watchlist": [_ticker_context(item, template.language) for item in config.watchlist],
+        **({"ticker": _ticker_context(entry, template.language)} if entry else {}),
     }
     max_new_tokens = int(sampling["max_new_tokens"])
     fitted = fit_to_budget(
@@ -159,8 +162,11 @@ def render_one(
     )
 
 
-def _ticker_context(entry: WatchlistEntry) -> dict[str, Any]:
-    name = entry.aliases[0] if entry.aliases else entry.ticker
+def _ticker_context(entry: WatchlistEntry, language: str) -> dict[str, Any]:
+    """``name`` is the first alias written in the template's script (Cyrillic for ru)."""
+    cyrillic = language == "ru"
+    in_script = [alias for alias in entry.aliases if bool(_CYRILLIC.search(alias)) == cyrillic]
+    name = (in_script or list(entry.aliases) or [entry.ticker])[0]
     return {"symbol": entry.ticker, "name": name, "aliases": list(entry.aliases)}
 
 

@@ -1,0 +1,41 @@
+"""Fixtures for the pipeline's tests (helpers live in ``flows_testkit``)."""
+
+from __future__ import annotations
+
+import pytest
+from flows_testkit import FeedServer, write_config
+
+from flows.config import load_config
+from flows.store import open_store
+
+
+@pytest.fixture
+def feed_server():
+    server = FeedServer()
+    server.thread.start()
+    yield server
+    server.stop.set()
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(**overrides):
+        return load_config(write_config(tmp_path, **overrides))
+
+    return make
+
+
+@pytest.fixture
+def store(tmp_path):
+    with open_store(f"sqlite:///{tmp_path / 'store.sqlite'}") as opened:
+        yield opened
+
+
+@pytest.fixture(scope="session")
+def count_tokens(yalm_vocab):
+    from yalm_runner.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(yalm_vocab)
+    return lambda text: len(tokenizer.encode(text))

@@ -1,0 +1,130 @@
+"""Helpers for the pipeline's tests: a real HTTP server on loopback, sample feeds, configs.
+
+The feed server is a ``ThreadingHTTPServer`` on 127.0.0.1 serving routes the test declares;
+it counts requests and 304 answers per path, so conditional GET and retries can be proven
+without mocking HTTP. Nothing here touches the internet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+
+SAMPLE_FEEDS = Path(__file__).resolve().parents[2] / "flows" / "sample_feeds"
+
+WATCHLIST = [
+    {"ticker": "SBER", "aliases": ["Сбербанк", "Сбер", "Sberbank"]},
+    {"ticker": "GAZP", "aliases": ["Газпром", "Gazprom"]},
+    {"ticker": "LKOH", "aliases": ["Лукойл", "Lukoil"]},
+    {"ticker": "YDEX", "aliases": ["Яндекс", "Yandex"]},
+    {"ticker": "AAPL", "aliases": ["Apple"]},
+    {"ticker": "NVDA", "aliases": ["Nvidia"]},
+]
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/rss+xml; charset=utf-8"
+    etag: str | None = None
+    last_modified: str | None = None
+    hang_s: float = 0.0
+    send_length: bool = True
+    fail_first: int = 0  # answer 503 to the first N requests
+    requests: int = 0
+    not_modified: int = 0
+    headers_seen: list[dict[str, str]] = field(default_factory=list)
+
+
+class FeedServer:
+    def __init__(self):
+        self.routes: dict[str, Route] = {}
+        self.stop = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404, "Not Found")
+                    return
+                route.requests += 1
+                route.headers_seen.append(dict(self.headers))
+                if route.hang_s:
+                    server.stop.wait(route.hang_s)
+                    return
+                if route.fail_first >= route.requests:
+                    self.send_error(503, "Service Unavailable")
+                    return
+                if route.status != 200:
+                    self.send_error(route.status)
+                    return
+                etag_match = route.etag and self.headers.get("If-None-Match") == route.etag
+                date_match = (
+                    route.last_modified
+                    and self.headers.get("If-Modified-Since") == route.last_modified
+                )
+                if etag_match or (date_match and not route.etag):
+                    route.not_modified += 1
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", route.content_type)
+                if route.etag:
+                    self.send_header("ETag", route.etag)
+                if route.last_modified:
+                    self.send_header("Last-Modified", route.last_modified)
+                if route.send_length:
+                    self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(route.body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+    def add(self, path: str, **route) -> Route:
+        self.routes[path] = Route(**route)
+        return self.routes[path]
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLE_FEEDS / name).read_bytes()
+
+
+def write_config(directory: Path, **overrides) -> Path:
+    """A config file in ``directory`` with fast feed defaults, the test watchlist, no feeds."""
+    document = {
+        "database": "forecast.sqlite",
+        "feed_defaults": {"timeout_s": 0.5, "retries": 1, "backoff_s": 0.01},
+        "feeds": [],
+        "watchlist": WATCHLIST,
+        "templates": [],
+        **overrides,
+    }
+    path = directory / "yalm-forecast.yaml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True, sort_keys=False), "utf-8")
+    return path
