@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sub.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+        sub.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks on errors",
+        )
         return sub
 
     convert = command("convert", "Convert the released checkpoint folder into a store.")

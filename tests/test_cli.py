@@ -1,0 +1,122 @@
+"""The yalm-runner command line, run as a user runs it: a real subprocess per command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from yalm_runner.cli import build_parser
+
+
+def run(*args, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "yalm_runner.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+def test_make_tiny_convert_generate_inspect(tmp_path):
+    run("make-tiny", tmp_path / "rel", "--layers", 2, "--seed", 5)
+    run("convert", tmp_path / "rel", tmp_path / "store", "--num-heads", 4)
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(
+        '{"prefix": "Сбербанк повысил", "id": "sber"}\n\n'
+        '{"prefix": "The market\\nrose", "max_new_tokens": 3, "topic": "x"}\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.jsonl"
+    result = run(
+        "generate",
+        "-m",
+        tmp_path / "store",
+        "--input",
+        prompts,
+        "--output",
+        out,
+        "--greedy",
+        "-n",
+        6,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    )
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["prefix"] for row in rows] == ["Сбербанк повысил", "The market\nrose"]
+    assert rows[1]["topic"] == "x" and rows[0]["id"] == "sber"
+    assert len(rows[0]["token_ids"]) == 6 or rows[0]["token_ids"][-1] == 2
+    assert len(rows[1]["token_ids"]) <= 3
+    assert all(isinstance(row["suffix"], str) for row in rows)
+    assert "tokens/s" in result.stderr and "peak RSS" in result.stderr
+    again = tmp_path / "again.jsonl"
+    run(
+        "generate",
+        "-m",
+        tmp_path / "store",
+        "--input",
+        prompts,
+        "--output",
+        again,
+        "--greedy",
+        "-n",
+        6,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    )
+    assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
+    described = run("inspect", tmp_path / "store").stdout
+    assert "parameters" in described and "one decode step" in described
+
+
+def test_library_errors_are_one_line(tmp_path):
+    result = run("inspect", tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "manifest.json is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+    verbose = run("--verbose", "inspect", tmp_path, check=False)
+    assert "Traceback" in verbose.stderr
+
+
+def test_bad_input_lines_are_named(tiny_store, tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"prefix": "ok"}\n{"text": "no prefix"}\n')
+    result = run(
+        "generate",
+        "-m",
+        tiny_store,
+        "--input",
+        prompts,
+        "--output",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "in.jsonl line 2: expected an object with a 'prefix' string" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_flags_are_errors_and_help_ends_with_an_example():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--model", "x", "--input", "a", "--output", "b", "--bogus"])
+    for command in ("convert", "generate", "inspect", "make-tiny"):
+        help_text = run(command, "--help").stdout
+        assert help_text.strip().splitlines()[-1].startswith("example: yalm-runner " + command)
+
+
+def test_environment_variables_fill_flags(monkeypatch):
+    monkeypatch.setenv("YALM_RUNNER_MAX_NEW_TOKENS", "7")
+    monkeypatch.setenv("YALM_RUNNER_MODEL", "somewhere")
+    args = build_parser().parse_args(["generate", "--input", "a", "--output", "b"])
+    assert args.max_new_tokens == 7 and str(args.model) == "somewhere"
