@@ -50,7 +50,7 @@ class Finished:
     key: str
     prompt_ids: tuple[int, ...]
     new_ids: tuple[int, ...]
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length" or "stop"
 
 
 @dataclass
@@ -107,6 +107,7 @@ class Engine:
         self.eos_id = eos_id
         self.rotary = model.Rotary.build(self.config, self.device, self.dtype)
         self.stats = GenerationStats()
+        self._live: _Batch | None = None
 
     def check(self, request: Request) -> None:
         """Raise ``GenerationError`` if ``request`` cannot run on this model."""
@@ -132,11 +133,17 @@ class Engine:
         *,
         batch_size: int = 32,
         on_finished: Callable[[Finished], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
     ) -> list[Finished]:
         """Run every request; return the finished rows in request order.
 
         ``on_finished`` is called as each row finishes (in finishing order), so a caller can
-        store it at once.
+        store it at once. Every ``checkpoint_every`` decode steps, ``on_checkpoint`` receives
+        the ids generated so far by every row in flight (the state a resume needs; see
+        ``snapshot``). ``stop(request, generated)`` may end a row early (a stop sequence, say);
+        such a row finishes with reason ``"stop"``.
         """
         pending = list(requests)
         for request in pending:
@@ -157,14 +164,32 @@ class Engine:
                     on_finished(done)
         runnable = [request for request in pending if request.key not in finished]
         for start in range(0, len(runnable), batch_size):
-            for done in self._run_batch(runnable[start : start + batch_size], sampling):
+            batch = runnable[start : start + batch_size]
+            for done in self._run_batch(batch, sampling, checkpoint_every, on_checkpoint, stop):
                 finished[done.key] = done
                 if on_finished is not None:
                     on_finished(done)
         return [finished[request.key] for request in pending]
 
+    def snapshot(self) -> dict[str, tuple[int, ...]]:
+        """The ids generated so far by each row in flight; safe to call from a signal handler."""
+        live = self._live
+        if live is None:
+            return {}
+        return {
+            request.key: tuple(generated)
+            for request, generated in zip(live.requests, live.generated, strict=True)
+        }
+
     @torch.inference_mode()
-    def _run_batch(self, requests: list[Request], sampling: SamplingParams) -> Iterable[Finished]:
+    def _run_batch(
+        self,
+        requests: list[Request],
+        sampling: SamplingParams,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
+    ) -> Iterable[Finished]:
         config, device = self.config, self.device
         contexts = [list(request.prompt_ids) + list(request.generated) for request in requests]
         lengths = [len(context) for context in contexts]
@@ -205,6 +230,7 @@ class Engine:
         self.stats.prefill_s += time.perf_counter() - began
 
         began = time.perf_counter()
+        step = 0
         while True:
             steps = [len(generated) for generated in state.generated]
             next_ids = sample_next(
@@ -215,8 +241,15 @@ class Engine:
                 state.generated[row].append(token)
                 self.stats.new_tokens += 1
                 request = state.requests[row]
-                if token == self.eos_id or len(state.generated[row]) >= request.max_new_tokens:
-                    reason = "eos" if token == self.eos_id else "length"
+                if token == self.eos_id:
+                    reason = "eos"
+                elif len(state.generated[row]) >= request.max_new_tokens:
+                    reason = "length"
+                elif stop is not None and stop(request, state.generated[row]):
+                    reason = "stop"
+                else:
+                    reason = ""
+                if reason:
                     done.append(
                         Finished(
                             request.key, request.prompt_ids, tuple(state.generated[row]), reason
@@ -224,14 +257,18 @@ class Engine:
                     )
                 else:
                     keep.append(row)
-            yield from done
-            if not keep:
-                break
             if len(keep) < len(next_ids):
                 next_ids = [next_ids[row] for row in keep]
                 state.keep(keep)
+            yield from done
+            if not keep:
+                break
+            step += 1
+            if checkpoint_every and on_checkpoint is not None and step % checkpoint_every == 0:
+                on_checkpoint(self.snapshot())
             step_tokens = torch.tensor(next_ids, device=device).unsqueeze(1)  # (B, 1)
             logits = self._forward(state, step_tokens)
+        self._live = None
         _synchronize(device)
         self.stats.decode_s += time.perf_counter() - began
 
