@@ -6,11 +6,12 @@ import sqlite3
 from datetime import datetime, timezone
 
 import pytest
+import yaml
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from flows_testkit import sample
 
-from flows.errors import StoreError
+from flows.errors import StoreError, TemplateError
 from flows.generations import (
     load_generation_state,
     mark_prompt_failed,
@@ -215,3 +216,26 @@ def test_rendering_is_idempotent_and_skips_tickers_without_news(
     )
     assert {o.status for o in later} == {"skipped"}
     assert len(list_news(store)) == 9
+
+
+def test_a_broken_template_is_named_and_loses_nothing_stored(
+    feed_server, tmp_path, make_config, store, count_tokens
+):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    good_body = "{{ as_of }}\n{% for item in items %}- {{ item.title }}\n{% endfor %}"
+    for name, body in (("good", good_body), ("bad", "{{ as_of }} {{ foo }}")):
+        document = {"name": name, "version": 1, "language": "ru", "scope": "market", "body": body}
+        (prompts / f"{name}.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    config = make_config(
+        feeds=[{"name": "rss", "url": feed_server.url("/rss")}],
+        prompts_dir="prompts",
+        templates=["good", "bad"],
+    )
+    ingest_feeds(config, store)
+    as_of = datetime(2024, 5, 14, 6, 0, tzinfo=timezone.utc)
+    with pytest.raises(TemplateError, match="template 'bad': 'foo' is undefined"):
+        render_prompts(config, store, count_tokens=count_tokens, as_of=as_of)
+    assert [prompt.template_name for prompt in pending_prompts(store)] == ["good"]
+    assert len(list_news(store)) == 5
