@@ -1,23 +1,184 @@
-"""Where weights live and when they move to the compute device.
+"""Where weights live: memory budgets, the placement plan, and the resident weight source.
 
 A weight source hands the engine each part's tensors, on the compute device and in the compute
 dtype, in forward order. ``ResidentWeights`` loads every part once and keeps it there; the
-streaming sources (pinned RAM, disk) follow the same contract, so the engine's loop is one loop.
+streaming source (``streaming.StreamingWeights``) follows the same contract, so the engine's
+loop is one loop. ``plan_placement`` decides, from byte budgets rather than percentages, which
+layers stay on the GPU, which live in pinned RAM and which are read from disk each step; a plan
+that cannot fit is an ``OffloadError`` carrying the numbers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from yalm_runner.checkpoint import Store
 from yalm_runner.config import ModelConfig
-from yalm_runner.errors import ConfigError
+from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.model import Weights
 
 FP16_MAX = 65504.0
+TIERS = ("gpu", "cpu", "disk")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"8GiB"`` -> 8589934592; also plain integers and KB/MB/GB (powers of ten)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 8GiB, 512MiB or 2GB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(count: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{int(count)} B"
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
+    """Budgets, not percentages. None means no limit of that kind."""
+
+    gpu_memory_bytes: int | None = None
+    cpu_memory_bytes: int | None = None
+    weights_on: str = "auto"  # auto, gpu, cpu or disk: where streamed layers must live
+    overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights_on not in ("auto", *TIERS):
+            raise ConfigError(f"weights_on must be auto, gpu, cpu or disk, got {self.weights_on!r}")
+        for name in ("gpu_memory_bytes", "cpu_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each part lives and what the plan costs in each memory."""
+
+    tiers: dict[str, str]  # part -> gpu, cpu or disk
+    gpu_weight_bytes: int
+    stream_buffer_bytes: int
+    kv_bytes: int
+    workspace_bytes: int
+    cpu_weight_bytes: int
+    streamed_bytes_per_pass: int
+    disk_bytes_per_pass: int
+
+    @property
+    def gpu_total_bytes(self) -> int:
+        return (
+            self.gpu_weight_bytes + self.stream_buffer_bytes + self.kv_bytes + self.workspace_bytes
+        )
+
+    def count(self, tier: str) -> int:
+        return sum(
+            1 for part, where in self.tiers.items() if where == tier and part.startswith("layer_")
+        )
+
+    def predicted_pass_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
+        """Lower bound on one forward pass: the streamed bytes over their links."""
+        # Disk-tier bytes cross both the drive and the host-to-device link.
+        return max(
+            self.streamed_bytes_per_pass / pinned_bytes_per_s,
+            self.disk_bytes_per_pass / disk_bytes_per_s,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"layers: {self.count('gpu')} on the GPU, {self.count('cpu')} in pinned RAM, "
+            f"{self.count('disk')} on disk; GPU: weights {format_bytes(self.gpu_weight_bytes)} + "
+            f"stream buffers {format_bytes(self.stream_buffer_bytes)} + KV "
+            f"{format_bytes(self.kv_bytes)} + workspace {format_bytes(self.workspace_bytes)} = "
+            f"{format_bytes(self.gpu_total_bytes)}; "
+            f"pinned RAM {format_bytes(self.cpu_weight_bytes)}; "
+            f"streamed per pass {format_bytes(self.streamed_bytes_per_pass)}"
+        )
+
+
+def plan_placement(
+    part_bytes: dict[str, int],
+    policy: OffloadPolicy,
+    kv_bytes: int = 0,
+    workspace_bytes: int = 0,
+) -> Placement:
+    """Place parts: embedding and head on the GPU, then layers on the GPU while the budget
+    allows (after stream buffers, KV and workspace), then pinned RAM, then disk."""
+    layers = [part for part in part_bytes if part.startswith("layer_")]
+    fixed = part_bytes["embedding"] + part_bytes["head"]
+    largest_layer = max(part_bytes[part] for part in layers)
+    gpu_budget = policy.gpu_memory_bytes
+    cpu_budget = policy.cpu_memory_bytes
+    all_layers = sum(part_bytes[part] for part in layers)
+    if policy.weights_on == "gpu" or (
+        policy.weights_on == "auto"
+        and (gpu_budget is None or fixed + all_layers + kv_bytes + workspace_bytes <= gpu_budget)
+    ):
+        need = fixed + all_layers + kv_bytes + workspace_bytes
+        if gpu_budget is not None and need > gpu_budget:
+            raise OffloadError(
+                f"weights on the GPU need {format_bytes(need)} (weights "
+                f"{format_bytes(fixed + all_layers)}, KV {format_bytes(kv_bytes)}, workspace "
+                f"{format_bytes(workspace_bytes)}) but the GPU budget is {format_bytes(gpu_budget)}"
+            )
+        tiers = dict.fromkeys(part_bytes, "gpu")
+        return Placement(tiers, fixed + all_layers, 0, kv_bytes, workspace_bytes, 0, 0, 0)
+
+    buffers = 2 * largest_layer
+    floor = fixed + buffers + kv_bytes + workspace_bytes
+    if gpu_budget is not None and floor > gpu_budget:
+        raise OffloadError(
+            f"the GPU budget {format_bytes(gpu_budget)} cannot hold the minimum: embedding+head "
+            f"{format_bytes(fixed)} + 2 stream buffers {format_bytes(buffers)} + KV "
+            f"{format_bytes(kv_bytes)} + workspace {format_bytes(workspace_bytes)} = "
+            f"{format_bytes(floor)}; lower the batch size or raise --gpu-memory"
+        )
+    tiers = {"embedding": "gpu", "head": "gpu"}
+    gpu_used, cpu_used, streamed, from_disk = fixed, 0, 0, 0
+    for part in layers:
+        size = part_bytes[part]
+        if policy.weights_on == "auto" and (
+            gpu_budget is None or floor + (gpu_used - fixed) + size <= gpu_budget
+        ):
+            tiers[part] = "gpu"
+            gpu_used += size
+        elif policy.weights_on != "disk" and (cpu_budget is None or cpu_used + size <= cpu_budget):
+            tiers[part] = "cpu"
+            cpu_used += size
+            streamed += size
+        elif policy.weights_on == "cpu":
+            raise OffloadError(
+                f"--weights-on cpu needs {format_bytes(cpu_used + size)}+ of pinned RAM for "
+                f"{part} onwards, but the CPU budget is {format_bytes(cpu_budget or 0)}"
+            )
+        else:
+            tiers[part] = "disk"
+            streamed += size
+            from_disk += size
+    return Placement(
+        tiers, gpu_used, buffers, kv_bytes, workspace_bytes, cpu_used, streamed, from_disk
+    )
 
 
 class WeightSource(Protocol):

@@ -1,0 +1,139 @@
+"""The streaming engine: offloaded output equals resident output, and budgets are enforced."""
+
+import pytest
+import torch
+
+from yalm_runner.checkpoint import Store
+from yalm_runner.config import SamplingParams
+from yalm_runner.convert import convert_release
+from yalm_runner.engine import Engine, Request
+from yalm_runner.errors import ConfigError, OffloadError
+from yalm_runner.offload import (
+    OffloadPolicy,
+    Placement,
+    ResidentWeights,
+    parse_bytes,
+    plan_placement,
+)
+from yalm_runner.streaming import StreamingWeights, open_weights, part_bytes_in
+
+GREEDY = SamplingParams(greedy=True)
+MIXED = [
+    Request("short", (1, 7), 9),
+    Request("long", tuple([1, *range(200, 230)]), 6),
+    Request("mid", (1, 40, 41, 42, 43, 44), 12),
+]
+
+
+def ids(weights, requests=MIXED, sampling=GREEDY):
+    return [row.new_ids for row in Engine(weights).generate(requests, sampling, batch_size=8)]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return Store.open(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def resident_ids(store):
+    return ids(ResidentWeights(store, "cpu", torch.float32))
+
+
+def test_disk_streaming_on_cpu_equals_resident(store, resident_ids):
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
+        assert weights.placement.count("disk") == store.config.num_layers
+        assert ids(weights) == resident_ids
+        assert weights.bytes_from_disk > 0
+
+
+def test_budgets_fill_gpu_then_pinned_ram_then_disk():
+    sizes = {"embedding": 100, "head": 50, **{f"layer_{n}": 1000 for n in range(6)}}
+    # GPU: 150 fixed + 2000 stream buffers + 1000 for one resident layer; RAM: two layers.
+    policy = OffloadPolicy(gpu_memory_bytes=3150, cpu_memory_bytes=2500)
+    placement = plan_placement(sizes, policy, kv_bytes=0)
+    assert [placement.count(tier) for tier in ("gpu", "cpu", "disk")] == [1, 2, 3]
+    assert placement.gpu_total_bytes <= 3150
+    assert placement.streamed_bytes_per_pass == 5000 and placement.disk_bytes_per_pass == 3000
+    everything = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=10**6))
+    assert everything.count("gpu") == 6 and everything.stream_buffer_bytes == 0
+
+
+def test_mixed_tiers_and_no_overlap_equal_resident(store, resident_ids):
+    sizes = part_bytes_in(store, torch.float32)
+    tiers = {
+        "embedding": "gpu",
+        "head": "gpu",
+        "layer_0": "disk",
+        "layer_1": "gpu",
+        "layer_2": "cpu",
+    }
+    placement = Placement(tiers, 0, 0, 0, 0, sizes["layer_2"], 0, 0)
+    for overlap in (True, False):
+        with StreamingWeights(store, "cpu", torch.float32, placement, overlap=overlap) as weights:
+            assert ids(weights) == resident_ids
+
+
+def test_bf16_store_streams_into_fp32_compute(tiny_release, tmp_path):
+    bf16 = Store.open(
+        convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
+    )
+    expected = ids(ResidentWeights(bf16, "cpu", torch.float32))
+    with open_weights(bf16, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
+        assert ids(weights) == expected
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    with open_weights(bf16, "cpu", torch.float32, OffloadPolicy(weights_on="cpu")) as weights:
+        assert ids(weights, sampling=sampled) == ids(
+            ResidentWeights(bf16, "cpu", torch.float32), sampling=sampled
+        )
+
+
+def test_a_corrupt_layer_on_disk_is_named_when_streamed(tiny_store, tmp_path):
+    import shutil
+
+    from yalm_runner.errors import CheckpointError
+    from yalm_runner.tensorfile import read_layout
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store, copy)
+    path = copy / "layers/layer_002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[read_layout(path).data_start + 10] ^= 0x55
+    path.write_bytes(bytes(data))
+    policy = OffloadPolicy(weights_on="disk")
+    with (
+        open_weights(Store.open(copy), "cpu", torch.float32, policy) as weights,
+        pytest.raises(CheckpointError, match=r"layer_002\.safetensors: checksum mismatch"),
+    ):
+        ids(weights)
+
+
+def test_budget_errors_carry_the_numbers(store):
+    sizes = part_bytes_in(store, torch.float32)
+    with pytest.raises(OffloadError, match=r"GPU budget 1\.00 KiB cannot hold the minimum"):
+        plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=1024))
+    with pytest.raises(OffloadError, match=r"weights on the GPU need .* budget is"):
+        plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=4096, weights_on="gpu"))
+    with pytest.raises(OffloadError, match="--weights-on cpu needs"):
+        plan_placement(sizes, OffloadPolicy(cpu_memory_bytes=10, weights_on="cpu"))
+
+
+def test_sizes_parse_in_both_unit_systems():
+    assert parse_bytes("8GiB") == 8 * 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    with pytest.raises(ConfigError, match="8 gigs"):
+        parse_bytes("8 gigs")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path):
+    bf16 = Store.open(
+        convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
+    )
+    expected = ids(ResidentWeights(bf16, "cuda", torch.bfloat16))
+    for weights_on in ("cpu", "disk"):
+        policy = OffloadPolicy(weights_on=weights_on)
+        with open_weights(bf16, "cuda", torch.bfloat16, policy) as weights:
+            assert ids(weights) == expected

@@ -1,0 +1,260 @@
+"""The streaming weight source: layers move to the compute device as the forward pass needs them.
+
+One schedule, written once: while layer j computes, layer j+1 is copied from pinned RAM into the
+other of two device buffers on a copy stream, and a reader thread brings the next disk-tier
+layer into a pinned relay buffer. ``overlap=False`` runs the same loop with every move waited
+for, which is what the overlap is measured against.
+
+Copy contract: ``_load(layer, slot)`` leaves the layer's bytes, in the compute dtype and in its
+packed layout, in device buffer ``slot``, and records ``ready[slot]`` when they are there; it
+never overwrites a slot before ``free[slot]`` (recorded when the compute stream is done with it).
+
+On a CPU-only machine the device buffers are plain RAM and the disk reader fills them directly:
+the same engine, streaming from disk under a RAM budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from yalm_runner.checkpoint import Store
+from yalm_runner.model import Weights
+from yalm_runner.offload import OffloadPolicy, Placement, cast_part, plan_placement
+
+ALIGNMENT = 256
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    name: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def pack_layout(store: Store, part: str, dtype: torch.dtype) -> tuple[list[PackedTensor], int]:
+    """Offsets of ``part``'s tensors in one flat buffer of ``dtype``.
+
+    In the store's own dtype this is the file's data layout, so a layer goes from disk to the
+    device as one block; in another dtype the tensors are repacked at 256-byte boundaries.
+    """
+    records = store.parts[part].records
+    if dtype == store.dtype:
+        packed = [PackedTensor(r.name, r.shape, r.begin, r.end) for r in records]
+        return packed, store.parts[part].data_bytes
+    element = torch.empty((), dtype=dtype).element_size()
+    offset, packed = 0, []
+    for record in records:
+        count = 1
+        for size in record.shape:
+            count *= size
+        packed.append(PackedTensor(record.name, record.shape, offset, offset + count * element))
+        offset += -(-(count * element) // ALIGNMENT) * ALIGNMENT
+    return packed, offset
+
+
+def unpack(buffer: torch.Tensor, layout: list[PackedTensor], dtype: torch.dtype) -> Weights:
+    return {t.name: buffer[t.begin : t.end].view(dtype).view(t.shape) for t in layout}
+
+
+def pack_into(buffer: torch.Tensor, layout: list[PackedTensor], tensors: Weights) -> None:
+    for packed in layout:
+        target = buffer[packed.begin : packed.end].view(tensors[packed.name].dtype)
+        target.copy_(tensors[packed.name].reshape(-1))
+
+
+class StreamingWeights:
+    """A weight source that follows a ``Placement``: resident, pinned-RAM and disk layers."""
+
+    def __init__(
+        self,
+        store: Store,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        placement: Placement,
+        *,
+        overlap: bool = True,
+        verify: bool = True,
+    ):
+        self.store = store
+        self.config = store.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.placement = placement
+        self.overlap = overlap
+        self.verify = verify
+        self._cuda = self.device.type == "cuda"
+        self._resident: dict[str, Weights] = {}
+        self._pinned: dict[int, torch.Tensor] = {}
+        self._layouts: dict[int, tuple[list[PackedTensor], int]] = {}
+        self._verified: set[str] = set()
+        self.bytes_streamed = 0
+        self.bytes_from_disk = 0
+        streamed = []
+        for part, tier in placement.tiers.items():
+            if tier == "gpu":
+                tensors = cast_part(
+                    store.read_part(part, verify=verify), dtype, part, str(store.parts[part].path)
+                )
+                self._resident[part] = {n: t.to(self.device) for n, t in tensors.items()}
+                self._verified.add(part)
+                continue
+            layer_idx = int(part.removeprefix("layer_"))
+            self._layouts[layer_idx] = pack_layout(store, part, dtype)
+            streamed.append(layer_idx)
+            if tier == "cpu":
+                layout, size = self._layouts[layer_idx]
+                pinned = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+                tensors = cast_part(
+                    store.read_part(part, verify=verify), dtype, part, str(store.parts[part].path)
+                )
+                pack_into(pinned, layout, tensors)
+                self._pinned[layer_idx] = pinned
+                self._verified.add(part)
+        self._streamed = streamed
+        buffer_bytes = max((self._layouts[idx][1] for idx in streamed), default=0)
+        self._slots = [
+            torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device)
+            for _ in range(2 if streamed else 0)
+        ]
+        disk = [idx for idx in streamed if placement.tiers[f"layer_{idx}"] == "disk"]
+        self._disk = disk
+        relay_bytes = max((self._layouts[idx][1] for idx in disk), default=0)
+        self._relays = [
+            torch.empty(relay_bytes, dtype=torch.uint8, pin_memory=self._cuda)
+            for _ in range(2 if disk else 0)
+        ]
+        scratch_bytes = (
+            0
+            if dtype == store.dtype
+            else max((store.parts[f"layer_{idx}"].data_bytes for idx in disk), default=0)
+        )
+        self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yalm-disk")
+        if self._cuda:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._ready = [torch.cuda.Event() for _ in self._slots]
+            self._free = [torch.cuda.Event() for _ in self._slots]
+            self._relay_free = [torch.cuda.Event() for _ in self._relays]
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True)
+
+    def __enter__(self) -> StreamingWeights:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def embedding(self) -> Weights:
+        return self._resident["embedding"]
+
+    def head(self) -> Weights:
+        return self._resident["head"]
+
+    # -- disk tier -----------------------------------------------------------------------------
+
+    def _read_disk(self, disk_order: int) -> torch.Tensor:
+        """Bring disk-tier layer number ``disk_order`` into its relay, packed in the compute
+        dtype (runs on the reader thread). Waits until the relay's previous copy has left."""
+        layer_idx = self._disk[disk_order]
+        part = f"layer_{layer_idx}"
+        relay = self._relays[disk_order % 2]
+        if self._cuda:
+            self._relay_free[disk_order % 2].synchronize()
+        verify = self.verify and part not in self._verified
+        if self.dtype == self.store.dtype:
+            self.store.read_part(part, buffer=relay, verify=verify)
+        else:
+            raw = self.store.read_part(part, buffer=self._scratch, verify=verify)
+            pack_into(
+                relay, self._layouts[layer_idx][0], {n: t.to(self.dtype) for n, t in raw.items()}
+            )
+        self._verified.add(part)
+        return relay
+
+    # -- the schedule --------------------------------------------------------------------------
+
+    def layers(self) -> Iterator[tuple[int, Weights]]:
+        """Yield every layer in order; streamed ones arrive through the two device slots."""
+        streamed = self._streamed
+        reads: dict[int, Future] = {}
+        disk_order = {layer_idx: order for order, layer_idx in enumerate(self._disk)}
+
+        def start_read(order: int) -> None:
+            if order < len(self._disk) and order not in reads:
+                reads[order] = self._reader.submit(self._read_disk, order)
+
+        def load(order: int) -> torch.Tensor:
+            """Start moving streamed layer ``order`` to its slot; returns the buffer to use."""
+            layer_idx = streamed[order]
+            size = self._layouts[layer_idx][1]
+            self.bytes_streamed += size
+            if layer_idx in disk_order:
+                source = reads.pop(disk_order[layer_idx]).result()
+                self.bytes_from_disk += self.store.parts[f"layer_{layer_idx}"].data_bytes
+            else:
+                source = self._pinned[layer_idx]
+            if not self._cuda:
+                return source  # RAM is the compute device's memory: use it where it lies
+            slot = order % 2
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(self._free[slot])
+                self._slots[slot][:size].copy_(source[:size], non_blocking=True)
+                self._ready[slot].record(self._copy_stream)
+                if layer_idx in disk_order:
+                    self._relay_free[disk_order[layer_idx] % 2].record(self._copy_stream)
+            return self._slots[slot]
+
+        start_read(0)
+        start_read(1)
+        buffers: dict[int, torch.Tensor] = {}
+        if streamed:
+            buffers[0] = load(0)
+        order = 0
+        for layer_idx in range(self.config.num_layers):
+            part = f"layer_{layer_idx}"
+            if part in self._resident:
+                yield layer_idx, self._resident[part]
+                continue
+            if not self.overlap and self._cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._ready[order % 2])
+                torch.cuda.current_stream(self.device).synchronize()
+            elif self._cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._ready[order % 2])
+            layout, _ = self._layouts[layer_idx]
+            yield layer_idx, unpack(buffers.pop(order), layout, self.dtype)
+            # The compute of this layer is enqueued (or, on the CPU, done): release its buffers
+            # and start the next move, which then overlaps that compute.
+            if self._cuda:
+                self._free[order % 2].record(torch.cuda.current_stream(self.device))
+                if not self.overlap:
+                    torch.cuda.current_stream(self.device).synchronize()
+            if layer_idx in disk_order:
+                start_read(disk_order[layer_idx] + 2)
+            if order + 1 < len(streamed):
+                buffers[order + 1] = load(order + 1)
+            order += 1
+
+
+def part_bytes_in(store: Store, dtype: torch.dtype) -> dict[str, int]:
+    """Each part's size once in the compute dtype."""
+    return {part: pack_layout(store, part, dtype)[1] for part in store.parts}
+
+
+def open_weights(
+    store: Store,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    policy: OffloadPolicy,
+    kv_bytes: int = 0,
+    workspace_bytes: int = 0,
+    verify: bool = True,
+) -> StreamingWeights:
+    """Plan a placement under ``policy`` and open the weight source that follows it."""
+    placement = plan_placement(part_bytes_in(store, dtype), policy, kv_bytes, workspace_bytes)
+    return StreamingWeights(store, device, dtype, placement, overlap=policy.overlap, verify=verify)
