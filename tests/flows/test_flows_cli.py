@@ -189,3 +189,24 @@ def test_every_command_is_documented_in_readme():
     section = text.split(SECTION, 1)[1]
     for name in COMMANDS:
         assert f"yalm-forecast {name}" in section, f"README does not document `{name}`"
+
+
+def test_render_takes_the_tokenizer_from_the_model_store(feed_server, tmp_path, tiny_store, capsys):
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    path = write_config(
+        tmp_path,
+        feeds=[{"name": "rss", "url": feed_server.url("/rss")}],
+        templates=["ticker_outlook_ru"],
+        model=str(tiny_store),
+    )
+    assert run(["ingest", "--config", str(path)], capsys)[0] == 0
+    code, out, err = run(
+        ["render", "--config", str(path), "--as-of", "2024-05-14T06:00Z", "-f", "json"], capsys
+    )
+    assert code == 0, err
+    assert {row["ticker"] for row in json.loads(out) if row["status"] == "new"} == {
+        "SBER",
+        "GAZP",
+        "LKOH",
+        "YDEX",
+    }
