@@ -24,6 +24,7 @@ EXAMPLES = {
     "--greedy -n 64",
     "inspect": "example: yalm-runner inspect store/",
     "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
+    "bench": "example: yalm-runner bench --shape 13b --gpu-memory 8GiB --batch-sizes 8,32,64",
 }
 
 
@@ -127,7 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add(tiny, "--vocab-size", type=int, default=1000, help="size of the trained vocabulary")
     _add(tiny, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     _add(tiny, "--tensor-parallel", type=int, default=1, help="write this many TP shards")
+    bench = command("bench", "Measure streaming against the host-to-device link (needs CUDA).")
+    _add(bench, "--shape", default="13b", help="13b, yalm-100b or tiny")
+    _add(bench, "--layers", type=int, help="override the shape's layer count")
+    _add(bench, "--batch-sizes", default="8,32,64", help="comma-separated batch sizes")
+    _add(bench, "--prompt-len", type=int, default=128)
+    _add(bench, "-n", "--max-new-tokens", type=int, default=32)
+    _add(bench, "--gpu-memory", help="GPU budget, e.g. 8GiB")
+    _add(bench, "--cpu-memory", help="pinned RAM budget, e.g. 64GiB")
+    _add(bench, "--json", type=Path, help="write the figures here too")
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from yalm_runner.bench import run_bench
+    from yalm_runner.offload import parse_bytes
+
+    batches = [int(size) for size in str(args.batch_sizes).split(",") if size.strip()]
+    run_bench(
+        args.shape,
+        batches,
+        args.prompt_len,
+        args.max_new_tokens,
+        parse_bytes(args.gpu_memory) if args.gpu_memory else None,
+        parse_bytes(args.cpu_memory) if args.cpu_memory else None,
+        args.layers,
+        args.json,
+    )
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -254,6 +282,7 @@ COMMANDS = {
     "generate": _cmd_generate,
     "inspect": _cmd_inspect,
     "make-tiny": _cmd_make_tiny,
+    "bench": _cmd_bench,
 }
 
 
