@@ -21,7 +21,7 @@ from yalm_runner.errors import ConfigError, YalmError
 EXAMPLES = {
     "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-store/ --dtype bf16",
     "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
-    "--greedy -n 64",
+    "-n 64 --stop $'\\n'   (after a crash, run the same command again to resume)",
     "inspect": "example: yalm-runner inspect store/",
     "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
     "bench": "example: yalm-runner bench --shape 13b --gpu-memory 8GiB --batch-sizes 8,32,64",
@@ -112,6 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(generate, "--batch-size", type=int, default=32, help="rows per batch")
     _add(generate, "--no-verify", action="store_true", help="skip weight checksums")
+    stop_env = _env("stop")
+    generate.add_argument(
+        "--stop",
+        action="append",
+        metavar="STR",
+        default=None if stop_env is None else [stop_env],
+        help="end a row once its new text contains STR (repeatable; a row's own 'stop' list "
+        "adds to these) [env YALM_RUNNER_STOP, one string]",
+    )
+    _add(
+        generate,
+        "--checkpoint-every",
+        type=int,
+        default=16,
+        metavar="N",
+        help="save the unfinished rows' state every N decode steps (0 = only on SIGINT/SIGTERM)",
+    )
+    _add(
+        generate,
+        "--no-resume",
+        action="store_true",
+        help="discard OUTPUT.state.json and OUTPUT from an earlier run and start over",
+    )
 
     inspect = command("inspect", "Show a store's shape, sizes and per-step traffic.")
     inspect.add_argument("store", type=Path)
@@ -203,7 +226,7 @@ def _stderr_console():
 def _cmd_generate(args: argparse.Namespace) -> int:
     from yalm_runner.config import SamplingParams
     from yalm_runner.convert import parse_dtype
-    from yalm_runner.runner import generate_file
+    from yalm_runner.runner import GenerationInterrupted, generate_file
 
     sampling = SamplingParams(
         greedy=args.greedy,
@@ -217,17 +240,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--device cuda asked for, but no CUDA device is available")
     dtype = parse_dtype(args.dtype) if args.dtype else None
     started = time.perf_counter()
-    stats = generate_file(
-        args.model,
-        args.input,
-        args.output,
-        sampling=sampling,
-        max_new_tokens=args.max_new_tokens,
-        device=device,
-        dtype=dtype,
-        batch_size=args.batch_size,
-        verify=not args.no_verify,
-    )
+    try:
+        stats = generate_file(
+            args.model,
+            args.input,
+            args.output,
+            sampling=sampling,
+            max_new_tokens=args.max_new_tokens,
+            device=device,
+            dtype=dtype,
+            batch_size=args.batch_size,
+            verify=not args.no_verify,
+            stop=tuple(args.stop or ()),
+            checkpoint_every=args.checkpoint_every,
+            resume=not args.no_resume,
+            notify=lambda message: print(f"yalm-runner generate: {message}", file=sys.stderr),
+        )
+    except GenerationInterrupted as exc:
+        print(f"yalm-runner generate: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     elapsed = time.perf_counter() - started
     print(
         f"{stats.rows} rows, {stats.new_tokens} new tokens in {elapsed:.1f} s; "

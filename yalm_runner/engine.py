@@ -223,6 +223,7 @@ class Engine:
             caches,
             0,
         )
+        self._live = state
 
         began = time.perf_counter()
         logits = self._forward(state, tokens.to(device))

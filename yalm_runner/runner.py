@@ -4,13 +4,20 @@ This is the one place where text, the store and the engine meet for the command 
 format is the original repo's conditional-generation format: one JSON object per line with a
 ``prefix``; each output line keeps the input's fields and adds ``suffix`` (the text the new
 tokens add) and ``token_ids`` (the new ids). A line may carry its own ``max_new_tokens`` and an
-``id`` (the row's key for sampling; the line number otherwise).
+``id`` (the row's key for sampling; the line number otherwise) and its own ``stop`` strings.
+
+Jobs are resumable: finished rows are appended to the output as they finish, the unfinished
+rows' ids are checkpointed beside it, and a re-run continues (the files are resume.py's; this
+module glues them to the engine and to SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +25,21 @@ import torch
 
 from yalm_runner.checkpoint import Store
 from yalm_runner.config import SamplingParams
-from yalm_runner.engine import Engine, GenerationStats, Request
+from yalm_runner.engine import Engine, Finished, GenerationStats, Request
 from yalm_runner.errors import ConfigError, GenerationError
 from yalm_runner.offload import ResidentWeights
+from yalm_runner.resume import (
+    KEY_FIELD,
+    NO_RESUME_HINT,
+    JobFingerprint,
+    JobState,
+    OutputLog,
+    StateFile,
+)
 from yalm_runner.tokenizer import Tokenizer
 
 MEASURED_PINNED_GBPS = 55.0  # the lent H200's pinned host-to-device copies (PCIe 5)
+DEFAULT_CHECKPOINT_EVERY = 16  # decode steps between state saves
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
@@ -51,6 +67,16 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
             raise GenerationError(
                 f"{path} line {line_no}: max_new_tokens must be a positive integer"
             )
+        stop = row.get("stop")
+        if stop is not None and not (
+            (isinstance(stop, str) and stop)
+            or (isinstance(stop, list) and all(isinstance(text, str) and text for text in stop))
+        ):
+            raise GenerationError(
+                f"{path} line {line_no}: stop must be a non-empty string or a list of them"
+            )
+        if KEY_FIELD in row:
+            raise GenerationError(f"{path} line {line_no}: {KEY_FIELD!r} is a reserved field")
         rows.append({"__key__": str(row.get("id", f"line-{line_no}")), **row})
     if not rows:
         raise GenerationError(f"{path}: no prompts")
@@ -67,18 +93,95 @@ def default_dtype(store: Store, device: torch.device) -> torch.dtype:
     return store.dtype if store.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    temp_path = path.with_name(path.name + ".partial")
-    try:
-        with open(temp_path, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except OSError as exc:
-        temp_path.unlink(missing_ok=True)
-        raise GenerationError(f"cannot write {path}: {exc.strerror or exc}") from exc
+class GenerationInterrupted(GenerationError):
+    """SIGINT or SIGTERM stopped a job after its state was saved; re-running it resumes."""
+
+    def __init__(self, signum: int, state_path: Path, rows_done: int, rows_total: int):
+        self.signum = signum
+        self.state_path = state_path
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name} with {rows_done}/{rows_total} rows done; state saved to "
+            f"{state_path}; run the same command again to resume"
+        )
+
+
+class StopStrings:
+    """The engine's ``stop`` callback for text stop sequences (job-wide and per row).
+
+    A row stops as soon as the text its new ids add contains one of its stop strings; the
+    written suffix ends right after the first such string (the stop string is kept).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        job_stops: tuple[str, ...],
+        row_stops: dict[str, str | list[str] | None],
+    ):
+        self.tokenizer = tokenizer
+        self.by_key = {}
+        for key, own in row_stops.items():
+            own = [own] if isinstance(own, str) else own or []
+            self.by_key[key] = tuple(dict.fromkeys([*job_stops, *own]))
+
+    def __bool__(self) -> bool:
+        return any(self.by_key.values())
+
+    def __call__(self, request: Request, generated: list[int]) -> bool:
+        stops = self.by_key.get(request.key, ())
+        if not stops:
+            return False
+        text = self.tokenizer.continuation(list(request.prompt_ids), list(generated))
+        return any(stop in text for stop in stops)
+
+    def cut(self, key: str, text: str) -> str:
+        """``text`` up to the end of the first stop string completed in it."""
+        ends = [text.find(stop) + len(stop) for stop in self.by_key.get(key, ()) if stop in text]
+        return text[: min(ends)] if ends else text
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM handlers for one job: ``on_signal`` runs at once, unless a durable write
+    is in progress (``critical``), in which case it runs as soon as that write is complete."""
+
+    def __init__(self, on_signal: Callable[[int], None]):
+        self.on_signal = on_signal
+        self.depth = 0
+        self.pending: int | None = None
+        self.firing = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None:
+            self._fire(self.pending)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.depth:
+            self.pending = signum
+        elif not self.firing:
+            self._fire(signum)
+
+    def _fire(self, signum: int) -> None:
+        self.pending = None
+        self.firing = True
+        self.on_signal(signum)
 
 
 def generate_file(
@@ -92,34 +195,155 @@ def generate_file(
     dtype: torch.dtype | None = None,
     batch_size: int = 32,
     verify: bool = True,
+    stop: tuple[str, ...] = (),
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    resume: bool = True,
+    notify: Callable[[str], None] | None = None,
 ) -> GenerationStats:
-    """Continue every prefix of ``input_path`` and write ``output_path``."""
+    """Continue every prefix of ``input_path`` into ``output_path``, resumably.
+
+    Finished rows are appended to ``output_path`` as they finish; every ``checkpoint_every``
+    decode steps (0: only on signals) and on SIGINT/SIGTERM the unfinished rows' ids go to
+    ``OUTPUT.state.json``. A second call with the same job continues where the first stopped;
+    a different job is refused unless ``resume`` is False, which starts over. On completion the
+    output is rewritten in input order and the state file removed. ``notify`` gets progress
+    lines for a human.
+    """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint interval must be >= 0 steps, got {checkpoint_every}")
+    if any(not isinstance(text, str) or not text for text in stop):
+        raise ConfigError(f"stop strings must be non-empty, got {list(stop)!r}")
+    notify = notify or (lambda message: None)
+    input_path, output_path = Path(input_path), Path(output_path)
     rows = read_prompts(input_path)
+    keys = [row["__key__"] for row in rows]
+    known = set(keys)
     store = Store.open(store_path)
     tokenizer = Tokenizer(store.tokenizer_path)
-    requests = [
-        Request(
-            row["__key__"],
-            tuple(tokenizer.encode(row["prefix"])),
-            row.get("max_new_tokens", max_new_tokens),
-        )
-        for row in rows
-    ]
-    weights = ResidentWeights(store, device, dtype or default_dtype(store, device), verify=verify)
-    engine = Engine(weights)
-    finished = engine.generate(requests, sampling, batch_size=batch_size)
-    output = []
-    for row, done in zip(rows, finished, strict=True):
-        fields = {key: value for key, value in row.items() if key != "__key__"}
-        fields["suffix"] = tokenizer.continuation(list(done.prompt_ids), list(done.new_ids))
-        fields["token_ids"] = list(done.new_ids)
-        output.append(fields)
-    write_jsonl_atomic(Path(output_path), output)
+    dtype = dtype or default_dtype(store, device)
+    fingerprint = JobFingerprint.for_job(
+        store_manifest_sha256=store.manifest_sha256,
+        input_path=input_path,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        dtype=str(dtype).removeprefix("torch."),
+        device_type=device.type,
+    )
+    state_file = StateFile.beside(output_path)
+    with OutputLog(output_path) as log:
+        state, resumed = _resume_or_start(state_file, log, fingerprint, resume, notify)
+        done: dict[str, dict[str, Any]] = log.recover(keys) if resumed else {}
+        state.partial = {
+            key: ids for key, ids in state.partial.items() if key in known and key not in done
+        }
+        if done or state.partial:
+            notify(f"resuming: {len(done)}/{len(keys)} rows done, {len(state.partial)} partial")
+        state_file.save(state)
+        stops = StopStrings(tokenizer, stop, {row["__key__"]: row.get("stop") for row in rows})
+        requests = [
+            Request(
+                row["__key__"],
+                tuple(tokenizer.encode(row["prefix"])),
+                row.get("max_new_tokens", max_new_tokens),
+                state.partial.get(row["__key__"], ()),
+            )
+            for row in rows
+            if row["__key__"] not in done
+        ]
+        for request in requests:
+            _check_partial(request, state_file.path, store.config.vocab_size)
+        fields_by_key = {
+            row["__key__"]: {name: value for name, value in row.items() if name != "__key__"}
+            for row in rows
+        }
+        engine: Engine | None = None
+
+        def on_finished(finished: Finished) -> None:
+            row = dict(fields_by_key[finished.key])
+            text = tokenizer.continuation(list(finished.prompt_ids), list(finished.new_ids))
+            row["suffix"] = stops.cut(finished.key, text)
+            row["token_ids"] = list(finished.new_ids)
+            with guard.critical():
+                log.append(finished.key, row)
+                done[finished.key] = row
+                state.partial.pop(finished.key, None)
+
+        def on_checkpoint(snapshot: dict[str, tuple[int, ...]]) -> None:
+            with guard.critical():
+                state.partial.update(snapshot)
+                state_file.save(state)
+
+        def on_signal(signum: int) -> None:
+            with guard.critical():
+                if engine is not None:
+                    # ValueError: the batch was being reshaped; the last checkpoint still holds.
+                    with suppress(ValueError):
+                        state.partial.update(engine.snapshot())
+                state_file.save(state)
+            raise GenerationInterrupted(signum, state_file.path, len(done), len(keys))
+
+        with _SignalGuard(on_signal) as guard:
+            pending = []
+            for request in requests:
+                if request.generated and stops(request, list(request.generated)):
+                    ids = request.generated
+                    on_finished(Finished(request.key, request.prompt_ids, ids, "stop"))
+                else:
+                    pending.append(request)
+            engine = Engine(ResidentWeights(store, device, dtype, verify=verify))
+            engine.generate(
+                pending,
+                sampling,
+                batch_size=batch_size,
+                on_finished=on_finished,
+                checkpoint_every=checkpoint_every,
+                on_checkpoint=on_checkpoint,
+                stop=stops if stops else None,
+            )
+            with guard.critical():
+                log.finish(done[key] for key in keys)
+                state_file.remove()
     return engine.stats
+
+
+def _resume_or_start(
+    state_file: StateFile,
+    log: OutputLog,
+    fingerprint: JobFingerprint,
+    resume: bool,
+    notify: Callable[[str], None],
+) -> tuple[JobState, bool]:
+    """The saved state of this job and True, or a fresh state and False (old files removed)."""
+    saved = state_file.load() if resume else None
+    if saved is not None:
+        changes = saved.fingerprint.differences(fingerprint)
+        if changes:
+            raise GenerationError(
+                f"{state_file.path} belongs to a different job: {'; '.join(changes)} changed; "
+                f"run the original command to resume, or {NO_RESUME_HINT}"
+            )
+        return saved, True
+    if not resume and state_file.path.exists():
+        notify(f"--no-resume: discarding {state_file.path} and {log.path}")
+    # The output goes before a state is written, so that a state file never sits beside
+    # output from another job.
+    log.remove()
+    state_file.remove()
+    return JobState(fingerprint), False
+
+
+def _check_partial(request: Request, state_path: Path, vocab_size: int) -> None:
+    if len(request.generated) > request.max_new_tokens or any(
+        not 0 <= token < vocab_size for token in request.generated
+    ):
+        raise GenerationError(
+            f"{state_path}: saved ids for row {request.key} do not fit the job; {NO_RESUME_HINT}"
+        )
 
 
 def describe_store(store: Store) -> str:
