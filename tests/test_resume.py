@@ -166,18 +166,19 @@ def stored_lines_from_bytes(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]
 
 
-def test_sigterm_saves_state_and_exits_cleanly_then_resume_is_identical(job, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_state_and_exits_cleanly_then_resume_is_identical(job, tmp_path, signum):
     store, prompts, reference = job
     output = tmp_path / "out.jsonl"
     command = [str(part) for part in cli_command(store, prompts, output)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while process.poll() is None and len(stored_lines(output)) < 6:
         time.sleep(0.005)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert process.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr
-    assert "interrupted by SIGTERM" in stderr and "state saved to" in stderr, stderr
+    assert f"interrupted by {signum.name}" in stderr and "state saved to" in stderr, stderr
     state = StateFile.beside(output).load()
     assert state is not None and state.partial, "rows in flight were not saved"
     done = {row[KEY_FIELD] for row in stored_lines(output)}
@@ -335,3 +336,35 @@ def test_a_crash_after_the_final_rewrite_resumes_to_the_same_file(tiny_store, tm
     generate(tiny_store, prompts, output, max_new_tokens=12)
     assert output.read_bytes() == reference.read_bytes()
     assert not StateFile.beside(output).path.exists()
+
+
+def test_bad_input_loses_nothing_already_stored(tiny_store, tmp_path):
+    prompts = write_prompts(tmp_path / "in.jsonl", count=4)
+    output = tmp_path / "out.jsonl"
+    generate(tiny_store, prompts, output, max_new_tokens=8)
+    finished = output.read_bytes()
+    with pytest.raises(GenerationError, match="exceed the model's 1024 positions"):
+        generate(tiny_store, prompts, output, max_new_tokens=5000)
+    assert output.read_bytes() == finished
+
+
+def test_an_error_mid_run_keeps_the_progress_for_a_rerun(tiny_store, tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path / "in.jsonl", count=8)
+    reference = tmp_path / "reference.jsonl"
+    generate(tiny_store, prompts, reference, max_new_tokens=12, checkpoint_every=0)
+    output = tmp_path / "out.jsonl"
+    original = OutputLog.append
+
+    def append(self, key, row):
+        if not output.exists() or not output.read_bytes():  # the rest of its batch is in flight
+            raise RuntimeError("CUDA out of memory (simulated)")
+        original(self, key, row)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OutputLog, "append", append)
+        with pytest.raises(RuntimeError, match="simulated"):
+            generate(tiny_store, prompts, output, max_new_tokens=12, checkpoint_every=0)
+    state = StateFile.beside(output).load()
+    assert state is not None and state.partial, "the rows in flight were not saved"
+    generate(tiny_store, prompts, output, max_new_tokens=12, checkpoint_every=0, batch_size=2)
+    assert output.read_bytes() == reference.read_bytes()

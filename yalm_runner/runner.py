@@ -169,13 +169,20 @@ class _SignalGuard:
             yield
         finally:
             self.depth -= 1
-        if self.depth == 0 and self.pending is not None:
+        if self.depth == 0 and self.pending is not None and not self.firing:
             self._fire(self.pending)
 
+    def disarm(self) -> None:
+        """Ignore signals from now on (the job is complete)."""
+        self.pending = None
+        self.firing = True
+
     def _handle(self, signum: int, frame: object) -> None:
+        if self.firing:
+            return
         if self.depth:
             self.pending = signum
-        elif not self.firing:
+        else:
             self._fire(signum)
 
     def _fire(self, signum: int) -> None:
@@ -235,33 +242,44 @@ def generate_file(
         device_type=device.type,
     )
     state_file = StateFile.beside(output_path)
+    saved = _saved_state(state_file, fingerprint) if resume else None
     with OutputLog(output_path) as log:
-        state, resumed = _resume_or_start(state_file, log, fingerprint, resume, notify)
-        done: dict[str, dict[str, Any]] = log.recover(keys) if resumed else {}
-        state.partial = {
-            key: ids for key, ids in state.partial.items() if key in known and key not in done
+        done: dict[str, dict[str, Any]] = log.recover(keys) if saved else {}
+        partial = {
+            key: ids
+            for key, ids in (saved.partial if saved else {}).items()
+            if key in known and key not in done
         }
-        if done or state.partial:
-            notify(f"resuming: {len(done)}/{len(keys)} rows done, {len(state.partial)} partial")
-        state_file.save(state)
-        stops = StopStrings(tokenizer, stop, {row["__key__"]: row.get("stop") for row in rows})
         requests = [
             Request(
                 row["__key__"],
                 tuple(tokenizer.encode(row["prefix"])),
                 row.get("max_new_tokens", max_new_tokens),
-                state.partial.get(row["__key__"], ()),
+                partial.get(row["__key__"], ()),
             )
             for row in rows
             if row["__key__"] not in done
         ]
-        for request in requests:
+        engine = Engine(ResidentWeights(store, device, dtype, verify=verify))
+        for request in requests:  # before any file changes: bad input loses nothing
+            engine.check(request)
             _check_partial(request, state_file.path, store.config.vocab_size)
+        if saved is None:
+            if state_file.path.exists():
+                notify(f"--no-resume: discarding {state_file.path} and {output_path}")
+            # The output goes before a state is written, so that a state file never sits
+            # beside output from another job.
+            log.remove()
+            state_file.remove()
+        elif done or partial:
+            notify(f"resuming: {len(done)}/{len(keys)} rows done, {len(partial)} partial")
+        state = JobState(fingerprint, partial)
+        state_file.save(state)
+        stops = StopStrings(tokenizer, stop, {row["__key__"]: row.get("stop") for row in rows})
         fields_by_key = {
             row["__key__"]: {name: value for name, value in row.items() if name != "__key__"}
             for row in rows
         }
-        engine: Engine | None = None
 
         def on_finished(finished: Finished) -> None:
             row = dict(fields_by_key[finished.key])
@@ -278,13 +296,15 @@ def generate_file(
                 state.partial.update(snapshot)
                 state_file.save(state)
 
-        def on_signal(signum: int) -> None:
+        def save_in_flight() -> None:
             with guard.critical():
-                if engine is not None:
-                    # ValueError: the batch was being reshaped; the last checkpoint still holds.
-                    with suppress(ValueError):
-                        state.partial.update(engine.snapshot())
+                # ValueError: the batch was being reshaped; the last checkpoint still holds.
+                with suppress(ValueError):
+                    state.partial.update(engine.snapshot())
                 state_file.save(state)
+
+        def on_signal(signum: int) -> None:
+            save_in_flight()
             raise GenerationInterrupted(signum, state_file.path, len(done), len(keys))
 
         with _SignalGuard(on_signal) as guard:
@@ -295,31 +315,34 @@ def generate_file(
                     on_finished(Finished(request.key, request.prompt_ids, ids, "stop"))
                 else:
                     pending.append(request)
-            engine = Engine(ResidentWeights(store, device, dtype, verify=verify))
-            engine.generate(
-                pending,
-                sampling,
-                batch_size=batch_size,
-                on_finished=on_finished,
-                checkpoint_every=checkpoint_every,
-                on_checkpoint=on_checkpoint,
-                stop=stops if stops else None,
-            )
+            try:
+                engine.generate(
+                    pending,
+                    sampling,
+                    batch_size=batch_size,
+                    on_finished=on_finished,
+                    checkpoint_every=checkpoint_every,
+                    on_checkpoint=on_checkpoint,
+                    stop=stops if stops else None,
+                )
+            except GenerationInterrupted:
+                raise
+            except Exception:
+                # Out of memory, say: keep the progress for a re-run (maybe with a smaller
+                # batch), then report the original error.
+                with suppress(GenerationError):
+                    save_in_flight()
+                raise
             with guard.critical():
                 log.finish(done[key] for key in keys)
                 state_file.remove()
+                guard.disarm()
     return engine.stats
 
 
-def _resume_or_start(
-    state_file: StateFile,
-    log: OutputLog,
-    fingerprint: JobFingerprint,
-    resume: bool,
-    notify: Callable[[str], None],
-) -> tuple[JobState, bool]:
-    """The saved state of this job and True, or a fresh state and False (old files removed)."""
-    saved = state_file.load() if resume else None
+def _saved_state(state_file: StateFile, fingerprint: JobFingerprint) -> JobState | None:
+    """The saved state of this same job, or None; a different job's is refused."""
+    saved = state_file.load()
     if saved is not None:
         changes = saved.fingerprint.differences(fingerprint)
         if changes:
@@ -327,14 +350,7 @@ def _resume_or_start(
                 f"{state_file.path} belongs to a different job: {'; '.join(changes)} changed; "
                 f"run the original command to resume, or {NO_RESUME_HINT}"
             )
-        return saved, True
-    if not resume and state_file.path.exists():
-        notify(f"--no-resume: discarding {state_file.path} and {log.path}")
-    # The output goes before a state is written, so that a state file never sits beside
-    # output from another job.
-    log.remove()
-    state_file.remove()
-    return JobState(fingerprint), False
+    return saved
 
 
 def _check_partial(request: Request, state_path: Path, vocab_size: int) -> None:
