@@ -31,6 +31,9 @@ from yalm_runner.tiny import TinySpec, make_tiny
 SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
 MAX_NEW_TOKENS = 40
 ROWS = 24
+# One thread per generating process: spinning OpenMP workers on a loaded two-core machine make
+# a run many times slower.
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PREFIXES = ["The market", "Сбербанк повысил", "Oil prices\nfell", "Analysts expect", "Яндекс"]
 
 
@@ -136,7 +139,9 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_bytes(job, tmp_path
             state_before = state_path.read_bytes() if state_path.exists() else b""
             rows_before = len(stored_lines(output))
             with open(tmp_path / "stderr.txt", "wb") as stderr:
-                process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+                process = subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, stderr=stderr, env=CHILD_ENV
+                )
                 if attempt < 3:
                     if rng.random() < 0.5:
                         target = rng.randrange(rows_before, ROWS) if rows_before < ROWS else ROWS
@@ -191,7 +196,9 @@ def test_a_signal_saves_state_and_exits_cleanly_then_resume_is_identical(job, tm
     store, prompts, reference = job
     output = tmp_path / "out.jsonl"
     command = [str(part) for part in cli_command(store, prompts, output)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV
+    )
     while process.poll() is None and len(stored_lines(output)) < 6:
         time.sleep(0.005)
     process.send_signal(signum)
@@ -261,7 +268,9 @@ def test_a_different_job_is_refused_and_no_resume_starts_over(tiny_store, slow_s
 
     # The command line says it in one line, and --no-resume starts over.
     command = [str(part) for part in cli_command(tiny_store, prompts, output, "-n", 16)]
-    refused = subprocess.run([*command, "--seed", "5"], capture_output=True, text=True)
+    refused = subprocess.run(
+        [*command, "--seed", "5"], capture_output=True, text=True, env=CHILD_ENV
+    )
     assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0
     assert "seed (1234 -> 5)" in refused.stderr
     assert (state_path.read_bytes(), output.read_bytes()) == saved
