@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError, ConfigError
+from yalm_runner.fsutil import sha256_file, write_text_atomic
 from yalm_runner.model import expected_shapes
 from yalm_runner.tensorfile import (
     DTYPE_NAMES,
@@ -56,28 +56,6 @@ def part_file(part: str) -> str:
     if part.startswith("layer_"):
         return f"layers/layer_{int(part.removeprefix('layer_')):03d}.safetensors"
     return f"{part}.safetensors"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temp_path = path.with_name(path.name + ".partial")
-    try:
-        with open(temp_path, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except OSError as exc:
-        temp_path.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -165,11 +143,13 @@ class StoreWriter:
             "format_version": FORMAT_VERSION,
             "model": self.config.to_dict(),
             "dtype": DTYPE_NAMES[self.dtype],
-            "tokenizer": {"file": TOKENIZER_NAME, "sha256": _sha256_file(target)},
+            "tokenizer": {"file": TOKENIZER_NAME, "sha256": sha256_file(target, CheckpointError)},
             "source": self.source,
             "files": [self._files[part] for part in part_names(self.config)],
         }
-        _write_json_atomic(self.path / MANIFEST_NAME, manifest)
+        write_text_atomic(
+            self.path / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n", CheckpointError
+        )
         return self.path / MANIFEST_NAME
 
 
@@ -227,7 +207,7 @@ class Store:
         if not self.tokenizer_path.is_file():
             raise CheckpointError(f"missing file {self.tokenizer_path}")
         if verify_tokenizer:
-            actual = _sha256_file(self.tokenizer_path)
+            actual = sha256_file(self.tokenizer_path, CheckpointError)
             if actual != self.manifest["tokenizer"]["sha256"]:
                 raise CheckpointError(f"{self.tokenizer_path}: checksum mismatch")
 

@@ -17,7 +17,6 @@ tokenizer or signals (runner.py glues those); the pipeline keeps the same state 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from yalm_runner import fsutil
 from yalm_runner.config import SamplingParams
 from yalm_runner.errors import GenerationError
 
@@ -35,43 +35,11 @@ NO_RESUME_HINT = "pass --no-resume to start over"
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as exc:
-        raise GenerationError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return digest.hexdigest()
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename or unlink inside ``path`` durable (a no-op where folders cannot be opened)."""
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the rename is still atomic
-    finally:
-        os.close(handle)
+    return fsutil.sha256_file(path, GenerationError)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves either the old file or the new one."""
-    temp_path = path.with_name(path.name + ".partial")
-    try:
-        with open(temp_path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except OSError as exc:
-        temp_path.unlink(missing_ok=True)
-        raise GenerationError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    fsync_directory(path.parent)
+    fsutil.write_text_atomic(path, text, GenerationError)
 
 
 def jsonl_line(row: dict[str, Any]) -> str:
@@ -210,7 +178,7 @@ class StateFile:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
-        fsync_directory(self.path.parent)
+        fsutil.fsync_directory(self.path.parent)
 
 
 class OutputLog:
@@ -239,7 +207,7 @@ class OutputLog:
         self.close()
         self.path.unlink(missing_ok=True)
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
-        fsync_directory(self.path.parent)
+        fsutil.fsync_directory(self.path.parent)
 
     def recover(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Rows already stored, by key (``keys`` are the job's rows in input order).
@@ -306,7 +274,7 @@ class OutputLog:
             if self._handle is None:
                 # Kept open across appends; closed by close() / the context manager.
                 self._handle = open(self.path, "ab")  # noqa: SIM115
-                fsync_directory(self.path.parent)
+                fsutil.fsync_directory(self.path.parent)
             self._handle.write(jsonl_line({KEY_FIELD: key, **row}).encode("utf-8"))
             self._handle.flush()
             os.fsync(self._handle.fileno())
