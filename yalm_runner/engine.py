@@ -99,8 +99,11 @@ def _synchronize(device: torch.device) -> None:
 class Engine:
     """Generates token ids for batches of requests with the weights of one source."""
 
-    def __init__(self, weights: WeightSource, eos_id: int = EOS_ID):
+    def __init__(self, weights: WeightSource, eos_id: int = EOS_ID, kv_on: str = "gpu"):
+        if kv_on not in ("gpu", "cpu"):
+            raise GenerationError(f"kv_on must be gpu or cpu, got {kv_on!r}")
         self.weights = weights
+        self.kv_on = kv_on
         self.config = weights.config
         self.device = weights.device
         self.dtype = weights.dtype

@@ -63,10 +63,13 @@ class OffloadPolicy:
     cpu_memory_bytes: int | None = None
     weights_on: str = "auto"  # auto, gpu, cpu or disk: where streamed layers must live
     overlap: bool = True
+    kv_on: str = "auto"  # auto, gpu or cpu: where the KV cache lives between layers
 
     def __post_init__(self) -> None:
         if self.weights_on not in ("auto", *TIERS):
             raise ConfigError(f"weights_on must be auto, gpu, cpu or disk, got {self.weights_on!r}")
+        if self.kv_on not in ("auto", "gpu", "cpu"):
+            raise ConfigError(f"kv_on must be auto, gpu or cpu, got {self.kv_on!r}")
         for name in ("gpu_memory_bytes", "cpu_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -122,9 +125,14 @@ def plan_placement(
     policy: OffloadPolicy,
     kv_bytes: int = 0,
     workspace_bytes: int = 0,
+    *,
+    pinned_tier: bool = True,
 ) -> Placement:
     """Place parts: embedding and head on the GPU, then layers on the GPU while the budget
-    allows (after stream buffers, KV and workspace), then pinned RAM, then disk."""
+    allows (after stream buffers, KV and workspace), then pinned RAM, then disk.
+
+    ``pinned_tier=False`` (a CPU-only machine, where RAM is the device memory) skips the pinned
+    tier: layers are resident within the device budget, the rest stream from disk."""
     layers = [part for part in part_bytes if part.startswith("layer_")]
     fixed = part_bytes["embedding"] + part_bytes["head"]
     largest_layer = max(part_bytes[part] for part in layers)
@@ -163,7 +171,11 @@ def plan_placement(
         ):
             tiers[part] = "gpu"
             gpu_used += size
-        elif policy.weights_on != "disk" and (cpu_budget is None or cpu_used + size <= cpu_budget):
+        elif (
+            pinned_tier
+            and policy.weights_on != "disk"
+            and (cpu_budget is None or cpu_used + size <= cpu_budget)
+        ):
             tiers[part] = "cpu"
             cpu_used += size
             streamed += size

@@ -1,0 +1,184 @@
+"""How many rows share each weight transfer, and where their KV cache lives: the memory plan.
+
+One decode step streams the offloaded weights once whatever the batch, so throughput grows with
+the batch until the KV cache, not the weights, runs out of room. This module sizes that trade
+from the budgets alone (no allocation, no device needed), so ``inspect`` can print it and
+``generate`` can refuse an impossible plan before loading anything:
+
+- KV on the GPU: each row costs ``max_context x kv_bytes_per_token`` of GPU memory for the whole
+  run, and the weights that no longer fit go to pinned RAM or disk.
+- KV in pinned RAM: rows cost pinned RAM; the GPU holds two layers' worth of KV (the layer in use
+  and the next one arriving), and each step moves every live row's keys and values over the
+  link besides the weights.
+
+With no batch size given, the planner takes whichever placement predicts more tokens per second
+at its largest batch. Workspace (activations of a prefill) is estimated from the model's shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from yalm_runner.checkpoint import Store
+from yalm_runner.config import ModelConfig
+from yalm_runner.errors import OffloadError
+from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
+from yalm_runner.streaming import part_bytes_in
+
+MAX_BATCH = 512  # beyond this the host-side bookkeeping, not the link, dominates
+PLANNING_LINK_BYTES_PER_S = 25e9  # a PCIe 4 x16 link: only ratios between plans depend on it
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The batch, where its KV cache lives, and the weight placement that goes with them."""
+
+    batch_size: int
+    max_context: int
+    kv_on: str  # "gpu" or "cpu"
+    kv_bytes_per_row: int
+    kv_host_bytes: int  # pinned RAM for KV (0 when it lives on the GPU)
+    workspace_bytes: int
+    placement: Placement
+
+    def predicted_step_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
+        """Floor of one decode step: streamed weights (and KV) over their links."""
+        weights = self.placement.predicted_pass_s(pinned_bytes_per_s, disk_bytes_per_s)
+        kv = self.kv_host_bytes / pinned_bytes_per_s if self.kv_on == "cpu" else 0.0
+        return weights + kv
+
+    def describe(self) -> str:
+        where = "GPU" if self.kv_on == "gpu" else "pinned RAM (moved per layer)"
+        return (
+            f"batch {self.batch_size} rows x {self.max_context} positions; KV "
+            f"{format_bytes(self.kv_bytes_per_row)}/row in {where}"
+            + (f", {format_bytes(self.kv_host_bytes)} of RAM" if self.kv_on == "cpu" else "")
+            + f"; {self.placement.describe()}"
+        )
+
+
+def workspace_bytes(
+    config: ModelConfig, batch: int, tokens: int, context: int, element: int
+) -> int:
+    """Activation memory of one layer over ``batch`` rows of ``tokens`` new tokens, generously.
+
+    Counts the residual stream and its LayerNorm, q/k/v, the attention scores and their softmax
+    (B, NH, T, S), the GeGLU's three (B, T, F) tensors, and the fp32 logits of the last position.
+    """
+    per_token = 8 * config.hidden_size + 4 * config.ffn_size + 3 * config.num_heads * context
+    return element * batch * tokens * per_token + 2 * 4 * batch * config.vocab_size
+
+
+def _element(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def plan_memory(
+    store: Store,
+    device: torch.device,
+    dtype: torch.dtype,
+    policy: OffloadPolicy,
+    *,
+    batch_size: int | None,
+    max_context: int,
+    prompt_tokens: int | None = None,
+    rows: int | None = None,
+) -> MemoryPlan:
+    """Choose the batch and KV placement for ``policy``; raise ``OffloadError`` if none fits.
+
+    ``prompt_tokens`` is the longest prefill (``max_context`` when unknown); ``rows`` caps the
+    chosen batch at the number of requests there are.
+    """
+    config = store.config
+    element = _element(dtype)
+    parts = part_bytes_in(store, dtype)
+    prefill = prompt_tokens or max_context
+    kv_row = max_context * config.kv_bytes_per_token(element)
+    kv_layer_row = max_context * 2 * config.hidden_size * element
+    on_cpu_device = device.type == "cpu"
+    if on_cpu_device:
+        # RAM is the device memory: the CPU budget bounds what stays resident; no pinned tier,
+        # and the KV cache lives with the compute.
+        budgets = OffloadPolicy(
+            gpu_memory_bytes=policy.cpu_memory_bytes,
+            weights_on="disk" if policy.weights_on == "disk" else "auto",
+            overlap=policy.overlap,
+        )
+        kv_choices = ["gpu"]
+    else:
+        budgets = policy
+        kv_choices = ["gpu", "cpu"] if policy.kv_on == "auto" else [policy.kv_on]
+
+    def attempt(kv_on: str, batch: int) -> MemoryPlan:
+        work = workspace_bytes(config, batch, prefill, max_context, element)
+        if kv_on == "gpu":
+            placement = plan_placement(
+                parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device
+            )
+            return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement)
+        host = batch * kv_row
+        placement = plan_placement(parts, budgets, 2 * batch * kv_layer_row, work)
+        pinned_weights = placement.cpu_weight_bytes
+        if policy.cpu_memory_bytes is not None and pinned_weights + host > policy.cpu_memory_bytes:
+            raise OffloadError(
+                f"KV in pinned RAM for {batch} rows needs {format_bytes(host)} beside "
+                f"{format_bytes(pinned_weights)} of pinned weights, over the CPU budget "
+                f"{format_bytes(policy.cpu_memory_bytes)}"
+            )
+        return MemoryPlan(batch, max_context, "cpu", kv_row, host, work, placement)
+
+    if batch_size is not None:
+        errors = []
+        for kv_on in kv_choices:
+            try:
+                return attempt(kv_on, batch_size)
+            except OffloadError as exc:
+                errors.append(str(exc))
+        raise OffloadError(f"batch size {batch_size} does not fit: " + "; ".join(errors))
+
+    cap = min(MAX_BATCH, rows) if rows else MAX_BATCH
+    best: MemoryPlan | None = None
+    failure = ""
+    for kv_on in kv_choices:
+        plan = _largest(lambda batch, kv_on=kv_on: attempt(kv_on, batch), cap)
+        if plan is None:
+            failure = failure or _why(attempt, kv_on)
+            continue
+        if best is None or _rate(plan) > _rate(best):
+            best = plan
+    if best is None:
+        raise OffloadError(f"not even one row fits the budgets: {failure}")
+    return best
+
+
+def _rate(plan: MemoryPlan) -> float:
+    """Predicted rows x steps per second; only comparisons between plans use it."""
+    step = plan.predicted_step_s(PLANNING_LINK_BYTES_PER_S, PLANNING_LINK_BYTES_PER_S)
+    return plan.batch_size / step if step > 0 else float(plan.batch_size)
+
+
+def _largest(attempt, cap: int) -> MemoryPlan | None:
+    """The plan of the largest batch in 1..cap that fits (fitting is monotone in the batch)."""
+    try:
+        found = attempt(1)
+    except OffloadError:
+        return None
+    low, high = 1, cap
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            found = attempt(middle)
+            low = middle
+        except OffloadError:
+            high = middle - 1
+    return found if found.batch_size == low else attempt(low)
+
+
+def _why(attempt, kv_on: str) -> str:
+    try:
+        attempt(kv_on, 1)
+    except OffloadError as exc:
+        return str(exc)
+    return ""
