@@ -126,6 +126,10 @@ class Prompt(Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
     created_at: Mapped[datetime] = mapped_column(UtcTimestamp)
     updated_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    # The worker holding this prompt and the end of its lease (flows.claims); kept on a done
+    # prompt as the name of the worker that finished it.
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcTimestamp)
 
 
 class Generation(Base):

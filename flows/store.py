@@ -1,11 +1,15 @@
-"""Opening the pipeline's SQLite store, migrating it, and writing feeds and news into it.
+"""Opening the pipeline's store (SQLite or PostgreSQL), migrating it, and writing feeds and news.
 
-Owns the connection rules (WAL so readers never wait for the writer, a busy timeout, foreign
-keys, ``BEGIN IMMEDIATE`` so every write transaction takes the write lock up front), running
-the Alembic migrations on open, and the feed/news/run writes and reads. Every write happens in
-one explicit transaction: a failure leaves what was stored before untouched. Prompt and
-generation writes live in ``flows.generations``; the robot's read-only side in ``flows.robot``.
-This module does not fetch, parse or render anything.
+Owns the connection rules of each database it supports. SQLite: WAL so readers never wait for
+the writer, a busy timeout, foreign keys, ``BEGIN IMMEDIATE`` so every write transaction takes
+the write lock up front. PostgreSQL (``postgresql+psycopg://``): plain READ COMMITTED write
+transactions (row locks do the rest, see ``flows.claims``), read transactions that are
+``READ ONLY`` and ``REPEATABLE READ`` (one snapshot, never a write), and migrations serialized
+by an advisory lock so hosts starting at once do not race. It also runs the Alembic migrations
+on open and holds the feed/news/run writes and reads. Every write happens in one explicit
+transaction: a failure leaves what was stored before untouched. Prompt and generation writes
+live in ``flows.generations`` and ``flows.claims``; the robot's read-only side in
+``flows.robot``. This module does not fetch, parse or render anything.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from flows.errors import StoreError
@@ -33,6 +37,9 @@ from flows.provenance import code_version
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_S = 10
+# Any fixed number shared by every process that migrates the same PostgreSQL database.
+MIGRATION_LOCK_ID = 0x59414C4D  # "YALM"
 
 
 def utc_now() -> datetime:
@@ -44,18 +51,24 @@ class Store:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.dialect = engine.dialect.name  # "sqlite" | "postgresql"
         self._writes = sessionmaker(engine, expire_on_commit=False)
-        self._reads = sessionmaker(engine.execution_options(read_only=True), expire_on_commit=False)
+        reads = engine.execution_options(read_only=True)
+        if self.dialect == "postgresql":
+            reads = engine.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+        self._reads = sessionmaker(reads, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """One write transaction (``BEGIN IMMEDIATE``): all of it commits, or none of it."""
+        """One write transaction (SQLite: ``BEGIN IMMEDIATE``): all of it commits, or none."""
         with self._wrap_errors(), self._writes.begin() as session:
             yield session
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
-        """One read transaction (``BEGIN``): a consistent snapshot that never blocks a writer."""
+        """One read-only transaction: a consistent snapshot that never blocks a writer."""
         with self._wrap_errors(), self._reads.begin() as session:
             yield session
 
@@ -64,8 +77,7 @@ class Store:
         try:
             yield
         except SQLAlchemyError as exc:
-            detail = getattr(exc, "orig", None) or exc
-            raise StoreError(f"{self.engine.url.database}: {detail}") from exc
+            raise StoreError(f"{describe_url(self.engine.url)}: {_one_line(exc)}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -102,18 +114,78 @@ def sqlite_engine(database_url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) 
     return engine
 
 
+def postgres_engine(url: URL, *, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> Engine:
+    """An engine for PostgreSQL through psycopg 3: READ COMMITTED writes, checked connections."""
+    try:
+        import psycopg  # noqa: F401  (only to give a missing driver a readable error)
+    except ImportError as exc:
+        raise StoreError(
+            f"{describe_url(url)}: PostgreSQL needs the psycopg driver: "
+            "pip install 'yalm-forecast[postgres]'"
+        ) from exc
+    return create_engine(
+        url,
+        pool_pre_ping=True,  # a server restart between nightly runs costs one reconnect
+        connect_args={"connect_timeout": connect_timeout_s, "application_name": "yalm-forecast"},
+    )
+
+
+def parse_database_url(value: str) -> URL:
+    """Parse a store URL: ``sqlite:///path`` or ``postgresql[+psycopg]://user@host/db``.
+
+    ``postgresql://`` and ``postgres://`` mean psycopg 3, the one PostgreSQL driver we ship.
+    """
+    try:
+        url = make_url(value)
+    except ArgumentError as exc:
+        raise StoreError(f"not a database URL: {value!r}") from exc
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgres":
+        url, backend = url.set(drivername="postgresql+psycopg"), "postgresql"
+    if backend == "postgresql":
+        if "+" in url.drivername and driver != "psycopg":
+            raise StoreError(f"{describe_url(url)}: use postgresql+psycopg:// (psycopg 3)")
+        if not url.database:
+            raise StoreError(f"{describe_url(url)}: the URL names no database")
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise StoreError(f"{value}: SQLite needs a file path (readers open it separately)")
+        return url
+    raise StoreError(f"unsupported database {url.drivername!r}: use sqlite:/// or postgresql://")
+
+
+def describe_url(url: URL | str) -> str:
+    """How errors name a database: the file for SQLite, the URL without password otherwise."""
+    url = make_url(url) if isinstance(url, str) else url
+    if url.get_backend_name() == "sqlite":
+        return str(url.database)
+    return url.render_as_string(hide_password=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
 def open_store(database_url: str, *, migrate: bool = True) -> Store:
-    """Open (creating if needed) the SQLite store and bring its schema to the newest migration."""
-    path = Path(database_url.removeprefix("sqlite:///"))
-    if not path.parent.is_dir():
-        raise StoreError(f"database directory does not exist: {path.parent}")
-    engine = sqlite_engine(database_url)
+    """Open the store (a SQLite file is created if needed) and migrate it to the newest schema."""
+    url = parse_database_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database)
+        if not path.parent.is_dir():
+            raise StoreError(f"database directory does not exist: {path.parent}")
+        engine = sqlite_engine(database_url)
+    else:
+        engine = postgres_engine(url)
     try:
         if migrate:
             migrate_to_head(engine)
+        else:
+            with engine.connect():
+                pass  # fail here, naming the host, rather than at the first query
     except SQLAlchemyError as exc:
         engine.dispose()
-        raise StoreError(f"{path}: cannot open or migrate: {getattr(exc, 'orig', exc)}") from exc
+        raise StoreError(f"{describe_url(url)}: cannot open or migrate: {_one_line(exc)}") from exc
     return Store(engine)
 
 
@@ -124,17 +196,31 @@ def _alembic_config() -> AlembicConfig:
 
 
 def migrate_to_head(engine: Engine) -> None:
-    """Apply the named migrations not yet applied, each in its own transaction."""
+    """Apply the named migrations not yet applied, each in its own transaction.
+
+    On PostgreSQL a session advisory lock makes concurrent openers (several hosts starting the
+    same night) wait for the first one's migrations instead of racing it.
+    """
     config = _alembic_config()
     head = ScriptDirectory.from_config(config).get_current_head()
     with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-        connection.rollback()
-        if current == head:
-            return
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-        connection.commit()
+        locked = engine.dialect.name == "postgresql"
+        if locked:
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_ID})")
+            connection.commit()
+        try:
+            current = MigrationContext.configure(connection).get_current_revision()
+            connection.rollback()
+            if current == head:
+                return
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            connection.commit()
+        finally:
+            if locked:
+                connection.rollback()
+                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})")
+                connection.commit()
 
 
 # ---- runs ------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 Also creates ``forecasts_v1``, the view the trading robot reads (see README). The view is a
 contract: change it only by adding a new view (``forecasts_v2``), never by editing this one.
+Its SQL is written once with one dialect-specific expression (the JSON array length of the
+prompt's item keys); SQLite databases get exactly the SQL they always had.
 
 Revision ID: 0001_initial
 Revises:
@@ -17,6 +19,12 @@ depends_on = None
 
 ts = sa.String(20)  # ISO 8601 UTC text, see flows.models.UtcTimestamp
 
+# {news_count}: the number of items in prompts.item_keys_json (a JSON array kept as text).
+NEWS_COUNT = {
+    "sqlite": "json_array_length(p.item_keys_json)",
+    "postgresql": "json_array_length(p.item_keys_json::json)",
+}
+
 FORECASTS_V1 = """
 CREATE VIEW forecasts_v1 AS
 SELECT
@@ -30,7 +38,7 @@ SELECT
     g.text                AS forecast,
     g.finish_reason       AS finish_reason,
     g.new_tokens          AS new_tokens,
-    json_array_length(p.item_keys_json) AS news_count,
+    {news_count} AS news_count,
     g.model_manifest_hash AS model_hash,
     g.prompt_key          AS prompt_key,
     g.run_id              AS run_id
@@ -148,7 +156,10 @@ def upgrade() -> None:
         sa.Column("token_ids_json", sa.Text, nullable=False),
         sa.Column("updated_at", ts, nullable=False),
     )
-    op.execute(FORECASTS_V1)
+    dialect = op.get_bind().dialect.name
+    if dialect not in NEWS_COUNT:
+        raise NotImplementedError(f"forecasts_v1 is written for {sorted(NEWS_COUNT)}, not {dialect}")
+    op.execute(FORECASTS_V1.format(news_count=NEWS_COUNT[dialect]))
 
 
 def downgrade() -> None:
