@@ -120,3 +120,52 @@ def test_environment_variables_fill_flags(monkeypatch):
     monkeypatch.setenv("YALM_RUNNER_MODEL", "somewhere")
     args = build_parser().parse_args(["generate", "--input", "a", "--output", "b"])
     assert args.max_new_tokens == 7 and str(args.model) == "somewhere"
+
+
+def test_budget_flags_stream_from_disk_with_the_same_output(tiny_store, tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(
+        "".join(f'{{"prefix": "Рынок {n} " }}\n' * 1 for n in range(5)), encoding="utf-8"
+    )
+    common = ["-m", tiny_store, "--input", prompts, "--greedy", "-n", 5, "--device", "cpu"]
+    run("generate", *common, "--output", tmp_path / "resident.jsonl")
+    streamed = run(
+        "generate",
+        *common,
+        "--output",
+        tmp_path / "disk.jsonl",
+        "--weights-on",
+        "disk",
+        "--batch-size",
+        2,
+    )
+    assert "on disk" in streamed.stderr and "batch 2 rows" in streamed.stderr
+    assert (tmp_path / "disk.jsonl").read_bytes() == (tmp_path / "resident.jsonl").read_bytes()
+    too_small = run(
+        "generate", *common, "--output", tmp_path / "x.jsonl", "--cpu-memory", "1KiB", check=False
+    )
+    assert too_small.returncode == 1
+    assert "RAM budget 1.00 KiB cannot hold the minimum" in too_small.stderr
+    assert "Traceback" not in too_small.stderr
+
+
+def test_inspect_prints_the_plan_and_the_predicted_step(tiny_store):
+    result = run(
+        "inspect",
+        tiny_store,
+        "--gpu-memory",
+        "1MiB",
+        "--weights-on",
+        "cpu",
+        "--prompt-len",
+        16,
+        "-n",
+        16,
+        "--rows",
+        4,
+    )
+    assert "plan on cuda in bfloat16: batch 4 rows x 32 positions" in result.stdout
+    assert "in pinned RAM" in result.stdout
+    assert "predicted decode step >= " in result.stdout
+    refused = run("inspect", tiny_store, "--gpu-memory", "1KiB", check=False)
+    assert refused.returncode == 1 and "GPU budget 1.00 KiB" in refused.stderr

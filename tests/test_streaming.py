@@ -25,8 +25,9 @@ MIXED = [
 ]
 
 
-def ids(weights, requests=MIXED, sampling=GREEDY):
-    return [row.new_ids for row in Engine(weights).generate(requests, sampling, batch_size=8)]
+def ids(weights, requests=MIXED, sampling=GREEDY, kv_on="gpu"):
+    engine = Engine(weights, kv_on=kv_on)
+    return [row.new_ids for row in engine.generate(requests, sampling, batch_size=8)]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,12 @@ def test_disk_streaming_on_cpu_equals_resident(store, resident_ids):
         assert weights.placement.count("disk") == store.config.num_layers
         assert ids(weights) == resident_ids
         assert weights.bytes_from_disk > 0
+
+
+def test_kv_cache_in_host_ram_equals_kv_on_the_device(store, resident_ids):
+    # Rows of MIXED finish at different steps, so the host cache's row map shrinks mid-batch.
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
+        assert ids(weights, kv_on="cpu") == resident_ids
 
 
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():
@@ -137,3 +144,4 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
         policy = OffloadPolicy(weights_on=weights_on)
         with open_weights(bf16, "cuda", torch.bfloat16, policy) as weights:
             assert ids(weights) == expected
+            assert ids(weights, kv_on="cpu") == expected

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from yalm_runner import __version__
-from yalm_runner.errors import ConfigError, YalmError
+from yalm_runner.errors import YalmError
 
 EXAMPLES = {
     "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-store/ --dtype bf16",
@@ -43,6 +43,38 @@ def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: object) -> None
     if kwargs.pop("required", False) and default is None:
         kwargs["required"] = True
     parser.add_argument(*names, default=default, **kwargs)
+
+
+def _add_budgets(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--gpu-memory", help="GPU budget, e.g. 8GiB (default: no limit)")
+    _add(parser, "--cpu-memory", help="pinned RAM budget, e.g. 48GiB (default: no limit)")
+    _add(
+        parser,
+        "--weights-on",
+        choices=["auto", "gpu", "cpu", "disk"],
+        default="auto",
+        help="where layers that do not fit on the GPU live (auto: GPU, then RAM, then disk)",
+    )
+    _add(
+        parser,
+        "--kv-on",
+        choices=["auto", "gpu", "cpu"],
+        default="auto",
+        help="where the KV cache lives (auto: whichever the plan predicts faster)",
+    )
+    _add(parser, "--no-overlap", action="store_true", help="wait for every copy (to measure)")
+
+
+def _policy(args: argparse.Namespace):
+    from yalm_runner.offload import OffloadPolicy, parse_bytes
+
+    return OffloadPolicy(
+        gpu_memory_bytes=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
+        cpu_memory_bytes=parse_bytes(args.cpu_memory) if args.cpu_memory else None,
+        weights_on=args.weights_on,
+        kv_on=args.kv_on,
+        overlap=not args.no_overlap,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,19 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add(generate, "--top-k", type=int, default=0, help="top-k filter (0 = off)")
     _add(generate, "-n", "--max-new-tokens", type=int, default=128, help="new tokens per row")
     _add(generate, "-s", "--seed", type=int, default=1234, help="sampling seed")
-    _add(
-        generate,
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu or cuda",
-    )
+    _add(generate, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _add(
         generate,
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
         help="compute dtype (default: fp32 on cpu, the store's 16-bit dtype on cuda)",
     )
-    _add(generate, "--batch-size", type=int, default=32, help="rows per batch")
+    _add(
+        generate,
+        "--batch-size",
+        type=int,
+        help="rows per batch (default: the fastest batch the memory budgets allow)",
+    )
+    _add_budgets(generate)
     _add(generate, "--no-verify", action="store_true", help="skip weight checksums")
     stop_env = _env("stop")
     generate.add_argument(
@@ -136,8 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard OUTPUT.state.json and OUTPUT from an earlier run and start over",
     )
 
-    inspect = command("inspect", "Show a store's shape, sizes and per-step traffic.")
+    inspect = command(
+        "inspect",
+        "Show a store's shape and sizes; with budgets, the memory plan and predicted step time "
+        "(a dry run: nothing is loaded).",
+    )
     inspect.add_argument("store", type=Path)
+    _add(inspect, "--device", default="cuda", help="the device to plan for: cuda or cpu")
+    _add(inspect, "--dtype", choices=["bf16", "fp16", "fp32"], help="compute dtype")
+    _add(inspect, "--batch-size", type=int, help="rows per batch (default: chosen)")
+    _add(inspect, "--prompt-len", type=int, default=128, help="longest prompt, in tokens")
+    _add(inspect, "-n", "--max-new-tokens", type=int, default=128, help="new tokens per row")
+    _add(inspect, "--rows", type=int, help="how many prompts there are (caps the batch)")
+    _add(inspect, "--link-gbps", type=float, default=25.0, help="host-to-device GB/s to assume")
+    _add(inspect, "--disk-gbps", type=float, default=3.0, help="drive read GB/s to assume")
+    _add_budgets(inspect)
 
     tiny = command("make-tiny", "Write a tiny random YaLM checkpoint in the release layout.")
     tiny.add_argument("dst", type=Path)
@@ -227,6 +273,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from yalm_runner.config import SamplingParams
     from yalm_runner.convert import parse_dtype
     from yalm_runner.runner import GenerationInterrupted, generate_file
+    from yalm_runner.session import resolve_device
 
     sampling = SamplingParams(
         greedy=args.greedy,
@@ -235,10 +282,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     try:
         stats = generate_file(
@@ -250,6 +297,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             device=device,
             dtype=dtype,
             batch_size=args.batch_size,
+            policy=_policy(args),
             verify=not args.no_verify,
             stop=tuple(args.stop or ()),
             checkpoint_every=args.checkpoint_every,
@@ -264,7 +312,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"{stats.rows} rows, {stats.new_tokens} new tokens in {elapsed:.1f} s; "
         f"generation {stats.tokens_per_s:.1f} tokens/s "
         f"(prefill {stats.prefill_s:.2f} s, decode {stats.decode_s:.2f} s); "
-        f"peak RSS {_peak_rss_gib():.2f} GiB",
+        f"moved {stats.bytes_moved / 1e9:.2f} GB over the host-device link "
+        f"({stats.bytes_moved / 1e9 / max(elapsed, 1e-9):.2f} GB/s); "
+        f"peak RSS {_peak_rss_gib():.2f} GiB"
+        + (
+            f"; peak GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+            + (f" of the {args.gpu_memory} budget" if args.gpu_memory else "")
+            if device.type == "cuda"
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0
@@ -278,9 +334,35 @@ def _peak_rss_gib() -> float:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from yalm_runner.checkpoint import Store
+    from yalm_runner.convert import parse_dtype
+    from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
+    from yalm_runner.session import default_dtype
 
-    print(describe_store(Store.open(args.store)))
+    store = Store.open(args.store)
+    print(describe_store(store))
+    device = torch.device(args.device)  # planning only: the device need not be here
+    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(store, device)
+    plan = plan_memory(
+        store,
+        device,
+        dtype,
+        _policy(args),
+        batch_size=args.batch_size,
+        max_context=min(args.prompt_len + args.max_new_tokens, store.config.max_positions),
+        prompt_tokens=args.prompt_len,
+        rows=args.rows,
+    )
+    step = plan.predicted_step_s(args.link_gbps * 1e9, args.disk_gbps * 1e9)
+    print(f"plan on {device.type} in {str(dtype).removeprefix('torch.')}: {plan.describe()}")
+    if step == 0:
+        print("predicted decode step: nothing streams, so compute sets the pace")
+    else:
+        print(
+            f"predicted decode step >= {step * 1e3:.1f} ms at {args.link_gbps:g} GB/s "
+            f"host-to-device and {args.disk_gbps:g} GB/s from disk: "
+            f"<= {plan.batch_size / step:.1f} tokens/s"
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 from yalm_runner import model
 from yalm_runner.config import SamplingParams
 from yalm_runner.errors import GenerationError
+from yalm_runner.kvcache import DeviceKV, HostKV
 from yalm_runner.offload import WeightSource
 from yalm_runner.sampling import sample_next
 from yalm_runner.tokenizer import EOS_ID
@@ -64,6 +65,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
+    bytes_moved: int = 0  # streamed weights and KV over the host-device link, both ways
 
     @property
     def tokens_per_s(self) -> float:
@@ -79,7 +81,7 @@ class _Batch:
     generated: list[list[int]]
     pad: torch.Tensor  # (B,) left padding per row
     key_valid: torch.Tensor  # (B, S_max)
-    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, S_max, NH, D) x 2
+    kv: DeviceKV | HostKV
     length: int
 
     def keep(self, rows: list[int]) -> None:
@@ -88,7 +90,7 @@ class _Batch:
         self.generated = [self.generated[row] for row in rows]
         self.pad = self.pad[index]
         self.key_valid = self.key_valid[index]
-        self.caches = [(keys[index], values[index]) for keys, values in self.caches]
+        self.kv.keep(rows)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -210,23 +212,17 @@ class Engine:
         slot_index = torch.arange(slots, device=device)
         key_valid = slot_index[None, :] >= pad[:, None]
         key_valid[:, prompt_len:] = False
-        shape = (batch, slots, config.num_heads, config.head_dim)
-        caches = [
-            (
-                torch.empty(shape, device=device, dtype=self.dtype),
-                torch.zeros(shape, device=device, dtype=self.dtype),
-            )
-            for _ in range(config.num_layers)
-        ]
+        cache_type = HostKV if self.kv_on == "cpu" else DeviceKV
         state = _Batch(
             list(requests),
             [list(request.generated) for request in requests],
             pad,
             key_valid,
-            caches,
+            cache_type(config, batch, slots, device, self.dtype),
             0,
         )
         self._live = state
+        streamed_before = getattr(self.weights, "bytes_streamed", 0)
 
         began = time.perf_counter()
         logits = self._forward(state, tokens.to(device))
@@ -275,6 +271,8 @@ class Engine:
         self._live = None
         _synchronize(device)
         self.stats.decode_s += time.perf_counter() - began
+        streamed = getattr(self.weights, "bytes_streamed", 0)
+        self.stats.bytes_moved += state.kv.bytes_moved + streamed - streamed_before
 
     def _forward(self, state: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits."""
@@ -291,10 +289,11 @@ class Engine:
         embedding = self.weights.embedding()
         h = model.embed(tokens, embedding, self.config)
         for layer_idx, weights in self.weights.layers():
-            keys, values = state.caches[layer_idx]
+            keys, values = state.kv.layer(layer_idx, start)
             h = model.block(
                 h, weights, self.config, self.rotary, positions, keys, values, start, mask
             )
+            state.kv.stored(layer_idx, start, end)
         state.length = end
         self.stats.forward_passes += 1
         return model.head(

@@ -133,6 +133,8 @@ def plan_placement(
 
     ``pinned_tier=False`` (a CPU-only machine, where RAM is the device memory) skips the pinned
     tier: layers are resident within the device budget, the rest stream from disk."""
+    # On a CPU-only machine the device memory is RAM, budgeted by --cpu-memory.
+    memory, flag = ("GPU", "--gpu-memory") if pinned_tier else ("RAM", "--cpu-memory")
     layers = [part for part in part_bytes if part.startswith("layer_")]
     fixed = part_bytes["embedding"] + part_bytes["head"]
     largest_layer = max(part_bytes[part] for part in layers)
@@ -148,7 +150,8 @@ def plan_placement(
             raise OffloadError(
                 f"weights on the GPU need {format_bytes(need)} (weights "
                 f"{format_bytes(fixed + all_layers)}, KV {format_bytes(kv_bytes)}, workspace "
-                f"{format_bytes(workspace_bytes)}) but the GPU budget is {format_bytes(gpu_budget)}"
+                f"{format_bytes(workspace_bytes)}) but the {memory} budget is "
+                f"{format_bytes(gpu_budget)}"
             )
         tiers = dict.fromkeys(part_bytes, "gpu")
         return Placement(tiers, fixed + all_layers, 0, kv_bytes, workspace_bytes, 0, 0, 0)
@@ -157,10 +160,10 @@ def plan_placement(
     floor = fixed + buffers + kv_bytes + workspace_bytes
     if gpu_budget is not None and floor > gpu_budget:
         raise OffloadError(
-            f"the GPU budget {format_bytes(gpu_budget)} cannot hold the minimum: embedding+head "
-            f"{format_bytes(fixed)} + 2 stream buffers {format_bytes(buffers)} + KV "
+            f"the {memory} budget {format_bytes(gpu_budget)} cannot hold the minimum: "
+            f"embedding+head {format_bytes(fixed)} + 2 stream buffers {format_bytes(buffers)} + KV "
             f"{format_bytes(kv_bytes)} + workspace {format_bytes(workspace_bytes)} = "
-            f"{format_bytes(floor)}; lower the batch size or raise --gpu-memory"
+            f"{format_bytes(floor)}; lower the batch size or raise {flag}"
         )
     tiers = {"embedding": "gpu", "head": "gpu"}
     gpu_used, cpu_used, streamed, from_disk = fixed, 0, 0, 0

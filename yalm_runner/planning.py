@@ -11,13 +11,15 @@ from the budgets alone (no allocation, no device needed), so ``inspect`` can pri
   and the next one arriving), and each step moves every live row's keys and values over the
   link besides the weights.
 
-With no batch size given, the planner takes whichever placement predicts more tokens per second
-at its largest batch. Workspace (activations of a prefill) is estimated from the model's shapes.
+With no batch size given, the planner tries batch sizes under both placements and takes the plan
+that predicts the most tokens per second (pinned KV takes RAM that weights would otherwise use,
+pushing layers to disk, so the largest batch is not always the fastest). Workspace (activations
+of a prefill) is estimated from the model's shapes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +30,10 @@ from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_pla
 from yalm_runner.streaming import part_bytes_in
 
 MAX_BATCH = 512  # beyond this the host-side bookkeeping, not the link, dominates
-PLANNING_LINK_BYTES_PER_S = 25e9  # a PCIe 4 x16 link: only ratios between plans depend on it
+# Only comparisons between plans use these: a PCIe 4 x16 link and an NVMe drive.
+PLANNING_LINK_BYTES_PER_S = 25e9
+PLANNING_DISK_BYTES_PER_S = 3e9
+STEP_OVERHEAD_S = 2e-3  # launches and sampling: what a step costs when nothing streams
 
 
 @dataclass(frozen=True)
@@ -118,15 +123,16 @@ def plan_memory(
                 parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device
             )
             return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement)
+        # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = batch * kv_row
-        placement = plan_placement(parts, budgets, 2 * batch * kv_layer_row, work)
-        pinned_weights = placement.cpu_weight_bytes
-        if policy.cpu_memory_bytes is not None and pinned_weights + host > policy.cpu_memory_bytes:
+        cpu_budget = policy.cpu_memory_bytes
+        if cpu_budget is not None and host >= cpu_budget:
             raise OffloadError(
-                f"KV in pinned RAM for {batch} rows needs {format_bytes(host)} beside "
-                f"{format_bytes(pinned_weights)} of pinned weights, over the CPU budget "
-                f"{format_bytes(policy.cpu_memory_bytes)}"
+                f"KV in pinned RAM for {batch} rows needs {format_bytes(host)}, over the CPU "
+                f"budget {format_bytes(cpu_budget)}"
             )
+        rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
+        placement = plan_placement(parts, rest, 2 * batch * kv_layer_row, work)
         return MemoryPlan(batch, max_context, "cpu", kv_row, host, work, placement)
 
     if batch_size is not None:
@@ -142,43 +148,29 @@ def plan_memory(
     best: MemoryPlan | None = None
     failure = ""
     for kv_on in kv_choices:
-        plan = _largest(lambda batch, kv_on=kv_on: attempt(kv_on, batch), cap)
-        if plan is None:
-            failure = failure or _why(attempt, kv_on)
-            continue
-        if best is None or _rate(plan) > _rate(best):
-            best = plan
+        for batch in _candidates(cap):
+            try:
+                candidate = attempt(kv_on, batch)
+            except OffloadError as exc:
+                failure = failure or str(exc)
+                continue
+            if best is None or _rate(candidate) > _rate(best):
+                best = candidate
     if best is None:
         raise OffloadError(f"not even one row fits the budgets: {failure}")
     return best
 
 
+def _candidates(cap: int) -> list[int]:
+    """Batch sizes to try: every size up to 16, then steps of about 6% up to ``cap``."""
+    sizes, size = set(range(1, min(cap, 16) + 1)), 16.0
+    while size < cap:
+        size *= 1.0625
+        sizes.add(min(cap, int(size)))
+    return sorted(sizes)
+
+
 def _rate(plan: MemoryPlan) -> float:
-    """Predicted rows x steps per second; only comparisons between plans use it."""
-    step = plan.predicted_step_s(PLANNING_LINK_BYTES_PER_S, PLANNING_LINK_BYTES_PER_S)
-    return plan.batch_size / step if step > 0 else float(plan.batch_size)
-
-
-def _largest(attempt, cap: int) -> MemoryPlan | None:
-    """The plan of the largest batch in 1..cap that fits (fitting is monotone in the batch)."""
-    try:
-        found = attempt(1)
-    except OffloadError:
-        return None
-    low, high = 1, cap
-    while low < high:
-        middle = (low + high + 1) // 2
-        try:
-            found = attempt(middle)
-            low = middle
-        except OffloadError:
-            high = middle - 1
-    return found if found.batch_size == low else attempt(low)
-
-
-def _why(attempt, kv_on: str) -> str:
-    try:
-        attempt(kv_on, 1)
-    except OffloadError as exc:
-        return str(exc)
-    return ""
+    """Predicted new tokens per second; only comparisons between plans use it."""
+    step = plan.predicted_step_s(PLANNING_LINK_BYTES_PER_S, PLANNING_DISK_BYTES_PER_S)
+    return plan.batch_size / (step + STEP_OVERHEAD_S)

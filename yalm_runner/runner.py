@@ -17,7 +17,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ import torch
 
 from yalm_runner.checkpoint import Store
 from yalm_runner.config import SamplingParams
-from yalm_runner.engine import Engine, Finished, GenerationStats, Request
+from yalm_runner.engine import Finished, GenerationStats, Request
 from yalm_runner.errors import ConfigError, GenerationError
-from yalm_runner.offload import ResidentWeights
+from yalm_runner.offload import OffloadPolicy
 from yalm_runner.resume import (
     KEY_FIELD,
     NO_RESUME_HINT,
@@ -36,6 +36,7 @@ from yalm_runner.resume import (
     OutputLog,
     StateFile,
 )
+from yalm_runner.session import default_dtype, open_session
 from yalm_runner.tokenizer import Tokenizer
 
 MEASURED_PINNED_GBPS = 55.0  # the lent H200's pinned host-to-device copies (PCIe 5)
@@ -85,12 +86,6 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     if duplicates:
         raise GenerationError(f"{path}: duplicate ids {duplicates[:5]}")
     return rows
-
-
-def default_dtype(store: Store, device: torch.device) -> torch.dtype:
-    if device.type == "cpu":
-        return torch.float32
-    return store.dtype if store.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 class GenerationInterrupted(GenerationError):
@@ -200,7 +195,8 @@ def generate_file(
     max_new_tokens: int,
     device: torch.device,
     dtype: torch.dtype | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    policy: OffloadPolicy | None = None,
     verify: bool = True,
     stop: tuple[str, ...] = (),
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -218,7 +214,7 @@ def generate_file(
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if checkpoint_every < 0:
         raise ConfigError(f"checkpoint interval must be >= 0 steps, got {checkpoint_every}")
@@ -243,7 +239,8 @@ def generate_file(
     )
     state_file = StateFile.beside(output_path)
     saved = _saved_state(state_file, fingerprint) if resume else None
-    with OutputLog(output_path) as log:
+    with ExitStack() as stack:
+        log = stack.enter_context(OutputLog(output_path))
         done: dict[str, dict[str, Any]] = log.recover(keys) if saved else {}
         partial = {
             key: ids
@@ -260,10 +257,30 @@ def generate_file(
             for row in rows
             if row["__key__"] not in done
         ]
-        engine = Engine(ResidentWeights(store, device, dtype, verify=verify))
+        if not requests:
+            requests_context = 1
+        else:
+            requests_context = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        session = stack.enter_context(
+            open_session(
+                store_path,
+                device=device,
+                dtype=dtype,
+                policy=policy,
+                batch_size=batch_size,
+                max_context=min(requests_context, store.config.max_positions),
+                prompt_tokens=max(
+                    (len(r.prompt_ids) + len(r.generated) for r in requests), default=1
+                ),
+                rows=len(requests) or 1,
+                verify=verify,
+            )
+        )
+        engine = session.engine
         for request in requests:  # before any file changes: bad input loses nothing
             engine.check(request)
             _check_partial(request, state_file.path, store.config.vocab_size)
+        notify(f"plan: {session.plan.describe()}")
         if saved is None:
             if state_file.path.exists():
                 notify(f"--no-resume: discarding {state_file.path} and {output_path}")
@@ -319,7 +336,7 @@ def generate_file(
                 engine.generate(
                     pending,
                     sampling,
-                    batch_size=batch_size,
+                    batch_size=session.batch_size,
                     on_finished=on_finished,
                     checkpoint_every=checkpoint_every,
                     on_checkpoint=on_checkpoint,

@@ -68,13 +68,16 @@ def open_session(
     policy: OffloadPolicy | None = None,
     batch_size: int | None = None,
     max_context: int | None = None,
+    prompt_tokens: int | None = None,
+    rows: int | None = None,
     verify: bool = True,
 ) -> Iterator[GenerationSession]:
     """Open ``store_path`` for generation under ``policy``'s budgets.
 
     ``max_context`` is the longest prompt plus new tokens any row will need (the model's
-    positions when not given); with ``batch_size`` it sizes the KV cache. When ``batch_size``
-    is None the largest batch the budgets allow is chosen. Over-budget plans raise
+    positions when not given); with ``batch_size`` it sizes the KV cache, and ``prompt_tokens``
+    (the longest prefill) the activations. When ``batch_size`` is None the planner picks the
+    batch (at most ``rows``) that the budgets make fastest. Over-budget plans raise
     ``OffloadError`` with the numbers before anything is loaded.
     """
     store = Store.open(Path(store_path))
@@ -88,6 +91,8 @@ def open_session(
         policy,
         batch_size=batch_size,
         max_context=max_context or store.config.max_positions,
+        prompt_tokens=prompt_tokens,
+        rows=rows,
     )
     tokenizer = Tokenizer(store.tokenizer_path)
     with StreamingWeights(

@@ -1,0 +1,96 @@
+"""The memory plan: the batch and the KV placement follow from the budgets alone."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from yalm_runner.bench import SHAPES, SyntheticStore
+from yalm_runner.errors import OffloadError
+from yalm_runner.offload import OffloadPolicy, parse_bytes
+from yalm_runner.planning import plan_memory
+
+GPU = torch.device("cuda")  # planning allocates nothing: no CUDA device is needed
+BUDGETS = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), cpu_memory_bytes=parse_bytes("64GiB"))
+
+
+@pytest.fixture(scope="module")
+def store_13b():
+    return SyntheticStore(SHAPES["13b"], torch.bfloat16)
+
+
+def plan(store, policy=BUDGETS, **kwargs):
+    kwargs.setdefault("batch_size", None)
+    kwargs.setdefault("max_context", 160)
+    kwargs.setdefault("prompt_tokens", 128)
+    return plan_memory(store, GPU, torch.bfloat16, policy, **kwargs)
+
+
+def test_every_plan_stays_inside_the_gpu_budget(store_13b):
+    for batch in (1, 8, 32, 64, 128):
+        chosen = plan(store_13b, batch_size=batch)
+        assert chosen.placement.gpu_total_bytes <= BUDGETS.gpu_memory_bytes
+        assert chosen.kv_host_bytes + chosen.placement.cpu_weight_bytes <= BUDGETS.cpu_memory_bytes
+
+
+def test_kv_moves_to_pinned_ram_when_the_gpu_cannot_hold_the_batch(store_13b):
+    small = plan(store_13b, batch_size=8)
+    assert small.kv_on == "gpu"
+    large = plan(store_13b, batch_size=128)
+    assert large.kv_on == "cpu"
+    assert large.kv_host_bytes == 128 * 160 * SHAPES["13b"].kv_bytes_per_token(2)
+
+
+def test_the_chosen_batch_beats_the_largest_batch_with_kv_on_the_gpu(store_13b):
+    on_gpu = plan(store_13b, policy=replace(BUDGETS, kv_on="gpu"))
+    chosen = plan(store_13b)
+    # 8 GiB hold ~40 rows of KV beside the stream buffers; pinned KV lets far more rows share
+    # each weight transfer, which the planner predicts to be faster.
+    assert on_gpu.batch_size < 64 <= chosen.batch_size
+    assert chosen.kv_on == "cpu"
+    link = 25e9
+    rate = lambda p: p.batch_size / p.predicted_step_s(link, link)  # noqa: E731
+    assert rate(chosen) > rate(on_gpu)
+
+
+def test_the_batch_is_capped_by_the_rows_there_are(store_13b):
+    assert plan(store_13b, rows=5).batch_size == 5
+
+
+def test_an_impossible_batch_is_refused_with_the_numbers(store_13b):
+    with pytest.raises(OffloadError, match=r"batch size 100000 does not fit: .*GiB"):
+        plan(store_13b, batch_size=100_000)
+    tiny_gpu = replace(BUDGETS, gpu_memory_bytes=parse_bytes("1GiB"))
+    with pytest.raises(OffloadError, match=r"not even one row fits .*GPU budget 1\.00 GiB"):
+        plan(store_13b, policy=tiny_gpu)
+
+
+def test_yalm_100b_in_16_bits_streams_from_disk_beyond_the_ram_budget():
+    store = SyntheticStore(SHAPES["yalm-100b"], torch.bfloat16)
+    chosen = plan(store, max_context=256, prompt_tokens=128)
+    placement = chosen.placement
+    assert placement.count("disk") > 0 and placement.count("cpu") > 0
+    assert placement.cpu_weight_bytes + chosen.kv_host_bytes <= BUDGETS.cpu_memory_bytes
+    assert placement.gpu_total_bytes <= BUDGETS.gpu_memory_bytes
+
+
+def test_on_a_cpu_machine_the_ram_budget_bounds_resident_layers(tiny_store):
+    from yalm_runner.checkpoint import Store
+
+    store = Store.open(tiny_store)
+    cpu = torch.device("cpu")
+    roomy = plan_memory(store, cpu, torch.float32, OffloadPolicy(), batch_size=4, max_context=64)
+    assert roomy.placement.count("disk") == 0 and roomy.kv_on == "gpu"
+    disk = plan_memory(
+        store, cpu, torch.float32, OffloadPolicy(weights_on="disk"), batch_size=4, max_context=64
+    )
+    assert disk.placement.count("disk") == store.config.num_layers
+    with pytest.raises(OffloadError, match=r"RAM budget .* raise --cpu-memory"):
+        plan_memory(
+            store,
+            cpu,
+            torch.float32,
+            OffloadPolicy(cpu_memory_bytes=1024),
+            batch_size=4,
+            max_context=64,
+        )
