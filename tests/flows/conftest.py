@@ -39,3 +39,15 @@ def count_tokens(yalm_vocab):
 
     tokenizer = Tokenizer(yalm_vocab)
     return lambda text: len(tokenizer.encode(text))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session, from the distribution's package.
+
+    Not skipped when the server is missing: the error says how to install it (CI does).
+    """
+    from pg_server import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

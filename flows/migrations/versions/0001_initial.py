@@ -158,7 +158,7 @@ def upgrade() -> None:
     )
     dialect = op.get_bind().dialect.name
     if dialect not in NEWS_COUNT:
-        raise NotImplementedError(f"forecasts_v1 is written for {sorted(NEWS_COUNT)}, not {dialect}")
+        raise NotImplementedError(f"forecasts_v1 has no SQL for {dialect}: {sorted(NEWS_COUNT)}")
     op.execute(FORECASTS_V1.format(news_count=NEWS_COUNT[dialect]))
 
 
