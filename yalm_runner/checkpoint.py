@@ -8,6 +8,11 @@ Layout of a store directory::
     layers/layer_000.safetensors ... one per transformer layer
     head.safetensors          the output head (its matrix is tied to the word embedding)
 
+A compressed store (``quantization`` in the manifest, format version 2) keeps each layer's
+linear matrices as ``X.weight.q`` plus ``X.weight.scale`` (and ``X.weight.zero``) in place of
+``X.weight`` (see ``quant``); ``read_part`` returns them as stored. Uncompressed stores are still
+written as version 1, so older readers keep reading them; both versions open here.
+
 The manifest is written last, so a store without one is incomplete. Opening a store checks
 everything that is cheap (manifest, file presence, sizes, headers, names, shapes, dtypes);
 reading a part also checks each tensor's sha256. Every failure is a ``CheckpointError`` naming
@@ -29,7 +34,7 @@ import torch
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError, ConfigError
 from yalm_runner.fsutil import sha256_file, write_text_atomic
-from yalm_runner.model import expected_shapes
+from yalm_runner.quant import Quantization, stored_specs
 from yalm_runner.tensorfile import (
     DTYPE_NAMES,
     DTYPES_BY_NAME,
@@ -42,7 +47,8 @@ from yalm_runner.tensorfile import (
 )
 
 FORMAT_NAME = "yalm-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added compressed stores; the version written is the lowest that reads it
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.sp"
 
@@ -81,10 +87,12 @@ class StoreWriter:
         config: ModelConfig,
         dtype: torch.dtype,
         source: dict[str, Any] | None = None,
+        quantization: Quantization | None = None,
     ):
         self.path = Path(path)
         self.config = config
         self.dtype = dtype
+        self.quantization = quantization
         self.source = source or {}
         self._files: dict[str, dict[str, Any]] = {}
         if (self.path / MANIFEST_NAME).exists():
@@ -98,16 +106,16 @@ class StoreWriter:
         self, part: str, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor]
     ) -> int:
         """Write one part's file from ``specs``; returns the file's size in bytes."""
-        expected = expected_shapes(self.config, part)
+        expected = stored_specs(self.config, part, self.quantization, self.dtype)
         names = {spec.name for spec in specs}
         if names != set(expected):
             missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
             raise CheckpointError(f"part {part}: missing tensors {missing}, extra tensors {extra}")
         for spec in specs:
-            if spec.shape != expected[spec.name]:
+            if (spec.shape, spec.dtype) != expected[spec.name]:
                 raise CheckpointError(
-                    f"part {part}: tensor {spec.name} has shape {spec.shape}, "
-                    f"expected {expected[spec.name]}"
+                    f"part {part}: tensor {spec.name} is {spec.shape} {spec.dtype}, "
+                    f"expected {expected[spec.name][0]} {expected[spec.name][1]}"
                 )
         relative = part_file(part)
         records = write_tensor_file(self.path / relative, specs, produce, {"part": part})
@@ -140,9 +148,10 @@ class StoreWriter:
             raise CheckpointError(f"cannot copy tokenizer {tokenizer_path}: {exc}") from exc
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.quantization else 1,
             "model": self.config.to_dict(),
             "dtype": DTYPE_NAMES[self.dtype],
+            **({"quantization": self.quantization.to_dict()} if self.quantization else {}),
             "tokenizer": {"file": TOKENIZER_NAME, "sha256": sha256_file(target, CheckpointError)},
             "source": self.source,
             "files": [self._files[part] for part in part_names(self.config)],
@@ -165,6 +174,12 @@ class Store:
         except ConfigError as exc:
             raise CheckpointError(f"{path / MANIFEST_NAME}: {exc}") from exc
         self.dtype = DTYPES_BY_NAME[manifest["dtype"]]
+        self.quantization: Quantization | None = None
+        if "quantization" in manifest:
+            try:
+                self.quantization = Quantization.from_dict(manifest["quantization"])
+            except ConfigError as exc:
+                raise CheckpointError(f"{path / MANIFEST_NAME}: {exc}") from exc
         self.tokenizer_path = path / manifest["tokenizer"]["file"]
         self.parts: dict[str, PartInfo] = {}
         self._layouts: dict[str, FileLayout] = {}
@@ -181,11 +196,13 @@ class Store:
             manifest = json.loads(raw)
             if manifest.get("format") != FORMAT_NAME:
                 raise CheckpointError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
-            if manifest.get("format_version") != FORMAT_VERSION:
+            if manifest.get("format_version") not in READABLE_VERSIONS:
                 raise CheckpointError(
                     f"{manifest_path}: format version {manifest.get('format_version')!r} is not "
-                    f"supported (this code reads version {FORMAT_VERSION})"
+                    f"supported (this code reads versions {list(READABLE_VERSIONS)})"
                 )
+            if "quantization" in manifest and manifest["format_version"] < 2:
+                raise CheckpointError(f"{manifest_path}: quantization needs format version 2")
             if manifest.get("dtype") not in DTYPES_BY_NAME:
                 raise CheckpointError(f"{manifest_path}: unknown dtype {manifest.get('dtype')!r}")
             store = cls(path, manifest, hashlib.sha256(raw).hexdigest())
@@ -227,18 +244,23 @@ class Store:
         layout = read_layout(file_path)
         listed = {tensor["name"]: tensor for tensor in entry["tensors"]}
         on_disk = {record.name: record for record in layout.records}
-        expected = expected_shapes(self.config, part)
+        expected = stored_specs(self.config, part, self.quantization, self.dtype)
         for name in expected:
             if name not in listed or name not in on_disk:
                 raise CheckpointError(f"{file_path}: missing tensor {name}")
         for name in sorted((set(listed) | set(on_disk)) - set(expected)):
             raise CheckpointError(f"{file_path}: unexpected tensor {name}")
         records = []
-        for name, shape in expected.items():
+        for name, (shape, dtype) in expected.items():
             record, tensor = on_disk[name], listed[name]
             if record.shape != shape or tuple(tensor["shape"]) != shape:
                 raise CheckpointError(
                     f"{file_path}: tensor {name} has shape {record.shape}, expected {shape}"
+                )
+            if record.dtype != dtype:
+                raise CheckpointError(
+                    f"{file_path}: tensor {name} is {DTYPE_NAMES[record.dtype]}, expected "
+                    f"{DTYPE_NAMES[dtype]}"
                 )
             if DTYPE_NAMES[record.dtype] != tensor["dtype"]:
                 raise CheckpointError(

@@ -19,12 +19,15 @@ from yalm_runner import __version__
 from yalm_runner.errors import YalmError
 
 EXAMPLES = {
-    "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-store/ --dtype bf16",
+    "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-store/ --dtype bf16"
+    "\n         yalm-runner convert yalm100b_checkpoint/ yalm100b-int4/ --quantize int4",
     "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
     "-n 64 --stop $'\\n'   (after a crash, run the same command again to resume)",
     "inspect": "example: yalm-runner inspect store/",
     "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
     "bench": "example: yalm-runner bench --shape 13b --gpu-memory 8GiB --batch-sizes 8,32,64",
+    "quality": "example: yalm-runner quality --reference store-bf16/ --candidate store-int4/ "
+    "--prompts prompts.jsonl --text sample.txt",
 }
 
 
@@ -119,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="store dtype (default: the release's own)",
     )
     _add(convert, "--max-positions", type=int, default=1024, help="rotary table size")
+    _add(
+        convert,
+        "--quantize",
+        choices=["int8", "int4"],
+        help="compress the layers' matrices: int8 per output channel or 4-bit groups",
+    )
+    _add(convert, "--group-size", type=int, default=64, help="inputs per 4-bit group (int4)")
 
     generate = command("generate", "Continue the prefixes of a JSONL file.")
     _add(generate, "-m", "--model", type=Path, required=True, help="store folder")
@@ -197,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add(tiny, "--vocab-size", type=int, default=1000, help="size of the trained vocabulary")
     _add(tiny, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     _add(tiny, "--tensor-parallel", type=int, default=1, help="write this many TP shards")
+    quality = command(
+        "quality", "Compare a (compressed) store's predictions with a reference store's."
+    )
+    _add(quality, "--reference", type=Path, required=True, help="reference store (16-bit)")
+    _add(quality, "--candidate", type=Path, required=True, help="store to judge (int8, int4)")
+    _add(quality, "--prompts", type=Path, required=True, help="JSONL with a 'prefix' per line")
+    _add(quality, "--text", type=Path, help="plain text for perplexity")
+    _add(quality, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add(quality, "--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    _add(quality, "--format", choices=["table", "json"], default="table")
+    _add(quality, "--no-verify", action="store_true", help="skip weight checksums")
+
     bench = command("bench", "Measure streaming against the host-to-device link (needs CUDA).")
     _add(bench, "--shape", default="13b", help="13b, yalm-100b or tiny")
     _add(bench, "--layers", type=int, help="override the shape's layer count")
@@ -231,8 +253,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from yalm_runner.convert import convert_release, parse_dtype
+    from yalm_runner.quant import Quantization
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    quantization = Quantization(args.quantize, args.group_size) if args.quantize else None
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -257,6 +281,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             num_heads=args.num_heads,
             dtype=dtype,
             max_positions=args.max_positions,
+            quantization=quantization,
             on_part=on_part,
         )
     print(manifest.parent)
@@ -390,12 +415,31 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from yalm_runner.convert import parse_dtype
+    from yalm_runner.quality import compare_files
+    from yalm_runner.session import resolve_device
+
+    report = compare_files(
+        args.reference,
+        args.candidate,
+        args.prompts,
+        args.text,
+        device=resolve_device(args.device),
+        dtype=parse_dtype(args.dtype),
+        verify=not args.no_verify,
+    )
+    print(report.to_json() if args.format == "json" else report.table())
+    return 0
+
+
 COMMANDS = {
     "convert": _cmd_convert,
     "generate": _cmd_generate,
     "inspect": _cmd_inspect,
     "make-tiny": _cmd_make_tiny,
     "bench": _cmd_bench,
+    "quality": _cmd_quality,
 }
 
 

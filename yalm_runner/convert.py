@@ -4,6 +4,10 @@ Sizes are inferred from tensor shapes (the release has no config file); the head
 inferred and is given (YaLM-100B's 128 by default). Each part's release files are memory-mapped,
 its tensors merged across tensor-parallel ranks and cast one tensor at a time, and streamed into
 the part's file, so peak memory stays near one release file plus one tensor.
+
+With a ``Quantization`` the layers' linear matrices are compressed on the way (``quant``), from
+the release's own values; a matrix's stored tensors are made together when the first of them
+is written, so at most one part's compressed matrices wait in memory for their turn.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from yalm_runner.checkpoint import StoreWriter, part_names
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError, ConfigError
+from yalm_runner.quant import Quantization, matrix_of, quantize_matrix, stored_specs
 from yalm_runner.release import (
     SPLIT_DIMS,
     ReleaseLayout,
@@ -117,6 +122,41 @@ def infer_config(
     )
 
 
+def _stored_specs(
+    config: ModelConfig,
+    part: str,
+    shards: dict[str, list[torch.Tensor]],
+    dtype: torch.dtype,
+    quantization: Quantization | None,
+) -> list[TensorSpec]:
+    """What the part's file will hold: the release's tensors, compressed ones replaced."""
+    if quantization is None:
+        return [
+            TensorSpec(name, _merged_shape(name, [t.shape for t in tensors]), dtype)
+            for name, tensors in shards.items()
+        ]
+    # Names and shapes are checked against the model by the writer; a release tensor of the
+    # wrong shape shows up there as a mismatch of its stored tensors.
+    expected = stored_specs(config, part, quantization, dtype)
+    specs = []
+    for name, tensors in shards.items():
+        shape = _merged_shape(name, [t.shape for t in tensors])
+        stored = (
+            quantization.stored_specs(name, shape)
+            if len(shape) == 2 and any(matrix_of(key) == name for key in expected)
+            else {name: (shape, dtype)}
+        )
+        specs.extend(TensorSpec(key, size, kind) for key, (size, kind) in stored.items())
+    return specs
+
+
+def _check_finite(tensor: torch.Tensor, name: str, source: Path) -> None:
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHECK_CHUNK_ELEMENTS):
+        if not torch.isfinite(flat[start : start + CHECK_CHUNK_ELEMENTS]).all():
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values")
+
+
 def _checked_cast(
     tensor: torch.Tensor, dtype: torch.dtype, name: str, source: Path
 ) -> torch.Tensor:
@@ -142,11 +182,12 @@ def convert_release(
     num_heads: int = 128,
     dtype: torch.dtype | None = None,
     max_positions: int = 1024,
+    quantization: Quantization | None = None,
     on_part: Callable[[PartProgress], None] | None = None,
 ) -> Path:
     """Convert the release folder ``src`` into a store at ``dst``; returns the manifest path.
 
-    ``dtype`` None keeps the release's own dtype.
+    ``dtype`` None keeps the release's own dtype (for everything not compressed).
     """
     layout = scan_release(src)
     config = infer_config(layout, num_heads, max_positions)
@@ -166,6 +207,7 @@ def convert_release(
             "tensor_parallel_ranks": layout.num_ranks,
             "num_heads_given": num_heads,
         },
+        quantization=quantization,
     )
     slots = slots_for_parts(config.num_layers)
     parts = part_names(config)
@@ -179,15 +221,24 @@ def convert_release(
                     raise CheckpointError(f"{path}: tensor {name} appears twice in part {part}")
                 shards[name] = tensors
                 origin[name] = path
-        specs = [
-            TensorSpec(name, _merged_shape(name, [t.shape for t in tensors]), dtype)
-            for name, tensors in shards.items()
-        ]
+        specs = _stored_specs(config, part, shards, dtype, quantization)
+        pending: dict[str, torch.Tensor] = {}
 
-        def produce(spec: TensorSpec, shards=shards, origin=origin) -> torch.Tensor:
+        def produce(
+            spec: TensorSpec, shards=shards, origin=origin, pending=pending
+        ) -> torch.Tensor:
+            if spec.name in pending:
+                return pending.pop(spec.name)
+            matrix = matrix_of(spec.name)
+            name = spec.name if matrix is None else matrix
             # Pop each tensor's shards so its memory is released once it has been written.
-            merged = merge_shards(spec.name, shards.pop(spec.name), origin[spec.name])
-            return _checked_cast(merged, dtype, spec.name, origin[spec.name])
+            merged = merge_shards(name, shards.pop(name), origin[name])
+            if matrix is None:
+                return _checked_cast(merged, dtype, name, origin[name])
+            assert quantization is not None
+            _check_finite(merged, name, origin[name])
+            pending.update(quantize_matrix(name, merged, quantization))
+            return pending.pop(spec.name)
 
         try:
             bytes_written = writer.write_part(part, specs, produce)

@@ -1,0 +1,239 @@
+"""The quality guard: how far a candidate store's predictions are from a reference store's.
+
+For every position of every prompt it compares the next-token logits of the two stores (the
+relative error ``||cand - ref|| / ||ref||`` over all positions, the mean KL divergence of the
+next-token distributions, and how often their top-1 tokens agree), and on a supplied text it
+measures both stores' perplexity. The usual use: the 16-bit store as the reference and an int8
+or int4 store of the same release as the candidate, so that someone with the real weights can
+decide whether compression costs too much.
+
+The stores are run one after the other (the reference's logits wait on the CPU), so only one
+model is loaded at a time. Each sequence runs alone from position 0, the same math as the
+engine's prefill. This module reads prompt and text files; it does not generate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from yalm_runner import model
+from yalm_runner.checkpoint import Store
+from yalm_runner.errors import ConfigError
+from yalm_runner.offload import ResidentWeights, WeightSource
+from yalm_runner.quant import QuantizedResidentWeights
+from yalm_runner.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """The figures of one reference/candidate comparison."""
+
+    reference: str
+    candidate: str
+    reference_quantization: str
+    candidate_quantization: str
+    prompts: int
+    positions: int
+    relative_logit_error: float  # ||cand - ref|| / ||ref|| over every compared position
+    worst_position_relative_error: float
+    top1_agreement: float  # fraction of positions whose argmax tokens agree
+    mean_kl_nats: float  # mean KL(ref || cand) of the next-token distributions
+    text_tokens: int
+    reference_perplexity: float | None
+    candidate_perplexity: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def table(self) -> str:
+        rows = [
+            ("reference", f"{self.reference} ({self.reference_quantization})"),
+            ("candidate", f"{self.candidate} ({self.candidate_quantization})"),
+            ("prompts / positions", f"{self.prompts} / {self.positions}"),
+            ("relative logit error", f"{self.relative_logit_error:.5f}"),
+            ("worst position", f"{self.worst_position_relative_error:.5f}"),
+            ("top-1 agreement", f"{100 * self.top1_agreement:.2f}%"),
+            ("mean KL (nats)", f"{self.mean_kl_nats:.6f}"),
+        ]
+        if self.reference_perplexity is not None and self.candidate_perplexity is not None:
+            ratio = self.candidate_perplexity / self.reference_perplexity
+            rows += [
+                ("text tokens", str(self.text_tokens)),
+                ("perplexity reference", f"{self.reference_perplexity:.4f}"),
+                ("perplexity candidate", f"{self.candidate_perplexity:.4f} ({ratio:.4f}x)"),
+            ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+@contextmanager
+def resident_weights(
+    store: Store, device: torch.device, dtype: torch.dtype, verify: bool = True
+) -> Iterator[WeightSource]:
+    """The store's weights resident on ``device``, compressed or not; released on exit."""
+    if store.quantization is not None:
+        yield QuantizedResidentWeights(store, device, dtype, verify=verify)
+    else:
+        yield ResidentWeights(store, device, dtype, verify=verify)
+
+
+@torch.inference_mode()
+def sequence_logits(weights: WeightSource, ids: list[int]) -> torch.Tensor:
+    """fp32 next-token logits (T, V) at every position of ``ids``, on the CPU."""
+    config, device, dtype = weights.config, weights.device, weights.dtype
+    length = len(ids)
+    tokens = torch.tensor([ids], device=device)  # (1, T)
+    positions = torch.arange(length, device=device)[None]  # (1, T)
+    mask = model.attention_mask(torch.ones(1, length, dtype=torch.bool, device=device), 0, length)
+    rotary = model.Rotary.build(config, device, dtype)
+    embedding = weights.embedding()
+    h = model.embed(tokens, embedding, config)  # (1, T, H)
+    cache_shape = (1, length, config.num_heads, config.head_dim)
+    for _, layer in weights.layers():
+        keys = torch.empty(cache_shape, device=device, dtype=dtype)
+        values = torch.empty(cache_shape, device=device, dtype=dtype)
+        h = model.block(h, layer, config, rotary, positions, keys, values, 0, mask)
+    logits = model.head(h[0], weights.head(), embedding["word_embeddings.weight"], config)
+    return logits.cpu()  # (T, V)
+
+
+def text_windows(ids: list[int], bos_id: int, window: int) -> list[list[int]]:
+    """BOS + consecutive slices of ``ids`` (BOS excluded) of at most ``window`` tokens."""
+    body = ids[1:] if ids and ids[0] == bos_id else ids
+    step = window - 1
+    return [[bos_id, *body[start : start + step]] for start in range(0, len(body), step)]
+
+
+def _negative_log_likelihood(logits: torch.Tensor, ids: list[int]) -> float:
+    """Summed NLL of ids[1:] under the logits of the positions before them."""
+    targets = torch.tensor(ids[1:])
+    log_probs = torch.log_softmax(logits[:-1], dim=-1)
+    return float(-log_probs.gather(1, targets[:, None]).sum())
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc}") from exc
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """Prompts from a JSONL file with a ``prefix`` per line (``generate``'s input format)."""
+    prompts = []
+    for line_no, line in enumerate(_read_text(path, "prompts").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} line {line_no}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prefix"), str):
+            raise ConfigError(f"{path} line {line_no}: expected an object with a 'prefix' string")
+        prompts.append(row["prefix"])
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts")
+    return prompts
+
+
+def compare_stores(
+    reference_path: str | Path,
+    candidate_path: str | Path,
+    prompts: list[str],
+    text: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> QualityReport:
+    """Compare the candidate store's predictions with the reference store's."""
+    reference, candidate = Store.open(reference_path), Store.open(candidate_path)
+    if reference.config != candidate.config:
+        raise ConfigError(
+            f"{candidate.path} is a different model from {reference.path} "
+            f"({candidate.config} vs {reference.config})"
+        )
+    if reference.manifest["tokenizer"]["sha256"] != candidate.manifest["tokenizer"]["sha256"]:
+        raise ConfigError(f"{candidate.path} and {reference.path} have different tokenizers")
+    device = torch.device(device)
+    tokenizer = Tokenizer(reference.tokenizer_path)
+    limit = reference.config.max_positions
+    prompt_ids = [tokenizer.encode(prompt)[:limit] for prompt in prompts]
+    windows = text_windows(tokenizer.encode(text), tokenizer.bos_id, limit) if text else []
+    windows = [window for window in windows if len(window) > 1]
+    if text is not None and not windows:
+        raise ConfigError("the perplexity text has no tokens")
+
+    def run(store: Store) -> tuple[list[torch.Tensor], float]:
+        with resident_weights(store, device, dtype, verify) as weights:
+            logits = [sequence_logits(weights, ids) for ids in prompt_ids]
+            nll = sum(
+                _negative_log_likelihood(sequence_logits(weights, ids), ids) for ids in windows
+            )
+        return logits, nll
+
+    ref_logits, ref_nll = run(reference)
+    cand_logits, cand_nll = run(candidate)
+    diff_sq = ref_sq = kl = 0.0
+    agree = positions = 0
+    worst = 0.0
+    for ref, cand in zip(ref_logits, cand_logits, strict=True):
+        diff_rows = (cand - ref).pow(2).sum(dim=-1)  # (T,)
+        ref_rows = ref.pow(2).sum(dim=-1)
+        diff_sq += float(diff_rows.sum())
+        ref_sq += float(ref_rows.sum())
+        worst = max(worst, float((diff_rows / ref_rows).sqrt().max()))
+        agree += int((ref.argmax(dim=-1) == cand.argmax(dim=-1)).sum())
+        ref_log, cand_log = torch.log_softmax(ref, dim=-1), torch.log_softmax(cand, dim=-1)
+        kl += float((ref_log.exp() * (ref_log - cand_log)).sum())
+        positions += ref.shape[0]
+    text_tokens = sum(len(window) - 1 for window in windows)
+    return QualityReport(
+        reference=str(reference.path),
+        candidate=str(candidate.path),
+        reference_quantization=_describe(reference),
+        candidate_quantization=_describe(candidate),
+        prompts=len(prompt_ids),
+        positions=positions,
+        relative_logit_error=math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0,
+        worst_position_relative_error=worst,
+        top1_agreement=agree / positions,
+        mean_kl_nats=kl / positions,
+        text_tokens=text_tokens,
+        reference_perplexity=math.exp(ref_nll / text_tokens) if text_tokens else None,
+        candidate_perplexity=math.exp(cand_nll / text_tokens) if text_tokens else None,
+    )
+
+
+def _describe(store: Store) -> str:
+    if store.quantization is None:
+        return store.manifest["dtype"]
+    quantization = store.quantization
+    if quantization.scheme == "int4":
+        return f"int4 g{quantization.group_size}"
+    return quantization.scheme
+
+
+def compare_files(
+    reference_path: Path,
+    candidate_path: Path,
+    prompts_path: Path,
+    text_path: Path | None = None,
+    **options: object,
+) -> QualityReport:
+    """``compare_stores`` with the prompts (JSONL) and the text read from files."""
+    prompts = read_prompt_file(prompts_path)
+    text = _read_text(text_path, "text") if text_path is not None else None
+    return compare_stores(reference_path, candidate_path, prompts, text, **options)  # type: ignore[arg-type]
