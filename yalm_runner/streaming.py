@@ -2,8 +2,8 @@
 
 One schedule, written once: while layer j computes, layer j+1 is copied from pinned RAM into the
 other of two device buffers on a copy stream, and a reader thread brings the next disk-tier
-layer into a pinned relay buffer. ``overlap=False`` runs the same loop with every move waited
-for, which is what the overlap is measured against.
+layer into a pinned relay buffer (by direct I/O, see ``directio``). ``overlap=False`` runs the
+same loop with every move waited for, which is what the overlap is measured against.
 
 Copy contract: ``_load(layer, slot)`` leaves the layer's bytes, in the compute dtype and in its
 packed layout, in device buffer ``slot``, and records ``ready[slot]`` when they are there; it
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from yalm_runner.checkpoint import Store
+from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.model import Weights
 from yalm_runner.offload import OffloadPolicy, Placement, cast_part, plan_placement
+from yalm_runner.tensorfile import read_layout
 
 ALIGNMENT = 256
 
@@ -123,7 +125,17 @@ class StreamingWeights:
         ]
         disk = [idx for idx in streamed if placement.tiers[f"layer_{idx}"] == "disk"]
         self._disk = disk
+        # Same dtype on disk and in compute: a layer goes from the drive to the relay by direct
+        # I/O, its file offset read once from the header.
+        self._direct = (
+            RangeReader() if disk and dtype == store.dtype and isinstance(store, Store) else None
+        )
+        self._data_start = {
+            idx: read_layout(store.parts[f"layer_{idx}"].path).data_start
+            for idx in (disk if self._direct else ())
+        }
         relay_bytes = max((self._layouts[idx][1] for idx in disk), default=0)
+        relay_bytes += SLACK if self._direct else 0
         self._relays = [
             torch.empty(relay_bytes, dtype=torch.uint8, pin_memory=self._cuda)
             for _ in range(2 if disk else 0)
@@ -143,6 +155,8 @@ class StreamingWeights:
 
     def close(self) -> None:
         self._reader.shutdown(wait=True)
+        if self._direct is not None:
+            self._direct.close()
 
     def __enter__(self) -> StreamingWeights:
         return self
@@ -167,7 +181,14 @@ class StreamingWeights:
         if self._cuda:
             self._relay_free[disk_order % 2].synchronize()
         verify = self.verify and part not in self._verified
-        if self.dtype == self.store.dtype:
+        if self._direct is not None:
+            size = self.store.parts[part].data_bytes
+            relay = self._direct.read_range(
+                self.store.parts[part].path, self._data_start[layer_idx], size, relay
+            )
+            if verify:
+                self.store.verify_part(part, relay)
+        elif self.dtype == self.store.dtype:
             self.store.read_part(part, buffer=relay, verify=verify)
         else:
             raw = self.store.read_part(part, buffer=self._scratch, verify=verify)
