@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import traceback
@@ -24,6 +25,7 @@ from flows.errors import PipelineConfigError, PipelineError
 from flows.output import FORMATS, write_rows
 
 EXIT_OK, EXIT_ERROR, EXIT_SOME_FEEDS_FAILED = 0, 1, 3
+EXIT_SOME_FAILED = EXIT_SOME_FEEDS_FAILED  # a run in which some feeds or prompts failed
 
 
 @dataclass(frozen=True)
@@ -186,26 +188,16 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from flows.rendering import outcome_rows, render_prompts
-    from flows.store import finish_run, open_store, start_run
+    from flows.rendering import outcome_rows, render_run
+    from flows.store import open_store
     from yalm_runner.tokenizer import Tokenizer
 
     config = load(args)
     tokenizer = Tokenizer(resolve_tokenizer_path(config))
     with open_store(config.database_url) as store:
-        run_id = start_run(store, "render")
-        try:
-            outcomes = render_prompts(
-                config,
-                store,
-                count_tokens=lambda text: len(tokenizer.encode(text)),
-                as_of=args.as_of,
-                run_id=run_id,
-            )
-        except PipelineError as exc:
-            finish_run(store, run_id, "failed", {"error": str(exc)})
-            raise
-        finish_run(store, run_id, "ok", {"prompts": len(outcomes)})
+        outcomes = render_run(
+            config, store, count_tokens=lambda text: len(tokenizer.encode(text)), as_of=args.as_of
+        )
     columns = ("template", "ticker", "status", "token_count", "items_used", "items_dropped")
     write_rows(outcome_rows(outcomes), (*columns, "prompt_key"), args.format, sys.stdout)
     return EXIT_OK
@@ -241,6 +233,77 @@ def _results(args: argparse.Namespace) -> int:
     )
     write_rows(rows, columns, args.format, sys.stdout)
     return EXIT_OK
+
+
+def _start_prefect(config: PipelineConfig, verbose: bool):
+    """Logging for a long command (stderr and the log file), then the flow module."""
+    from flows.console import configure_logging
+
+    configure_logging(config.log_file, verbose=verbose)
+    # The pipeline's own log lines also go to the Prefect UI with each run.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flows")
+    # Offline by default: no usage reports from a temporary server (set it to true to allow).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows import pipeline
+
+    return pipeline
+
+
+def _run_flow(config: PipelineConfig, config_file: Path, as_of: str | None, verbose: bool) -> int:
+    pipeline = _start_prefect(config, verbose)
+    summary = pipeline.news_to_forecast(config_path=str(config_file.resolve()), as_of=as_of)
+    sys.stdout.write(summary["markdown"])
+    failed = summary["ingest"]["failed"] or summary["generate"]["failures"]
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = config_path(args)
+    config = load_config(path)
+    as_of = args.as_of.isoformat() if args.as_of else None
+    return _run_flow(config, path, as_of, getattr(args, "verbose", False))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    path = config_path(args)
+    config = load_config(path)
+    _start_prefect(config, getattr(args, "verbose", False)).serve(str(path.resolve()))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from flows.console import configure_logging
+    from flows.demo import DEMO_AS_OF, prepare_demo
+
+    configure_logging(None, verbose=getattr(args, "verbose", False))
+    setup = prepare_demo(Path(args.dir), Path.cwd())
+    config = load_config(setup.config_path)
+    code = _run_flow(config, setup.config_path, DEMO_AS_OF, getattr(args, "verbose", False))
+    flag = "" if setup.config_written else f" --config {setup.config_path}"
+    print(
+        f"\nThe demo's forecasts are in {setup.database.resolve()} (view forecasts_v1).\n"
+        f"The model is tiny and random: the text is noise, the pipeline around it is real.\n"
+        f"  yalm-forecast results{flag}                 # the forecasts, newest first\n"
+        f"  yalm-forecast results{flag} --format json   # with provenance\n"
+        f"  sqlite3 'file:{setup.database.resolve()}?mode=ro' "
+        f"'SELECT ticker, template, forecast FROM forecasts_v1'\n"
+        f"Config: {setup.config_path}; log: {config.log_file}",
+    )
+    return code
+
+
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of", type=parse_since, default=None, metavar="TIME",
+        help="render as if it were this time (ISO, UTC unless stated; default now)",
+    )  # fmt: skip
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir", default="yalm-forecast-demo", metavar="DIR",
+        help="where the demo keeps its model, database and log (default ./yalm-forecast-demo)",
+    )  # fmt: skip
 
 
 def _configure_ingest(parser: argparse.ArgumentParser) -> None:
@@ -290,6 +353,19 @@ register(Command(
     "results", "List finished forecasts from the robot's view forecasts_v1, newest first.",
     "yalm-forecast results --since 2024-05-01 --ticker SBER --format json",
     lambda parser: _configure_filters(parser, "template"), _results,
+))  # fmt: skip
+
+register(Command(
+    "run", "Run the whole news-to-forecast flow once now (exit 3 if some feeds/prompts failed).",
+    "yalm-forecast run --config ~/forecast/yalm-forecast.yaml", _configure_run, _run,
+))  # fmt: skip
+register(Command(
+    "serve", "Serve the flow on the config's nightly cron schedule and time zone (blocks).",
+    "yalm-forecast serve --config ~/forecast/yalm-forecast.yaml", lambda parser: None, _serve,
+))  # fmt: skip
+register(Command(
+    "demo", "Run the whole pipeline offline: tiny model, bundled sample feeds, local SQLite.",
+    "yalm-forecast demo && yalm-forecast results", _configure_demo, _demo,
 ))  # fmt: skip
 
 

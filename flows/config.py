@@ -23,13 +23,15 @@ from flows.errors import PipelineConfigError
 
 ENV_VAR = "YALM_FORECAST_CONFIG"
 DEFAULT_CONFIG_NAME = "yalm-forecast.yaml"
+DEFAULT_LOG_NAME = "yalm-forecast.log"
+FEED_URL_SCHEMES = ("http://", "https://", "file://")
 BUNDLED_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 STARTER_CONFIG_PATH = Path(__file__).resolve().parent / "starter_config.yaml"
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "greedy", "seed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
-_DTYPES = ("float16", "bfloat16", "float32")
+_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,9 @@ class GenerationSettings:
     top_k: int = 0
     greedy: bool = False
     seed: int = 1234
-    batch_size: int = 4
-    device: str = "cuda"
-    dtype: str = "float16"
+    batch_size: int | None = None  # None (``auto``): the largest batch the memory budgets allow
+    device: str = "auto"  # the first CUDA device when there is one, else the CPU
+    dtype: str = "auto"  # fp32 on the CPU, the store's 16-bit dtype on a GPU
     gpu_memory: str | None = None
     cpu_memory: str | None = None
     checkpoint_every: int = 16
@@ -102,6 +104,7 @@ class PipelineConfig:
     templates: tuple[TemplateSelection, ...]
     generation: GenerationSettings = GenerationSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    log_file: Path | None = None
 
     @property
     def database_path(self) -> Path:
@@ -153,6 +156,7 @@ def parse_config(data: Any, *, base_dir: Path, path: Path | None = None) -> Pipe
         templates=_templates(top.items("templates"), prompts_dir),
         generation=_generation(top.section("generation"), "generation"),
         schedule=_schedule(top.section("schedule")),
+        log_file=top.path("log_file", base_dir) or base_dir / DEFAULT_LOG_NAME,
     )
     top.finish()
     return config
@@ -255,8 +259,10 @@ def _feeds(entries: list[tuple[str, Any]], defaults: dict[str, Any]) -> tuple[Fe
             raise PipelineConfigError(f"{section.key('name')}: required; letters, digits, _.-")
         if name in names:
             raise PipelineConfigError(f"{section.key('name')}: duplicate feed name {name!r}")
-        if url is None or not url.startswith(("http://", "https://")):
-            raise PipelineConfigError(f"{section.key('url')}: required http(s) URL, got {url!r}")
+        if url is None or not url.startswith(FEED_URL_SCHEMES):
+            raise PipelineConfigError(
+                f"{section.key('url')}: required http(s) or file:// URL, got {url!r}"
+            )
         names.add(name)
         feeds.append(
             FeedConfig(
@@ -332,7 +338,7 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
         top_k=section.integer("top_k", base.top_k),
         greedy=section.flag("greedy", base.greedy),
         seed=section.integer("seed", base.seed, minimum=None),
-        batch_size=section.integer("batch_size", base.batch_size, minimum=1),
+        batch_size=_batch_size(section),
         device=section.text("device", base.device),
         dtype=section.text("dtype", base.dtype),
         gpu_memory=section.text("gpu_memory"),
@@ -349,8 +355,8 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
         raise PipelineConfigError(
             f"{section.key('dtype')}: one of {_DTYPES}, got {settings.dtype!r}"
         )
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", settings.device):
-        raise PipelineConfigError(f"{section.key('device')}: cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", settings.device):
+        raise PipelineConfigError(f"{section.key('device')}: auto, cpu, cuda or cuda:N")
     for key in ("gpu_memory", "cpu_memory"):
         value = getattr(settings, key)
         if value is not None and not _MEMORY_RE.match(value):
@@ -361,6 +367,17 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
             f"prompt in {settings.max_positions} positions"
         )
     return settings
+
+
+def _batch_size(section: _Section) -> int | None:
+    """``auto`` (or unset): chosen from the memory budgets; else a positive integer."""
+    if section.data.get("batch_size") == "auto":
+        section.seen.add("batch_size")
+        return None
+    value = section._get("batch_size", (int,), "a positive integer or auto", None)
+    if value is not None and value < 1:
+        raise PipelineConfigError(f"{section.key('batch_size')}: must be >= 1, got {value}")
+    return value
 
 
 def _schedule(section: _Section) -> ScheduleSettings:

@@ -3,7 +3,8 @@
 Owns the HTTP side: a timeout per attempt, a cap on the body size (a bigger body is refused,
 never truncated), retries with backoff on transient faults only (timeouts, connection errors,
 429 and 5xx), conditional GET with the ETag / Last-Modified the caller kept, and a check that the
-content type could be a feed. Every failure is a ``FeedError`` whose message is the reason. It
+content type could be a feed. Every failure is a ``FeedError`` whose message is the reason.
+A ``file://`` URL is read from disk under the same size cap (offline demos, mirrored feeds). It
 does not parse feeds and knows nothing of the store.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import httpx
 
@@ -69,6 +72,8 @@ def fetch(
     backoff_s: float = 1.0,
 ) -> FetchResponse:
     """GET ``url``; a 304 (not modified) is a successful response with an empty body."""
+    if url.startswith("file://"):
+        return _read_file(url, max_bytes=max_bytes)
     headers = {
         "User-Agent": USER_AGENT,
         "Accept": ACCEPT,
@@ -135,6 +140,26 @@ def _attempt(client: httpx.Client, url: str, *, timeout_s: float, max_bytes: int
         raise _Transient(FetchError(f"connection failed: {exc}", kind="network")) from None
     except httpx.InvalidURL as exc:
         raise FetchError(f"invalid URL: {exc}", kind="url") from None
+
+
+def _read_file(url: str, *, max_bytes: int) -> FetchResponse:
+    """A local feed file: no validators, no retries (a missing file will not come back)."""
+    started = time.monotonic()
+    path = Path(unquote(urlparse(url).path))
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise FetchError(
+                f"body of {size} bytes exceeds max_bytes={max_bytes}", kind="too_large"
+            )
+        body = path.read_bytes()
+    except FileNotFoundError:
+        raise FetchError(f"file not found: {path}", kind="file") from None
+    except OSError as exc:
+        raise FetchError(f"cannot read {path}: {exc.strerror}", kind="file") from None
+    return FetchResponse(
+        url, 200, body, "application/xml", None, None, 1, time.monotonic() - started
+    )
 
 
 def _check_headers(response: httpx.Response, max_bytes: int) -> None:

@@ -111,27 +111,64 @@ def prompt_status(store: Store, prompt_key: str) -> str | None:
         return prompt.status if prompt else None
 
 
-def save_generation_state(store: Store, prompt_key: str, token_ids: Sequence[int]) -> None:
+def save_generation_state(
+    store: Store, prompt_key: str, token_ids: Sequence[int], *, fingerprint: str | None = None
+) -> None:
     """Remember the ids generated so far for ``prompt_key`` (replacing what was there)."""
-    ids = [int(token) for token in token_ids]
+    save_generation_states(store, {prompt_key: token_ids}, fingerprint=fingerprint)
+
+
+def save_generation_states(
+    store: Store, states: Mapping[str, Sequence[int]], *, fingerprint: str | None = None
+) -> None:
+    """Remember the ids generated so far for several prompts, all in one transaction.
+
+    ``fingerprint`` names what produced the ids (model, dtype, device); ``load_generation_state``
+    with a different fingerprint ignores them, so ids from another model are never continued.
+    """
+    if not states:
+        return
     with store.transaction() as session:
-        _require_prompt(session, prompt_key)
-        state = session.get(GenerationState, prompt_key)
-        if state is None:
-            session.add(
-                GenerationState(
-                    prompt_key=prompt_key, token_ids_json=_json(ids), updated_at=utc_now()
+        for prompt_key, token_ids in states.items():
+            _require_prompt(session, prompt_key)
+            ids = [int(token) for token in token_ids]
+            stored = _json(ids if fingerprint is None else {"ids": ids, "fingerprint": fingerprint})
+            state = session.get(GenerationState, prompt_key)
+            if state is None:
+                session.add(
+                    GenerationState(
+                        prompt_key=prompt_key, token_ids_json=stored, updated_at=utc_now()
+                    )
                 )
-            )
-        else:
-            state.token_ids_json, state.updated_at = _json(ids), utc_now()
+            else:
+                state.token_ids_json, state.updated_at = stored, utc_now()
 
 
-def load_generation_state(store: Store, prompt_key: str) -> list[int] | None:
-    """The ids saved for ``prompt_key``, or None when there is nothing to resume."""
+def load_generation_state(
+    store: Store, prompt_key: str, *, fingerprint: str | None = None
+) -> list[int] | None:
+    """The ids saved for ``prompt_key``, or None when there is nothing to resume.
+
+    With ``fingerprint``, ids saved under another fingerprint count as nothing to resume.
+    """
     with store.reading() as session:
         state = session.get(GenerationState, prompt_key)
-        return None if state is None else json.loads(state.token_ids_json)
+        if state is None:
+            return None
+        stored = json.loads(state.token_ids_json)
+    if isinstance(stored, list):  # saved without a fingerprint
+        return stored
+    if fingerprint is not None and stored.get("fingerprint") != fingerprint:
+        return None
+    return stored["ids"]
+
+
+def discard_generation_state(store: Store, prompt_key: str) -> None:
+    """Forget the partial ids of ``prompt_key`` (a fresh start for that prompt)."""
+    with store.transaction() as session:
+        state = session.get(GenerationState, prompt_key)
+        if state is not None:
+            session.delete(state)
 
 
 def record_generation(

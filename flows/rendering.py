@@ -19,9 +19,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from flows.config import PipelineConfig, TemplateSelection, WatchlistEntry
-from flows.errors import PipelineConfigError
+from flows.errors import PipelineConfigError, PipelineError
 from flows.generations import save_prompt
-from flows.store import Store, list_news, utc_now
+from flows.store import Store, finish_run, list_news, start_run, utc_now
 from flows.templates import PromptTemplate, RenderedPrompt, fit_to_budget, load_template
 
 _CYRILLIC = re.compile(r"[а-яё]", re.IGNORECASE)
@@ -76,6 +76,26 @@ def render_prompts(
                 run_id=run_id,
             )
             outcomes.append(outcome)
+    return outcomes
+
+
+def render_run(
+    config: PipelineConfig,
+    store: Store,
+    *,
+    count_tokens: Callable[[str], int],
+    as_of: datetime | None = None,
+) -> list[RenderOutcome]:
+    """``render_prompts`` recorded as a ``render`` run (failed, with the reason, if it fails)."""
+    run_id = start_run(store, "render")
+    try:
+        outcomes = render_prompts(
+            config, store, count_tokens=count_tokens, as_of=as_of, run_id=run_id
+        )
+    except PipelineError as exc:
+        finish_run(store, run_id, "failed", {"error": str(exc)})
+        raise
+    finish_run(store, run_id, "ok", {"prompts": len(outcomes)})
     return outcomes
 
 

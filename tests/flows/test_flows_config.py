@@ -108,7 +108,7 @@ def test_defaults(tmp_path: Path):
         ({"generation": {"max_new_tokens": "many"}}, r"max_new_tokens: expected an int"),
         ({"generation": {"max_new_tokens": 1024}}, r"generation\.max_new_tokens: 1024 leaves no"),
         ({"generation": {"gpu_memory": "lots"}}, r"generation\.gpu_memory: a size like 8GiB"),
-        ({"generation": {"device": "tpu"}}, r"generation\.device: cpu, cuda or cuda:N"),
+        ({"generation": {"device": "tpu"}}, r"generation\.device: auto, cpu, cuda or cuda:N"),
         ({"schedule": {"timezone": "Mars/Olympus"}}, r"schedule\.timezone: unknown time zone"),
         ({"schedule": {"cron": "every day"}}, r"schedule\.cron: five fields"),
     ],

@@ -1,0 +1,75 @@
+"""One generation per device on this machine: an exclusive lock on a file, held while generating.
+
+The kernel drops an ``flock`` when its process dies, however it dies (SIGKILL, out of memory),
+so a killed run can never leave the device locked; that is why this, and not a server-side
+counter, is the guarantee on one machine. The lock file names the device (``cuda``, ``cpu``) and
+lives in ``$YALM_FORECAST_LOCK_DIR`` (default: the system's temporary folder); it records the pid
+and start time of the holder so that a waiting run can say whom it waits for. It knows nothing
+of Prefect, models or the store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flows.errors import PipelineError
+
+LOCK_DIR_ENV = "YALM_FORECAST_LOCK_DIR"
+log = logging.getLogger(__name__)
+
+
+class DeviceBusyError(PipelineError):
+    """Another generation held the device for longer than we were willing to wait."""
+
+
+def lock_path(device: str) -> Path:
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
+    kind = device.split(":")[0] if device != "auto" else "auto"
+    return folder / f"yalm-forecast-{os.getuid()}-{kind}.lock"
+
+
+@contextmanager
+def device_lock(device: str, *, timeout_s: float | None = None) -> Iterator[Path]:
+    """Hold the lock of ``device``, waiting for it (``timeout_s`` None: as long as it takes)."""
+    path = lock_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        if not _try_lock(handle):
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log.warning("waiting for %s: held by %s", path, holder)
+            if timeout_s is None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            deadline = time.monotonic() + (timeout_s or 0.0)
+            while timeout_s is not None and not _try_lock(handle):
+                if time.monotonic() > deadline:
+                    raise DeviceBusyError(
+                        f"{path}: still held by {holder} after {timeout_s:g} s; "
+                        "another generation is using the device"
+                    )
+                time.sleep(1.0)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _try_lock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
