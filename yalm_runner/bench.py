@@ -10,6 +10,7 @@ bandwidth). Peak device memory is read from the allocator and set against the bu
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -115,6 +116,8 @@ class BenchRow:
     roofline_fraction: float
     peak_gpu_bytes: int
     placement: str
+    cap_bytes: int | None = None  # the GPU budget this row ran under (None: uncapped)
+    ours_over_this: float | None = None  # our tokens/s at the same cap over this row's
 
 
 def run_ours(
@@ -144,7 +147,8 @@ def run_ours(
         )
         for row in range(batch)
     ]
-    engine.generate(requests[:1], SamplingParams(greedy=True), batch_size=1)  # warm-up
+    warm_up = Request("warm-up", requests[0].prompt_ids[:8], 2)
+    engine.generate([warm_up], SamplingParams(greedy=True), batch_size=1)
     engine.stats = type(engine.stats)()
     torch.cuda.synchronize()
     began = time.perf_counter()
@@ -154,6 +158,13 @@ def run_ours(
     decode_steps = max(engine.stats.forward_passes - 1, 1)
     step_s = engine.stats.decode_s / decode_steps
     per_pass = placement.streamed_bytes_per_pass
+    if policy.gpu_memory_bytes is not None and torch.cuda.max_memory_allocated() > (
+        policy.gpu_memory_bytes
+    ):
+        raise OffloadError(
+            f"B={batch}: peak {format_bytes(torch.cuda.max_memory_allocated())} exceeds the "
+            f"budget {format_bytes(policy.gpu_memory_bytes)}"
+        )
     system = "ours (streaming)" if policy.overlap else "ours, overlap off"
     return BenchRow(
         system,
@@ -164,6 +175,7 @@ def run_ours(
         (per_pass / pinned_bps) / step_s if per_pass else 0.0,
         torch.cuda.max_memory_allocated(),
         placement.describe(),
+        policy.gpu_memory_bytes,
     )
 
 
@@ -177,6 +189,127 @@ def estimate_workspace(config: ModelConfig, batch: int, prompt_len: int, dtype: 
     return tokens * per_token * element + 2 * scores + logits
 
 
+PEER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TARGETS = (  # (system, capped?, the least ours/system the issue asks for)
+    ("HF Accelerate", True, 10.0),
+    ("DeepSpeed ZeRO-3", True, 5.0),
+    ("DeepSpeed ZeRO-3", False, 1.25),
+)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cap_gpu(cap_bytes: int | None) -> None:
+    """Make ``cap_bytes`` a hard limit of this process's allocator (None lifts it)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else cap_bytes / total)
+
+
+def _try_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps) -> BenchRow | None:
+    _cap_gpu(policy.gpu_memory_bytes)
+    try:
+        return run_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps)
+    except (OffloadError, torch.OutOfMemoryError) as exc:
+        _log(f"ours B={batch}: does not fit: {str(exc).splitlines()[0]}")
+        return None
+    finally:
+        torch.cuda.empty_cache()
+        _cap_gpu(None)
+
+
+def _largest_planned_batch(store, policy, prompt_len, new_tokens, limit) -> int | None:
+    """The largest batch of ``PEER_BATCHES`` (up to ``limit``) our planner places under
+    ``policy``'s budgets, KV cache and prefill workspace included."""
+    element = torch.empty((), dtype=torch.bfloat16).element_size()
+    best = None
+    for batch in (size for size in PEER_BATCHES if size <= limit):
+        kv = batch * (prompt_len + new_tokens) * store.config.kv_bytes_per_token(element)
+        workspace = estimate_workspace(store.config, batch, prompt_len, torch.bfloat16)
+        try:
+            plan_placement(part_bytes_in(store, torch.bfloat16), policy, kv, workspace)
+        except OffloadError:
+            break
+        best = batch
+    return best
+
+
+def _peer_row(result, pinned_bps: float) -> BenchRow:
+    from yalm_runner.bench_peers import SYSTEM_LABELS
+
+    step_s, streamed = result.decode_step_s, result.streamed_bytes_per_pass
+    settings = json.dumps(result.settings, default=str) if result.settings else ""
+    return BenchRow(
+        SYSTEM_LABELS[result.system],
+        result.batch,
+        result.tokens_per_s,
+        step_s,
+        streamed / step_s / 1e9 if step_s else 0.0,
+        (streamed / pinned_bps) / step_s if step_s else 0.0,
+        result.peak_gpu_bytes,
+        settings,
+        result.cap_bytes,
+    )
+
+
+def compare_with_ours(rows: list[BenchRow]) -> None:
+    """Fill ``ours_over_this``: our best tokens/s under the same cap over each row's."""
+    for row in rows:
+        ours = [
+            other.tokens_per_s
+            for other in rows
+            if other.system == "ours (streaming)" and other.cap_bytes == row.cap_bytes
+        ]
+        if ours and row.tokens_per_s > 0:
+            row.ours_over_this = max(ours) / row.tokens_per_s
+
+
+def target_lines(rows: list[BenchRow]) -> list[str]:
+    lines = []
+    for system, capped, least in TARGETS:
+        found = [
+            row
+            for row in rows
+            if row.system == system and (row.cap_bytes is not None) == capped
+            and row.ours_over_this is not None
+        ]  # fmt: skip
+        where = "capped" if capped else "uncapped"
+        if not found:
+            lines.append(f"target ours >= {least:g}x {system} ({where}): not measured")
+            continue
+        ratio = max(row.ours_over_this for row in found)
+        verdict = "met" if ratio >= least else "NOT met"
+        lines.append(f"target ours >= {least:g}x {system} ({where}): {ratio:.2f}x, {verdict}")
+    return lines
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    lines = [
+        f"{'system':<20} {'cap':>9} {'B':>4} {'tok/s':>8} {'ms/step':>8} {'GB/s':>6} "
+        f"{'roofline':>8} {'peak GiB':>8} {'ours/x':>7}"
+    ]
+    for row in rows:
+        cap = format_bytes(row.cap_bytes) if row.cap_bytes else "none"
+        ratio = f"{row.ours_over_this:.2f}" if row.ours_over_this is not None else "-"
+        lines.append(
+            f"{row.system:<20} {cap:>9} {row.batch:>4} {row.tokens_per_s:>8.1f} "
+            f"{row.decode_step_s * 1e3:>8.1f} {row.effective_gbps:>6.1f} "
+            f"{row.roofline_fraction:>8.1%} {row.peak_gpu_bytes / 2**30:>8.2f} {ratio:>7}"
+        )
+    return "\n".join(lines)
+
+
+def format_disk(disk: dict[str, object]) -> str:
+    return (
+        f"disk: drive sequential read {disk['drive_bytes_per_s'] / 1e9:.2f} GB/s "
+        f"({disk['drive_method']}, {format_bytes(disk['drive_file_bytes'])} fresh file); "
+        f"our disk tier {disk['tier_bytes_per_s'] / 1e9:.2f} GB/s "
+        f"({disk['tier_layers']} layers, {format_bytes(disk['tier_bytes_per_pass'])} per cold "
+        f"pass); tier/drive {disk['tier_over_drive']:.1%}"
+    )
+
+
 def run_bench(
     shape: str,
     batches: list[int],
@@ -186,51 +319,110 @@ def run_bench(
     cpu_memory: int | None,
     num_layers: int | None,
     json_path: Path | None,
+    *,
+    peers: tuple[str, ...] = (),
+    uncapped_batch: int = 32,
+    max_batch: int = 256,
+    peer_timeout_s: float = 900.0,
+    disk_dir: Path | None = None,
+    disk_layers: int = 8,
+    disk_file_bytes: int = 4 * 2**30,
 ) -> list[BenchRow]:
+    """Ours at each of ``batches`` (overlap on and off) under the budgets; with ``peers``, also
+    ours and each peer at its largest batch under ``gpu_memory`` and at ``uncapped_batch`` with
+    no cap (every layer offloaded to the CPU in all three); with ``disk_dir``, the disk tier
+    against the drive. Prints one table; writes everything to ``json_path`` too."""
     if not torch.cuda.is_available():
         raise ConfigError("bench measures host-to-device streaming and needs a CUDA device")
     if shape not in SHAPES:
         raise ConfigError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    from yalm_runner.bench_peers import SYSTEMS
+
+    unknown = [name for name in peers if name not in SYSTEMS]
+    if unknown:
+        raise ConfigError(f"unknown peers {unknown}; choose from {list(SYSTEMS)}")
+    if peers and gpu_memory is None:
+        raise ConfigError("--peers compares systems under a GPU budget: give --gpu-memory too")
     config = SHAPES[shape]
     if num_layers:
         config = replace(config, num_layers=num_layers)
     store = SyntheticStore(config, torch.bfloat16)
     bandwidth = measure_h2d()
+    pinned = bandwidth["pinned"]
     base = OffloadPolicy(gpu_memory_bytes=gpu_memory, cpu_memory_bytes=cpu_memory, weights_on="cpu")
     placement = plan_placement(part_bytes_in(store, torch.bfloat16), base)
-    rows = []
+    rows: list[BenchRow] = []
     with StreamingWeights(store, "cuda", torch.bfloat16, placement, verify=False) as weights:
         for batch in batches:
             for overlap in (True, False):
-                policy = replace(base, overlap=overlap)
-                try:
-                    rows.append(
-                        run_ours(
-                            weights, batch, prompt_len, new_tokens, policy, bandwidth["pinned"]
-                        )
-                    )
-                except OffloadError as exc:
-                    print(f"B={batch}: does not fit: {exc}")
+                row = _try_ours(
+                    weights, batch, prompt_len, new_tokens, replace(base, overlap=overlap), pinned
+                )
+                if row is None:
                     break
+                rows.append(row)
+        if peers:
+            capped = _largest_planned_batch(store, base, prompt_len, new_tokens, max_batch)
+            if capped is not None and not any(
+                row.batch == capped and row.system == "ours (streaming)" for row in rows
+            ):
+                row = _try_ours(weights, capped, prompt_len, new_tokens, base, pinned)
+                rows += [row] if row else []
+            uncapped = replace(base, gpu_memory_bytes=None)
+            row = _try_ours(weights, uncapped_batch, prompt_len, new_tokens, uncapped, pinned)
+            rows += [row] if row else []
+    torch.cuda.empty_cache()
+    peer_results = []
+    if peers:
+        from yalm_runner.bench_peers import largest_fitting, run_peer  # imports this module
+
+        layers_arg = num_layers or None
+        element = torch.empty((), dtype=torch.bfloat16).element_size()
+        for system in peers:
+            candidates = [
+                batch
+                for batch in PEER_BATCHES
+                if batch <= max_batch
+                and batch * (prompt_len + new_tokens) * config.kv_bytes_per_token(element)
+                + estimate_workspace(config, batch, prompt_len, torch.bfloat16)
+                < gpu_memory
+            ]
+            best, tried = largest_fitting(
+                system, shape, layers_arg, candidates, prompt_len, new_tokens, gpu_memory,
+                peer_timeout_s, _log,
+            )  # fmt: skip
+            peer_results += tried
+            rows += [_peer_row(best, pinned)] if best else []
+            result = run_peer(
+                system, shape, layers_arg, uncapped_batch, prompt_len, new_tokens, None,
+                peer_timeout_s,
+            )  # fmt: skip
+            peer_results.append(result)
+            if result.ok:
+                rows.append(_peer_row(result, pinned))
+            else:
+                _log(f"{system} uncapped B={uncapped_batch}: {result.error}")
+    disk = None
+    if disk_dir is not None:
+        from yalm_runner.bench_disk import run_disk_bench
+
+        disk_config = replace(config, num_layers=min(disk_layers, config.num_layers))
+        disk = run_disk_bench(disk_dir, disk_config, torch.bfloat16, "cuda", disk_file_bytes)
+    compare_with_ours(rows)
     print(
         f"shape {shape}: {config.num_layers} layers x hidden {config.hidden_size}, "
         f"{config.param_count() / 1e9:.1f} B params; prompt {prompt_len}, {new_tokens} new tokens"
     )
     print(
-        f"measured host-to-device: pinned {bandwidth['pinned'] / 1e9:.1f} GB/s, "
+        f"measured host-to-device: pinned {pinned / 1e9:.1f} GB/s, "
         f"pageable {bandwidth['pageable'] / 1e9:.1f} GB/s; GPU budget "
         f"{format_bytes(gpu_memory) if gpu_memory else 'none'}"
     )
-    print(
-        f"{'system':<20} {'B':>4} {'tok/s':>9} {'step ms':>8} {'GB/s':>7} {'roofline':>8} "
-        f"{'peak GPU':>10}"
-    )
-    for row in rows:
-        print(
-            f"{row.system:<20} {row.batch:>4} {row.tokens_per_s:>9.1f} "
-            f"{row.decode_step_s * 1e3:>8.1f} {row.effective_gbps:>7.1f} "
-            f"{row.roofline_fraction:>8.1%} {format_bytes(row.peak_gpu_bytes):>10}"
-        )
+    print(format_table(rows))
+    if peers:
+        print("\n".join(target_lines(rows)))
+    if disk is not None:
+        print(format_disk(disk))
     if json_path is not None:
         json_path.write_text(
             json.dumps(
@@ -243,6 +435,9 @@ def run_bench(
                     "cpu_memory": cpu_memory,
                     "bandwidth_bytes_per_s": bandwidth,
                     "rows": [row.__dict__ for row in rows],
+                    "peer_attempts": [result.__dict__ for result in peer_results],
+                    "targets": target_lines(rows) if peers else [],
+                    "disk": disk,
                 },
                 indent=1,
             )

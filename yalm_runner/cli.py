@@ -228,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--gpu-memory", help="GPU budget, e.g. 8GiB")
     _add(bench, "--cpu-memory", help="pinned RAM budget, e.g. 64GiB")
     _add(bench, "--json", type=Path, help="write the figures here too")
+    _add(
+        bench,
+        "--peers",
+        default="",
+        help="also run these under the same workload: accelerate,zero (needs --gpu-memory)",
+    )
+    _add(bench, "--uncapped-batch", type=int, default=32, help="batch of the uncapped comparison")
+    _add(bench, "--max-batch", type=int, default=256, help="largest batch the cap search tries")
+    _add(bench, "--peer-timeout", type=float, default=900.0, help="seconds per peer run")
+    _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
+    _add(bench, "--disk-layers", type=int, default=8, help="layers in the disk-tier store")
+    _add(bench, "--disk-file", default="4GiB", help="size of the drive's sequential-read file")
     return parser
 
 
@@ -245,6 +257,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         parse_bytes(args.cpu_memory) if args.cpu_memory else None,
         args.layers,
         args.json,
+        peers=tuple(name.strip() for name in str(args.peers).split(",") if name.strip()),
+        uncapped_batch=args.uncapped_batch,
+        max_batch=args.max_batch,
+        peer_timeout_s=args.peer_timeout,
+        disk_dir=args.disk,
+        disk_layers=args.disk_layers,
+        disk_file_bytes=parse_bytes(args.disk_file),
     )
     return 0
 
