@@ -23,12 +23,15 @@ def data_file(tmp_path):
 def test_a_range_reads_back_exactly(data_file, direct, offset, length):
     path, payload = data_file
     reader = RangeReader(direct=direct)
-    buffer = torch.full((length + SLACK,), 0xAB, dtype=torch.uint8)
+    storage = torch.full((length + SLACK + 4096,), 0xAB, dtype=torch.uint8)
     try:
-        view = reader.read_range(path, offset, length, buffer)
+        # Every misalignment of the buffer's address against the file offset's.
+        for shift in (0, 1, 64, 4095):
+            buffer = storage[shift : shift + length + SLACK]
+            view = reader.read_range(path, offset, length, buffer)
+            assert bytes(view.numpy()) == payload[offset : offset + length]
     finally:
         reader.close()
-    assert bytes(view.numpy()) == payload[offset : offset + length]
 
 
 def test_a_truncated_file_is_named(data_file):

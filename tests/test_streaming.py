@@ -15,6 +15,7 @@ from yalm_runner.offload import (
     parse_bytes,
     plan_placement,
 )
+from yalm_runner.quant import Quantization, QuantizedResidentWeights
 from yalm_runner.streaming import StreamingWeights, open_weights, part_bytes_in
 
 GREEDY = SamplingParams(greedy=True)
@@ -51,6 +52,29 @@ def test_kv_cache_in_host_ram_equals_kv_on_the_device(store, resident_ids):
     # Rows of MIXED finish at different steps, so the host cache's row map shrinks mid-batch.
     with open_weights(store, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
         assert ids(weights, kv_on="cpu") == resident_ids
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compressed_layers_stream_to_the_same_ids_as_resident_compressed(
+    tiny_release, tmp_path, scheme
+):
+    compressed = Store.open(
+        convert_release(
+            tiny_release,
+            tmp_path / scheme,
+            num_heads=4,
+            quantization=Quantization(scheme, group_size=16),
+        ).parent
+    )
+    expected = ids(QuantizedResidentWeights(compressed, "cpu", torch.float32))
+    sizes = part_bytes_in(compressed, torch.float32)
+    # Codes travel as stored: a compressed layer streams fewer bytes than its fp32 form.
+    assert sizes["layer_1"] == compressed.parts["layer_1"].data_bytes
+    for weights_on in ("disk", "cpu"):
+        policy = OffloadPolicy(weights_on=weights_on)
+        with open_weights(compressed, "cpu", torch.float32, policy) as weights:
+            assert ids(weights) == expected
+            assert ids(weights, kv_on="cpu") == expected
 
 
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():
@@ -145,3 +169,24 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
         with open_weights(bf16, "cuda", torch.bfloat16, policy) as weights:
             assert ids(weights) == expected
             assert ids(weights, kv_on="cpu") == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compressed_streaming_on_gpu_equals_resident_compressed(tiny_release, tmp_path):
+    for scheme in ("int8", "int4"):
+        compressed = Store.open(
+            convert_release(
+                tiny_release,
+                tmp_path / scheme,
+                num_heads=4,
+                dtype=torch.bfloat16,
+                quantization=Quantization(scheme, group_size=16),
+            ).parent
+        )
+        expected = ids(QuantizedResidentWeights(compressed, "cuda", torch.bfloat16))
+        for weights_on in ("cpu", "disk"):
+            policy = OffloadPolicy(weights_on=weights_on)
+            with open_weights(compressed, "cuda", torch.bfloat16, policy) as weights:
+                assert ids(weights) == expected
+                assert ids(weights, kv_on="cpu") == expected

@@ -23,7 +23,9 @@ from yalm_runner.errors import CheckpointError
 
 BLOCK = 4096  # covers 512-byte and 4 KiB logical blocks
 CHUNK = 8 << 20  # bytes per read call: large enough for the drive, small enough to spread
-SLACK = 2 * BLOCK  # extra buffer bytes ``read_range`` may need for alignment
+# Extra buffer bytes ``read_range`` may need: up to a block to align the buffer's address, and
+# up to a block at each end of the range to align the file span.
+SLACK = 3 * BLOCK
 
 
 def aligned_offset(buffer: torch.Tensor) -> int:
@@ -53,6 +55,7 @@ class RangeReader:
         end = -(-(offset + length) // BLOCK) * BLOCK
         base = aligned_offset(buffer)
         span = buffer[base : base + (end - start)]
+        assert span.numel() == end - start, "SLACK covers every alignment"
         target = memoryview(span.numpy()).cast("B")
         descriptor = self._open(path)
         try:

@@ -27,6 +27,7 @@ from yalm_runner.checkpoint import Store
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
+from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in
 
 MAX_BATCH = 512  # beyond this the host-side bookkeeping, not the link, dominates
@@ -116,8 +117,11 @@ def plan_memory(
         budgets = policy
         kv_choices = ["gpu", "cpu"] if policy.kv_on == "auto" else [policy.kv_on]
 
+    # A compressed store dequantizes each matrix into one scratch buffer on the device.
+    scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
+
     def attempt(kv_on: str, batch: int) -> MemoryPlan:
-        work = workspace_bytes(config, batch, prefill, max_context, element)
+        work = workspace_bytes(config, batch, prefill, max_context, element) + scratch
         if kv_on == "gpu":
             placement = plan_placement(
                 parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device

@@ -25,6 +25,7 @@ from yalm_runner.checkpoint import Store
 from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.model import Weights
 from yalm_runner.offload import OffloadPolicy, Placement, cast_part, plan_placement
+from yalm_runner.quant import DequantizingWeights, scratch_elements
 from yalm_runner.tensorfile import read_layout
 
 ALIGNMENT = 256
@@ -36,17 +37,24 @@ class PackedTensor:
     shape: tuple[int, ...]
     begin: int
     end: int
+    dtype: torch.dtype
+
+
+def _compressed(store: Store, part: str) -> bool:
+    return getattr(store, "quantization", None) is not None and part.startswith("layer_")
 
 
 def pack_layout(store: Store, part: str, dtype: torch.dtype) -> tuple[list[PackedTensor], int]:
     """Offsets of ``part``'s tensors in one flat buffer of ``dtype``.
 
-    In the store's own dtype this is the file's data layout, so a layer goes from disk to the
-    device as one block; in another dtype the tensors are repacked at 256-byte boundaries.
+    In the store's own dtype, and for every compressed layer (its codes, scales and 16-bit
+    biases travel as stored; ``quant.DequantizingWeights`` casts on the device), this is the
+    file's data layout, so a layer goes from disk to the device as one block; in another dtype
+    the tensors are repacked at 256-byte boundaries.
     """
     records = store.parts[part].records
-    if dtype == store.dtype:
-        packed = [PackedTensor(r.name, r.shape, r.begin, r.end) for r in records]
+    if dtype == store.dtype or _compressed(store, part):
+        packed = [PackedTensor(r.name, r.shape, r.begin, r.end, r.dtype) for r in records]
         return packed, store.parts[part].data_bytes
     element = torch.empty((), dtype=dtype).element_size()
     offset, packed = 0, []
@@ -54,13 +62,15 @@ def pack_layout(store: Store, part: str, dtype: torch.dtype) -> tuple[list[Packe
         count = 1
         for size in record.shape:
             count *= size
-        packed.append(PackedTensor(record.name, record.shape, offset, offset + count * element))
+        packed.append(
+            PackedTensor(record.name, record.shape, offset, offset + count * element, dtype)
+        )
         offset += -(-(count * element) // ALIGNMENT) * ALIGNMENT
     return packed, offset
 
 
-def unpack(buffer: torch.Tensor, layout: list[PackedTensor], dtype: torch.dtype) -> Weights:
-    return {t.name: buffer[t.begin : t.end].view(dtype).view(t.shape) for t in layout}
+def unpack(buffer: torch.Tensor, layout: list[PackedTensor]) -> Weights:
+    return {t.name: buffer[t.begin : t.end].view(t.dtype).view(t.shape) for t in layout}
 
 
 def pack_into(buffer: torch.Tensor, layout: list[PackedTensor], tensors: Weights) -> None:
@@ -96,13 +106,22 @@ class StreamingWeights:
         self._verified: set[str] = set()
         self.bytes_streamed = 0
         self.bytes_from_disk = 0
+        self.quantization = getattr(store, "quantization", None)
+        # Compressed layers dequantize each matrix on access into this one buffer.
+        self._dequant_scratch = (
+            torch.empty(scratch_elements(self.config), dtype=dtype, device=self.device)
+            if self.quantization is not None
+            else None
+        )
         streamed = []
         for part, tier in placement.tiers.items():
             if tier == "gpu":
-                tensors = cast_part(
-                    store.read_part(part, verify=verify), dtype, part, str(store.parts[part].path)
-                )
-                self._resident[part] = {n: t.to(self.device) for n, t in tensors.items()}
+                tensors = self._read_cast(part)
+                on_device = {n: t.to(self.device) for n, t in tensors.items()}
+                if _compressed(store, part):
+                    self._resident[part] = self._as_weights(on_device, part)
+                else:
+                    self._resident[part] = on_device
                 self._verified.add(part)
                 continue
             layer_idx = int(part.removeprefix("layer_"))
@@ -111,10 +130,7 @@ class StreamingWeights:
             if tier == "cpu":
                 layout, size = self._layouts[layer_idx]
                 pinned = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
-                tensors = cast_part(
-                    store.read_part(part, verify=verify), dtype, part, str(store.parts[part].path)
-                )
-                pack_into(pinned, layout, tensors)
+                pack_into(pinned, layout, self._read_cast(part))
                 self._pinned[layer_idx] = pinned
                 self._verified.add(part)
         self._streamed = streamed
@@ -127,9 +143,8 @@ class StreamingWeights:
         self._disk = disk
         # Same dtype on disk and in compute: a layer goes from the drive to the relay by direct
         # I/O, its file offset read once from the header.
-        self._direct = (
-            RangeReader() if disk and dtype == store.dtype and isinstance(store, Store) else None
-        )
+        as_stored = dtype == store.dtype or self.quantization is not None
+        self._direct = RangeReader() if disk and as_stored and isinstance(store, Store) else None
         self._data_start = {
             idx: read_layout(store.parts[f"layer_{idx}"].path).data_start
             for idx in (disk if self._direct else ())
@@ -142,7 +157,7 @@ class StreamingWeights:
         ]
         scratch_bytes = (
             0
-            if dtype == store.dtype
+            if as_stored
             else max((store.parts[f"layer_{idx}"].data_bytes for idx in disk), default=0)
         )
         self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
@@ -152,6 +167,22 @@ class StreamingWeights:
             self._ready = [torch.cuda.Event() for _ in self._slots]
             self._free = [torch.cuda.Event() for _ in self._slots]
             self._relay_free = [torch.cuda.Event() for _ in self._relays]
+
+    def _read_cast(self, part: str) -> Weights:
+        """A part from the store, cast to the compute dtype (compressed layers stay as stored)."""
+        tensors = self.store.read_part(part, verify=self.verify)
+        if _compressed(self.store, part):
+            return tensors
+        return cast_part(tensors, self.dtype, part, str(self.store.parts[part].path))
+
+    def _as_weights(self, tensors: Weights, layer: int | str) -> Weights:
+        """What ``model.block`` reads: the tensors, or a dequantizing view of compressed ones."""
+        if self.quantization is None:
+            return tensors
+        part = layer if isinstance(layer, str) else f"layer_{layer}"
+        return DequantizingWeights(
+            tensors, self.quantization, self.dtype, self._dequant_scratch, part
+        )
 
     def close(self) -> None:
         self._reader.shutdown(wait=True)
@@ -188,7 +219,7 @@ class StreamingWeights:
             )
             if verify:
                 self.store.verify_part(part, relay)
-        elif self.dtype == self.store.dtype:
+        elif self.dtype == self.store.dtype or self.quantization is not None:
             self.store.read_part(part, buffer=relay, verify=verify)
         else:
             raw = self.store.read_part(part, buffer=self._scratch, verify=verify)
@@ -248,7 +279,7 @@ class StreamingWeights:
             elif self._cuda:
                 torch.cuda.current_stream(self.device).wait_event(self._ready[order % 2])
             layout, _ = self._layouts[layer_idx]
-            yield layer_idx, unpack(buffers.pop(order), layout, self.dtype)
+            yield layer_idx, self._as_weights(unpack(buffers.pop(order), layout), layer_idx)
             # The compute of this layer is enqueued (or, on the CPU, done): release its buffers
             # and start the next move, which then overlaps that compute.
             if self._cuda:
