@@ -1,4 +1,4 @@
-"""Compressed weights: bounded round-trip error, exact packing, the same block math, damage named."""
+"""Compressed weights: bounded error, exact packing, the same block math, damage named."""
 
 import json
 import shutil
