@@ -1,0 +1,240 @@
+"""The news-to-forecast flow end to end under ``prefect_test_harness``, and the demo.
+
+Real Prefect (a temporary server), real HTTP on loopback, a real SQLite file, a tiny model of the
+YaLM architecture converted by the real converter; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from flows_testkit import sample, write_config
+
+from flows.cli import main
+from flows.config import load_config
+from flows.console import run_markdown
+from flows.devicelock import DeviceBusyError, device_lock
+from flows.pipeline import GPU_LIMIT, is_transient
+from flows.store import open_store
+from yalm_runner.checkpoint import Store as ModelStore
+
+AS_OF = "2024-05-14T06:00:00Z"
+NEW_ITEM = """    <item>
+      <title>Сбербанк объявил об обратном выкупе акций</title>
+      <link>https://example.ru/markets/2024/05/14/sber-buyback</link>
+      <guid isPermaLink="false">markets-ru-100240</guid>
+      <pubDate>Tue, 14 May 2024 08:50:00 +0300</pubDate>
+      <description>Набсовет Сбербанка одобрил выкуп акций на 50 млрд рублей.</description>
+    </item>
+  </channel>"""
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def private_lock_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
+
+
+def pipeline_config(directory: Path, feed_server, model: Path, **overrides) -> Path:
+    templates = [
+        {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 10}},
+        {"name": "morning_brief_ru", "generation": {"max_new_tokens": 14}},
+    ]
+    settings = dict(
+        feeds=[{"name": n, "url": feed_server.url(f"/{n}")} for n in ("rss", "atom")],
+        templates=templates,
+        model=str(model),
+        generation={"device": "cpu", "checkpoint_every": 3},
+    )
+    return write_config(directory, **{**settings, **overrides})
+
+
+def forecasts_table(database: Path) -> list[tuple]:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        return connection.execute(
+            "SELECT prompt_key, text, token_ids_json, finish_reason, new_tokens, "
+            "model_manifest_hash FROM generations ORDER BY prompt_key"
+        ).fetchall()
+
+
+def results_json(config_path: Path, capsys) -> list[dict]:
+    capsys.readouterr()
+    assert main(["results", "--config", str(config_path), "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
+    harness, feed_server, tiny_store, tmp_path, capsys
+):
+    from prefect import get_client
+
+    from flows.pipeline import news_to_forecast
+
+    rss = feed_server.add("/rss", body=sample("markets_ru.rss.xml"), etag='"1"')
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    path = pipeline_config(tmp_path, feed_server, tiny_store)
+    config = load_config(path)
+
+    first = news_to_forecast(config_path=str(path), as_of=AS_OF)
+    assert first["ingest"] == {"run_id": 1, "feeds": 2, "new_items": 9, "failed": []}
+    assert first["render"] == {"new": 7, "existing": 0, "skipped": 0}  # 6 tickers + the brief
+    generated = first["generate"]
+    assert (generated["generated"], generated["failed"], generated["resumed"]) == (7, 0, 0)
+    assert generated["tokens_per_s"] > 0
+    assert "| generated | 7 |" in first["markdown"] and "| tokens/s |" in first["markdown"]
+
+    results = results_json(path, capsys)
+    assert len(results) == 7
+    manifest_hash = ModelStore.open(tiny_store).manifest_sha256
+    for row in results:
+        assert row["model_hash"] == manifest_hash
+        assert row["as_of"] == "2024-05-14" and row["template_version"] == 1
+        assert row["run_id"] == generated["run_id"] and len(row["prompt_key"]) == 64
+        assert 1 <= row["new_tokens"] <= 14 and row["finish_reason"] in ("eos", "length")
+    assert {row["ticker"] for row in results} == {None, "SBER", "GAZP", "LKOH", "YDEX", "AAPL"} | {
+        "NVDA"
+    }
+    before = forecasts_table(config.database_path)
+
+    # The limit that keeps generations off the GPU together exists and was given back.
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        artifact = client.read_latest_artifacts()
+    assert (limit.limit, limit.active_slots) == (1, 0)
+    assert any(item.key == "news-to-forecast-run" for item in artifact)
+
+    second = news_to_forecast(config_path=str(path), as_of=AS_OF)
+    assert second["ingest"]["new_items"] == 0 and second["render"]["new"] == 0
+    assert second["generate"]["generated"] == 0 and second["generate"]["pending"] == 0
+    assert forecasts_table(config.database_path) == before
+
+    rss.body = sample("markets_ru.rss.xml").replace(b"  </channel>", NEW_ITEM.encode())
+    rss.etag = '"2"'
+    third = news_to_forecast(config_path=str(path), as_of=AS_OF)
+    assert third["ingest"]["new_items"] == 1
+    # The item is about SBER: its outlook and the market brief change; nothing else does.
+    assert third["render"] == {"new": 2, "existing": 5, "skipped": 0}
+    assert third["generate"]["generated"] == 2
+    after = forecasts_table(config.database_path)
+    assert len(after) == 9 and set(before) <= set(after)
+    newest = results_json(path, capsys)[:2]
+    assert {row["ticker"] for row in newest} == {"SBER", None}
+    assert all(row["run_id"] == third["generate"]["run_id"] for row in newest)
+
+
+def test_run_command_prints_the_summary_and_a_bad_model_loses_nothing(
+    harness, feed_server, tiny_store, tmp_path, capsys
+):
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=b"", status=404)
+    broken = tmp_path / "broken-store"
+    broken.mkdir()
+    path = pipeline_config(
+        tmp_path, feed_server, broken, tokenizer=str(ModelStore.open(tiny_store).tokenizer_path)
+    )
+    code = main(["run", "--config", str(path), "--as-of", AS_OF])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines()[-1].startswith("yalm-forecast: error: ")
+    assert str(broken) in err.splitlines()[-1]
+    config = load_config(path)
+    with open_store(config.database_url) as store:
+        from flows.generations import pending_prompts
+
+        assert len(pending_prompts(store)) == 5  # rendered, still queued for a good model
+    log_text = config.log_file.read_text(encoding="utf-8")
+    assert "ingest: feed atom failed: HTTP 404" in log_text
+    assert "render: 5 new prompts" in log_text
+
+    fixed = pipeline_config(tmp_path, feed_server, tiny_store)
+    code = main(["run", "--config", str(fixed), "--as-of", AS_OF])
+    out = capsys.readouterr().out
+    assert code == 3  # the atom feed still fails
+    assert "| generated | 5 |" in out and "feed `atom`: HTTP 404" in out
+
+
+def test_demo_then_results_in_the_same_folder(harness, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "yalm-forecast results" in out and "forecast.sqlite" in out
+    assert (tmp_path / "yalm-forecast.yaml").is_file()
+    results = results_json(tmp_path / "yalm-forecast.yaml", capsys)
+    assert main(["results", "--format", "json"]) == 0  # the default config is the demo's
+    assert json.loads(capsys.readouterr().out) == results
+    assert len(results) == 13 and {row["template"] for row in results} == {
+        "ticker_outlook_ru",
+        "ticker_outlook_en",
+        "morning_brief_ru",
+    }
+    # Someone's own config is never overwritten; a second demo adds nothing.
+    mine = tmp_path / "yalm-forecast.yaml"
+    mine.write_text("database: mine.sqlite\n", encoding="utf-8")
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert mine.read_text(encoding="utf-8") == "database: mine.sqlite\n"
+    assert "--config yalm-forecast-demo/yalm-forecast.yaml" in out
+    assert "| generated | 0 |" in out
+
+
+def test_only_transient_faults_are_retried():
+    import httpx
+    import torch
+
+    from flows.errors import PipelineConfigError, StoreError
+    from yalm_runner.errors import CheckpointError, OffloadError
+
+    def wrapped(cause: BaseException) -> StoreError:
+        try:
+            raise StoreError("forecast.sqlite: database is locked") from cause
+        except StoreError as exc:
+            return exc
+
+    assert is_transient(wrapped(sqlite3.OperationalError("database is locked")))
+    assert is_transient(httpx.ConnectError("connection refused"))
+    assert is_transient(OSError(5, "Input/output error"))
+    assert not is_transient(wrapped(sqlite3.OperationalError("no such table: prompts")))
+    assert not is_transient(FileNotFoundError(2, "No such file"))
+    assert not is_transient(PipelineConfigError("generation.dtype: one of ..."))
+    assert not is_transient(CheckpointError("layer_001.safetensors: sha256 mismatch"))
+    assert not is_transient(OffloadError("batch size 64 does not fit"))
+    assert not is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+
+
+def test_the_device_lock_admits_one_holder(tmp_path):
+    with device_lock("cuda") as path:
+        assert "pid" in path.read_text()
+        busy = pytest.raises(DeviceBusyError, match="another generation is using the device")
+        with busy, device_lock("cuda:0", timeout_s=0):
+            pass
+        with device_lock("cpu"):  # another device: its own lock
+            pass
+    with device_lock("cuda", timeout_s=0):
+        pass
+
+
+def test_summary_table_names_what_failed():
+    markdown = run_markdown(
+        {
+            "as_of": AS_OF,
+            "ingest": {
+                "feeds": 3,
+                "new_items": 4,
+                "failed": [{"feed": "rbc", "reason": "HTTP 503"}],
+            },
+            "render": {"new": 2, "existing": 1, "skipped": 0},
+            "generate": {"generated": 1, "failures": [["ab" * 32, "too long"]], "tokens_per_s": 9},
+        }
+    )
+    assert "| failed | 2 | 1 feeds, 1 prompts |" in markdown
+    assert "- feed `rbc`: HTTP 503" in markdown and "too long" in markdown
