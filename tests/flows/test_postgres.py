@@ -269,6 +269,28 @@ def test_claims_respect_a_shard_and_bad_arguments_are_named(any_store):
         claim_prompts(any_store, "w", limit=0, lease_seconds=5)
 
 
+def test_a_claimer_skips_rows_another_claimer_has_locked(pg_store, pg_url):
+    for index in range(4):
+        save_prompt(pg_store, make_prompt(f"p{index}"))
+    result = {}
+
+    def claim():
+        result["keys"] = claim_prompts(pg_store, "w2", limit=2, lease_seconds=60)
+
+    with psycopg.connect(pg_url.replace("+psycopg", "")) as other:
+        # Another claimer is mid-transaction, holding the two oldest prompts.
+        other.execute("SELECT key FROM prompts WHERE key IN ('p0', 'p1') FOR UPDATE")
+        thread = threading.Thread(target=claim)
+        thread.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        wait_for(lambda: not thread.is_alive() or scalar(pg_store, waiting) > 0, timeout_s=30)
+        blocked = thread.is_alive()
+        other.rollback()
+        thread.join()
+    assert not blocked, "the claim waited for another claimer's row locks"
+    assert result["keys"] == ["p2", "p3"]
+
+
 def test_two_holders_finishing_the_same_prompt_leave_one_forecast(pg_store, pg_url):
     """Worker A's lease ran out while it was still busy; B took the prompt. Both finish at once:
     B's insert waits on A's uncommitted row, then the unique key refuses it; A's forecast wins."""
