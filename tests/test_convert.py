@@ -14,6 +14,7 @@ from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import CheckpointError, ConfigError
 from yalm_runner.offload import ResidentWeights
+from yalm_runner.quant import Quantization, QuantizedResidentWeights
 from yalm_runner.release import load_release_file, release_file_name
 from yalm_runner.tiny import TinySpec, make_tiny
 
@@ -76,6 +77,30 @@ def test_tensor_parallel_shards_merge_to_the_same_model(tmp_path):
         for store in stores
     ]
     assert [row.new_ids for row in outputs[0]] == [row.new_ids for row in outputs[1]]
+
+
+def test_tensor_parallel_shards_quantize_to_the_same_store(tmp_path):
+    spec = dict(num_layers=2, hidden_size=96, num_heads=6, ffn_size=172, dtype=torch.bfloat16)
+    make_tiny(tmp_path / "tp1", TinySpec(**spec))
+    make_tiny(tmp_path / "tp2", TinySpec(**spec, tensor_parallel=2))
+    stores = [
+        Store.open(
+            convert_release(
+                tmp_path / f"tp{n}",
+                tmp_path / f"s{n}",
+                num_heads=6,
+                quantization=Quantization("int4"),
+            ).parent
+        )
+        for n in (1, 2)
+    ]
+    for part in stores[0].parts:
+        ours, theirs = stores[0].read_part(part), stores[1].read_part(part)
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    ids = Engine(QuantizedResidentWeights(stores[1], "cpu", torch.float32)).generate(
+        [Request("a", (1, 50, 60), 4)], SamplingParams(greedy=True)
+    )
+    assert len(ids[0].new_ids) == 4
 
 
 def test_fp16_overflow_is_refused_and_no_store_is_claimed(tmp_path):
@@ -154,8 +179,11 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tiny_release, t
 
 
 @pytest.mark.slow
-def test_peak_memory_stays_near_one_release_file(tmp_path):
-    """Peak RSS <= 2 x the largest input file + 1 GiB, on a ~460 MB checkpoint."""
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_peak_memory_stays_near_one_release_file(tmp_path, quantize):
+    """Peak RSS <= 2 x the largest input file + 1 GiB, on a ~460 MB checkpoint, compressed too
+    (a part's compressed matrices wait in memory for their turn in the file: a quarter of the
+    fp32 input with int8)."""
     release = tmp_path / "rel"
     make_tiny(
         release,
@@ -177,6 +205,7 @@ def test_peak_memory_stays_near_one_release_file(tmp_path):
         import json, resource
         import torch
         from yalm_runner.convert import convert_release
+        from yalm_runner.quant import Quantization
 
         def rss_kib(field):
             for line in open("/proc/self/status"):
@@ -184,7 +213,10 @@ def test_peak_memory_stays_near_one_release_file(tmp_path):
                     return int(line.split()[1])
 
         baseline = rss_kib("VmRSS:")
-        convert_release({str(release)!r}, {str(tmp_path / "store")!r}, num_heads=16)
+        quantization = Quantization({quantize!r}) if {quantize!r} else None
+        convert_release(
+            {str(release)!r}, {str(tmp_path / "store")!r}, num_heads=16, quantization=quantization
+        )
         print(json.dumps({{"baseline": baseline * 1024, "peak": rss_kib("VmHWM:") * 1024}}))
     """)
     result = subprocess.run(
@@ -193,7 +225,8 @@ def test_peak_memory_stays_near_one_release_file(tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     growth = (figures["peak"] - figures["baseline"]) / largest
     print(
-        f"\nconvert: total {total / 1e6:.0f} MB, largest file {largest / 1e6:.0f} MB, "
+        f"\nconvert ({quantize or 'fp32'}): total {total / 1e6:.0f} MB, "
+        f"largest file {largest / 1e6:.0f} MB, "
         f"baseline RSS {figures['baseline'] / 1e6:.0f} MB, peak RSS {figures['peak'] / 1e6:.0f} "
         f"MB (bound {(2 * largest + 2**30) / 1e6:.0f} MB; growth {growth:.2f}x largest file)"
     )
