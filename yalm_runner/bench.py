@@ -210,7 +210,12 @@ def _cap_gpu(cap_bytes: int | None) -> None:
 def _try_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps) -> BenchRow | None:
     _cap_gpu(policy.gpu_memory_bytes)
     try:
-        return run_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps)
+        row = run_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps)
+        _log(
+            f"{row.system} B={batch}: {row.tokens_per_s:.1f} tok/s, "
+            f"{row.decode_step_s * 1e3:.0f} ms/step"
+        )
+        return row
     except (OffloadError, torch.OutOfMemoryError) as exc:
         _log(f"ours B={batch}: does not fit: {str(exc).splitlines()[0]}")
         return None
@@ -321,6 +326,7 @@ def run_bench(
     json_path: Path | None,
     *,
     peers: tuple[str, ...] = (),
+    uncapped_peers: tuple[str, ...] | None = None,
     uncapped_batch: int = 32,
     max_batch: int = 256,
     peer_timeout_s: float = 900.0,
@@ -338,7 +344,8 @@ def run_bench(
         raise ConfigError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     from yalm_runner.bench_peers import SYSTEMS
 
-    unknown = [name for name in peers if name not in SYSTEMS]
+    uncapped_peers = peers if uncapped_peers is None else uncapped_peers
+    unknown = [name for name in (*peers, *uncapped_peers) if name not in SYSTEMS]
     if unknown:
         raise ConfigError(f"unknown peers {unknown}; choose from {list(SYSTEMS)}")
     if peers and gpu_memory is None:
@@ -371,6 +378,7 @@ def run_bench(
             uncapped = replace(base, gpu_memory_bytes=None)
             row = _try_ours(weights, uncapped_batch, prompt_len, new_tokens, uncapped, pinned)
             rows += [row] if row else []
+    del weights  # its pinned copy of the model goes before the peers make theirs
     torch.cuda.empty_cache()
     peer_results = []
     if peers:
@@ -393,6 +401,7 @@ def run_bench(
             )  # fmt: skip
             peer_results += tried
             rows += [_peer_row(best, pinned)] if best else []
+        for system in uncapped_peers:
             result = run_peer(
                 system, shape, layers_arg, uncapped_batch, prompt_len, new_tokens, None,
                 peer_timeout_s,

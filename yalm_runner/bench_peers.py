@@ -47,6 +47,10 @@ CAP_MARGIN_BYTES = 256 * 2**20
 PartSource = Callable[[str], dict[str, torch.Tensor]]
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _attr(name: str) -> str:
     """A release tensor name as a parameter attribute (``nn.Module`` names may not hold dots)."""
     return name.replace(".", "__")
@@ -418,6 +422,7 @@ def run_system(
             raise ValueError(f"unknown system {system!r}; choose one of {SYSTEMS}")
         peer.eval()
         peer.set_rotary(device, dtype)
+        _log(f"{system} B={batch}: built ({streamed / 2**30:.2f} GiB offloaded per pass)")
         generate_greedy(
             peer, bench_prompts(1, min(prompt_len, 8), config.vocab_size), 2, device, dtype
         )
@@ -528,10 +533,15 @@ def main(argv: list[str] | None = None) -> int:
         args.max_new_tokens,
         args.cap_bytes or None,
     )
-    print(
-        f"{SYSTEM_LABELS[args.system]} B={args.batch}: "
-        f"{'ok' if result.ok else result.error} in {time.perf_counter() - began:.0f} s",
-        file=sys.stderr,
+    outcome = (
+        f"{result.tokens_per_s:.1f} tok/s, {result.decode_step_s * 1e3:.0f} ms/step, peak "
+        f"{result.peak_gpu_bytes / 2**30:.2f} GiB"
+        if result.ok
+        else result.error
+    )
+    _log(
+        f"{SYSTEM_LABELS[args.system]} B={args.batch}: {outcome} "
+        f"({time.perf_counter() - began:.0f} s)"
     )
     print(json.dumps(asdict(result)), flush=True)
     return 0

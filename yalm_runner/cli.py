@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="also run these under the same workload: accelerate,zero (needs --gpu-memory)",
     )
+    _add(bench, "--uncapped-peers", help="peers of the uncapped comparison (default: --peers)")
     _add(bench, "--uncapped-batch", type=int, default=32, help="batch of the uncapped comparison")
     _add(bench, "--max-batch", type=int, default=256, help="largest batch the cap search tries")
     _add(bench, "--peer-timeout", type=float, default=900.0, help="seconds per peer run")
@@ -258,6 +259,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.layers,
         args.json,
         peers=tuple(name.strip() for name in str(args.peers).split(",") if name.strip()),
+        uncapped_peers=None
+        if args.uncapped_peers is None
+        else tuple(name.strip() for name in str(args.uncapped_peers).split(",") if name.strip()),
         uncapped_batch=args.uncapped_batch,
         max_batch=args.max_batch,
         peer_timeout_s=args.peer_timeout,
