@@ -357,6 +357,10 @@ class DequantizingWeights(Mapping[str, torch.Tensor]):
     the next lookup; ``in`` is answered without dequantizing. On CUDA every step runs on the
     current stream, so the next dequantization is ordered after the matmul that reads the
     scratch. Other tensors are cast to ``dtype`` once, at construction.
+
+    With ``dtype`` fp16, construction checks that no value overflows it, which reads values
+    back (a device sync on CUDA); a source that builds one per layer per pass should check on
+    the first pass and pass ``check_range=False`` after.
     """
 
     def __init__(
@@ -366,17 +370,18 @@ class DequantizingWeights(Mapping[str, torch.Tensor]):
         dtype: torch.dtype,
         scratch: torch.Tensor | None = None,
         where: str = "layer",
+        check_range: bool = True,
     ):
         self.quantization = quantization
         self.dtype = dtype
         self._stored = stored
         self._matrices = {matrix_of(name) for name in stored} - {None}
         self._plain = {
-            name: to_compute(tensor, dtype, name, where)
+            name: to_compute(tensor, dtype, name, where) if check_range else tensor.to(dtype)
             for name, tensor in stored.items()
             if matrix_of(name) is None
         }
-        if dtype == torch.float16:
+        if dtype == torch.float16 and check_range:
             for matrix in self._matrices:
                 if _max_abs(stored, matrix) > FP16_MAX:
                     raise ConfigError(
