@@ -19,8 +19,8 @@ from yalm_runner import __version__
 from yalm_runner.errors import YalmError
 
 EXAMPLES = {
-    "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-store/ --dtype bf16"
-    "\n         yalm-runner convert yalm100b_checkpoint/ yalm100b-int4/ --quantize int4",
+    "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-int4/ --quantize int4 "
+    "  (or --dtype bf16 for a 16-bit store)",
     "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
     "-n 64 --stop $'\\n'   (after a crash, run the same command again to resume)",
     "inspect": "example: yalm-runner inspect store/",
@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(generate, "--top-k", type=int, default=0, help="top-k filter (0 = off)")
     _add(generate, "-n", "--max-new-tokens", type=int, default=128, help="new tokens per row")
     _add(generate, "-s", "--seed", type=int, default=1234, help="sampling seed")
-    _add(generate, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add(
+        generate,
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all",
+    )
     _add(
         generate,
         "--dtype",
@@ -321,7 +326,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from yalm_runner.config import SamplingParams
     from yalm_runner.convert import parse_dtype
     from yalm_runner.runner import GenerationInterrupted, generate_file
-    from yalm_runner.session import resolve_device
+    from yalm_runner.session import resolve_devices
 
     sampling = SamplingParams(
         greedy=args.greedy,
@@ -330,10 +335,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    device = resolve_device(args.device)
+    devices = resolve_devices(args.device)
+    device = devices[0]
     dtype = parse_dtype(args.dtype) if args.dtype else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    for each in devices:
+        if each.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(each)
     started = time.perf_counter()
     try:
         stats = generate_file(
@@ -342,7 +349,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             args.output,
             sampling=sampling,
             max_new_tokens=args.max_new_tokens,
-            device=device,
+            device=args.device,
             dtype=dtype,
             batch_size=args.batch_size,
             policy=_policy(args),
@@ -364,7 +371,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"({stats.bytes_moved / 1e9 / max(elapsed, 1e-9):.2f} GB/s); "
         f"peak RSS {_peak_rss_gib():.2f} GiB"
         + (
-            f"; peak GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+            f"; peak GPU {max(map(torch.cuda.max_memory_allocated, devices)) / 2**30:.2f} GiB"
             + (f" of the {args.gpu_memory} budget" if args.gpu_memory else "")
             if device.type == "cuda"
             else ""

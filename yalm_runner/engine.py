@@ -113,6 +113,11 @@ class Engine:
         self.rotary = model.Rotary.build(self.config, self.device, self.dtype)
         self.stats = GenerationStats()
         self._live: _Batch | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Make a ``generate`` running in another thread stop at its next step."""
+        self._cancelled = True
 
     def check(self, request: Request) -> None:
         """Raise ``GenerationError`` if ``request`` cannot run on this model."""
@@ -151,23 +156,7 @@ class Engine:
         such a row finishes with reason ``"stop"``.
         """
         pending = list(requests)
-        for request in pending:
-            self.check(request)
-        finished: dict[str, Finished] = {}
-        for request in pending:
-            if request.remaining <= 0 or (
-                request.generated and request.generated[-1] == self.eos_id
-            ):
-                reason = (
-                    "eos"
-                    if request.generated and request.generated[-1] == self.eos_id
-                    else "length"
-                )
-                done = Finished(request.key, request.prompt_ids, request.generated, reason)
-                finished[request.key] = done
-                if on_finished is not None:
-                    on_finished(done)
-        runnable = [request for request in pending if request.key not in finished]
+        finished, runnable = self.settle(pending, on_finished)
         for start in range(0, len(runnable), batch_size):
             batch = runnable[start : start + batch_size]
             for done in self._run_batch(batch, sampling, checkpoint_every, on_checkpoint, stop):
@@ -175,6 +164,24 @@ class Engine:
                 if on_finished is not None:
                     on_finished(done)
         return [finished[request.key] for request in pending]
+
+    def settle(
+        self, requests: list[Request], on_finished: Callable[[Finished], None] | None = None
+    ) -> tuple[dict[str, Finished], list[Request]]:
+        """Check every request; finish those a resume left complete; return them and the rest
+        (in order: the batches are cut from that list)."""
+        for request in requests:
+            self.check(request)
+        finished: dict[str, Finished] = {}
+        for request in requests:
+            ended = request.generated and request.generated[-1] == self.eos_id
+            if request.remaining <= 0 or ended:
+                reason = "eos" if ended else "length"
+                done = Finished(request.key, request.prompt_ids, request.generated, reason)
+                finished[request.key] = done
+                if on_finished is not None:
+                    on_finished(done)
+        return finished, [request for request in requests if request.key not in finished]
 
     def snapshot(self) -> dict[str, tuple[int, ...]]:
         """The ids generated so far by each row in flight; safe to call from a signal handler."""
@@ -263,6 +270,8 @@ class Engine:
             yield from done
             if not keep:
                 break
+            if self._cancelled:
+                raise GenerationError("generation cancelled")
             step += 1
             if checkpoint_every and on_checkpoint is not None and step % checkpoint_every == 0:
                 on_checkpoint(self.snapshot())

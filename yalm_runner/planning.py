@@ -91,11 +91,13 @@ def plan_memory(
     max_context: int,
     prompt_tokens: int | None = None,
     rows: int | None = None,
+    copies: int = 1,
 ) -> MemoryPlan:
     """Choose the batch and KV placement for ``policy``; raise ``OffloadError`` if none fits.
 
     ``prompt_tokens`` is the longest prefill (``max_context`` when unknown); ``rows`` caps the
-    chosen batch at the number of requests there are.
+    chosen batch at the number of requests there are. ``copies`` devices each run a batch under
+    the GPU budget; they share the pinned weights but each has its own pinned KV.
     """
     config = store.config
     element = _element(dtype)
@@ -128,7 +130,7 @@ def plan_memory(
             )
             return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
-        host = batch * kv_row
+        host = copies * batch * kv_row
         cpu_budget = policy.cpu_memory_bytes
         if cpu_budget is not None and host >= cpu_budget:
             raise OffloadError(
@@ -148,7 +150,7 @@ def plan_memory(
                 errors.append(str(exc))
         raise OffloadError(f"batch size {batch_size} does not fit: " + "; ".join(errors))
 
-    cap = min(MAX_BATCH, rows) if rows else MAX_BATCH
+    cap = min(MAX_BATCH, -(-rows // copies)) if rows else MAX_BATCH
     best: MemoryPlan | None = None
     failure = ""
     for kv_on in kv_choices:

@@ -36,7 +36,7 @@ from yalm_runner.resume import (
     OutputLog,
     StateFile,
 )
-from yalm_runner.session import default_dtype, open_session
+from yalm_runner.session import default_dtype, open_session, resolve_devices
 from yalm_runner.tokenizer import Tokenizer
 
 MEASURED_PINNED_GBPS = 55.0  # the lent H200's pinned host-to-device copies (PCIe 5)
@@ -193,7 +193,7 @@ def generate_file(
     *,
     sampling: SamplingParams,
     max_new_tokens: int,
-    device: torch.device,
+    device: torch.device | str,
     dtype: torch.dtype | None = None,
     batch_size: int | None = None,
     policy: OffloadPolicy | None = None,
@@ -227,7 +227,8 @@ def generate_file(
     known = set(keys)
     store = Store.open(store_path)
     tokenizer = Tokenizer(store.tokenizer_path)
-    dtype = dtype or default_dtype(store, device)
+    devices = resolve_devices(device)
+    dtype = dtype or default_dtype(store, devices[0])
     fingerprint = JobFingerprint.for_job(
         store_manifest_sha256=store.manifest_sha256,
         input_path=input_path,
@@ -235,7 +236,7 @@ def generate_file(
         max_new_tokens=max_new_tokens,
         stop=stop,
         dtype=str(dtype).removeprefix("torch."),
-        device_type=device.type,
+        device_type=devices[0].type,
     )
     state_file = StateFile.beside(output_path)
     saved = _saved_state(state_file, fingerprint) if resume else None
@@ -264,7 +265,7 @@ def generate_file(
         session = stack.enter_context(
             open_session(
                 store_path,
-                device=device,
+                device=",".join(str(each) for each in devices),
                 dtype=dtype,
                 policy=policy,
                 batch_size=batch_size,

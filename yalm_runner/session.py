@@ -9,7 +9,7 @@ asked for, checked against them). Everything heavy is released when the ``with``
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 from yalm_runner.checkpoint import Store
 from yalm_runner.engine import Engine
 from yalm_runner.errors import ConfigError
+from yalm_runner.multigpu import MultiEngine
 from yalm_runner.offload import OffloadPolicy, Placement
 from yalm_runner.planning import MemoryPlan, plan_memory
 from yalm_runner.streaming import StreamingWeights
@@ -28,10 +29,36 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} asked for, but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
     return device
+
+
+def resolve_devices(names: str | torch.device) -> list[torch.device]:
+    """A device, or several separated by commas (``cuda:0,cuda:1``); ``cuda:all`` is every GPU."""
+    text = str(names)
+    if text == "cuda:all":
+        if not torch.cuda.is_available():
+            raise ConfigError("cuda:all asked for, but no CUDA device is available")
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    devices = [resolve_device(name.strip()) for name in text.split(",") if name.strip()]
+    if len(set(devices)) != len(devices):
+        raise ConfigError(f"a device is named twice in {text!r}")
+    if (
+        len(devices) > 1
+        and any(device.type != "cuda" for device in devices[1:])
+        and (devices[0].type == "cuda")
+    ):
+        raise ConfigError(f"devices {text!r} mix CUDA and the CPU")
+    return devices
 
 
 def default_dtype(store: Store, device: torch.device) -> torch.dtype:
@@ -47,8 +74,8 @@ class GenerationSession:
 
     store: Store
     tokenizer: Tokenizer
-    engine: Engine
-    plan: MemoryPlan
+    engine: Engine | MultiEngine
+    plan: MemoryPlan  # for each device
 
     @property
     def batch_size(self) -> int:
@@ -78,10 +105,13 @@ def open_session(
     positions when not given); with ``batch_size`` it sizes the KV cache, and ``prompt_tokens``
     (the longest prefill) the activations. When ``batch_size`` is None the planner picks the
     batch (at most ``rows``) that the budgets make fastest. Over-budget plans raise
-    ``OffloadError`` with the numbers before anything is loaded.
+    ``OffloadError`` with the numbers before anything is loaded. ``device`` may name several
+    GPUs (``cuda:0,cuda:1``): each gets the budgets, they share one pinned copy of the weights,
+    and batches alternate between them (``multigpu``).
     """
     store = Store.open(Path(store_path))
-    device = resolve_device(device)
+    devices = resolve_devices(device)
+    device = devices[0]
     dtype = dtype or default_dtype(store, device)
     policy = policy or OffloadPolicy()
     plan = plan_memory(
@@ -93,10 +123,25 @@ def open_session(
         max_context=max_context or store.config.max_positions,
         prompt_tokens=prompt_tokens,
         rows=rows,
+        copies=len(devices),
     )
     tokenizer = Tokenizer(store.tokenizer_path)
-    with StreamingWeights(
-        store, device, dtype, plan.placement, overlap=policy.overlap, verify=verify
-    ) as weights:
-        engine = Engine(weights, kv_on=plan.kv_on)
+    with ExitStack() as stack:
+        sources: list[StreamingWeights] = []
+        for each in devices:
+            sources.append(
+                stack.enter_context(
+                    StreamingWeights(
+                        store,
+                        each,
+                        dtype,
+                        plan.placement,
+                        overlap=policy.overlap,
+                        verify=verify,
+                        share_pinned=sources[0] if sources else None,
+                    )
+                )
+            )
+        engines = [Engine(source, kv_on=plan.kv_on) for source in sources]
+        engine = engines[0] if len(engines) == 1 else MultiEngine(engines)
         yield GenerationSession(store, tokenizer, engine, plan)

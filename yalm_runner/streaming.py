@@ -91,7 +91,11 @@ class StreamingWeights:
         *,
         overlap: bool = True,
         verify: bool = True,
+        share_pinned: StreamingWeights | None = None,
     ):
+        """``share_pinned``: another source over the same store, dtype and placement whose
+        pinned-RAM layers this one streams too (one host copy for several GPUs: pinned memory
+        is visible to every device)."""
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -127,7 +131,10 @@ class StreamingWeights:
             layer_idx = int(part.removeprefix("layer_"))
             self._layouts[layer_idx] = pack_layout(store, part, dtype)
             streamed.append(layer_idx)
-            if tier == "cpu":
+            if tier == "cpu" and share_pinned is not None:
+                self._pinned[layer_idx] = share_pinned._pinned[layer_idx]
+                self._verified.add(part)
+            elif tier == "cpu":
                 layout, size = self._layouts[layer_idx]
                 pinned = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
                 pack_into(pinned, layout, self._read_cast(part))

@@ -1,0 +1,86 @@
+"""Several devices: batches alternate between engines and the output is one engine's."""
+
+import pytest
+import torch
+
+from yalm_runner.checkpoint import Store
+from yalm_runner.config import SamplingParams
+from yalm_runner.engine import Engine, Request
+from yalm_runner.errors import ConfigError, GenerationError
+from yalm_runner.multigpu import MultiEngine
+from yalm_runner.offload import OffloadPolicy, plan_placement
+from yalm_runner.session import open_session, resolve_devices
+from yalm_runner.streaming import StreamingWeights, part_bytes_in
+
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
+REQUESTS = [
+    Request(f"row{n}", tuple([1, *range(100 + n, 100 + n + 1 + n % 4)]), 4 + n % 5)
+    for n in range(7)
+]
+
+
+def two_sources(store, placement):
+    first = StreamingWeights(store, "cpu", torch.float32, placement)
+    second = StreamingWeights(store, "cpu", torch.float32, placement, share_pinned=first)
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return Store.open(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def placement(store):
+    return plan_placement(part_bytes_in(store, torch.float32), OffloadPolicy(weights_on="cpu"))
+
+
+def test_two_engines_give_one_engines_output_and_share_pinned_layers(store, placement):
+    first, second = two_sources(store, placement)
+    with first, second:
+        assert second._pinned[0] is first._pinned[0]
+        expected = Engine(first).generate(REQUESTS, SAMPLED, batch_size=2)
+        seen = []
+        multi = MultiEngine([Engine(first), Engine(second)])
+        got = multi.generate(REQUESTS, SAMPLED, batch_size=2, on_finished=seen.append)
+    assert got == expected
+    assert sorted(done.key for done in seen) == sorted(r.key for r in REQUESTS)
+    # Four batches of two, alternating: both engines worked.
+    assert [len(engine.stats.batch_sizes) for engine in multi.engines] == [2, 2]
+    assert multi.stats.new_tokens == sum(len(done.new_ids) for done in got)
+
+
+def test_a_failure_on_one_device_stops_the_others_and_is_raised(store, placement):
+    first, second = two_sources(store, placement)
+
+    def stop(request, generated):
+        if request.key == "row2":  # the second batch: the second engine's
+            raise GenerationError("row2: broken stop rule")
+        return False
+
+    with first, second:
+        multi = MultiEngine([Engine(first), Engine(second)])
+        with pytest.raises(GenerationError, match="row2: broken stop rule"):
+            multi.generate(REQUESTS, SAMPLED, batch_size=2, stop=stop)
+
+
+def test_device_lists_are_checked():
+    assert resolve_devices("cpu") == [torch.device("cpu")]
+    with pytest.raises(ConfigError, match="named twice"):
+        resolve_devices("cpu,cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        resolve_devices("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is available"):
+            resolve_devices("cuda:0,cuda:1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_give_one_gpus_output_in_bf16(tiny_store):
+    policy = OffloadPolicy(weights_on="cpu")
+    results = {}
+    for devices in ("cuda:0", "cuda:0,cuda:1"):
+        with open_session(tiny_store, device=devices, policy=policy, batch_size=2) as session:
+            results[devices] = session.engine.generate(REQUESTS, SAMPLED, batch_size=2)
+    assert results["cuda:0"] == results["cuda:0,cuda:1"]

@@ -1,0 +1,142 @@
+"""Several GPUs in one host: each streams the weights over its own link for its share of batches.
+
+Offloaded decoding is bound by the host-to-device link: one step costs the streamed bytes over
+the link's bandwidth, whatever the batch. A second GPU brings a second link. ``MultiEngine`` cuts
+the requests into batches exactly as one ``Engine`` would and runs batch k on device k mod n, one
+thread per device (the GIL is released while CUDA works and while copies fly). Every device
+streams from the same pinned host copy of the weights (``StreamingWeights(share_pinned=...)``).
+
+Because a batch holds the same rows in the same order whichever device runs it, and sampling
+depends only on (seed, row key, step), the output is identical to one GPU's, token for token,
+on GPUs of one model. Throughput grows with the number of links when there are at least as many
+batches as devices: a night's prompts beyond what one batch holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from yalm_runner.config import SamplingParams
+from yalm_runner.engine import Engine, Finished, GenerationStats, Request
+
+
+class MultiEngine:
+    """``Engine``'s interface over one engine per device."""
+
+    def __init__(self, engines: list[Engine]):
+        if not engines:
+            raise ValueError("MultiEngine needs at least one engine")
+        self.engines = engines
+        self.config = engines[0].config
+        self.device = engines[0].device
+        self.dtype = engines[0].dtype
+        self._lock = threading.Lock()
+        self._wall_s = 0.0
+
+    def check(self, request: Request) -> None:
+        self.engines[0].check(request)
+
+    def cancel(self) -> None:
+        for engine in self.engines:
+            engine.cancel()
+
+    @property
+    def stats(self) -> GenerationStats:
+        """The engines' counts added up; times are wall-clock, split as the engines' were."""
+        total = GenerationStats()
+        for engine in self.engines:
+            part = engine.stats
+            total.rows += part.rows
+            total.prompt_tokens += part.prompt_tokens
+            total.new_tokens += part.new_tokens
+            total.forward_passes += part.forward_passes
+            total.batch_sizes += part.batch_sizes
+            total.bytes_moved += part.bytes_moved
+        busy = sum(e.stats.prefill_s + e.stats.decode_s for e in self.engines)
+        prefill = sum(e.stats.prefill_s for e in self.engines)
+        share = prefill / busy if busy else 0.0
+        total.prefill_s = self._wall_s * share
+        total.decode_s = self._wall_s - total.prefill_s
+        return total
+
+    def snapshot(self) -> dict[str, tuple[int, ...]]:
+        merged: dict[str, tuple[int, ...]] = {}
+        for engine in self.engines:
+            merged.update(engine.snapshot())
+        return merged
+
+    def generate(
+        self,
+        requests: Iterable[Request],
+        sampling: SamplingParams,
+        *,
+        batch_size: int = 32,
+        on_finished: Callable[[Finished], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
+    ) -> list[Finished]:
+        """As ``Engine.generate``; callbacks are called from the device threads, one at a time."""
+        pending = list(requests)
+        finished, runnable = self.engines[0].settle(pending, on_finished)
+        batches = [
+            runnable[start : start + batch_size] for start in range(0, len(runnable), batch_size)
+        ]
+        count = len(self.engines)
+        shares = [
+            [row for batch in batches[index::count] for row in batch] for index in range(count)
+        ]
+
+        def locked(callback):
+            if callback is None:
+                return None
+
+            def call(*args):
+                with self._lock:
+                    return callback(*args)
+
+            return call
+
+        errors: list[BaseException] = []
+
+        def work(engine: Engine, share: list[Request]) -> None:
+            try:
+                for done in engine.generate(
+                    share,
+                    sampling,
+                    batch_size=batch_size,
+                    on_finished=locked(on_finished),
+                    checkpoint_every=checkpoint_every,
+                    on_checkpoint=locked(on_checkpoint),
+                    stop=locked(stop),
+                ):
+                    finished[done.key] = done
+            except BaseException as exc:  # handed to the calling thread below
+                errors.append(exc)
+                self.cancel()
+
+        threads = [
+            threading.Thread(target=work, args=(engine, share), name=f"yalm-{engine.device}")
+            for engine, share in zip(self.engines, shares, strict=True)
+            if share
+        ]
+        began = time.perf_counter()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            # A signal in the calling thread (SIGINT, SIGTERM): stop the devices, then let the
+            # caller save what they hold.
+            self.cancel()
+            for thread in threads:
+                thread.join()
+            raise
+        finally:
+            self._wall_s += time.perf_counter() - began
+        if errors:
+            raise errors[0]
+        return [finished[request.key] for request in pending]
