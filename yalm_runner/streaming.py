@@ -111,6 +111,7 @@ class StreamingWeights:
         self.bytes_streamed = 0
         self.bytes_from_disk = 0
         self.quantization = getattr(store, "quantization", None)
+        self._range_checked: set[str] = set()
         # Compressed layers dequantize each matrix on access into this one buffer.
         self._dequant_scratch = (
             torch.empty(scratch_elements(self.config), dtype=dtype, device=self.device)
@@ -187,8 +188,10 @@ class StreamingWeights:
         if self.quantization is None:
             return tensors
         part = layer if isinstance(layer, str) else f"layer_{layer}"
+        first = part not in self._range_checked  # fp16's range is checked on the first pass
+        self._range_checked.add(part)
         return DequantizingWeights(
-            tensors, self.quantization, self.dtype, self._dequant_scratch, part
+            tensors, self.quantization, self.dtype, self._dequant_scratch, part, check_range=first
         )
 
     def close(self) -> None:
