@@ -26,8 +26,8 @@ MIXED = [
 ]
 
 
-def ids(weights, requests=MIXED, sampling=GREEDY, kv_on="gpu"):
-    engine = Engine(weights, kv_on=kv_on)
+def ids(weights, requests=MIXED, sampling=GREEDY, kv_on="gpu", kv_bits=16):
+    engine = Engine(weights, kv_on=kv_on, kv_bits=kv_bits)
     return [row.new_ids for row in engine.generate(requests, sampling, batch_size=8)]
 
 
@@ -75,6 +75,33 @@ def test_compressed_layers_stream_to_the_same_ids_as_resident_compressed(
         with open_weights(compressed, "cpu", torch.float32, policy) as weights:
             assert ids(weights) == expected
             assert ids(weights, kv_on="cpu") == expected
+
+
+def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, resident_ids):
+    from yalm_runner.kvcache import HostKV, dequantize_kv, quantize_kv
+
+    values = torch.randn(3, 5, 4, 16) * torch.logspace(-2, 2, 16)  # spread magnitudes
+    codes, scales = quantize_kv(values)
+    restored = torch.empty_like(values)
+    dequantize_kv(codes, scales, restored)
+    assert ((restored - values).abs() <= scales / 2 + 1e-6).all()  # half a step at most
+
+    moved = {}
+    for bits in (16, 8):
+        with open_weights(store, "cpu", torch.float32, OffloadPolicy()) as weights:
+            engine = Engine(weights, kv_on="cpu", kv_bits=bits)
+            got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
+            moved[bits] = engine.stats.bytes_moved
+        if bits == 16:
+            assert got == resident_ids
+        else:
+            # A random tiny model's logits are nearly flat, so one flipped argmax sends a row
+            # elsewhere; the prompt's keys (quantized from step 1 on) still lead the same way.
+            assert [row[:2] for row in got] == [row[:2] for row in resident_ids]
+    # fp32 values become one byte plus a shared scale per 16-value head: about a third.
+    assert moved[8] < 0.4 * moved[16]
+    with pytest.raises(ValueError, match="KV bits must be 8 or 16"):
+        HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=4)
 
 
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():
@@ -169,6 +196,8 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
         with open_weights(bf16, "cuda", torch.bfloat16, policy) as weights:
             assert ids(weights) == expected
             assert ids(weights, kv_on="cpu") == expected
+            eight = ids(weights, kv_on="cpu", kv_bits=8)
+            assert [row[:2] for row in eight] == [row[:2] for row in expected]
 
 
 @pytest.mark.gpu

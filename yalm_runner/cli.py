@@ -65,6 +65,14 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where the KV cache lives (auto: whichever the plan predicts faster)",
     )
+    _add(
+        parser,
+        "--kv-bits",
+        type=int,
+        choices=[8, 16],
+        default=16,
+        help="8: keep the pinned-RAM KV cache as int8 (half the RAM and traffic)",
+    )
     _add(parser, "--no-overlap", action="store_true", help="wait for every copy (to measure)")
 
 
@@ -76,6 +84,7 @@ def _policy(args: argparse.Namespace):
         cpu_memory_bytes=parse_bytes(args.cpu_memory) if args.cpu_memory else None,
         weights_on=args.weights_on,
         kv_on=args.kv_on,
+        kv_bits=args.kv_bits,
         overlap=not args.no_overlap,
     )
 

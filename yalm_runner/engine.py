@@ -101,11 +101,14 @@ def _synchronize(device: torch.device) -> None:
 class Engine:
     """Generates token ids for batches of requests with the weights of one source."""
 
-    def __init__(self, weights: WeightSource, eos_id: int = EOS_ID, kv_on: str = "gpu"):
+    def __init__(
+        self, weights: WeightSource, eos_id: int = EOS_ID, kv_on: str = "gpu", kv_bits: int = 16
+    ):
         if kv_on not in ("gpu", "cpu"):
             raise GenerationError(f"kv_on must be gpu or cpu, got {kv_on!r}")
         self.weights = weights
         self.kv_on = kv_on
+        self.kv_bits = kv_bits
         self.config = weights.config
         self.device = weights.device
         self.dtype = weights.dtype
@@ -219,14 +222,12 @@ class Engine:
         slot_index = torch.arange(slots, device=device)
         key_valid = slot_index[None, :] >= pad[:, None]
         key_valid[:, prompt_len:] = False
-        cache_type = HostKV if self.kv_on == "cpu" else DeviceKV
+        if self.kv_on == "cpu":
+            kv = HostKV(config, batch, slots, device, self.dtype, bits=self.kv_bits)
+        else:
+            kv = DeviceKV(config, batch, slots, device, self.dtype)
         state = _Batch(
-            list(requests),
-            [list(request.generated) for request in requests],
-            pad,
-            key_valid,
-            cache_type(config, batch, slots, device, self.dtype),
-            0,
+            list(requests), [list(request.generated) for request in requests], pad, key_valid, kv, 0
         )
         self._live = state
         streamed_before = getattr(self.weights, "bytes_streamed", 0)

@@ -105,6 +105,12 @@ def plan_memory(
     prefill = prompt_tokens or max_context
     kv_row = max_context * config.kv_bytes_per_token(element)
     kv_layer_row = max_context * 2 * config.hidden_size * element
+    # 8-bit host KV: a byte per value and a 16-bit scale per (token, head), keys and values.
+    host_row = (
+        kv_row
+        if policy.kv_bits == 16
+        else max_context * config.num_layers * 2 * (config.hidden_size + config.num_heads * element)
+    )
     on_cpu_device = device.type == "cpu"
     if on_cpu_device:
         # RAM is the device memory: the CPU budget bounds what stays resident; no pinned tier,
@@ -130,7 +136,7 @@ def plan_memory(
             )
             return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
-        host = copies * batch * kv_row
+        host = copies * batch * host_row
         cpu_budget = policy.cpu_memory_bytes
         if cpu_budget is not None and host >= cpu_budget:
             raise OffloadError(
@@ -138,8 +144,9 @@ def plan_memory(
                 f"budget {format_bytes(cpu_budget)}"
             )
         rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
-        placement = plan_placement(parts, rest, 2 * batch * kv_layer_row, work)
-        return MemoryPlan(batch, max_context, "cpu", kv_row, host, work, placement)
+        staging = 4 * batch * host_row // config.num_layers if policy.kv_bits == 8 else 0
+        placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
+        return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement)
 
     if batch_size is not None:
         errors = []

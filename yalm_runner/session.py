@@ -142,6 +142,6 @@ def open_session(
                     )
                 )
             )
-        engines = [Engine(source, kv_on=plan.kv_on) for source in sources]
+        engines = [Engine(source, kv_on=plan.kv_on, kv_bits=policy.kv_bits) for source in sources]
         engine = engines[0] if len(engines) == 1 else MultiEngine(engines)
         yield GenerationSession(store, tokenizer, engine, plan)
