@@ -78,16 +78,18 @@ def test_compressed_layers_stream_to_the_same_ids_as_resident_compressed(
 
 
 def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, resident_ids):
-    from yalm_runner.kvcache import HostKV, dequantize_kv, quantize_kv
+    from yalm_runner.kvcache import HostKV, decode_kv, encode_kv
 
     values = torch.randn(3, 5, 4, 16) * torch.logspace(-2, 2, 16)  # spread magnitudes
-    codes, scales = quantize_kv(values)
-    restored = torch.empty_like(values)
-    dequantize_kv(codes, scales, restored)
-    assert ((restored - values).abs() <= scales / 2 + 1e-6).all()  # half a step at most
+    for bits in (8, 4):
+        parts = encode_kv(values, bits)
+        restored = torch.empty_like(values)
+        decode_kv(parts, bits, restored)
+        step = parts[1]  # the scale: one code step, per (token, head)
+        assert ((restored - values).abs() <= step / 2 + 1e-5).all()  # half a step at most
 
     moved = {}
-    for bits in (16, 8):
+    for bits in (16, 8, 4):
         with open_weights(store, "cpu", torch.float32, OffloadPolicy()) as weights:
             engine = Engine(weights, kv_on="cpu", kv_bits=bits)
             got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
@@ -98,10 +100,11 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
             # A random tiny model's logits are nearly flat, so one flipped argmax sends a row
             # elsewhere; the prompt's keys (quantized from step 1 on) still lead the same way.
             assert [row[:2] for row in got] == [row[:2] for row in resident_ids]
-    # fp32 values become one byte plus a shared scale per 16-value head: about a third.
-    assert moved[8] < 0.4 * moved[16]
-    with pytest.raises(ValueError, match="KV bits must be 8 or 16"):
-        HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=4)
+    # fp32 values become a byte (or half) plus fp32 scales per 16-value head: the scales weigh
+    # much here; at YaLM's 80-value heads in bf16 8 and 4 bits take 51% and 28% of 16.
+    assert moved[8] < 0.4 * moved[16] and moved[4] < moved[8]
+    with pytest.raises(ValueError, match="KV bits must be one of"):
+        HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=2)
 
 
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():

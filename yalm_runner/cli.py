@@ -69,9 +69,9 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
         parser,
         "--kv-bits",
         type=int,
-        choices=[8, 16],
+        choices=[16, 8, 4],
         default=16,
-        help="8: keep the pinned-RAM KV cache as int8 (half the RAM and traffic)",
+        help="8 or 4: keep the pinned-RAM KV cache compressed (1/2 or ~1/3.6 the RAM and traffic)",
     )
     _add(parser, "--no-overlap", action="store_true", help="wait for every copy (to measure)")
 

@@ -46,24 +46,59 @@ class DeviceKV:
         self._caches = [(keys[index], values[index]) for keys, values in self._caches]
 
 
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., D) -> int8 codes and one scale per vector (absmax / 127), in ``x``'s dtype."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+KV_BITS = (16, 8, 4)
+
+
+def kv_part_shapes(
+    bits: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors that hold one cache (keys or values) of ``shape`` (..., D) in ``bits``."""
+    scale = (*shape[:-1], 1)
+    if bits == 16:
+        return [(shape, dtype)]
+    if bits == 8:  # symmetric: codes and a scale per (token, head)
+        return [(shape, torch.int8), (scale, dtype)]
+    # 4-bit, asymmetric per (token, head): two codes a byte, a scale and a minimum
+    return [((*shape[:-1], shape[-1] // 2), torch.uint8), (scale, dtype), (scale, dtype)]
+
+
+def encode_kv(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """(..., D) values -> the parts ``kv_part_shapes`` describes (16 bits: ``x`` itself)."""
+    if bits == 16:
+        return [x]
+    if bits == 8:
+        scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+        return [codes, scale.to(x.dtype)]
+    low = x.amin(dim=-1, keepdim=True).float()
+    scale = (x.amax(dim=-1, keepdim=True).float() - low) / 15.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
-    return codes, scale.to(x.dtype)
+    codes = torch.round((x.float() - low) / scale).clamp_(0, 15).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return [packed, scale.to(x.dtype), low.to(x.dtype)]
 
 
-def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    torch.mul(codes.to(out.dtype), scale, out=out)
+def decode_kv(parts: list[torch.Tensor], bits: int, out: torch.Tensor) -> None:
+    """Write the values that ``parts`` encode into ``out`` (..., D)."""
+    if bits == 16:
+        out.copy_(parts[0])
+    elif bits == 8:
+        codes, scale = parts
+        torch.mul(codes.to(out.dtype), scale, out=out)
+    else:
+        packed, scale, low = parts
+        out[..., 0::2] = (packed & 15).to(out.dtype) * scale + low
+        out[..., 1::2] = (packed >> 4).to(out.dtype) * scale + low
 
 
 class HostKV:
     """Every layer's cache in (pinned) host RAM; two device slots take turns holding a layer.
 
-    ``bits=8`` keeps the host copy as int8 codes with one scale per (token, head): half the RAM
-    and half the traffic. Codes travel to a device staging area and are expanded into the slot
-    on the compute stream; new slots are quantized on the device before they travel back.
+    ``bits`` 8 or 4 keep the host copy compressed per (token, head) (``encode_kv``): a half or
+    about a third of the RAM and of the traffic. Compressed rows travel to a device staging area
+    and are expanded into the slot on the compute stream; the slots a layer wrote are compressed
+    on the device before they travel back.
     """
 
     def __init__(
@@ -75,25 +110,32 @@ class HostKV:
         dtype: torch.dtype,
         bits: int = 16,
     ):
-        if bits not in (8, 16):
-            raise ValueError(f"KV bits must be 8 or 16, got {bits}")
+        if bits not in KV_BITS:
+            raise ValueError(f"KV bits must be one of {KV_BITS}, got {bits}")
+        if bits == 4 and config.head_dim % 2:
+            raise ValueError(f"4-bit KV needs an even head size, got {config.head_dim}")
         self._cuda = device.type == "cuda"
         self._layers = config.num_layers
         self._bits = bits
         shape = (batch, slots, config.num_heads, config.head_dim)
-        scale_shape = (batch, slots, config.num_heads, 1)
+        parts = kv_part_shapes(bits, shape, dtype)
 
-        def host_layer() -> list[torch.Tensor]:
-            # Zero-filled: masked slots are multiplied by a zero weight, and 0 * NaN is NaN.
-            if bits == 16:
-                return [torch.zeros(shape, dtype=dtype, pin_memory=self._cuda) for _ in range(2)]
+        def cache(where: torch.device | None) -> list[torch.Tensor]:
+            # Keys' parts, then values'. Zero-filled: masked slots are multiplied by a zero
+            # weight, and 0 * NaN would be NaN.
+            if where is None:
+                return [
+                    torch.zeros(size, dtype=kind, pin_memory=self._cuda)
+                    for _ in range(2)
+                    for size, kind in parts
+                ]
             return [
-                torch.zeros(size, dtype=kind, pin_memory=self._cuda)
+                torch.zeros(size, dtype=kind, device=where)
                 for _ in range(2)
-                for size, kind in ((shape, torch.int8), (scale_shape, dtype))
+                for size, kind in parts
             ]
 
-        self._host = [host_layer() for _ in range(config.num_layers)]
+        self._host = [cache(None) for _ in range(config.num_layers)]
         self._slots = [
             (
                 torch.zeros(shape, device=device, dtype=dtype),
@@ -101,26 +143,13 @@ class HostKV:
             )
             for _ in range(2)
         ]
+        self._split = len(parts)  # parts per cache: keys' are [:split], values' [split:]
         if bits == 16:
-            # The codes are the values: host rows travel straight into the slots.
+            # The parts are the values: host rows travel straight into the slots.
             self._incoming = [list(slot) for slot in self._slots]
         else:
-            self._incoming = [
-                [
-                    torch.zeros(size, dtype=kind, device=device)
-                    for _ in range(2)
-                    for size, kind in ((shape, torch.int8), (scale_shape, dtype))
-                ]
-                for _ in range(2)
-            ]
-            self._outgoing = [
-                [
-                    torch.zeros(size, dtype=kind, device=device)
-                    for _ in range(2)
-                    for size, kind in ((shape, torch.int8), (scale_shape, dtype))
-                ]
-                for _ in range(2)
-            ]
+            self._incoming = [cache(device) for _ in range(2)]
+            self._outgoing = [cache(device) for _ in range(2)]
         self._rows = list(range(batch))
         self.bytes_moved = 0
         if self._cuda:
@@ -163,12 +192,13 @@ class HostKV:
                 self._fetch(layer_idx + 1, start)  # overlaps this layer's compute
         live = len(self._rows)
         keys, values = self._slots[slot]
-        if self._bits == 8 and start:
-            key_codes, key_scales, value_codes, value_scales = self._incoming[slot]
-            dequantize_kv(key_codes[:live, :start], key_scales[:live, :start], keys[:live, :start])
-            dequantize_kv(
-                value_codes[:live, :start], value_scales[:live, :start], values[:live, :start]
-            )
+        if self._bits != 16 and start:
+            incoming, split = self._incoming[slot], self._split
+            for which, target in enumerate((keys, values)):
+                parts = incoming[which * split : (which + 1) * split]
+                decode_kv(
+                    [part[:live, :start] for part in parts], self._bits, target[:live, :start]
+                )
         return keys[:live], values[:live]
 
     def stored(self, layer_idx: int, start: int, end: int) -> None:
@@ -179,13 +209,15 @@ class HostKV:
         if self._bits == 16:
             outgoing = list(self._slots[slot])
         else:
-            outgoing = self._outgoing[slot]
+            outgoing, split = self._outgoing[slot], self._split
             if self._cuda:  # the last copies out of this staging must have left
                 self._compute().wait_event(self._sent[slot])
             for which, values in enumerate(self._slots[slot]):
-                codes, scales = quantize_kv(values[: len(live), start:end])
-                outgoing[2 * which][: len(live), start:end] = codes
-                outgoing[2 * which + 1][: len(live), start:end] = scales
+                encoded = encode_kv(values[: len(live), start:end], self._bits)
+                for part, code in zip(
+                    outgoing[which * split : (which + 1) * split], encoded, strict=True
+                ):
+                    part[: len(live), start:end] = code
         if self._cuda:
             self._computed[slot].record(self._compute())
             self._stream.wait_event(self._computed[slot])
@@ -199,3 +231,10 @@ class HostKV:
 
     def keep(self, rows: list[int]) -> None:
         self._rows = [self._rows[row] for row in rows]
+
+
+def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
+    """Host bytes one token's keys and values take over all layers in ``bits``."""
+    heads, head_dim = config.num_heads, config.head_dim
+    per_head = {16: head_dim * element, 8: head_dim + element, 4: head_dim // 2 + 2 * element}
+    return 2 * config.num_layers * heads * per_head[bits]

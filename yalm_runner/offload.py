@@ -64,17 +64,19 @@ class OffloadPolicy:
     weights_on: str = "auto"  # auto, gpu, cpu or disk: where streamed layers must live
     overlap: bool = True
     kv_on: str = "auto"  # auto, gpu or cpu: where the KV cache lives between layers
-    kv_bits: int = 16  # 8: the pinned-RAM KV cache is kept as int8 codes + per-head scales
+    kv_bits: int = 16  # 8 or 4: the pinned-RAM KV cache is kept compressed per (token, head)
 
     def __post_init__(self) -> None:
         if self.weights_on not in ("auto", *TIERS):
             raise ConfigError(f"weights_on must be auto, gpu, cpu or disk, got {self.weights_on!r}")
         if self.kv_on not in ("auto", "gpu", "cpu"):
             raise ConfigError(f"kv_on must be auto, gpu or cpu, got {self.kv_on!r}")
-        if self.kv_bits not in (8, 16):
-            raise ConfigError(f"kv_bits must be 8 or 16, got {self.kv_bits}")
-        if self.kv_bits == 8 and self.kv_on == "gpu":
-            raise ConfigError("8-bit KV is for the pinned-RAM cache: use it with kv_on cpu or auto")
+        if self.kv_bits not in (16, 8, 4):
+            raise ConfigError(f"kv_bits must be 16, 8 or 4, got {self.kv_bits}")
+        if self.kv_bits != 16 and self.kv_on == "gpu":
+            raise ConfigError(
+                f"{self.kv_bits}-bit KV is for the pinned-RAM cache: use kv_on cpu or auto"
+            )
         for name in ("gpu_memory_bytes", "cpu_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -26,6 +26,7 @@ import torch
 from yalm_runner.checkpoint import Store
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
+from yalm_runner.kvcache import kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
 from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in
@@ -105,12 +106,7 @@ def plan_memory(
     prefill = prompt_tokens or max_context
     kv_row = max_context * config.kv_bytes_per_token(element)
     kv_layer_row = max_context * 2 * config.hidden_size * element
-    # 8-bit host KV: a byte per value and a 16-bit scale per (token, head), keys and values.
-    host_row = (
-        kv_row
-        if policy.kv_bits == 16
-        else max_context * config.num_layers * 2 * (config.hidden_size + config.num_heads * element)
-    )
+    host_row = max_context * kv_bytes_per_token(config, policy.kv_bits, element)
     on_cpu_device = device.type == "cpu"
     if on_cpu_device:
         # RAM is the device memory: the CPU budget bounds what stays resident; no pinned tier,
@@ -144,7 +140,8 @@ def plan_memory(
                 f"budget {format_bytes(cpu_budget)}"
             )
         rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
-        staging = 4 * batch * host_row // config.num_layers if policy.kv_bits == 8 else 0
+        # Compressed KV also needs staging on the device: in and out, two slots each.
+        staging = 4 * batch * host_row // config.num_layers if policy.kv_bits != 16 else 0
         placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
         return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement)
 
