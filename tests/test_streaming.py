@@ -107,6 +107,16 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
         HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=2)
 
 
+def test_a_prefill_in_chunks_of_rows_gives_the_same_ids(store, resident_ids):
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
+        for kv_on in ("gpu", "cpu"):
+            engine = Engine(weights, kv_on=kv_on, prefill_rows=2)
+            got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
+            assert got == resident_ids
+            # Three rows in chunks of two: two prefill passes, then one pass per decode step.
+            assert engine.stats.forward_passes == 2 + max(len(ids) for ids in got) - 1
+
+
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():
     sizes = {"embedding": 100, "head": 50, **{f"layer_{n}": 1000 for n in range(6)}}
     # GPU: 150 fixed + 2000 stream buffers + 1000 for one resident layer; RAM: two layers.

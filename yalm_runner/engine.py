@@ -102,13 +102,19 @@ class Engine:
     """Generates token ids for batches of requests with the weights of one source."""
 
     def __init__(
-        self, weights: WeightSource, eos_id: int = EOS_ID, kv_on: str = "gpu", kv_bits: int = 16
+        self,
+        weights: WeightSource,
+        eos_id: int = EOS_ID,
+        kv_on: str = "gpu",
+        kv_bits: int = 16,
+        prefill_rows: int = 0,
     ):
         if kv_on not in ("gpu", "cpu"):
             raise GenerationError(f"kv_on must be gpu or cpu, got {kv_on!r}")
         self.weights = weights
         self.kv_on = kv_on
         self.kv_bits = kv_bits
+        self.prefill_rows = prefill_rows  # 0: prefill every row of a batch in one pass
         self.config = weights.config
         self.device = weights.device
         self.dtype = weights.dtype
@@ -285,26 +291,42 @@ class Engine:
         self.stats.bytes_moved += state.kv.bytes_moved + streamed - streamed_before
 
     def _forward(self, state: _Batch, tokens: torch.Tensor) -> torch.Tensor:
-        """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits."""
-        num_new = tokens.shape[1]
+        """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits.
+
+        A prefill of more than ``prefill_rows`` rows runs in chunks of rows, one pass over the
+        weights each, so that its activations fit the GPU budget the plan gave them."""
+        batch, num_new = tokens.shape
         start = state.length
         end = start + num_new
         state.key_valid[:, start:end] |= (
             torch.arange(start, end, device=self.device)[None, :] >= state.pad[:, None]
         )
+        chunk = batch if num_new == 1 or not self.prefill_rows else self.prefill_rows
+        logits = [
+            self._forward_rows(state, tokens, slice(first, min(first + chunk, batch)), start)
+            for first in range(0, batch, chunk)
+        ]
+        state.length = end
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def _forward_rows(
+        self, state: _Batch, tokens: torch.Tensor, rows: slice, start: int
+    ) -> torch.Tensor:
+        tokens = tokens[rows]
+        num_new = tokens.shape[1]
+        end = start + num_new
         positions = (
-            torch.arange(start, end, device=self.device)[None, :] - state.pad[:, None]
-        ).clamp(min=0)  # (B, T)
-        mask = model.attention_mask(state.key_valid[:, :end], start, num_new)
+            torch.arange(start, end, device=self.device)[None, :] - state.pad[rows, None]
+        ).clamp(min=0)  # (b, T)
+        mask = model.attention_mask(state.key_valid[rows, :end], start, num_new)
         embedding = self.weights.embedding()
         h = model.embed(tokens, embedding, self.config)
         for layer_idx, weights in self.weights.layers():
-            keys, values = state.kv.layer(layer_idx, start)
+            keys, values = state.kv.layer(layer_idx, start, rows)
             h = model.block(
                 h, weights, self.config, self.rotary, positions, keys, values, start, mask
             )
-            state.kv.stored(layer_idx, start, end)
-        state.length = end
+            state.kv.stored(layer_idx, start, end, rows)
         self.stats.forward_passes += 1
         return model.head(
             h[:, -1], self.weights.head(), embedding["word_embeddings.weight"], self.config

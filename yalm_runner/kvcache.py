@@ -18,6 +18,8 @@ import torch
 
 from yalm_runner.config import ModelConfig
 
+ALL = slice(None)
+
 
 class DeviceKV:
     """Every layer's cache on the compute device."""
@@ -35,10 +37,13 @@ class DeviceKV:
             for _ in range(config.num_layers)
         ]
 
-    def layer(self, layer_idx: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._caches[layer_idx]
+    def layer(
+        self, layer_idx: int, start: int, rows: slice = ALL
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._caches[layer_idx]
+        return keys[rows], values[rows]
 
-    def stored(self, layer_idx: int, start: int, end: int) -> None:
+    def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
         pass
 
     def keep(self, rows: list[int]) -> None:
@@ -181,7 +186,10 @@ class HostKV:
         else:
             self._move_rows(incoming, host, live, self._rows, 0, start)
 
-    def layer(self, layer_idx: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(
+        self, layer_idx: int, start: int, rows: slice = ALL
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s cache for the live rows (or the range ``rows`` of them)."""
         if layer_idx == 0 or not self._cuda:
             # On the CPU there is nothing to overlap: fetch each layer as it comes.
             self._fetch(layer_idx, start)
@@ -199,12 +207,14 @@ class HostKV:
                 decode_kv(
                     [part[:live, :start] for part in parts], self._bits, target[:live, :start]
                 )
-        return keys[:live], values[:live]
+        return keys[:live][rows], values[:live][rows]
 
-    def stored(self, layer_idx: int, start: int, end: int) -> None:
-        """Send the slots ``start .. end-1`` that layer ``layer_idx`` wrote back to RAM."""
+    def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
+        """Send the slots ``start .. end-1`` that layer ``layer_idx`` wrote (for the range
+        ``rows`` of the live rows) back to RAM."""
         slot = layer_idx % 2
-        live = range(len(self._rows))
+        live = range(len(self._rows))[rows]
+        host_rows = self._rows[rows]
         host = self._host[layer_idx]
         if self._bits == 16:
             outgoing = list(self._slots[slot])
@@ -213,21 +223,21 @@ class HostKV:
             if self._cuda:  # the last copies out of this staging must have left
                 self._compute().wait_event(self._sent[slot])
             for which, values in enumerate(self._slots[slot]):
-                encoded = encode_kv(values[: len(live), start:end], self._bits)
+                encoded = encode_kv(values[live.start : live.stop, start:end], self._bits)
                 for part, code in zip(
                     outgoing[which * split : (which + 1) * split], encoded, strict=True
                 ):
-                    part[: len(live), start:end] = code
+                    part[live.start : live.stop, start:end] = code
         if self._cuda:
             self._computed[slot].record(self._compute())
             self._stream.wait_event(self._computed[slot])
             with torch.cuda.stream(self._stream):
-                self._move_rows(host, outgoing, self._rows, live, start, end)
+                self._move_rows(host, outgoing, host_rows, live, start, end)
                 # The next fetch into this slot is ordered after these copies on the stream.
                 self._computed[slot].record(self._stream)
                 self._sent[slot].record(self._stream)
         else:
-            self._move_rows(host, outgoing, self._rows, live, start, end)
+            self._move_rows(host, outgoing, host_rows, live, start, end)
 
     def keep(self, rows: list[int]) -> None:
         self._rows = [self._rows[row] for row in rows]

@@ -35,6 +35,7 @@ MAX_BATCH = 512  # beyond this the host-side bookkeeping, not the link, dominate
 # Only comparisons between plans use these: a PCIe 4 x16 link and an NVMe drive.
 PLANNING_LINK_BYTES_PER_S = 25e9
 PLANNING_DISK_BYTES_PER_S = 3e9
+PREFILL_TOKENS = 4096  # tokens per prefill pass: large enough to keep the GPU busy
 STEP_OVERHEAD_S = 2e-3  # launches and sampling: what a step costs when nothing streams
 
 
@@ -49,6 +50,7 @@ class MemoryPlan:
     kv_host_bytes: int  # pinned RAM for KV (0 when it lives on the GPU)
     workspace_bytes: int
     placement: Placement
+    prefill_rows: int = 0  # rows per prefill pass (0: the whole batch in one)
 
     def predicted_step_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
         """Floor of one decode step: streamed weights (and KV) over their links."""
@@ -58,8 +60,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         where = "GPU" if self.kv_on == "gpu" else "pinned RAM (moved per layer)"
+        chunks = f", prefill {self.prefill_rows} rows a pass" if self.prefill_rows else ""
         return (
-            f"batch {self.batch_size} rows x {self.max_context} positions; KV "
+            f"batch {self.batch_size} rows x {self.max_context} positions{chunks}; KV "
             f"{format_bytes(self.kv_bytes_per_row)}/row in {where}"
             + (f", {format_bytes(self.kv_host_bytes)} of RAM" if self.kv_on == "cpu" else "")
             + f"; {self.placement.describe()}"
@@ -125,12 +128,19 @@ def plan_memory(
     scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
 
     def attempt(kv_on: str, batch: int) -> MemoryPlan:
-        work = workspace_bytes(config, batch, prefill, max_context, element) + scratch
+        # A long prefill of a large batch runs in chunks of rows: its activations, not the
+        # decode's, would otherwise decide the batch.
+        chunk = min(batch, max(1, PREFILL_TOKENS // prefill))
+        work = scratch + max(
+            workspace_bytes(config, chunk, prefill, max_context, element),
+            workspace_bytes(config, batch, 1, max_context, element),
+        )
+        rows_per_pass = chunk if chunk < batch else 0
         if kv_on == "gpu":
             placement = plan_placement(
                 parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device
             )
-            return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement)
+            return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, rows_per_pass)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
         cpu_budget = policy.cpu_memory_bytes
@@ -143,7 +153,7 @@ def plan_memory(
         # Compressed KV also needs staging on the device: in and out, two slots each.
         staging = 4 * batch * host_row // config.num_layers if policy.kv_bits != 16 else 0
         placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
-        return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement)
+        return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement, rows_per_pass)
 
     if batch_size is not None:
         errors = []

@@ -142,6 +142,9 @@ def open_session(
                     )
                 )
             )
-        engines = [Engine(source, kv_on=plan.kv_on, kv_bits=policy.kv_bits) for source in sources]
+        engines = [
+            Engine(source, kv_on=plan.kv_on, kv_bits=policy.kv_bits, prefill_rows=plan.prefill_rows)
+            for source in sources
+        ]
         engine = engines[0] if len(engines) == 1 else MultiEngine(engines)
         yield GenerationSession(store, tokenizer, engine, plan)

@@ -1,0 +1,86 @@
+"""The 100B envelope's synthetic compressed store: the real shape's layout, and a plan that fits."""
+
+import torch
+
+from yalm_runner.bench import SHAPES
+from yalm_runner.bench_envelope import CompressedSyntheticStore, format_envelope
+from yalm_runner.config import SamplingParams
+from yalm_runner.engine import Engine, Request
+from yalm_runner.offload import OffloadPolicy, parse_bytes, plan_placement
+from yalm_runner.planning import plan_memory
+from yalm_runner.quant import Quantization, stored_specs
+from yalm_runner.streaming import StreamingWeights, part_bytes_in
+
+ENVELOPE = OffloadPolicy(
+    gpu_memory_bytes=parse_bytes("8GiB"),
+    cpu_memory_bytes=parse_bytes("64GiB"),
+    weights_on="cpu",
+    kv_bits=4,
+)
+
+
+def test_yalm_100b_in_4_bits_fits_the_envelope_with_dozens_of_rows():
+    store = CompressedSyntheticStore(SHAPES["yalm-100b"], Quantization("int4", 128), torch.bfloat16)
+    layers = sum(info.data_bytes for part, info in store.parts.items() if part.startswith("layer"))
+    assert 49 * 2**30 < layers < 51 * 2**30  # ~4.25 bits a weight
+    plan = plan_memory(
+        store,
+        torch.device("cuda"),
+        torch.bfloat16,
+        ENVELOPE,
+        batch_size=None,
+        max_context=256,
+        prompt_tokens=128,
+    )
+    assert plan.placement.count("cpu") == 80 and plan.kv_on == "cpu"
+    assert plan.placement.gpu_total_bytes <= ENVELOPE.gpu_memory_bytes
+    assert plan.placement.cpu_weight_bytes + plan.kv_host_bytes <= ENVELOPE.cpu_memory_bytes
+    assert plan.batch_size >= 48
+
+
+def test_synthetic_compressed_layers_run_through_the_engine():
+    config = SHAPES["tiny"]
+    store = CompressedSyntheticStore(config, Quantization("int4", 16), torch.float32)
+    tensors = store.read_part("layer_1")
+    specs = stored_specs(config, "layer_1", store.quantization, torch.float32)
+    assert {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} == specs
+    placement = plan_placement(part_bytes_in(store, torch.float32), OffloadPolicy(weights_on="cpu"))
+    with StreamingWeights(store, "cpu", torch.float32, placement, verify=False) as source:
+        done = Engine(source, eos_id=-1).generate(
+            [Request("a", (1, 5, 6), 4)], SamplingParams(greedy=True)
+        )
+    assert len(done[0].new_ids) == 4
+
+
+def test_the_report_reads_as_a_table():
+    result = {
+        "shape": "yalm-100b",
+        "layers": 80,
+        "quantization": {"scheme": "int4", "group_size": 128},
+        "kv_bits": 4,
+        "pinned_gbps": 55.0,
+        "pageable_gbps": 7.0,
+        "plan": "batch 56 rows",
+        "batch": 56,
+        "new_tokens": 128,
+        "elapsed_s": 180.0,
+        "tokens_per_s": 39.8,
+        "texts_per_hour": 1120.0,
+        "decode_step_s": 1.3,
+        "floor_step_s": 1.2,
+        "step_over_floor": 1.08,
+        "bytes_per_pass": 66e9,
+        "weights_per_pass": 54e9,
+        "bf16_layers_bytes": 201e9,
+        "peak_gpu_bytes": 7 * 2**30,
+        "gpu_budget": 8 * 2**30,
+        "pinned_ram_bytes": 63 * 2**30,
+        "cpu_budget": 64 * 2**30,
+        "prefill_s": 3.0,
+        "decode_s": 177.0,
+        "load_s": 40.0,
+        "matmul": [{"variant": "bf16 matmul (no compression)", "ms": 0.5}],
+    }
+    text = format_envelope(result)
+    assert "| 56 | 128 | 180.0 s | 39.8 | 1120 | 1300 ms | 1200 ms | 1.08 |" in text
+    assert "peak GPU 7.00 GiB of 8.00 GiB (88%)" in text

@@ -1,0 +1,334 @@
+"""The 100B envelope: YaLM-100B's real shape with compressed weights under the user's budgets.
+
+The target machine has an 8 GiB GPU and 64 GiB of RAM. In 16 bits YaLM-100B is ~200 GB, so most
+of it would stream from disk every step; in 4-bit groups it is ~57 GB and fits in pinned RAM,
+and the link, not the drive, sets the pace. What is left of the RAM holds the KV cache (8- or
+4-bit), and that decides how many prompts share each weight transfer.
+
+``run_envelope`` builds a synthetic store of the named shape whose layers are generated straight
+into the compressed layout (random codes and scales; no 16-bit copy is ever made), lets the
+planner choose the batch and the KV placement from the budgets, and runs one timed batch of
+prompts of ~100-128 tokens, 128 new tokens each, under a hard GPU cap. It reports texts per hour,
+tokens/s, the decode step against its floor (bytes moved per step over the pinned bandwidth
+measured in the same run), peak GPU memory against the budget, and the pinned RAM used. A
+micro-benchmark times the ways to multiply by a 4-bit matrix at the run's batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from yalm_runner.bench import SHAPES, SyntheticStore, measure_h2d
+from yalm_runner.checkpoint import PartInfo, part_names
+from yalm_runner.config import ModelConfig, SamplingParams
+from yalm_runner.engine import Engine, Request
+from yalm_runner.offload import OffloadPolicy, parse_bytes
+from yalm_runner.planning import plan_memory
+from yalm_runner.quant import Quantization, dequantize_matrix, stored_specs
+from yalm_runner.streaming import StreamingWeights
+from yalm_runner.tensorfile import TensorRecord
+
+NO_EOS = -1  # random weights would end rows at random: every row runs its full length
+
+
+class CompressedSyntheticStore(SyntheticStore):
+    """``SyntheticStore`` whose layers are random codes and scales in a compressed layout."""
+
+    def __init__(
+        self, config: ModelConfig, quantization: Quantization, dtype: torch.dtype, seed: int = 0
+    ):
+        super().__init__(config, dtype, seed)
+        self.quantization = quantization
+        for part in part_names(config):
+            if not part.startswith("layer_"):
+                continue
+            offset, records = 0, []
+            for name, (shape, kind) in stored_specs(config, part, quantization, dtype).items():
+                count = 1
+                for size in shape:
+                    count *= size
+                size = count * torch.empty((), dtype=kind).element_size()
+                records.append(TensorRecord(name, shape, kind, offset, offset + size, ""))
+                offset += size  # contiguous, as the store's files are
+            self.parts[part] = PartInfo(part, Path(f"<synthetic {part}>"), offset, tuple(records))
+
+    def read_part(
+        self, part: str, *, buffer: torch.Tensor | None = None, verify: bool = True
+    ) -> dict[str, torch.Tensor]:
+        if not part.startswith("layer_"):
+            return super().read_part(part, buffer=buffer, verify=verify)
+        device = self._generator_device
+        generator = torch.Generator(device).manual_seed(self._seed + sum(map(ord, part)))
+        tensors = {}
+        for record in self.parts[part].records:
+            name, shape = record.name, record.shape
+            if name.endswith(".q"):
+                low, high = (-127, 128) if record.dtype == torch.int8 else (0, 256)
+                tensor = torch.randint(
+                    low, high, shape, dtype=record.dtype, device=device, generator=generator
+                )
+            elif name.endswith(".scale"):
+                cols = (
+                    self.config.ffn_size if "dense_ffn_output" in name else self.config.hidden_size
+                )
+                # Codes spread ~4.6 (4-bit) or ~73 (int8) around zero: weights of std 1/sqrt(K).
+                spread = 73.0 if self.quantization.scheme == "int8" else 4.6
+                tensor = torch.full(shape, 1.0 / (spread * cols**0.5), device=device)
+            elif name.endswith(".zero"):
+                tensor = torch.zeros(shape, device=device)
+            elif "norm" in name:
+                tensor = torch.ones(shape, device=device)
+            else:
+                tensor = torch.empty(shape, device=device).uniform_(
+                    -0.01, 0.01, generator=generator
+                )
+            tensors[name] = tensor.to(record.dtype).cpu()
+        return tensors
+
+
+def _prompts(batch: int, low: int, high: int, new_tokens: int) -> list[Request]:
+    span = high - low + 1
+    return [
+        Request(
+            f"text{row}",
+            tuple(
+                [1]
+                + [(row * 7919 + pos * 31) % 120000 + 100 for pos in range(low + row % span - 1)]
+            ),
+            new_tokens,
+        )
+        for row in range(batch)
+    ]
+
+
+def matmul_variants(config: ModelConfig, quantization: Quantization, batch: int) -> list[dict]:
+    """Time y = x W^T for the largest matrix at ``batch`` rows: 16-bit, dequantize then
+    matmul (what the engine does), and torch's packed int4 matmul where this build has it."""
+    from triton.testing import do_bench
+
+    rows, cols = config.ffn_size, config.hidden_size
+    name = "mlp.dense_ffn_hidden.weight"
+    specs = quantization.stored_specs(name, (rows, cols))
+    stored = {}
+    for stored_name, (shape, kind) in specs.items():
+        if stored_name.endswith(".q"):
+            low, high = (-127, 128) if kind == torch.int8 else (0, 256)
+            stored[stored_name] = torch.randint(low, high, shape, dtype=kind, device="cuda")
+        else:
+            stored[stored_name] = torch.full(shape, 0.01, dtype=kind, device="cuda")
+    x = torch.randn(batch, cols, dtype=torch.bfloat16, device="cuda")
+    dense = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
+    scratch = torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda")
+    results = [
+        {"variant": "bf16 matmul (no compression)", "ms": do_bench(lambda: x @ dense.T)},
+        {
+            "variant": f"dequantize {quantization.scheme} + bf16 matmul (the engine)",
+            "ms": do_bench(
+                lambda: x @ dequantize_matrix(stored, name, quantization, torch.bfloat16, scratch).T
+            ),
+        },
+    ]
+    if quantization.scheme == "int4":
+        try:
+            packed_int = torch.ops.aten._convert_weight_to_int4pack(stored[f"{name}.q"], 8)
+            scales_zeros = (
+                torch.stack([stored[f"{name}.scale"], stored[f"{name}.zero"]], dim=-1)
+                .transpose(0, 1)
+                .contiguous()
+                .to(torch.bfloat16)
+            )
+            group = quantization.group_size
+
+            def packed() -> torch.Tensor:
+                return torch.ops.aten._weight_int4pack_mm(x, packed_int, group, scales_zeros)
+
+            results.append(
+                {"variant": "torch int4 packed matmul (weights pre-packed)", "ms": do_bench(packed)}
+            )
+        except (RuntimeError, AttributeError) as exc:
+            results.append(
+                {"variant": "torch int4 packed matmul", "error": str(exc).splitlines()[0]}
+            )
+    gigabytes = sum(t.numel() * t.element_size() for t in stored.values()) / 1e9
+    for result in results:
+        result["rows x cols"] = f"{batch} x {cols} @ {cols} x {rows}"
+        result["stored GB"] = gigabytes
+    return results
+
+
+def run_envelope(
+    shape: str,
+    layers: int | None,
+    quantization: Quantization,
+    policy: OffloadPolicy,
+    prompt_len: tuple[int, int],
+    new_tokens: int,
+    rows: int | None,
+    json_path: Path | None,
+) -> dict:
+    config = SHAPES[shape] if layers is None else replace(SHAPES[shape], num_layers=layers)
+    dtype = torch.bfloat16
+    link = measure_h2d()
+    store = CompressedSyntheticStore(config, quantization, dtype)
+    plan = plan_memory(
+        store,
+        torch.device("cuda"),
+        dtype,
+        policy,
+        batch_size=rows,
+        max_context=prompt_len[1] + new_tokens,
+        prompt_tokens=prompt_len[1],
+    )
+    _log(f"plan: {plan.describe()}")
+    began = time.perf_counter()
+    with StreamingWeights(store, "cuda", dtype, plan.placement, verify=False) as weights:
+        load_s = time.perf_counter() - began
+        _log(f"weights placed in {load_s:.0f} s")
+        total = torch.cuda.get_device_properties(0).total_memory
+        if policy.gpu_memory_bytes:  # a hard cap: going over is an out-of-memory error
+            torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
+        engine = Engine(
+            weights,
+            eos_id=NO_EOS,
+            kv_on=plan.kv_on,
+            kv_bits=policy.kv_bits,
+            prefill_rows=plan.prefill_rows,
+        )
+        engine.generate(_prompts(1, 8, 8, 2), SamplingParams(greedy=True), batch_size=1)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        engine.stats = type(engine.stats)()
+        streamed_before = weights.bytes_streamed
+        requests = _prompts(plan.batch_size, prompt_len[0], prompt_len[1], new_tokens)
+        began = time.perf_counter()
+        finished = engine.generate(
+            requests, SamplingParams(greedy=True), batch_size=plan.batch_size
+        )
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - began
+        peak = torch.cuda.max_memory_allocated()
+        stats = engine.stats
+        weights_moved = weights.bytes_streamed - streamed_before
+    assert all(len(done.new_ids) == new_tokens for done in finished)
+    passes = stats.forward_passes
+    decode_steps = passes - 1
+    step_s = stats.decode_s / decode_steps
+    moved_per_pass = stats.bytes_moved / passes
+    floor_s = moved_per_pass / link["pinned"]
+    new = sum(len(done.new_ids) for done in finished)
+    bf16_layer_bytes = sum(config.layer_param_count(i) for i in range(config.num_layers)) * 2
+    result = {
+        "shape": shape,
+        "layers": config.num_layers,
+        "quantization": quantization.to_dict(),
+        "kv_bits": policy.kv_bits,
+        "gpu_budget": policy.gpu_memory_bytes,
+        "cpu_budget": policy.cpu_memory_bytes,
+        "pinned_gbps": link["pinned"] / 1e9,
+        "pageable_gbps": link["pageable"] / 1e9,
+        "plan": plan.describe(),
+        "batch": plan.batch_size,
+        "prompt_tokens": [min(len(r.prompt_ids) for r in requests), prompt_len[1]],
+        "new_tokens": new_tokens,
+        "elapsed_s": elapsed,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "tokens_per_s": new / elapsed,
+        "texts_per_hour": len(finished) * 3600 / elapsed,
+        "decode_step_s": step_s,
+        "bytes_per_pass": moved_per_pass,
+        "weights_per_pass": weights_moved / passes,
+        "floor_step_s": floor_s,
+        "step_over_floor": step_s / floor_s,
+        "peak_gpu_bytes": peak,
+        "pinned_ram_bytes": plan.placement.cpu_weight_bytes + plan.kv_host_bytes,
+        "bf16_layers_bytes": bf16_layer_bytes,
+        "load_s": load_s,
+        "matmul": matmul_variants(config, quantization, plan.batch_size),
+    }
+    print(format_envelope(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_envelope(r: dict) -> str:
+    gib = 2**30
+    lines = [
+        f"YaLM shape {r['shape']} x {r['layers']} layers, {r['quantization']['scheme']} weights"
+        f" (group {r['quantization'].get('group_size')}), {r['kv_bits']}-bit KV in pinned RAM",
+        f"link: pinned {r['pinned_gbps']:.1f} GB/s, pageable {r['pageable_gbps']:.1f} GB/s",
+        f"plan: {r['plan']}",
+        "",
+        "| batch | new tokens | elapsed | tokens/s | texts/hour | step | floor | step/floor |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {r['batch']} | {r['new_tokens']} | {r['elapsed_s']:.1f} s | {r['tokens_per_s']:.1f} | "
+        f"{r['texts_per_hour']:.0f} | {r['decode_step_s'] * 1e3:.0f} ms | "
+        f"{r['floor_step_s'] * 1e3:.0f} ms | {r['step_over_floor']:.2f} |",
+        "",
+        f"bytes per pass {r['bytes_per_pass'] / 1e9:.2f} GB (weights "
+        f"{r['weights_per_pass'] / 1e9:.2f} GB; the 16-bit layers would be "
+        f"{r['bf16_layers_bytes'] / 1e9:.1f} GB)",
+        f"peak GPU {r['peak_gpu_bytes'] / gib:.2f} GiB of {r['gpu_budget'] / gib:.2f} GiB "
+        f"({r['peak_gpu_bytes'] / r['gpu_budget']:.0%}); pinned RAM "
+        f"{r['pinned_ram_bytes'] / gib:.1f} GiB of {r['cpu_budget'] / gib:.0f} GiB",
+        f"prefill {r['prefill_s']:.1f} s, decode {r['decode_s']:.1f} s, weights placed in "
+        f"{r['load_s']:.0f} s",
+        "",
+        "| matmul at the run's batch | ms |",
+        "|---|---|",
+    ]
+    for row in r["matmul"]:
+        value = f"{row['ms']:.3f}" if "ms" in row else row.get("error", "")
+        lines.append(f"| {row['variant']} | {value} |")
+    return "\n".join(lines)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="yalm-100b")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default="int4")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--gpu-memory", default="8GiB")
+    parser.add_argument("--cpu-memory", default="64GiB")
+    parser.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=4)
+    parser.add_argument("--prompt-len", default="100-128")
+    parser.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rows", type=int, help="batch size (default: the planner's)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    low, _, high = args.prompt_len.partition("-")
+    policy = OffloadPolicy(
+        gpu_memory_bytes=parse_bytes(args.gpu_memory),
+        cpu_memory_bytes=parse_bytes(args.cpu_memory),
+        weights_on="cpu",
+        kv_on="auto",
+        kv_bits=args.kv_bits,
+    )
+    run_envelope(
+        args.shape,
+        args.layers,
+        Quantization(args.quantize, args.group_size),
+        policy,
+        (int(low), int(high or low)),
+        args.max_new_tokens,
+        args.rows,
+        args.json,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
