@@ -84,3 +84,25 @@ def test_two_gpus_give_one_gpus_output_in_bf16(tiny_store):
         with open_session(tiny_store, device=devices, policy=policy, batch_size=2) as session:
             results[devices] = session.engine.generate(REQUESTS, SAMPLED, batch_size=2)
     assert results["cuda:0"] == results["cuda:0,cuda:1"]
+
+
+def test_the_scaling_report_reads_as_a_table():
+    from yalm_runner.bench_multigpu import format_report
+
+    report = {
+        "shape": "13b",
+        "layers": 40,
+        "links_pinned_gbps": [55.1, 54.9],
+        "plan": "batch 128 rows",
+        "runs": [
+            {"gpus": 1, "rows": 256, "batch": 128, "elapsed_s": 60.0, "tokens_per_s": 136.5,
+             "peak_gpu_bytes": 7 * 2**30},
+            {"gpus": 2, "rows": 256, "batch": 128, "elapsed_s": 31.0, "tokens_per_s": 264.2,
+             "peak_gpu_bytes": 7 * 2**30},
+        ],
+        "identical_output": True,
+    }  # fmt: skip
+    text = format_report(report, OffloadPolicy(gpu_memory_bytes=8 * 2**30))
+    assert "| 2 | 256 | 128 | 31.0 s | 264.2 | 7.00 GiB (8 GiB) | 1.94x |" in text
+    assert "pinned GB/s per GPU link: 55.1, 54.9" in text
+    assert "identical output, token for token: True" in text
