@@ -380,6 +380,12 @@ def run_bench(
             rows += [row] if row else []
     del weights  # its pinned copy of the model goes before the peers make theirs
     torch.cuda.empty_cache()
+    disk = None
+    if disk_dir is not None:
+        from yalm_runner.bench_disk import run_disk_bench
+
+        disk_config = replace(config, num_layers=min(disk_layers, config.num_layers))
+        disk = run_disk_bench(disk_dir, disk_config, torch.bfloat16, "cuda", disk_file_bytes)
     peer_results = []
     if peers:
         from yalm_runner.bench_peers import largest_fitting, run_peer  # imports this module
@@ -411,12 +417,6 @@ def run_bench(
                 rows.append(_peer_row(result, pinned))
             else:
                 _log(f"{system} uncapped B={uncapped_batch}: {result.error}")
-    disk = None
-    if disk_dir is not None:
-        from yalm_runner.bench_disk import run_disk_bench
-
-        disk_config = replace(config, num_layers=min(disk_layers, config.num_layers))
-        disk = run_disk_bench(disk_dir, disk_config, torch.bfloat16, "cuda", disk_file_bytes)
     compare_with_ours(rows)
     print(
         f"shape {shape}: {config.num_layers} layers x hidden {config.hidden_size}, "

@@ -303,7 +303,9 @@ def zero_config(
     if live_budget_bytes is None:
         live, prefetch = 3_000_000_000, 2 * layer_numel
     else:
-        live = max(layer_numel, min(2 * layer_numel, live_budget_bytes // element_bytes))
+        # Half the budget: ZeRO's limit governs prefetching, and the layer being computed and
+        # the allocator's rounding come on top of it.
+        live = max(layer_numel, min(2 * layer_numel, live_budget_bytes // 2 // element_bytes))
         prefetch = min(layer_numel, live // 2)
     return {
         "train_micro_batch_size_per_gpu": 1,
@@ -380,9 +382,6 @@ def run_system(
     device, dtype = torch.device("cuda", 0), torch.bfloat16
     element = torch.empty((), dtype=dtype).element_size()
     torch.cuda.set_device(device)
-    if cap_bytes is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
     kv = batch * (prompt_len + new_tokens) * config.kv_bytes_per_token(element)
     workspace = estimate_workspace(config, batch, prompt_len, dtype)
     ends = part_bytes(config, "embedding", element) + part_bytes(config, "head", element)
@@ -422,6 +421,12 @@ def run_system(
             raise ValueError(f"unknown system {system!r}; choose one of {SYSTEMS}")
         peer.eval()
         peer.set_rotary(device, dtype)
+        # The cap binds the run, not the build (whose transient copies of random weights are
+        # the bench's, not the system's): resident weights are allocated and count in the peak.
+        torch.cuda.empty_cache()
+        if cap_bytes is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
         _log(f"{system} B={batch}: built ({streamed / 2**30:.2f} GiB offloaded per pass)")
         generate_greedy(
             peer, bench_prompts(1, min(prompt_len, 8), config.vocab_size), 2, device, dtype
@@ -475,8 +480,10 @@ def run_peer(
         command += ["--layers", str(num_layers)]
     failed = PeerResult(system, batch, cap_bytes, ok=False)
     try:
+        # Every peer alike: expandable segments, so fragmentation does not pass for a full cap.
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
         done = subprocess.run(
-            command, stdout=subprocess.PIPE, text=True, timeout=timeout_s, check=False
+            command, stdout=subprocess.PIPE, text=True, timeout=timeout_s, check=False, env=env
         )
     except subprocess.TimeoutExpired:
         return replace(failed, error=f"timed out after {timeout_s:.0f} s")
