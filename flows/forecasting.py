@@ -150,6 +150,7 @@ def generate_pending(
         ) as session:
             report.batch_size = session.batch_size
             report.device = str(session.engine.device)
+            log.info("generate: memory plan: %s", session.plan.describe())
             _generate(session, store, rows, report, on_progress, settings.checkpoint_every)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began

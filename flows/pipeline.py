@@ -199,9 +199,9 @@ def publish(config_path: str, summary: dict[str, Any]) -> str:
 
     config = load_config(config_path)
     run_id = (summary.get("generate") or {}).get("run_id")
-    if run_id is not None and config.database_path.exists():
+    if run_id is not None:
         since = datetime.now(timezone.utc) - timedelta(days=2)
-        rows = read_forecasts(config.database_path, since=since)
+        rows = read_forecasts(config.database_url, since=since)
         visible = sum(row.run_id == run_id for row in rows)
         summary = {**summary, "visible": visible}
         log.info("publish: %d forecasts of this run are in forecasts_v1", visible)

@@ -1,0 +1,116 @@
+"""A flow process killed mid-generation, re-run, ends with the table an uninterrupted run makes.
+
+The killed runs are real ``yalm-forecast run`` processes on Prefect's ephemeral server (what a
+cron job or a person at a terminal gets), each SIGKILLed by itself right after a chosen
+checkpoint (``kill_child.py``), so the kill lands mid-generation by construction, not by timing.
+The reference is an uninterrupted run of the same config under ``prefect_test_harness``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flows_testkit import sample, write_config
+
+from flows.config import load_config
+
+AS_OF = "2024-05-14T06:00:00Z"
+KILL_CHILD = Path(__file__).resolve().parent / "kill_child.py"
+
+
+def kill_config(directory: Path, feed_server, model: Path) -> Path:
+    directory.mkdir()
+    return write_config(
+        directory,
+        feeds=[{"name": n, "url": feed_server.url(f"/{n}")} for n in ("rss", "atom")],
+        templates=[
+            {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 12}},
+            {"name": "morning_brief_ru", "generation": {"max_new_tokens": 12}},
+        ],
+        model=str(model),
+        # Small batches so that a kill finds forecasts committed, rows in flight and rows not
+        # started; the job's text does not depend on the batch size.
+        generation={"device": "cpu", "batch_size": 2, "checkpoint_every": 2},
+    )
+
+
+def table(config_path: Path, query: str) -> list[tuple]:
+    database = load_config(config_path).database_path
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        return connection.execute(query).fetchall()
+
+
+FORECASTS = (
+    "SELECT prompt_key, text, token_ids_json, finish_reason, new_tokens, model_manifest_hash "
+    "FROM generations ORDER BY prompt_key"
+)
+
+
+def run_child(config_path: Path, kill_after: int, tmp_path: Path) -> tuple[int, str, str]:
+    """Run the child in its own process group; returns (exit status, stdout, stderr)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(
+        OMP_NUM_THREADS="1",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own ephemeral server and database
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"),
+    )
+    command = [sys.executable, str(KILL_CHILD), str(kill_after)]
+    command += ["run", "--config", str(config_path), "--as-of", AS_OF]
+    out_path, err_path = tmp_path / "child.out", tmp_path / "child.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        child = subprocess.Popen(command, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            status = child.wait(timeout=600)
+        finally:
+            # A SIGKILLed run leaves its ephemeral Prefect server behind, orphaned: end the
+            # child's process group (ours: started above in a new session).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+    return status, out_path.read_text(), err_path.read_text()
+
+
+@pytest.mark.slow
+def test_a_flow_killed_mid_generation_resumes_to_the_uninterrupted_table(
+    feed_server, tiny_store, tmp_path, monkeypatch
+):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import news_to_forecast
+
+    monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    reference = kill_config(tmp_path / "reference", feed_server, tiny_store)
+    with prefect_test_harness():
+        summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
+    assert summary["generate"]["generated"] == 7
+    expected = table(reference, FORECASTS)
+
+    killed = kill_config(tmp_path / "killed", feed_server, tiny_store)
+    # Rows of 12 tokens, checkpoints every 2 steps: 5 saves per batch of two.
+    for kill_after in (8, 3):
+        status, _, err = run_child(killed, kill_after, tmp_path)
+        assert status == -signal.SIGKILL, err[-3000:]
+        done = table(killed, FORECASTS)
+        in_flight = table(killed, "SELECT prompt_key FROM generation_state")
+        assert 0 < len(done) < 7 and in_flight, "the kill did not land mid-generation"
+        assert set(done) <= set(expected)  # what was committed is already final
+        assert not {key for (key,) in in_flight} & {row[0] for row in done}
+
+    status, out, err = run_child(killed, 0, tmp_path)
+    assert status == 0, err[-3000:]
+    assert re.search(r"generate: \d+ prompts \([1-9]\d* resumed from saved ids\)", err), err
+    assert "| generated | " in out
+    assert table(killed, FORECASTS) == expected
+    assert table(killed, "SELECT * FROM generation_state") == []
+    statuses = table(killed, "SELECT status, count(*) FROM prompts GROUP BY status")
+    assert statuses == [("done", 7)]
