@@ -23,6 +23,7 @@ from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.model import expected_shapes
 from yalm_runner.offload import OffloadPolicy, format_bytes, plan_placement
+from yalm_runner.planning import MemoryPlan, plan_memory
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
 from yalm_runner.tensorfile import TensorRecord
 
@@ -127,18 +128,31 @@ def run_ours(
     new_tokens: int,
     policy: OffloadPolicy,
     pinned_bps: float,
+    plan: MemoryPlan | None = None,
+    system: str | None = None,
 ) -> BenchRow:
     """One timed generate() at ``batch`` on already-placed weights; the budget is checked
-    first with this batch's KV cache and workspace (``OffloadError`` if it does not fit)."""
+    first with this batch's KV cache and workspace (``OffloadError`` if it does not fit).
+    With ``plan`` (the planner's), its KV placement and prefill chunks are used."""
     config, dtype = weights.config, weights.dtype
-    slots = prompt_len + new_tokens
-    kv = batch * slots * config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
-    workspace = estimate_workspace(config, batch, prompt_len, dtype)
-    placement = plan_placement(part_bytes_in(weights.store, dtype), policy, kv, workspace)
+    element = torch.empty((), dtype=dtype).element_size()
+    if plan is None:
+        slots = prompt_len + new_tokens
+        kv = batch * slots * config.kv_bytes_per_token(element)
+        workspace = estimate_workspace(config, batch, prompt_len, dtype)
+        placement = plan_placement(part_bytes_in(weights.store, dtype), policy, kv, workspace)
+        engine = Engine(weights)
+    else:
+        placement = plan.placement
+        engine = Engine(
+            weights,
+            kv_on=plan.kv_on,
+            kv_bits=policy.kv_bits,
+            prefill_rows=plan.prefill_rows,
+        )
     weights.overlap = policy.overlap
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    engine = Engine(weights)
     requests = [
         Request(
             f"r{row}",
@@ -155,9 +169,18 @@ def run_ours(
     engine.generate(requests, SamplingParams(greedy=True), batch_size=batch)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - began
-    decode_steps = max(engine.stats.forward_passes - 1, 1)
-    step_s = engine.stats.decode_s / decode_steps
-    per_pass = placement.streamed_bytes_per_pass
+    stats = engine.stats
+    prefill_passes = 1 if plan is None or not plan.prefill_rows else -(-batch // plan.prefill_rows)
+    decode_steps = max(stats.forward_passes - prefill_passes, 1)
+    step_s = stats.decode_s / decode_steps
+    # Bytes a decode step moves: the streamed weights, and the live rows' KV when it lives in
+    # pinned RAM (all KV traffic less the prefill's write-back of the prompts).
+    weights_total = stats.forward_passes * placement.streamed_bytes_per_pass
+    kv_total = stats.bytes_moved - weights_total
+    if plan is not None and plan.kv_on == "cpu":
+        prompt_kv = sum(len(r.prompt_ids) for r in requests) * plan.kv_bytes_per_row
+        kv_total -= prompt_kv // plan.max_context
+    per_pass = placement.streamed_bytes_per_pass + max(kv_total, 0) / decode_steps
     if policy.gpu_memory_bytes is not None and torch.cuda.max_memory_allocated() > (
         policy.gpu_memory_bytes
     ):
@@ -165,7 +188,7 @@ def run_ours(
             f"B={batch}: peak {format_bytes(torch.cuda.max_memory_allocated())} exceeds the "
             f"budget {format_bytes(policy.gpu_memory_bytes)}"
         )
-    system = "ours (streaming)" if policy.overlap else "ours, overlap off"
+    system = system or ("ours (streaming)" if policy.overlap else "ours, overlap off")
     return BenchRow(
         system,
         batch,
@@ -207,10 +230,12 @@ def _cap_gpu(cap_bytes: int | None) -> None:
     torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else cap_bytes / total)
 
 
-def _try_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps) -> BenchRow | None:
+def _try_ours(
+    weights, batch, prompt_len, new_tokens, policy, pinned_bps, plan=None, system=None
+) -> BenchRow | None:
     _cap_gpu(policy.gpu_memory_bytes)
     try:
-        row = run_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps)
+        row = run_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps, plan, system)
         _log(
             f"{row.system} B={batch}: {row.tokens_per_s:.1f} tok/s, "
             f"{row.decode_step_s * 1e3:.0f} ms/step"
@@ -222,6 +247,34 @@ def _try_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps) -> Ben
     finally:
         torch.cuda.empty_cache()
         _cap_gpu(None)
+
+
+def _ours_within(store, peer: BenchRow, prompt_len, new_tokens, pinned_bps) -> list[BenchRow]:
+    policy = OffloadPolicy(gpu_memory_bytes=peer.peak_gpu_bytes, kv_on="gpu")
+    try:
+        plan = plan_memory(
+            store,
+            torch.device("cuda"),
+            torch.bfloat16,
+            policy,
+            batch_size=peer.batch,
+            max_context=prompt_len + new_tokens,
+            prompt_tokens=prompt_len,
+        )
+    except OffloadError as exc:
+        _log(f"ours within {format_bytes(peer.peak_gpu_bytes)}: {exc}")
+        return []
+    _log(f"ours within the peer's {format_bytes(peer.peak_gpu_bytes)}: {plan.describe()}")
+    with StreamingWeights(store, "cuda", torch.bfloat16, plan.placement, verify=False) as weights:
+        row = _try_ours(
+            weights, peer.batch, prompt_len, new_tokens, policy, pinned_bps, plan,
+            "ours, peer's memory",
+        )  # fmt: skip
+    torch.cuda.empty_cache()
+    if row is None:
+        return []
+    row.cap_bytes = None  # compared with the uncapped peer whose peak it stayed under
+    return [row]
 
 
 def _largest_planned_batch(store, policy, prompt_len, new_tokens, limit) -> int | None:
@@ -264,7 +317,9 @@ def compare_with_ours(rows: list[BenchRow]) -> None:
         ours = [
             other.tokens_per_s
             for other in rows
-            if other.system == "ours (streaming)" and other.cap_bytes == row.cap_bytes
+            if other.system.startswith("ours")
+            and "overlap off" not in other.system
+            and other.cap_bytes == row.cap_bytes
         ]
         if ours and row.tokens_per_s > 0:
             row.ours_over_this = max(ours) / row.tokens_per_s
@@ -329,6 +384,7 @@ def run_bench(
     uncapped_peers: tuple[str, ...] | None = None,
     uncapped_batch: int = 32,
     max_batch: int = 256,
+    kv_bits: int = 16,
     peer_timeout_s: float = 900.0,
     disk_dir: Path | None = None,
     disk_layers: int = 8,
@@ -375,6 +431,27 @@ def run_bench(
             ):
                 row = _try_ours(weights, capped, prompt_len, new_tokens, base, pinned)
                 rows += [row] if row else []
+            # The planner's batch: the KV cache may go to pinned RAM (16 bits, then kv_bits),
+            # so that many more rows share each weight transfer under the same GPU budget.
+            for bits in sorted({16, kv_bits}, reverse=True):
+                policy = replace(base, kv_on="auto", kv_bits=bits)
+                plan = plan_memory(
+                    store,
+                    torch.device("cuda"),
+                    torch.bfloat16,
+                    policy,
+                    batch_size=None,
+                    max_context=prompt_len + new_tokens,
+                    prompt_tokens=prompt_len,
+                    rows=max_batch,
+                )
+                _log(f"planned ({bits}-bit KV): {plan.describe()}")
+                label = "ours, KV in RAM" if bits == 16 else f"ours, {bits}-bit KV"
+                label = label if plan.kv_on == "cpu" else "ours, planned"
+                row = _try_ours(
+                    weights, plan.batch_size, prompt_len, new_tokens, policy, pinned, plan, label
+                )
+                rows += [row] if row else []
             uncapped = replace(base, gpu_memory_bytes=None)
             row = _try_ours(weights, uncapped_batch, prompt_len, new_tokens, uncapped, pinned)
             rows += [row] if row else []
@@ -417,6 +494,9 @@ def run_bench(
                 rows.append(_peer_row(result, pinned))
             else:
                 _log(f"{system} uncapped B={uncapped_batch}: {result.error}")
+        zero = [r for r in rows if r.system.startswith("DeepSpeed") and r.cap_bytes is None]
+        if zero:  # ours given the GPU memory ZeRO took: layers that fit stay resident
+            rows += _ours_within(store, zero[0], prompt_len, new_tokens, pinned)
     compare_with_ours(rows)
     print(
         f"shape {shape}: {config.num_layers} layers x hidden {config.hidden_size}, "

@@ -251,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--uncapped-peers", help="peers of the uncapped comparison (default: --peers)")
     _add(bench, "--uncapped-batch", type=int, default=32, help="batch of the uncapped comparison")
     _add(bench, "--max-batch", type=int, default=256, help="largest batch the cap search tries")
+    _add(
+        bench,
+        "--kv-bits",
+        type=int,
+        choices=[16, 8, 4],
+        default=16,
+        help="also run ours with the KV cache in pinned RAM at this many bits",
+    )
     _add(bench, "--peer-timeout", type=float, default=900.0, help="seconds per peer run")
     _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
     _add(bench, "--disk-layers", type=int, default=8, help="layers in the disk-tier store")
@@ -278,6 +286,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else tuple(name.strip() for name in str(args.uncapped_peers).split(",") if name.strip()),
         uncapped_batch=args.uncapped_batch,
         max_batch=args.max_batch,
+        kv_bits=args.kv_bits,
         peer_timeout_s=args.peer_timeout,
         disk_dir=args.disk,
         disk_layers=args.disk_layers,
