@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
+#   gpu-tests-and-scaling | peers | envelope
+# Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+case "$1" in
+  gpu-tests-and-scaling)
+    nvidia-smi -L
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_streaming.py tests/test_multigpu.py \
+      2>&1 | tail -15
+    python3 -m yalm_runner.bench_multigpu --shape 13b --gpus 2 --gpu-memory 8GiB --rows 128 \
+      -n 16 --json "$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.txt"
+    ;;
+  peers)
+    python3 -m yalm_runner.cli bench --shape 13b --batch-sizes "" --gpu-memory 8GiB \
+      --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 8 \
+      --peer-timeout 200 --json "$OUT/bench13b.json" 2>&1 | tee "$OUT/bench13b.txt"
+    ;;
+  envelope)
+    python3 -m yalm_runner.bench_envelope --shape yalm-100b --quantize int4 --group-size 128 \
+      --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
+      --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
+    ;;
+  *) echo "usage: $0 gpu-tests-and-scaling|peers|envelope" >&2; exit 2 ;;
+esac
