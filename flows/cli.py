@@ -244,6 +244,7 @@ def _start_prefect(config: PipelineConfig, verbose: bool):
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flows")
     # Offline by default: no usage reports from a temporary server (set it to true to allow).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     from flows import pipeline
 
     return pipeline

@@ -37,6 +37,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.config import load_config
 from flows.console import progress, run_markdown
 from flows.devicelock import device_lock
+from flows.errors import PipelineError
 from flows.forecasting import generate_pending
 from flows.ingest import ingest_feeds
 from flows.rendering import render_run
@@ -238,8 +239,16 @@ def news_to_forecast(config_path: str, as_of: str | None = None) -> dict[str, An
 def serve(config_path: str) -> None:
     """Serve the flow with the config's nightly cron schedule in its time zone (blocks)."""
     from prefect.schedules import Cron
+    from prefect.settings import get_current_settings
 
     config = load_config(config_path)
+    if not get_current_settings().api.url:
+        raise PipelineError(
+            "serve: no Prefect server configured (PREFECT_API_URL is unset), and Prefect's "
+            "temporary server runs no schedules; start one with `prefect server start` and "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`, or have cron call "
+            "`yalm-forecast run`"
+        )
     log.info(
         "serve: %s nightly at '%s' (%s) with %s",
         FLOW_NAME,

@@ -7,7 +7,10 @@ YaLM architecture converted by the real converter; nothing is mocked.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,6 +188,23 @@ def test_demo_then_results_in_the_same_folder(harness, tmp_path, monkeypatch, ca
     assert mine.read_text(encoding="utf-8") == "database: mine.sqlite\n"
     assert "--config yalm-forecast-demo/yalm-forecast.yaml" in out
     assert "| generated | 0 |" in out
+
+
+def test_serve_without_a_prefect_server_says_how_to_get_one(tmp_path):
+    path = write_config(tmp_path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("yalm-forecast: error: serve: no Prefect server configured")
+    assert "prefect server start" in last
 
 
 def test_only_transient_faults_are_retried():
