@@ -22,21 +22,36 @@ log = logging.getLogger("flows")
 
 def configure_logging(log_file: Path | None, *, verbose: bool = False) -> None:
     """INFO lines from the pipeline to stderr and, when given, appended to ``log_file``."""
-    formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in list(log.handlers):
-        if getattr(handler, "_yalm_forecast", False):
+        if getattr(handler, "_yalm_forecast", None) is not None:
             log.removeHandler(handler)
             handler.close()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler._yalm_forecast = True  # so a second call replaces rather than doubles them
-        log.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler._yalm_forecast = "stderr"
+    log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    if log_file is not None:
+        attach_log_file(log_file)
+
+
+def attach_log_file(log_file: Path) -> None:
+    """Append the pipeline's lines to ``log_file`` too (once, however often it is called).
+
+    The flow calls this itself, so that runs a Prefect worker or ``serve`` starts in processes
+    of their own write the log file as well.
+    """
+    target = str(Path(log_file).resolve())
+    if any(getattr(handler, "_yalm_forecast", None) == target for handler in log.handlers):
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(target, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler._yalm_forecast = target
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import load_config
-from flows.console import progress, run_markdown
+from flows.console import attach_log_file, progress, run_markdown
 from flows.devicelock import device_lock
 from flows.errors import PipelineError
 from flows.forecasting import generate_pending
@@ -222,6 +222,7 @@ def news_to_forecast(config_path: str, as_of: str | None = None) -> dict[str, An
 
     ``as_of`` (ISO time) renders as if it were then; default now.
     """
+    attach_log_file(load_config(config_path).log_file)
     summary: dict[str, Any] = {"as_of": as_of}
     summary["ingest"] = ingest(config_path)
     summary["render"] = render(config_path, as_of)

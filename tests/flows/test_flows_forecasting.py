@@ -1,0 +1,104 @@
+"""The generation job on its own (no Prefect): bad rows, saved ids, other models' ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flows_testkit import write_config
+from sqlalchemy import text
+
+from flows.config import load_config
+from flows.forecasting import generate_pending
+from flows.generations import (
+    load_generation_state,
+    pending_prompts,
+    prompt_status,
+    save_generation_state,
+    save_prompt,
+)
+from flows.store import open_store
+from flows.templates import RenderedPrompt
+from yalm_runner.checkpoint import Store as ModelStore
+
+
+def rendered(key: str, text: str, max_new_tokens: int = 8) -> RenderedPrompt:
+    return RenderedPrompt(
+        key=key,
+        template_name="ticker_outlook_en",
+        template_version=1,
+        template_hash="t" * 64,
+        language="en",
+        scope="ticker",
+        ticker="SBER",
+        as_of="2024-05-14",
+        text=text,
+        token_count=0,
+        max_new_tokens=max_new_tokens,
+        sampling={"temperature": 0.8, "top_p": 0.9, "top_k": 0, "greedy": False, "seed": 7},
+        item_keys=(),
+        items_dropped=0,
+    )
+
+
+@pytest.fixture
+def job(tmp_path, tiny_store):
+    config = load_config(
+        write_config(tmp_path, model=str(tiny_store), generation={"device": "cpu"})
+    )
+    with open_store(config.database_url) as store:
+        yield config, store
+
+
+def test_a_prompt_too_long_for_the_model_fails_alone(job):
+    config, store = job
+    save_prompt(store, rendered("a" * 64, "Sberbank raised its dividend forecast."))
+    save_prompt(store, rendered("b" * 64, "The market rose. " * 400))
+    report = generate_pending(config, store)
+    assert (report.generated, report.failed) == (1, 1)
+    assert prompt_status(store, "a" * 64) == "done"
+    assert prompt_status(store, "b" * 64) == "failed"
+    assert "exceed the model's 1024 positions" in report.failures[0][1]
+    assert pending_prompts(store) == []
+
+
+def test_saved_ids_are_continued_only_under_their_fingerprint(job, tiny_store):
+    config, store = job
+    key = "c" * 64
+    save_prompt(store, rendered(key, "Gazprom expects export volumes to grow."))
+    save_generation_state(store, key, [11, 12], fingerprint="model-x:float32:cpu")
+    assert load_generation_state(store, key, fingerprint="model-x:float32:cpu") == [11, 12]
+    assert load_generation_state(store, key, fingerprint="model-y:float32:cpu") is None
+
+    fresh = generate_pending(config, store)
+    assert (fresh.generated, fresh.resumed) == (1, 0)  # another model's ids: started over
+
+
+def test_resumed_row_gives_the_same_text_as_a_fresh_one(tmp_path, tiny_store):
+    """Saved ids for half a row, continued, end where an uninterrupted row ends."""
+    texts = {}
+    for name in ("fresh", "resumed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = load_config(
+            write_config(folder, model=str(tiny_store), generation={"device": "cpu"})
+        )
+        with open_store(config.database_url) as store:
+            key = "d" * 64
+            save_prompt(store, rendered(key, "Nvidia beat guidance for the year.", 12))
+            if name == "resumed":
+                model = ModelStore.open(tiny_store)
+                fingerprint = f"{model.manifest_sha256}:float32:cpu"
+                save_generation_state(store, key, texts["fresh_ids"][:5], fingerprint=fingerprint)
+            report = generate_pending(config, store)
+            assert report.generated == 1 and report.resumed == (name == "resumed")
+            with store.reading() as session:
+                row = session.execute(
+                    text("SELECT text, token_ids_json FROM generations WHERE prompt_key = :key"),
+                    {"key": key},
+                ).one()
+            texts[name] = tuple(row)
+            if name == "fresh":
+                texts["fresh_ids"] = json.loads(row[1])
+    assert len(texts["fresh_ids"]) > 5
+    assert texts["resumed"] == texts["fresh"]
