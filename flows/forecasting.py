@@ -263,8 +263,9 @@ def _generate(session, store: Store, rows, report, on_progress, checkpoint_every
                 checkpoint_every=checkpoint_every,
                 on_checkpoint=on_checkpoint,
             )
-    except Exception:
-        # Out of memory, say: keep the rows in flight for a re-run, then report the error.
+    except BaseException:
+        # Out of memory, Ctrl-C, Prefect cancelling the run: keep the ids of the rows in flight
+        # (more than the last checkpoint has) for a re-run, then let the error go on.
         with suppress(ValueError, StoreError):
             save_generation_states(store, engine.snapshot(), fingerprint=fingerprint)
         raise

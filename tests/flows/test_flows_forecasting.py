@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from flows_testkit import write_config
@@ -102,3 +103,27 @@ def test_resumed_row_gives_the_same_text_as_a_fresh_one(tmp_path, tiny_store):
                 texts["fresh_ids"] = json.loads(row[1])
     assert len(texts["fresh_ids"]) > 5
     assert texts["resumed"] == texts["fresh"]
+
+
+def test_an_interrupt_keeps_the_rows_in_flight_and_a_rerun_finishes_them(job):
+    config, store = job
+    config = replace(config, generation=replace(config.generation, batch_size=2))
+    keys = [letter * 64 for letter in "efgh"]
+    for index, key in enumerate(keys):
+        # The first row is short: it finishes while its batch-mate is still generating.
+        length = 4 if index == 0 else 10
+        save_prompt(store, rendered(key, f"Yandex raised the price target {index}.", length))
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_pending(config, store, on_progress=interrupt)
+    done = [key for key in keys if prompt_status(store, key) == "done"]
+    saved = [key for key in keys if load_generation_state(store, key)]
+    assert len(done) == 1 and saved and not set(saved) & set(done)
+
+    report = generate_pending(config, store)
+    assert report.generated == 3 and report.resumed == len(saved)
+    assert [prompt_status(store, key) for key in keys] == ["done"] * 4
