@@ -51,3 +51,12 @@ def postgres_server():
 
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server and database for the session (``prefect_test_harness``)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

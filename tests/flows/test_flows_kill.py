@@ -80,18 +80,15 @@ def run_child(config_path: Path, kill_after: int, tmp_path: Path) -> tuple[int, 
 
 @pytest.mark.slow
 def test_a_flow_killed_mid_generation_resumes_to_the_uninterrupted_table(
-    feed_server, tiny_store, tmp_path, monkeypatch
+    prefect_harness, feed_server, tiny_store, tmp_path, monkeypatch
 ):
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import news_to_forecast
 
     monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
     feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
     feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
     reference = kill_config(tmp_path / "reference", feed_server, tiny_store)
-    with prefect_test_harness():
-        summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
+    summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
     assert summary["generate"]["generated"] == 7
     expected = table(reference, FORECASTS)
 

@@ -35,14 +35,6 @@ NEW_ITEM = """    <item>
   </channel>"""
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 @pytest.fixture(autouse=True)
 def private_lock_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
@@ -77,7 +69,7 @@ def results_json(config_path: Path, capsys) -> list[dict]:
 
 
 def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
-    harness, feed_server, tiny_store, tmp_path, capsys
+    prefect_harness, feed_server, tiny_store, tmp_path, capsys
 ):
     from prefect import get_client
 
@@ -136,7 +128,7 @@ def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
 
 
 def test_run_command_prints_the_summary_and_a_bad_model_loses_nothing(
-    harness, feed_server, tiny_store, tmp_path, capsys
+    prefect_harness, feed_server, tiny_store, tmp_path, capsys
 ):
     feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
     feed_server.add("/atom", body=b"", status=404)
@@ -166,7 +158,7 @@ def test_run_command_prints_the_summary_and_a_bad_model_loses_nothing(
     assert "| generated | 5 |" in out and "feed `atom`: HTTP 404" in out
 
 
-def test_demo_then_results_in_the_same_folder(harness, tmp_path, monkeypatch, capsys):
+def test_demo_then_results_in_the_same_folder(prefect_harness, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
