@@ -20,6 +20,7 @@ from flows.cli import main
 from flows.config import load_config
 from flows.console import run_markdown
 from flows.devicelock import DeviceBusyError, device_lock
+from flows.errors import PipelineConfigError, StoreError
 from flows.pipeline import GPU_LIMIT, is_transient
 from flows.store import open_store
 from yalm_runner.checkpoint import Store as ModelStore
@@ -203,7 +204,6 @@ def test_only_transient_faults_are_retried():
     import httpx
     import torch
 
-    from flows.errors import PipelineConfigError, StoreError
     from yalm_runner.errors import CheckpointError, OffloadError
 
     def wrapped(cause: BaseException) -> StoreError:
@@ -221,6 +221,44 @@ def test_only_transient_faults_are_retried():
     assert not is_transient(CheckpointError("layer_001.safetensors: sha256 mismatch"))
     assert not is_transient(OffloadError("batch size 64 does not fit"))
     assert not is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+
+
+def locked_database() -> StoreError:
+    try:
+        raise StoreError("forecast.sqlite: database is locked") from sqlite3.OperationalError(
+            "database is locked"
+        )
+    except StoreError as exc:
+        return exc
+
+
+def test_prefect_retries_a_locked_database_but_never_a_bad_config(prefect_harness):
+    from prefect import flow, task
+
+    from flows import pipeline
+
+    for each in (pipeline.ingest, pipeline.render, pipeline.generate, pipeline.publish):
+        assert each.retries == 2 and each.retry_condition_fn is pipeline._retry_if_transient
+    calls = []
+
+    @task(**{**pipeline.TRANSIENT_RETRIES, "retry_delay_seconds": 0})
+    def step(kind: str) -> str:
+        calls.append(kind)
+        if kind == "locked" and len(calls) == 1:
+            raise locked_database()
+        if kind == "config":
+            raise PipelineConfigError("generation.dtype: one of ...")
+        return "stored"
+
+    @flow
+    def one_step(kind: str) -> str:
+        return step(kind)
+
+    assert one_step("locked") == "stored" and calls == ["locked", "locked"]
+    calls.clear()
+    with pytest.raises(PipelineConfigError):
+        one_step("config")
+    assert calls == ["config"]
 
 
 def test_the_device_lock_admits_one_holder(tmp_path):
