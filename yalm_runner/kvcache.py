@@ -19,6 +19,7 @@ import torch
 from yalm_runner.config import ModelConfig
 
 ALL = slice(None)
+DECODE_ROWS = 16  # rows of compressed KV expanded per step (bounds the temporaries)
 
 
 class DeviceKV:
@@ -202,11 +203,16 @@ class HostKV:
         keys, values = self._slots[slot]
         if self._bits != 16 and start:
             incoming, split = self._incoming[slot], self._split
-            for which, target in enumerate((keys, values)):
-                parts = incoming[which * split : (which + 1) * split]
-                decode_kv(
-                    [part[:live, :start] for part in parts], self._bits, target[:live, :start]
-                )
+            # A few rows at a time: decoding makes temporaries the size of what it decodes.
+            for first in range(0, live, DECODE_ROWS):
+                last = min(first + DECODE_ROWS, live)
+                for which, target in enumerate((keys, values)):
+                    parts = incoming[which * split : (which + 1) * split]
+                    decode_kv(
+                        [part[first:last, :start] for part in parts],
+                        self._bits,
+                        target[first:last, :start],
+                    )
         return keys[:live][rows], values[:live][rows]
 
     def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:

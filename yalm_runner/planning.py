@@ -26,7 +26,7 @@ import torch
 from yalm_runner.checkpoint import Store
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
-from yalm_runner.kvcache import kv_bytes_per_token
+from yalm_runner.kvcache import DECODE_ROWS, kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
 from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in
@@ -37,6 +37,7 @@ PLANNING_LINK_BYTES_PER_S = 25e9
 PLANNING_DISK_BYTES_PER_S = 3e9
 PREFILL_TOKENS = 4096  # tokens per prefill pass: large enough to keep the GPU busy
 STEP_OVERHEAD_S = 2e-3  # launches and sampling: what a step costs when nothing streams
+ALLOCATOR_SLACK_BYTES = 256 << 20  # kept free of the plan; 5% of a smaller budget
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,12 @@ def plan_memory(
         budgets = policy
         kv_choices = ["gpu", "cpu"] if policy.kv_on == "auto" else [policy.kv_on]
 
-    # A compressed store dequantizes each matrix into one scratch buffer on the device.
+    # A compressed store dequantizes each matrix into one scratch buffer on the device. The
+    # caching allocator keeps some memory reserved but unused (fragmentation): the workspace
+    # counts that slack too, so that the real peak stays under the budget.
     scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
+    gpu = budgets.gpu_memory_bytes
+    scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
 
     def attempt(kv_on: str, batch: int) -> MemoryPlan:
         # A long prefill of a large batch runs in chunks of rows: its activations, not the
@@ -150,8 +155,14 @@ def plan_memory(
                 f"budget {format_bytes(cpu_budget)}"
             )
         rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
-        # Compressed KV also needs staging on the device: in and out, two slots each.
-        staging = 4 * batch * host_row // config.num_layers if policy.kv_bits != 16 else 0
+        # Compressed KV also needs staging on the device (in and out, two slots each) and
+        # room for the fp32 temporaries of expanding ``DECODE_ROWS`` rows at a time.
+        staging = (
+            4 * batch * host_row // config.num_layers
+            + 3 * DECODE_ROWS * max_context * config.hidden_size * 4
+            if policy.kv_bits != 16
+            else 0
+        )
         placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
         return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement, rows_per_pass)
 
