@@ -221,7 +221,7 @@ def _results(args: argparse.Namespace) -> int:
 
     config = load(args)
     forecasts = read_forecasts(
-        config.database_path,
+        config.database_url,
         since=args.since,
         ticker=args.ticker,
         template=args.template,

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from flows.errors import PipelineConfigError
+from flows.errors import PipelineConfigError, StoreError
 
 ENV_VAR = "YALM_FORECAST_CONFIG"
 DEFAULT_CONFIG_NAME = "yalm-forecast.yaml"
@@ -80,6 +80,11 @@ class GenerationSettings:
     cpu_memory: str | None = None
     checkpoint_every: int = 16
     max_positions: int = 1024
+    # Scale-out: with shards > 1 and a deployment, the nightly flow splits the pending prompts
+    # into that many shards and starts one run of the deployment per shard (README, PostgreSQL).
+    shards: int = 1
+    deployment: str | None = None  # "generate-shard/gpu": the shard flow deployed to a pool
+    lease_s: float = 1800.0  # a claim's lease; renewed at every checkpoint
 
     def sampling(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SAMPLING_KEYS}
@@ -108,6 +113,9 @@ class PipelineConfig:
 
     @property
     def database_path(self) -> Path:
+        """The SQLite file (only for a SQLite store; readers take ``database_url``)."""
+        if not self.database_url.startswith("sqlite:///"):
+            raise PipelineConfigError("database: not a SQLite file; use the URL")
         return Path(self.database_url.removeprefix("sqlite:///"))
 
 
@@ -227,10 +235,19 @@ class _Section:
 
 
 def _database_url(value: str, base_dir: Path) -> str:
-    if "://" in value:
-        if not value.startswith("sqlite:///"):
-            raise PipelineConfigError(f"database: only SQLite is supported, got {value!r}")
-        value = value.removeprefix("sqlite:///")
+    """A ``sqlite:///`` URL with an absolute path, or a ``postgresql+psycopg://`` URL."""
+    if "://" in value and not value.startswith("sqlite:///"):
+        # Parsing is not opening: the URL is checked here, the server only when a store opens.
+        from flows.store import parse_database_url
+
+        try:
+            url = parse_database_url(value)
+        except StoreError as exc:
+            raise PipelineConfigError(f"database: {exc}") from None
+        if url.get_backend_name() != "postgresql":
+            raise PipelineConfigError("database: a SQLite file path or a postgresql:// URL")
+        return url.render_as_string(hide_password=False)
+    value = value.removeprefix("sqlite:///")
     if not value or value == ":memory:":
         raise PipelineConfigError("database: needs a file path (readers open it separately)")
     candidate = Path(value).expanduser()
@@ -345,8 +362,21 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
         cpu_memory=section.text("cpu_memory"),
         checkpoint_every=section.integer("checkpoint_every", base.checkpoint_every, minimum=1),
         max_positions=section.integer("max_positions", base.max_positions, minimum=2),
+        shards=section.integer("shards", base.shards, minimum=1),
+        deployment=section.text("deployment"),
+        lease_s=section.number("lease_s", base.lease_s, minimum=1.0),
     )
     section.finish()
+    if settings.shards > 1 and not settings.deployment:
+        raise PipelineConfigError(
+            f"{section.key('deployment')}: required with shards > 1 (the shard flow's "
+            "deployment, e.g. generate-shard/gpu)"
+        )
+    if settings.deployment is not None and not re.fullmatch(r"[^/]+/[^/]+", settings.deployment):
+        raise PipelineConfigError(
+            f"{section.key('deployment')}: FLOW/DEPLOYMENT, e.g. generate-shard/gpu, "
+            f"got {settings.deployment!r}"
+        )
     if settings.top_p > 1.0:
         raise PipelineConfigError(
             f"{section.key('top_p')}: must be in [0, 1], got {settings.top_p}"

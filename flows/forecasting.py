@@ -1,27 +1,37 @@
 """Generating the pending prompts with the engine: the queue in the store meets the model.
 
-Owns one job: take every pending prompt, run the prompts through the engine in large batches
-(one batch plan for the whole queue, grouped by sampling settings), commit each finished
-forecast on its own as it finishes, and keep the ids of the rows in flight in the store at the
-engine's checkpoints. A killed job, re-run, resumes from the store alone: finished prompts are
-no longer pending, unfinished ones carry their saved ids, and because a row's random draws come
-from (seed, prompt key, step) the resumed text equals an uninterrupted run's.
+Owns one job: claim the pending prompts (all, or one shard's keys) for a worker id, run them
+through the engine in large batches (one batch plan for the whole queue, grouped by sampling
+settings), commit each finished forecast on its own as it finishes, and keep the ids of the
+rows in flight in the store at the engine's checkpoints. A killed job, re-run, resumes from the
+store alone: finished prompts are no longer pending, unfinished ones carry their saved ids, and
+because a row's random draws come from (seed, prompt key, step) the resumed text equals an
+uninterrupted run's.
 
 Saved ids are tagged with a fingerprint (model manifest, dtype, device type); ids saved under
 another fingerprint are not continued but started over, so a swapped model never finishes a
 half-written forecast of the old one. Everything is checked before the model is opened or any
 state is touched: a prompt that cannot fit the model is marked failed with the reason and the
-others go on. It knows nothing of Prefect, feeds or templates.
+others go on.
+
+Prompts are taken through ``flows.claims`` under the worker id's lease (renewed at every
+checkpoint, given back when the job fails), so several workers, on several hosts, can work
+through the same queue: each generates only what it claimed, and a prompt another live worker
+holds is left to it. A re-run under the same worker id takes its own claims back at once. On one
+host with SQLite the worker id is the host and device, and the job claims the whole queue, as
+before. It knows nothing of Prefect, feeds, templates or how shards are cut.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
+from flows.claims import claim_prompts, record_claimed_generation, release_claims, renew_claims
 from flows.config import PipelineConfig
 from flows.errors import PipelineConfigError, StoreError
 from flows.generations import (
@@ -30,7 +40,6 @@ from flows.generations import (
     load_generation_state,
     mark_prompt_failed,
     pending_prompts,
-    record_generation,
     save_generation_states,
 )
 from flows.store import Store, finish_run, start_run
@@ -46,7 +55,9 @@ class GenerateReport:
     """What one generation job did (all counts are prompts, except the token counts)."""
 
     run_id: int | None = None
+    worker_id: str | None = None
     pending: int = 0
+    held: int = 0  # pending prompts left to another live worker (claimed by it)
     generated: int = 0
     failed: int = 0
     resumed: int = 0
@@ -64,7 +75,9 @@ class GenerateReport:
     def as_dict(self) -> dict:
         return {
             "run_id": self.run_id,
+            "worker_id": self.worker_id,
             "pending": self.pending,
+            "held": self.held,
             "generated": self.generated,
             "failed": self.failed,
             "resumed": self.resumed,
@@ -109,21 +122,34 @@ def _policy(config: PipelineConfig):
     )
 
 
+def default_worker_id(config: PipelineConfig) -> str:
+    """This host and device (``gpu-host-1:cuda:0``): a re-run here takes back its own claims."""
+    return f"{socket.gethostname()}:{config.generation.device}"
+
+
 def generate_pending(
     config: PipelineConfig,
     store: Store,
     *,
     on_progress: ProgressCallback | None = None,
     limit: int | None = None,
+    worker_id: str | None = None,
+    keys: Iterable[str] | None = None,
 ) -> GenerateReport:
-    """Generate every pending prompt (or the oldest ``limit``); see the module docstring."""
+    """Claim and generate the pending prompts (only ``keys``, if given; at most ``limit``).
+
+    ``worker_id`` defaults to ``default_worker_id``; see the module docstring.
+    """
     from yalm_runner.checkpoint import Store as ModelStore
-    from yalm_runner.session import open_session
     from yalm_runner.tokenizer import Tokenizer
 
     began = time.perf_counter()
-    report = GenerateReport()
-    prompts = pending_prompts(store, limit=limit)
+    report = GenerateReport(worker_id=worker_id or default_worker_id(config))
+    prompts = pending_prompts(store)
+    if keys is not None:
+        wanted = set(keys)
+        prompts = [prompt for prompt in prompts if prompt.key in wanted]
+    prompts = prompts[:limit] if limit is not None else prompts
     report.pending = len(prompts)
     if not prompts:
         log.info("generate: no pending prompts")
@@ -131,13 +157,43 @@ def generate_pending(
     if config.model is None:
         raise PipelineConfigError("model: not set; generation needs a converted YaLM store")
     model = ModelStore.open(config.model)
-    tokenizer = Tokenizer(model.tokenizer_path)
+    lease_s = config.generation.lease_s
+    claimed = set(
+        claim_prompts(
+            store,
+            report.worker_id,
+            limit=len(prompts),
+            lease_seconds=lease_s,
+            keys=[prompt.key for prompt in prompts],
+        )
+    )
+    report.held = len(prompts) - len(claimed)
+    if report.held:
+        log.info("generate: %d pending prompts are held by other workers", report.held)
+    prompts = [prompt for prompt in prompts if prompt.key in claimed]
+    if not prompts:
+        return report
+    try:
+        _claimed_job(config, store, model, Tokenizer(model.tokenizer_path), prompts, report, began,
+                     on_progress)  # fmt: skip
+    except BaseException:
+        # Out of memory, Ctrl-C, a cancelled run: the saved ids stay, the prompts go back to
+        # the queue at once (not after the lease) for whichever worker runs next.
+        with suppress(StoreError):
+            release_claims(store, report.worker_id, keys=claimed)
+        raise
+    return report
+
+
+def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_progress) -> None:
+    from yalm_runner.session import open_session
+
     encoded = {prompt.key: tuple(tokenizer.encode(prompt.text)) for prompt in prompts}
     report.run_id = start_run(store, "generate", {"pending": len(prompts)})
     rows = _admit(store, model.config.max_positions, prompts, encoded, report)
     if not rows:
         _finish(store, report, began)
-        return report
+        return
     settings = config.generation
     try:
         with open_session(
@@ -151,14 +207,13 @@ def generate_pending(
             report.batch_size = session.batch_size
             report.device = str(session.engine.device)
             log.info("generate: memory plan: %s", session.plan.describe())
-            _generate(session, store, rows, report, on_progress, settings.checkpoint_every)
+            _generate(session, store, rows, report, on_progress, settings)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began
         with suppress(StoreError):
             finish_run(store, report.run_id, "failed", {**report.as_dict(), "error": str(exc)})
         raise
     _finish(store, report, began)
-    return report
 
 
 def _finish(store: Store, report: GenerateReport, began: float) -> None:
@@ -192,7 +247,7 @@ def _fingerprint(session) -> str:
     return f"{session.store.manifest_sha256}:{dtype}:{engine.device.type}"
 
 
-def _generate(session, store: Store, rows, report, on_progress, checkpoint_every: int) -> None:
+def _generate(session, store: Store, rows, report, on_progress, settings) -> None:
     from yalm_runner.engine import Finished, Request
 
     engine, tokenizer = session.engine, session.tokenizer
@@ -215,6 +270,21 @@ def _generate(session, store: Store, rows, report, on_progress, checkpoint_every
         requests.append(request)
         report.resumed += bool(saved)
     total = len(requests)
+    unfinished = {request.key for request in requests}
+
+    def renew() -> None:
+        # Loading the model and every checkpoint renew the lease on what is left to do.
+        held = renew_claims(store, report.worker_id, sorted(unfinished), lease_seconds=lease_s)
+        lost = unfinished - set(held)
+        if lost:
+            log.warning(
+                "generate: %d prompts were taken over after this worker's lease ran out; "
+                "each is still recorded once",
+                len(lost),
+            )
+
+    lease_s = settings.lease_s
+    renew()
     log.info(
         "generate: %d prompts (%d resumed from saved ids) on %s, batch size %d",
         total,
@@ -227,7 +297,7 @@ def _generate(session, store: Store, rows, report, on_progress, checkpoint_every
         prompt = by_key[finished.key]
         text = tokenizer.continuation(list(finished.prompt_ids), list(finished.new_ids))
         stats = engine.stats
-        record_generation(
+        record_claimed_generation(
             store,
             finished.key,
             text=text,
@@ -240,12 +310,14 @@ def _generate(session, store: Store, rows, report, on_progress, checkpoint_every
             sampling=dict(prompt.sampling),
             run_id=report.run_id,
         )
+        unfinished.discard(finished.key)
         report.generated += 1
         if on_progress is not None:
             on_progress(report.generated, total)
 
     def on_checkpoint(snapshot: dict[str, tuple[int, ...]]) -> None:
         save_generation_states(store, snapshot, fingerprint=fingerprint)
+        renew()
 
     groups: dict[tuple, list[Request]] = {}
     for request in requests:
@@ -260,7 +332,7 @@ def _generate(session, store: Store, rows, report, on_progress, checkpoint_every
                 _sampling_params(dict(by_key[group[0].key].sampling)),
                 batch_size=session.batch_size,
                 on_finished=on_finished,
-                checkpoint_every=checkpoint_every,
+                checkpoint_every=settings.checkpoint_every,
                 on_checkpoint=on_checkpoint,
             )
     except BaseException:

@@ -15,6 +15,7 @@ live in ``flows.generations`` and ``flows.claims``; the robot's read-only side i
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,13 +138,14 @@ def parse_database_url(value: str) -> URL:
     """
     try:
         url = make_url(value)
-    except ArgumentError as exc:
-        raise StoreError(f"not a database URL: {value!r}") from exc
-    backend, driver = url.get_backend_name(), url.get_driver_name()
-    if backend == "postgres":
-        url, backend = url.set(drivername="postgresql+psycopg"), "postgresql"
-    if backend == "postgresql":
-        if "+" in url.drivername and driver != "psycopg":
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        hidden = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", value)
+        raise StoreError(f"not a database URL: {hidden!r}") from exc
+    # Split the name ourselves: asking SQLAlchemy for the driver loads the dialect, and an
+    # unknown one ("postgres", "mysql") would fail there with a plugin error.
+    backend, _, driver = url.drivername.partition("+")
+    if backend in ("postgres", "postgresql"):
+        if driver not in ("", "psycopg"):
             raise StoreError(f"{describe_url(url)}: use postgresql+psycopg:// (psycopg 3)")
         if not url.database:
             raise StoreError(f"{describe_url(url)}: the URL names no database")

@@ -72,6 +72,17 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path):
     assert config.theses == tmp_path / "theses.md"
 
 
+def test_a_postgresql_url_is_taken_as_is_and_readers_use_it(tmp_path: Path):
+    for given in (
+        "postgresql://yalm@db.internal:5432/yalm",
+        "postgres://yalm@db.internal:5432/yalm",
+    ):
+        config = load_config(write_config(tmp_path, database=given))
+        assert config.database_url == "postgresql+psycopg://yalm@db.internal:5432/yalm"
+    with pytest.raises(PipelineConfigError, match="database: not a SQLite file; use the URL"):
+        config.database_path  # noqa: B018
+
+
 def test_defaults(tmp_path: Path):
     config = load_config(write_config(tmp_path, feeds=[{"name": "a", "url": "https://a.test/"}]))
     assert config.prompts_dir == BUNDLED_PROMPTS_DIR
@@ -84,7 +95,15 @@ def test_defaults(tmp_path: Path):
     ("overrides", "message"),
     [
         ({"databse": "x.sqlite"}, r"^.*yalm-forecast.yaml: databse: unknown key$"),
-        ({"database": "postgresql://db/x"}, "database: only SQLite is supported"),
+        ({"database": "mysql://db/x"}, "database: unsupported database 'mysql'"),
+        ({"database": "postgresql://yalm:secret@db"},
+         r"database: postgresql://yalm:\*\*\*@db: the URL names no database$"),
+        ({"database": "postgresql://yalm:secret@db:port/x"},
+         r"database: not a database URL: 'postgresql://yalm:\*\*\*@db:port/x'$"),
+        ({"generation": {"shards": 2}}, r"generation\.deployment: required with shards > 1"),
+        ({"generation": {"shards": 2, "deployment": "gpu"}},
+         r"generation\.deployment: FLOW/DEPLOYMENT"),
+        ({"generation": {"shards": 0}}, r"generation\.shards: must be >= 1"),
         ({"feeds": [{"name": "a", "url": "https://a.test/", "timeout_s": "soon"}]},
          r"feeds\[0\]\.timeout_s: expected a number, got 'soon'"),
         ({"feeds": [{"name": "a", "url": "https://a.test/", "retries": True}]},
