@@ -265,6 +265,42 @@ def _run(args: argparse.Namespace) -> int:
     return _run_flow(config, path, as_of, getattr(args, "verbose", False))
 
 
+def _generate_shard(args: argparse.Namespace) -> int:
+    path = config_path(args)
+    config = load_config(path)
+    pipeline = _start_prefect(config, getattr(args, "verbose", False))
+    index, count = args.shard
+    report = pipeline.generate_shard(
+        config_path=str(path.resolve()), shard_index=index, shard_count=count, keys=args.key
+    )
+    print(
+        f"shard {index}/{count} ({report['worker_id']}): {report['generated']} forecasts stored, "
+        f"{report['failed']} failed, {report['resumed']} resumed, "
+        f"{report['held']} held by other workers",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N``: shard I (from 0) of N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N, like 0/2")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _configure_generate_shard(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+        help="shard I (from 0) of N: the pending prompts whose key falls in it (default 0/1: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key", action="append", metavar="KEY",
+        help="exactly these prompts instead (repeatable); --shard then only names the worker",
+    )  # fmt: skip
+
+
 def _serve(args: argparse.Namespace) -> int:
     path = config_path(args)
     config = load_config(path)
@@ -359,6 +395,12 @@ register(Command(
 register(Command(
     "run", "Run the whole news-to-forecast flow once now (exit 3 if some feeds/prompts failed).",
     "yalm-forecast run --config ~/forecast/yalm-forecast.yaml", _configure_run, _run,
+))  # fmt: skip
+register(Command(
+    "generate-shard",
+    "Run the generate-shard flow once: claim and generate one shard of the pending prompts.",
+    "yalm-forecast generate-shard --config ~/forecast/yalm-forecast.yaml --shard 0/2",
+    _configure_generate_shard, _generate_shard,
 ))  # fmt: skip
 register(Command(
     "serve", "Serve the flow on the config's nightly cron schedule and time zone (blocks).",

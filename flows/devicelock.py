@@ -2,10 +2,10 @@
 
 The kernel drops an ``flock`` when its process dies, however it dies (SIGKILL, out of memory),
 so a killed run can never leave the device locked; that is why this, and not a server-side
-counter, is the guarantee on one machine. The lock file names the device (``cuda``, ``cpu``) and
-lives in ``$YALM_FORECAST_LOCK_DIR`` (default: the system's temporary folder); it records the pid
-and start time of the holder so that a waiting run can say whom it waits for. It knows nothing
-of Prefect, models or the store.
+counter, is the guarantee on one machine. The lock file names the physical device (``cuda0``,
+``cpu``) and lives in ``$YALM_FORECAST_LOCK_DIR`` (default: the system's temporary folder); it
+records the pid and start time of the holder so that a waiting run can say whom it waits for. It
+knows nothing of Prefect, models or the store.
 """
 
 from __future__ import annotations
@@ -30,9 +30,17 @@ class DeviceBusyError(PipelineError):
 
 
 def lock_path(device: str) -> Path:
+    """One lock per physical device: ``cuda`` and ``cuda:0`` are the same GPU, and so is
+    ``cuda:0`` of a process with ``CUDA_VISIBLE_DEVICES=1`` and ``cuda:1`` of one without."""
     folder = Path(os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
-    kind = device.split(":")[0] if device != "auto" else "auto"
-    return folder / f"yalm-forecast-{os.getuid()}-{kind}.lock"
+    kind, _, index = device.partition(":")
+    name = kind
+    if kind == "cuda":
+        visible = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+        position = int(index or 0)
+        physical = visible[position] if any(visible) and position < len(visible) else position
+        name = f"cuda{physical}"
+    return folder / f"yalm-forecast-{os.getuid()}-{name}.lock"
 
 
 @contextmanager

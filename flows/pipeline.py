@@ -19,13 +19,22 @@ missing), which makes the limit visible in the UI and holds across machines; its
 if the holder dies. With no server (Prefect's ephemeral mode) that limit is skipped, and the log
 says so: an ephemeral server keeps leases in memory, so a killed holder's slot would never be
 given back.
+
+Several hosts: with ``generation.shards`` > 1 and ``generation.deployment`` (the
+``generate-shard`` flow deployed to a work pool whose workers run on the GPU hosts), the nightly
+flow cuts the pending prompts into that many shards (``flows.shards``) and starts one run of the
+deployment per shard with Prefect's ``run_deployment``, each inside a task so that they run at
+once, and waits for them. Each shard run claims its prompts (``flows.claims``) under the shard's
+worker id, so it is resumable on its own: run it again and it takes back its claims and resumes
+from the saved ids. Without a Prefect server (no workers to reach) the nightly flow generates
+everything in its own process, as with one host.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -39,11 +48,20 @@ from flows.console import attach_log_file, progress, run_markdown
 from flows.devicelock import device_lock
 from flows.errors import PipelineError
 from flows.forecasting import generate_pending
+from flows.generations import pending_prompts
 from flows.ingest import ingest_feeds
 from flows.rendering import render_run
+from flows.shards import (
+    check_shard,
+    in_shard,
+    shard_report,
+    shard_worker_id,
+    split_round_robin,
+)
 from flows.store import open_store
 
 FLOW_NAME = "news-to-forecast"
+SHARD_FLOW_NAME = "generate-shard"
 GPU_LIMIT = "yalm-forecast-gpu"
 GPU_LEASE_S = 120.0  # renewed while generating; a dead holder's slot returns after this
 ARTIFACT_KEY = "news-to-forecast-run"
@@ -51,6 +69,12 @@ RETRY_DELAYS_S = [10, 60]
 log = logging.getLogger("flows.pipeline")
 
 _NOT_TRANSIENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+# PostgreSQL error classes a retry can cure: connection lost or refused (08), serialization
+# failure or deadlock (40), too many connections or out of disk (53), server shutting down or
+# starting (57P). A wrong password (28) or a missing database (3D) is not among them.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "57P")
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -61,12 +85,30 @@ def is_transient(exc: BaseException | None) -> bool:
         if isinstance(exc, sqlite3.OperationalError):
             text = str(exc).lower()
             return any(word in text for word in ("locked", "busy", "disk i/o"))
+        postgres = _postgres_transient(exc)
+        if postgres is not None:
+            return postgres
         if isinstance(exc, OSError) and not isinstance(exc, _NOT_TRANSIENT_OS):
             return True
         if isinstance(exc, httpx.TransportError):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _postgres_transient(exc: BaseException) -> bool | None:
+    """For a psycopg error: whether a retry can cure it; None for anything else."""
+    try:
+        import psycopg
+    except ImportError:  # SQLite only: no psycopg errors to meet
+        return None
+    if not isinstance(exc, psycopg.Error):
+        return None
+    # A failed connection attempt carries no SQLSTATE (libpq refused before the server spoke).
+    state = getattr(exc, "sqlstate", None)
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith(_TRANSIENT_SQLSTATES)
 
 
 def _retry_if_transient(task_, task_run, state) -> bool:
@@ -138,7 +180,7 @@ def gpu_slot(device: str) -> Iterator[None]:
 
     from yalm_runner.session import resolve_device
 
-    with device_lock(resolve_device(device).type) as path:
+    with device_lock(str(resolve_device(device))) as path:
         if not get_current_settings().api.url:
             log.info(
                 "generate: no Prefect server configured; one generation at a time is enforced "
@@ -171,20 +213,28 @@ def _ensure_gpu_limit() -> None:
 
 
 @task(name="generate", tags=["gpu"], **TRANSIENT_RETRIES)
-def generate(config_path: str) -> dict[str, Any]:
-    """Generate every pending prompt, one forecast committed at a time (resumable)."""
+def generate(
+    config_path: str, keys: list[str] | None = None, worker_id: str | None = None
+) -> dict[str, Any]:
+    """Claim and generate the pending prompts (only ``keys``, if given), one forecast committed
+    at a time (resumable); ``worker_id`` defaults to this host and device."""
     config = load_config(config_path)
     with (
         gpu_slot(config.generation.device),
         open_store(config.database_url) as store,
         progress("generating forecasts") as on_progress,
     ):
-        report = generate_pending(config, store, on_progress=on_progress)
+        report = generate_pending(
+            config, store, on_progress=on_progress, keys=keys, worker_id=worker_id
+        )
     log.info(
-        "generate: %d forecasts stored, %d failed, %d resumed; %d new tokens at %.1f tokens/s",
+        "generate (%s): %d forecasts stored, %d failed, %d resumed, %d held by other workers; "
+        "%d new tokens at %.1f tokens/s",
+        report.worker_id,
         report.generated,
         report.failed,
         report.resumed,
+        report.held,
         report.new_tokens,
         report.tokens_per_s,
     )
@@ -199,11 +249,12 @@ def publish(config_path: str, summary: dict[str, Any]) -> str:
     from flows.robot import read_forecasts
 
     config = load_config(config_path)
-    run_id = (summary.get("generate") or {}).get("run_id")
-    if run_id is not None:
+    generated = summary.get("generate") or {}
+    run_ids = set(generated.get("run_ids") or [generated.get("run_id")]) - {None}
+    if run_ids:
         since = datetime.now(timezone.utc) - timedelta(days=2)
         rows = read_forecasts(config.database_url, since=since)
-        visible = sum(row.run_id == run_id for row in rows)
+        visible = sum(row.run_id in run_ids for row in rows)
         summary = {**summary, "visible": visible}
         log.info("publish: %d forecasts of this run are in forecasts_v1", visible)
     markdown = run_markdown(summary)
@@ -227,7 +278,7 @@ def news_to_forecast(config_path: str, as_of: str | None = None) -> dict[str, An
     summary["ingest"] = ingest(config_path)
     summary["render"] = render(config_path, as_of)
     try:
-        summary["generate"] = generate(config_path)
+        summary["generate"] = generate_all(config_path)
     except Exception as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         log.error("generate: %s", summary["error"])
@@ -235,6 +286,102 @@ def news_to_forecast(config_path: str, as_of: str | None = None) -> dict[str, An
         raise
     summary["markdown"] = publish(config_path, summary)
     return summary
+
+
+def generate_all(config_path: str) -> dict[str, Any]:
+    """Every pending prompt: in shard runs on the workers when configured, else in-process."""
+    from prefect.settings import get_current_settings
+
+    settings = load_config(config_path).generation
+    if settings.shards > 1 and settings.deployment:
+        if get_current_settings().api.url:
+            return generate_in_shards(config_path, settings.shards, settings.deployment)
+        log.warning(
+            "generate: %d shards configured, but no Prefect server (PREFECT_API_URL) to reach "
+            "the workers through; generating every shard in this process",
+            settings.shards,
+        )
+    return generate(config_path)
+
+
+@task(name="run-shard")
+def run_shard(
+    deployment: str, config_path: str, shard_index: int, shard_count: int, keys: list[str]
+) -> dict[str, Any]:
+    """Start one run of the shard deployment and wait for it to end (a subflow of this task)."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        name=deployment,
+        parameters={
+            "config_path": config_path,
+            "shard_index": shard_index,
+            "shard_count": shard_count,
+            "keys": keys,
+        },
+        flow_run_name=f"shard {shard_index + 1} of {shard_count} ({len(keys)} prompts)",
+        timeout=None,  # as long as the shard takes
+    )
+    state = run.state
+    log.info("generate: shard %d/%d: %s", shard_index, shard_count, state.name if state else "?")
+    return {"flow_run_id": str(run.id), "state": state.name if state else None,
+            "completed": bool(state and state.is_completed())}  # fmt: skip
+
+
+def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> dict[str, Any]:
+    """Cut the pending prompts into shards, run each through ``deployment``, sum them up."""
+    config = load_config(config_path)
+    with open_store(config.database_url) as store:
+        keys = [prompt.key for prompt in pending_prompts(store)]
+    shards = [shard for shard in split_round_robin(keys, shard_count) if shard]
+    log.info(
+        "generate: %d pending prompts in %d shards through the deployment %s",
+        len(keys),
+        len(shards),
+        deployment,
+    )
+    futures = [
+        run_shard.submit(deployment, config_path, index, shard_count, shard)
+        for index, shard in enumerate(shards)
+    ]
+    runs = [future.result() for future in futures]
+    with open_store(config.database_url) as store:
+        report = {**shard_report(store, keys), "shards": runs}
+    unfinished = [run for run in runs if not run["completed"]]
+    if unfinished:
+        raise PipelineError(
+            f"generate: {len(unfinished)} of {len(runs)} shard runs did not complete ("
+            + ", ".join(f"{run['flow_run_id']}: {run['state']}" for run in unfinished)
+            + f"); {report['pending']} prompts are still pending: run those shard runs again"
+        )
+    return report
+
+
+@flow(name=SHARD_FLOW_NAME, log_prints=True)
+def generate_shard(
+    config_path: str,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    keys: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Generate one shard of the pending prompts, resumable on its own.
+
+    The shard is ``keys`` when given (the nightly flow's cut), else the pending prompts whose
+    key falls in shard ``shard_index`` of ``shard_count``. Its worker id is the shard's own
+    (``shard-0-of-2``), so a re-run, on any host, takes back the shard's claims at once.
+    """
+    config = load_config(config_path)
+    attach_log_file(config.log_file)
+    worker_id = shard_worker_id(shard_index, shard_count)
+    if keys is None:
+        check_shard(shard_index, shard_count)
+        with open_store(config.database_url) as store:
+            keys = [
+                prompt.key
+                for prompt in pending_prompts(store)
+                if in_shard(prompt.key, shard_index, shard_count)
+            ]
+    return generate(config_path, keys=list(keys), worker_id=worker_id)
 
 
 def serve(config_path: str) -> None:
