@@ -1,0 +1,151 @@
+"""Scale-out on a real PostgreSQL server: shard runs in worker processes, killed and re-run.
+
+The pipeline's store is a database on the session's PostgreSQL server (``postgres_server``, from
+the distribution's package). The reference is one uninterrupted in-process ``news-to-forecast``
+run on its own database. The sharded side ingests and renders the same news, then two real
+``yalm-forecast generate-shard --shard I/2`` processes (each its own Prefect ephemeral server
+and device lock, as two hosts would have) generate their shards with the real tiny model; a
+barrier (``shard_child.py``) holds each at its first checkpoint until both are there, so they
+provably generate at the same time, and one SIGKILLs itself a few checkpoints later. Its re-run
+takes back its shard's claims and finishes; the table must equal the reference's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flows_testkit import sample, write_config
+from sqlalchemy import text
+
+from flows.cli import main
+from flows.config import load_config
+from flows.generations import pending_prompts
+from flows.shards import in_shard, split_round_robin
+from flows.store import open_store
+
+AS_OF = "2024-05-14T06:00:00Z"
+SHARD_CHILD = Path(__file__).resolve().parent / "shard_child.py"
+FORECASTS = (
+    "SELECT prompt_key, text, token_ids_json, finish_reason, new_tokens, model_manifest_hash "
+    "FROM generations ORDER BY prompt_key"
+)
+
+
+def shard_config(directory: Path, feed_server, model: Path, database: str, **generation) -> Path:
+    directory.mkdir()
+    return write_config(
+        directory,
+        database=database,
+        feeds=[{"name": n, "url": feed_server.url(f"/{n}")} for n in ("rss", "atom")],
+        templates=[
+            {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 12}},
+            {"name": "morning_brief_ru", "generation": {"max_new_tokens": 12}},
+        ],
+        model=str(model),
+        # Batches of two, a checkpoint every two steps: a kill finds rows in flight.
+        generation={"device": "cpu", "batch_size": 2, "checkpoint_every": 2, **generation},
+    )
+
+
+def query(config_path: Path, sql: str) -> list[tuple]:
+    with open_store(load_config(config_path).database_url) as store, store.reading() as session:
+        return [tuple(row) for row in session.execute(text(sql))]
+
+
+def start_worker(config_path: Path, shard: str, name: str, peers: str, kill_after: int, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(
+        OMP_NUM_THREADS="1",
+        PREFECT_HOME=str(tmp_path / f"prefect-{name}"),  # its own ephemeral server
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        YALM_FORECAST_LOCK_DIR=str(tmp_path / f"locks-{name}"),  # its own "GPU"
+    )
+    (tmp_path / "barrier").mkdir(exist_ok=True)
+    command = [sys.executable, str(SHARD_CHILD), str(tmp_path / "barrier"), name, peers]
+    command += [str(kill_after), "generate-shard", "--config", str(config_path), "--shard", shard]
+    err = (tmp_path / f"{name}.err").open("wb")
+    return subprocess.Popen(command, env=env, stderr=err, start_new_session=True), err
+
+
+def finish(worker, err) -> tuple[int, str]:
+    try:
+        status = worker.wait(timeout=600)
+    finally:
+        # A SIGKILLed run leaves its ephemeral Prefect server behind: end its process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        err.close()
+    return status, Path(err.name).read_text()
+
+
+def stored(err: str) -> int:
+    return int(re.search(r"\): (\d+) forecasts stored", err).group(1))
+
+
+@pytest.mark.slow
+def test_two_shard_workers_on_postgres_each_forecast_once_and_a_killed_shard_rerun(
+    prefect_harness, postgres_server, feed_server, tiny_store, tmp_path, monkeypatch
+):
+    from flows.pipeline import news_to_forecast
+
+    monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    reference = shard_config(
+        tmp_path / "reference", feed_server, tiny_store, postgres_server.create_database()
+    )
+    summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
+    assert summary["generate"]["generated"] == 7
+    expected = query(reference, FORECASTS)
+
+    sharded = shard_config(
+        tmp_path / "sharded", feed_server, tiny_store, postgres_server.create_database()
+    )
+    assert main(["ingest", "--config", str(sharded)]) == 0
+    assert main(["render", "--config", str(sharded), "--as-of", AS_OF]) == 0
+    with open_store(load_config(sharded).database_url) as store:
+        keys = [prompt.key for prompt in pending_prompts(store)]
+    shards = [[key for key in keys if in_shard(key, index, 2)] for index in (0, 1)]
+    assert len(keys) == 7 and all(shards), shards  # both workers have work
+
+    # Shard 1's worker dies at its third checkpoint, after both have started generating.
+    workers = [
+        start_worker(sharded, "0/2", "w0", "w0,w1", 0, tmp_path),
+        start_worker(sharded, "1/2", "w1", "w0,w1", 3, tmp_path),
+    ]
+    (status0, err0), (status1, err1) = [finish(*worker) for worker in workers]
+    assert status0 == 0, err0[-3000:]
+    assert status1 == -signal.SIGKILL, err1[-3000:]
+    assert stored(err0) == len(shards[0]) and "0 held by other workers" in err0
+    done = query(sharded, FORECASTS)
+    in_flight = {key for (key,) in query(sharded, "SELECT prompt_key FROM generation_state")}
+    assert set(done) <= set(expected)  # what was committed is already final
+    assert in_flight and in_flight <= set(shards[1]) - {row[0] for row in done}
+    held = query(sharded, "SELECT DISTINCT claimed_by FROM prompts WHERE status = 'pending'")
+    assert held == [("shard-1-of-2",)]  # the dead worker's lease still holds its shard
+
+    # The re-run of shard 1 takes back its claims at once and resumes from the saved ids.
+    rerun = start_worker(sharded, "1/2", "w1-rerun", "w1-rerun", 0, tmp_path)
+    status, err = finish(*rerun)
+    assert status == 0, err[-3000:]
+    assert re.search(r"[1-9]\d* resumed", err), err[-3000:]
+    assert stored(err0) + len(done) - len(shards[0]) + stored(err) == 7  # each generated once
+    assert query(sharded, FORECASTS) == expected
+    assert query(sharded, "SELECT count(*) FROM generation_state") == [(0,)]
+    assert query(sharded, "SELECT status, count(*) FROM prompts GROUP BY status") == [("done", 7)]
+
+
+def test_shards_are_stable_and_the_nightly_cut_is_balanced():
+    keys = [f"{index:064x}" for index in range(0, 7000, 7)]
+    cut = [[key for key in keys if in_shard(key, index, 3)] for index in range(3)]
+    assert sorted(key for shard in cut for key in shard) == sorted(keys)
+    assert [key for key in keys[5:] if in_shard(key, 1, 3)] == [k for k in cut[1] if k in keys[5:]]
+    dealt = split_round_robin(keys[:7], 3)
+    assert dealt == [keys[0:7:3], keys[1:7:3], keys[2:7:3]] and [len(s) for s in dealt] == [3, 2, 2]
