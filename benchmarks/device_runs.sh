@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
-#   gpu-tests-and-scaling | peers | envelope
+#   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | envelope
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -21,15 +21,26 @@ case "$1" in
     python3 -m yalm_runner.bench_multigpu --shape 13b --gpus 2 --gpu-memory 8GiB --rows 128 \
       -n 16 --json "$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.txt"
     ;;
-  peers)
+  peers)  # as run in session 2 (465 s)
     python3 -m yalm_runner.cli bench --shape 13b --batch-sizes "" --gpu-memory 8GiB \
       --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 8 \
       --peer-timeout 200 --json "$OUT/bench13b.json" 2>&1 | tee "$OUT/bench13b.txt"
+    ;;
+  peers-capped)  # next: the compressed-KV rows that session 2 could not measure
+    python3 -m yalm_runner.cli bench --shape 13b --batch-sizes "" --gpu-memory 8GiB \
+      --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 4 \
+      --peer-timeout 200 --json "$OUT/bench13b.json" 2>&1 | tee "$OUT/bench13b.txt"
+    ;;
+  peers-uncapped)  # ZeRO-3 uncapped at B=32, and ours within ZeRO's peak GPU memory
+    python3 -m yalm_runner.cli bench --shape 13b --batch-sizes 32 --peers "" \
+      --uncapped-peers zero -n 32 --peer-timeout 200 --json "$OUT/uncapped.json" 2>&1 \
+      | tee "$OUT/uncapped.txt"
     ;;
   envelope)
     python3 -m yalm_runner.bench_envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
       --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
     ;;
-  *) echo "usage: $0 gpu-tests-and-scaling|peers|envelope" >&2; exit 2 ;;
+  *) echo "usage: $0 gpu-tests-and-scaling|peers|peers-capped|peers-uncapped|envelope" >&2
+     exit 2 ;;
 esac

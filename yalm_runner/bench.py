@@ -464,7 +464,7 @@ def run_bench(
         disk_config = replace(config, num_layers=min(disk_layers, config.num_layers))
         disk = run_disk_bench(disk_dir, disk_config, torch.bfloat16, "cuda", disk_file_bytes)
     peer_results = []
-    if peers:
+    if peers or uncapped_peers:
         from yalm_runner.bench_peers import largest_fitting, run_peer  # imports this module
 
         layers_arg = num_layers or None
@@ -508,7 +508,7 @@ def run_bench(
         f"{format_bytes(gpu_memory) if gpu_memory else 'none'}"
     )
     print(format_table(rows))
-    if peers:
+    if peers or uncapped_peers:
         print("\n".join(target_lines(rows)))
     if disk is not None:
         print(format_disk(disk))
@@ -525,7 +525,7 @@ def run_bench(
                     "bandwidth_bytes_per_s": bandwidth,
                     "rows": [row.__dict__ for row in rows],
                     "peer_attempts": [result.__dict__ for result in peer_results],
-                    "targets": target_lines(rows) if peers else [],
+                    "targets": target_lines(rows) if peers or uncapped_peers else [],
                     "disk": disk,
                 },
                 indent=1,
