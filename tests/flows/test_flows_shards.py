@@ -149,3 +149,51 @@ def test_shards_are_stable_and_the_nightly_cut_is_balanced():
     assert [key for key in keys[5:] if in_shard(key, 1, 3)] == [k for k in cut[1] if k in keys[5:]]
     dealt = split_round_robin(keys[:7], 3)
     assert dealt == [keys[0:7:3], keys[1:7:3], keys[2:7:3]] and [len(s) for s in dealt] == [3, 2, 2]
+
+
+@pytest.mark.slow
+def test_the_nightly_flow_runs_its_shards_through_a_deployment_and_a_real_worker(
+    prefect_harness, postgres_server, feed_server, tiny_store, tmp_path, monkeypatch
+):
+    """``run_deployment`` to a process work pool served by a real ``prefect worker start``."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import get_current_settings
+
+    from flows.pipeline import generate_shard, news_to_forecast
+
+    monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    config = shard_config(
+        tmp_path / "nightly", feed_server, tiny_store, postgres_server.create_database(),
+        shards=2, deployment="generate-shard/test-gpu",
+    )  # fmt: skip
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="test-gpu", type="process"), overwrite=True)
+    repo = Path(__file__).resolve().parents[2]
+    generate_shard.from_source(str(repo), "flows/pipeline.py:generate_shard").deploy(
+        name="test-gpu", work_pool_name="test-gpu", print_next_steps=False
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env["PREFECT_API_URL"] = get_current_settings().api.url
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        ["prefect", "worker", "start", "--pool", "test-gpu", "--limit", "2"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        summary = news_to_forecast(config_path=str(config), as_of=AS_OF)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()
+    generated = summary["generate"]
+    assert [run["completed"] for run in generated["shards"]] == [True, True]
+    assert (generated["generated"], generated["pending"], generated["failed"]) == (7, 0, 0)
+    assert len(generated["run_ids"]) == 2 and "| generated | 7 |" in summary["markdown"]
+    assert query(config, "SELECT DISTINCT claimed_by FROM prompts ORDER BY 1") == [
+        ("shard-0-of-2",),
+        ("shard-1-of-2",),
+    ]
