@@ -104,10 +104,15 @@ def _postgres_transient(exc: BaseException) -> bool | None:
         return None
     if not isinstance(exc, psycopg.Error):
         return None
-    # A failed connection attempt carries no SQLSTATE (libpq refused before the server spoke).
+    # A failed connection attempt carries no SQLSTATE (libpq reports it), so its text decides:
+    # refused or reset is worth a retry, a missing database or a refused login is not.
     state = getattr(exc, "sqlstate", None)
     if state is None:
-        return isinstance(exc, psycopg.OperationalError)
+        text = str(exc).lower()
+        refused_for_good = ("does not exist", "authentication failed", "pg_hba.conf", "password")
+        return isinstance(exc, psycopg.OperationalError) and not any(
+            words in text for words in refused_for_good
+        )
     return state.startswith(_TRANSIENT_SQLSTATES)
 
 

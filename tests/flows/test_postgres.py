@@ -410,3 +410,16 @@ def test_a_killed_workers_shard_is_completed_by_a_rerun(pg_store, pg_url, tmp_pa
                 process.kill()
     assert lines(tmp_path / "gpu-a.done")[2:] == held
     assert_every_prompt_recorded_once(pg_store, keys, tmp_path)
+
+
+def test_only_transient_postgres_faults_are_retried(postgres_server):
+    from flows.pipeline import is_transient
+
+    unused = postgres_server.port + 1 if postgres_server.port < 65535 else 1
+    with pytest.raises(StoreError) as refused:
+        open_store(f"postgresql://yalm@127.0.0.1:{unused}/yalm")
+    with pytest.raises(StoreError) as missing:
+        open_store(postgres_server.url("nope"))
+    assert is_transient(refused.value)  # the server is down or restarting: retry
+    assert not is_transient(missing.value)  # a wrong database name: fail at once
+    assert is_transient(psycopg.errors.SerializationFailure("could not serialize access"))
