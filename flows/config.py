@@ -25,7 +25,18 @@ ENV_VAR = "YALM_FORECAST_CONFIG"
 DEFAULT_CONFIG_NAME = "yalm-forecast.yaml"
 DEFAULT_LOG_NAME = "yalm-forecast.log"
 FEED_URL_SCHEMES = ("http://", "https://", "file://")
-BUNDLED_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The checkout's prompts/ (an editable install), else the copy a wheel carries.
+BUNDLED_PROMPTS_DIR = next(
+    (
+        folder
+        for folder in (
+            Path(__file__).resolve().parent.parent / "prompts",
+            Path(__file__).resolve().parent / "bundled_prompts",
+        )
+        if folder.is_dir()
+    ),
+    Path(__file__).resolve().parent.parent / "prompts",
+)
 STARTER_CONFIG_PATH = Path(__file__).resolve().parent / "starter_config.yaml"
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "greedy", "seed")

@@ -1,0 +1,61 @@
+"""A wheel of the project carries what the demo and the pipeline read at run time."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, root, "-w", out],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (path,) = out.glob("yalm_forecast-*.whl")
+    return path
+
+
+def test_the_wheel_carries_templates_feeds_config_and_migrations(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in (
+        "flows/bundled_prompts/ticker_outlook_ru.yaml",
+        "flows/bundled_prompts/morning_brief_ru.yaml",
+        "flows/sample_feeds/markets_ru.rss.xml",
+        "flows/starter_config.yaml",
+        "flows/migrations/script.py.mako",
+        "flows/migrations/versions/0002_prompt_claims.py",
+        "yalm_runner/engine.py",
+    ):
+        assert needed in names, needed
+
+
+def test_an_installed_wheel_finds_its_own_templates(wheel, tmp_path):
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = (
+        "import flows.config as c, flows.demo as d, flows.templates as t;"
+        "print(c.BUNDLED_PROMPTS_DIR);"
+        "print(t.load_template(c.BUNDLED_PROMPTS_DIR / 'ticker_outlook_ru.yaml').name);"
+        "print(sorted(p.name for p in d.SAMPLE_FEEDS_DIR.glob('*.xml')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    folder, name, feeds = result.stdout.splitlines()
+    assert folder.startswith(str(tmp_path / "site"))
+    assert name == "ticker_outlook_ru"
+    assert "markets_ru.rss.xml" in feeds
