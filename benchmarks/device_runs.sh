@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
-#   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | envelope
+#   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check | envelope
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -35,6 +35,24 @@ case "$1" in
     python3 -m yalm_runner.cli bench --shape 13b --batch-sizes 32 --peers "" \
       --uncapped-peers zero -n 32 --peer-timeout 200 --json "$OUT/uncapped.json" 2>&1 \
       | tee "$OUT/uncapped.txt"
+    ;;
+  kv8-check)  # the 8-bit-KV plan that went over the cap in "peers", after the fix; ours only
+    python3 - <<'PY' 2>&1 | tee "$OUT/kv8.txt"
+import torch
+from yalm_runner.bench import SHAPES, SyntheticStore, _try_ours, format_table, measure_h2d
+from yalm_runner.offload import OffloadPolicy, parse_bytes
+from yalm_runner.planning import plan_memory
+from yalm_runner.streaming import StreamingWeights
+store = SyntheticStore(SHAPES["13b"], torch.bfloat16)
+pinned = measure_h2d()["pinned"]
+policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), weights_on="cpu", kv_bits=8)
+plan = plan_memory(store, torch.device("cuda"), torch.bfloat16, policy, batch_size=None,
+                   max_context=160, prompt_tokens=128, rows=512)
+print(f"pinned {pinned / 1e9:.1f} GB/s; plan: {plan.describe()}", flush=True)
+with StreamingWeights(store, "cuda", torch.bfloat16, plan.placement, verify=False) as weights:
+    row = _try_ours(weights, plan.batch_size, 128, 32, policy, pinned, plan, "ours, 8-bit KV")
+print(format_table([row]) if row else "did not fit")
+PY
     ;;
   envelope)
     python3 -m yalm_runner.bench_envelope --shape yalm-100b --quantize int4 --group-size 128 \
