@@ -19,7 +19,8 @@ import torch
 from yalm_runner.config import ModelConfig
 
 ALL = slice(None)
-DECODE_ROWS = 16  # rows of compressed KV expanded per step (bounds the temporaries)
+# Compressed KV is expanded a group of rows at a time, each group's temporaries within this.
+DECODE_BYTES = 128 << 20
 
 
 class DeviceKV:
@@ -55,17 +56,30 @@ class DeviceKV:
 KV_BITS = (16, 8, 4)
 
 
+def _fields(bits: int, head_dim: int, element: int) -> list[tuple[int, int]]:
+    """Byte ranges of a compressed (token, head) record: codes, then scale (and minimum)."""
+    codes = head_dim if bits == 8 else head_dim // 2
+    fields = [(0, codes), (codes, codes + element)]
+    if bits == 4:
+        fields.append((codes + element, codes + 2 * element))
+    return fields
+
+
 def kv_part_shapes(
     bits: int, shape: tuple[int, ...], dtype: torch.dtype
 ) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The tensors that hold one cache (keys or values) of ``shape`` (..., D) in ``bits``."""
-    scale = (*shape[:-1], 1)
+    """The tensors that hold one cache (keys or values) of ``shape`` (..., D) in ``bits``.
+
+    A compressed cache is one uint8 tensor with a record per (token, head): the codes, then
+    the scale (and the minimum) in ``dtype``. One tensor, so a row's slots travel in one copy.
+    """
     if bits == 16:
         return [(shape, dtype)]
-    if bits == 8:  # symmetric: codes and a scale per (token, head)
-        return [(shape, torch.int8), (scale, dtype)]
-    # 4-bit, asymmetric per (token, head): two codes a byte, a scale and a minimum
-    return [((*shape[:-1], shape[-1] // 2), torch.uint8), (scale, dtype), (scale, dtype)]
+    element = torch.empty((), dtype=dtype).element_size()
+    head_dim = shape[-1]
+    if (head_dim if bits == 8 else head_dim // 2) % element:
+        raise ValueError(f"{bits}-bit KV needs the head size's codes to fill whole scales")
+    return [((*shape[:-1], _fields(bits, head_dim, element)[-1][1]), torch.uint8)]
 
 
 def encode_kv(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
@@ -76,24 +90,29 @@ def encode_kv(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
         scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
-        return [codes, scale.to(x.dtype)]
-    low = x.amin(dim=-1, keepdim=True).float()
-    scale = (x.amax(dim=-1, keepdim=True).float() - low) / 15.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((x.float() - low) / scale).clamp_(0, 15).to(torch.uint8)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return [packed, scale.to(x.dtype), low.to(x.dtype)]
+        fields = [codes, scale.to(x.dtype)]
+    else:
+        low = x.amin(dim=-1, keepdim=True).float()
+        scale = (x.amax(dim=-1, keepdim=True).float() - low) / 15.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round((x.float() - low) / scale).clamp_(0, 15).to(torch.uint8)
+        fields = [codes[..., 0::2] | (codes[..., 1::2] << 4), scale.to(x.dtype), low.to(x.dtype)]
+    return [torch.cat([field.contiguous().view(torch.uint8) for field in fields], dim=-1)]
 
 
 def decode_kv(parts: list[torch.Tensor], bits: int, out: torch.Tensor) -> None:
     """Write the values that ``parts`` encode into ``out`` (..., D)."""
     if bits == 16:
         out.copy_(parts[0])
-    elif bits == 8:
-        codes, scale = parts
-        torch.mul(codes.to(out.dtype), scale, out=out)
+        return
+    (record,) = parts
+    element = out.element_size()
+    fields = [record[..., a:b] for a, b in _fields(bits, out.shape[-1], element)]
+    scale = fields[1].view(out.dtype)
+    if bits == 8:
+        torch.mul(fields[0].view(torch.int8).to(out.dtype), scale, out=out)
     else:
-        packed, scale, low = parts
+        packed, low = fields[0], fields[2].view(out.dtype)
         out[..., 0::2] = (packed & 15).to(out.dtype) * scale + low
         out[..., 1::2] = (packed >> 4).to(out.dtype) * scale + low
 
@@ -102,9 +121,10 @@ class HostKV:
     """Every layer's cache in (pinned) host RAM; two device slots take turns holding a layer.
 
     ``bits`` 8 or 4 keep the host copy compressed per (token, head) (``encode_kv``): a half or
-    about a third of the RAM and of the traffic. Compressed rows travel to a device staging area
-    and are expanded into the slot on the compute stream; the slots a layer wrote are compressed
-    on the device before they travel back.
+    about a third of the RAM and of the traffic, one record per (token, head) holding codes and
+    scales, so that a row travels in one copy per cache as in 16 bits. Compressed rows travel
+    to a device staging area and are expanded into the slot on the compute stream; the slots a
+    layer wrote are compressed on the device before they travel back.
     """
 
     def __init__(
@@ -203,9 +223,10 @@ class HostKV:
         keys, values = self._slots[slot]
         if self._bits != 16 and start:
             incoming, split = self._incoming[slot], self._split
-            # A few rows at a time: decoding makes temporaries the size of what it decodes.
-            for first in range(0, live, DECODE_ROWS):
-                last = min(first + DECODE_ROWS, live)
+            # Rows a group at a time: decoding makes temporaries the size of what it decodes.
+            group = max(1, DECODE_BYTES // (start * keys.shape[2] * keys.shape[3] * 4))
+            for first in range(0, live, group):
+                last = min(first + group, live)
                 for which, target in enumerate((keys, values)):
                     parts = incoming[which * split : (which + 1) * split]
                     decode_kv(

@@ -26,7 +26,7 @@ import torch
 from yalm_runner.checkpoint import Store
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
-from yalm_runner.kvcache import DECODE_ROWS, kv_bytes_per_token
+from yalm_runner.kvcache import DECODE_BYTES, kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
 from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in
@@ -156,10 +156,9 @@ def plan_memory(
             )
         rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
         # Compressed KV also needs staging on the device (in and out, two slots each) and
-        # room for the fp32 temporaries of expanding ``DECODE_ROWS`` rows at a time.
+        # room for the temporaries of expanding a group of rows at a time.
         staging = (
-            4 * batch * host_row // config.num_layers
-            + 3 * DECODE_ROWS * max_context * config.hidden_size * 4
+            4 * batch * host_row // config.num_layers + 3 * DECODE_BYTES
             if policy.kv_bits != 16
             else 0
         )
