@@ -203,6 +203,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
             policy=_policy(config),
             batch_size=settings.batch_size,
             max_context=max(len(ids) + prompt.max_new_tokens for prompt, ids in rows),
+            rows=len(rows),  # a plan for 13 prompts is not a plan for 512
         ) as session:
             report.batch_size = session.batch_size
             report.device = str(session.engine.device)
