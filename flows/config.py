@@ -85,7 +85,7 @@ class GenerationSettings:
     greedy: bool = False
     seed: int = 1234
     batch_size: int | None = None  # None (``auto``): the largest batch the memory budgets allow
-    device: str = "auto"  # the first CUDA device when there is one, else the CPU
+    device: str = "auto"  # the first CUDA device when there is one, else the CPU; or several
     dtype: str = "auto"  # fp32 on the CPU, the store's 16-bit dtype on a GPU
     gpu_memory: str | None = None
     cpu_memory: str | None = None
@@ -396,8 +396,10 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
         raise PipelineConfigError(
             f"{section.key('dtype')}: one of {_DTYPES}, got {settings.dtype!r}"
         )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", settings.device):
-        raise PipelineConfigError(f"{section.key('device')}: auto, cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|cuda:all|cuda:\d+(,cuda:\d+)+", settings.device):
+        raise PipelineConfigError(
+            f"{section.key('device')}: auto, cpu, cuda, cuda:N, cuda:all or cuda:0,cuda:1"
+        )
     for key in ("gpu_memory", "cpu_memory"):
         value = getattr(settings, key)
         if value is not None and not _MEMORY_RE.match(value):

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flows.errors import PipelineError
@@ -41,6 +41,17 @@ def lock_path(device: str) -> Path:
         physical = visible[position] if any(visible) and position < len(visible) else position
         name = f"cuda{physical}"
     return folder / f"yalm-forecast-{os.getuid()}-{name}.lock"
+
+
+@contextmanager
+def device_locks(devices: list[str], *, timeout_s: float | None = None) -> Iterator[Path]:
+    """Hold the locks of several devices (``cuda:0,cuda:1``), taken in one order everywhere
+    so that two holders cannot deadlock; yields the first lock's path."""
+    paths = sorted({lock_path(device): device for device in devices}.items())
+    with ExitStack() as stack:
+        for _, device in paths:
+            stack.enter_context(device_lock(device, timeout_s=timeout_s))
+        yield paths[0][0]
 
 
 @contextmanager

@@ -45,7 +45,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import load_config
 from flows.console import attach_log_file, progress, run_markdown
-from flows.devicelock import device_lock
+from flows.devicelock import device_locks
 from flows.errors import PipelineError
 from flows.forecasting import generate_pending
 from flows.generations import pending_prompts
@@ -180,12 +180,13 @@ def render(config_path: str, as_of: str | None = None) -> dict[str, Any]:
 
 @contextmanager
 def gpu_slot(device: str) -> Iterator[None]:
-    """Hold the device lock, and the Prefect limit's slot when a server is configured."""
+    """Hold the device lock (every GPU's, for a list), and the Prefect limit's slot when a
+    server is configured."""
     from prefect.settings import get_current_settings
 
-    from yalm_runner.session import resolve_device
+    from yalm_runner.session import resolve_devices
 
-    with device_lock(str(resolve_device(device))) as path:
+    with device_locks([str(each) for each in resolve_devices(device)]) as path:
         if not get_current_settings().api.url:
             log.info(
                 "generate: no Prefect server configured; one generation at a time is enforced "

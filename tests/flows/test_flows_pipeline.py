@@ -261,6 +261,20 @@ def test_prefect_retries_a_locked_database_but_never_a_bad_config(prefect_harnes
     assert calls == ["config"]
 
 
+def test_several_gpus_are_locked_together_in_one_order(tmp_path, monkeypatch):
+    from flows.devicelock import device_locks
+
+    monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path))
+    with device_locks(["cuda:1", "cuda:0"]) as first:
+        assert first.name.endswith("cuda0.lock")
+        # Either GPU alone is busy while the pair is held.
+        for device in ("cuda:0", "cuda:1"):
+            with pytest.raises(DeviceBusyError), device_lock(device, timeout_s=0):
+                pass
+    with device_locks(["cuda:0", "cuda:1"], timeout_s=0):
+        pass
+
+
 def test_the_device_lock_admits_one_holder(tmp_path):
     with device_lock("cuda") as path:
         assert "pid" in path.read_text()
