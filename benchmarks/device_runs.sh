@@ -36,7 +36,7 @@ case "$1" in
       --uncapped-peers zero -n 32 --peer-timeout 200 --json "$OUT/uncapped.json" 2>&1 \
       | tee "$OUT/uncapped.txt"
     ;;
-  kv8-check)  # the 8-bit-KV plan that went over the cap in "peers", after the fix; ours only
+  kv8-check)  # ours alone at the 8-bit-KV plan, row-major against slot-major host cache
     python3 - <<'PY' 2>&1 | tee "$OUT/kv8.txt"
 import torch
 from yalm_runner.bench import SHAPES, SyntheticStore, _try_ours, format_table, measure_h2d
@@ -45,13 +45,18 @@ from yalm_runner.planning import plan_memory
 from yalm_runner.streaming import StreamingWeights
 store = SyntheticStore(SHAPES["13b"], torch.bfloat16)
 pinned = measure_h2d()["pinned"]
-policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), weights_on="cpu", kv_bits=8)
-plan = plan_memory(store, torch.device("cuda"), torch.bfloat16, policy, batch_size=None,
-                   max_context=160, prompt_tokens=128, rows=512)
-print(f"pinned {pinned / 1e9:.1f} GB/s; plan: {plan.describe()}", flush=True)
-with StreamingWeights(store, "cuda", torch.bfloat16, plan.placement, verify=False) as weights:
-    row = _try_ours(weights, plan.batch_size, 128, 32, policy, pinned, plan, "ours, 8-bit KV")
-print(format_table([row]) if row else "did not fit")
+rows = []
+for layout in ("rows", "slots"):
+    policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), weights_on="cpu", kv_bits=8,
+                           kv_layout=layout)
+    plan = plan_memory(store, torch.device("cuda"), torch.bfloat16, policy, batch_size=None,
+                       max_context=160, prompt_tokens=128, rows=512)
+    print(f"pinned {pinned / 1e9:.1f} GB/s; {layout}: {plan.describe()}", flush=True)
+    with StreamingWeights(store, "cuda", torch.bfloat16, plan.placement, verify=False) as w:
+        row = _try_ours(w, plan.batch_size, 128, 32, policy, pinned, plan, f"8-bit KV {layout}")
+    rows += [row] if row else []
+    torch.cuda.empty_cache()
+print(format_table(rows))
 PY
     ;;
   envelope)

@@ -26,8 +26,8 @@ MIXED = [
 ]
 
 
-def ids(weights, requests=MIXED, sampling=GREEDY, kv_on="gpu", kv_bits=16):
-    engine = Engine(weights, kv_on=kv_on, kv_bits=kv_bits)
+def ids(weights, requests=MIXED, sampling=GREEDY, kv_on="gpu", kv_bits=16, kv_layout="rows"):
+    engine = Engine(weights, kv_on=kv_on, kv_bits=kv_bits, kv_layout=kv_layout)
     return [row.new_ids for row in engine.generate(requests, sampling, batch_size=8)]
 
 
@@ -112,6 +112,42 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
     assert moved[8] < 0.4 * moved[16] and moved[4] < moved[8]
     with pytest.raises(ValueError, match="KV bits must be one of"):
         HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=2)
+
+
+@pytest.mark.parametrize("prefill_rows", [0, 2])
+def test_a_slot_major_host_cache_gives_the_same_ids(store, resident_ids, prefill_rows):
+    # Rows finish at different steps: the layout is compacted once two of three are live.
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
+        engine = Engine(weights, kv_on="cpu", kv_layout="slots", prefill_rows=prefill_rows)
+        got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
+        assert got == resident_ids
+        rows_engine = Engine(weights, kv_on="cpu", prefill_rows=prefill_rows)
+        rows_engine.generate(MIXED, GREEDY, batch_size=8)
+        for bits in (8, 4):  # the same compressed values as the row-major cache
+            by_rows = Engine(weights, kv_on="cpu", kv_bits=bits, prefill_rows=prefill_rows)
+            by_slots = Engine(
+                weights, kv_on="cpu", kv_bits=bits, kv_layout="slots", prefill_rows=prefill_rows
+            )
+            assert by_slots.generate(MIXED, GREEDY, batch_size=8) == by_rows.generate(
+                MIXED, GREEDY, batch_size=8
+            )
+
+
+def test_a_slot_major_host_cache_survives_rows_finishing_out_of_order(store):
+    # Of eight rows, row 2 finishes first (a gap: the new slots are scattered around it), then
+    # rows 5 and 0 (fewer than 3/4 live: the layout is compacted), then the rest.
+    lengths = [5, 9, 3, 9, 8, 4, 9, 7]
+    requests = [Request(f"r{n}", (1, 50 + n, 60 + n), size) for n, size in enumerate(lengths)]
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy()) as weights:
+        expected = Engine(weights).generate(requests, GREEDY, batch_size=8)
+        for bits in (16, 8, 4):
+            by_slots = Engine(weights, kv_on="cpu", kv_layout="slots", kv_bits=bits)
+            got = by_slots.generate(requests, GREEDY, batch_size=8)
+            if bits == 16:
+                assert got == expected
+            else:
+                by_rows = Engine(weights, kv_on="cpu", kv_bits=bits)
+                assert got == by_rows.generate(requests, GREEDY, batch_size=8)
 
 
 def test_a_prefill_in_chunks_of_rows_gives_the_same_ids(store, resident_ids):
@@ -218,6 +254,8 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
             assert ids(weights, kv_on="cpu") == expected
             eight = ids(weights, kv_on="cpu", kv_bits=8)
             assert [row[:2] for row in eight] == [row[:2] for row in expected]
+            assert ids(weights, kv_on="cpu", kv_layout="slots") == expected
+            assert ids(weights, kv_on="cpu", kv_bits=8, kv_layout="slots") == eight
 
 
 @pytest.mark.gpu

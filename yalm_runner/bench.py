@@ -148,6 +148,7 @@ def run_ours(
             weights,
             kv_on=plan.kv_on,
             kv_bits=policy.kv_bits,
+            kv_layout=policy.kv_layout,
             prefill_rows=plan.prefill_rows,
         )
     weights.overlap = policy.overlap
@@ -385,6 +386,7 @@ def run_bench(
     uncapped_batch: int = 32,
     max_batch: int = 256,
     kv_bits: int = 16,
+    kv_layout: str = "rows",
     peer_timeout_s: float = 900.0,
     disk_dir: Path | None = None,
     disk_layers: int = 8,
@@ -434,7 +436,7 @@ def run_bench(
             # The planner's batch: the KV cache may go to pinned RAM (16 bits, then kv_bits),
             # so that many more rows share each weight transfer under the same GPU budget.
             for bits in sorted({16, kv_bits}, reverse=True):
-                policy = replace(base, kv_on="auto", kv_bits=bits)
+                policy = replace(base, kv_on="auto", kv_bits=bits, kv_layout=kv_layout)
                 plan = plan_memory(
                     store,
                     torch.device("cuda"),

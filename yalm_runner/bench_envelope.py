@@ -199,6 +199,7 @@ def run_envelope(
             eos_id=NO_EOS,
             kv_on=plan.kv_on,
             kv_bits=policy.kv_bits,
+            kv_layout=policy.kv_layout,
             prefill_rows=plan.prefill_rows,
         )
         engine.generate(_prompts(1, 8, 8, 2), SamplingParams(greedy=True), batch_size=1)

@@ -73,6 +73,14 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="8 or 4: keep the pinned-RAM KV cache compressed (1/2 or ~1/3.6 the RAM and traffic)",
     )
+    _add(
+        parser,
+        "--kv-layout",
+        choices=["rows", "slots"],
+        default="rows",
+        help="pinned-RAM KV layout: rows (a copy per row) or slots (a copy per layer; "
+        "needs a staging area on the GPU)",
+    )
     _add(parser, "--no-overlap", action="store_true", help="wait for every copy (to measure)")
 
 
@@ -85,6 +93,7 @@ def _policy(args: argparse.Namespace):
         weights_on=args.weights_on,
         kv_on=args.kv_on,
         kv_bits=args.kv_bits,
+        kv_layout=args.kv_layout,
         overlap=not args.no_overlap,
     )
 
@@ -259,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="also run ours with the KV cache in pinned RAM at this many bits",
     )
+    _add(bench, "--kv-layout", choices=["rows", "slots"], default="rows", help="pinned-KV layout")
     _add(bench, "--peer-timeout", type=float, default=900.0, help="seconds per peer run")
     _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
     _add(bench, "--disk-layers", type=int, default=8, help="layers in the disk-tier store")
@@ -287,6 +297,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         uncapped_batch=args.uncapped_batch,
         max_batch=args.max_batch,
         kv_bits=args.kv_bits,
+        kv_layout=args.kv_layout,
         peer_timeout_s=args.peer_timeout,
         disk_dir=args.disk,
         disk_layers=args.disk_layers,

@@ -22,7 +22,7 @@ import torch
 from yalm_runner import model
 from yalm_runner.config import SamplingParams
 from yalm_runner.errors import GenerationError
-from yalm_runner.kvcache import DeviceKV, HostKV
+from yalm_runner.kvcache import DeviceKV, HostKV, SlotMajorHostKV
 from yalm_runner.offload import WeightSource
 from yalm_runner.sampling import sample_next
 from yalm_runner.tokenizer import EOS_ID
@@ -108,12 +108,14 @@ class Engine:
         kv_on: str = "gpu",
         kv_bits: int = 16,
         prefill_rows: int = 0,
+        kv_layout: str = "rows",
     ):
         if kv_on not in ("gpu", "cpu"):
             raise GenerationError(f"kv_on must be gpu or cpu, got {kv_on!r}")
         self.weights = weights
         self.kv_on = kv_on
         self.kv_bits = kv_bits
+        self.kv_layout = kv_layout
         self.prefill_rows = prefill_rows  # 0: prefill every row of a batch in one pass
         self.config = weights.config
         self.device = weights.device
@@ -229,7 +231,8 @@ class Engine:
         key_valid = slot_index[None, :] >= pad[:, None]
         key_valid[:, prompt_len:] = False
         if self.kv_on == "cpu":
-            kv = HostKV(config, batch, slots, device, self.dtype, bits=self.kv_bits)
+            host_type = SlotMajorHostKV if self.kv_layout == "slots" else HostKV
+            kv = host_type(config, batch, slots, device, self.dtype, bits=self.kv_bits)
         else:
             kv = DeviceKV(config, batch, slots, device, self.dtype)
         state = _Batch(

@@ -275,3 +275,207 @@ def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
     heads, head_dim = config.num_heads, config.head_dim
     per_head = {16: head_dim * element, 8: head_dim + element, 4: head_dim // 2 + 2 * element}
     return 2 * config.num_layers * heads * per_head[bits]
+
+
+class SlotMajorHostKV:
+    """``HostKV`` with the host cache laid out slot-major, (slots, rows, heads, record): a
+    layer's old slots travel in one copy per cache, and a decode step's new slot in one copy
+    back, instead of one copy per row each way (which costs ~5 us of host time apiece).
+
+    All host rows travel, finished ones too; once fewer than ``COMPACT_AT`` of them are live,
+    the next pass writes each layer's live rows back densely (one extra layer-sized copy each)
+    and the layout shrinks to the live rows. Live rows are gathered out of the staging area
+    into the row-major device slot on the compute stream. A prefill in chunks of rows writes
+    back one copy per position (once per batch). Same contract as ``HostKV``.
+    """
+
+    COMPACT_AT = 0.75
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        bits: int = 16,
+    ):
+        if bits not in KV_BITS:
+            raise ValueError(f"KV bits must be one of {KV_BITS}, got {bits}")
+        self._cuda = device.type == "cuda"
+        self._layers = config.num_layers
+        self._bits = bits
+        self._dtype = dtype
+        self._max_slots = slots
+        ((_, kind),) = kv_part_shapes(bits, (1, 1, config.num_heads, config.head_dim), dtype)
+        record = kv_part_shapes(bits, (1, config.head_dim), dtype)[0][0][-1]
+        self._record = (config.num_heads, record)
+        self._kind = kind
+        count = slots * batch * config.num_heads * record
+        # Flat storage per layer and cache, viewed as (slots, rows, heads, record) for the
+        # current number of host rows (it shrinks when the layout is compacted).
+        self._host = [
+            [torch.zeros(count, dtype=kind, pin_memory=self._cuda) for _ in range(2)]
+            for _ in range(config.num_layers)
+        ]
+        self._incoming = [
+            [torch.zeros(count, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
+        ]
+        shape = (batch, slots, config.num_heads, config.head_dim)
+        self._slots = [
+            (
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+            )
+            for _ in range(2)
+        ]
+        self._host_rows = [batch] * config.num_layers  # rows in each layer's layout
+        self._positions = [list(range(batch)) for _ in range(config.num_layers)]
+        self._compact = [False] * config.num_layers
+        self.bytes_moved = 0
+        if self._cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._ready = [torch.cuda.Event() for _ in range(2)]
+            self._computed = [torch.cuda.Event() for _ in range(2)]
+            self._compute = lambda: torch.cuda.current_stream(device)
+
+    def _view(self, flat: torch.Tensor, rows: int, slots: int | None = None) -> torch.Tensor:
+        heads, record = self._record
+        slots = self._max_slots if slots is None else slots
+        return flat[: slots * rows * heads * record].view(slots, rows, heads, record)
+
+    def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        target.copy_(source, non_blocking=self._cuda)
+        self.bytes_moved += source.numel() * source.element_size()
+
+    def _on_copy_stream(self, work) -> None:
+        if self._cuda:
+            with torch.cuda.stream(self._stream):
+                work()
+        else:
+            work()
+
+    def _fetch(self, layer_idx: int, start: int) -> None:
+        """Bring every host row's slots ``0 .. start-1`` of ``layer_idx`` to the staging area."""
+        slot, rows = layer_idx % 2, self._host_rows[layer_idx]
+        if self._cuda:
+            self._stream.wait_event(self._computed[slot])
+
+        def work() -> None:
+            for host, incoming in zip(self._host[layer_idx], self._incoming[slot], strict=True):
+                if start:
+                    self._copy(self._view(incoming, rows)[:start], self._view(host, rows)[:start])
+            if self._cuda:
+                self._ready[slot].record(self._stream)
+
+        self._on_copy_stream(work)
+
+    def _expand(self, records: torch.Tensor, out: torch.Tensor) -> None:
+        """(slots, rows, heads, record) staging -> (rows, slots, heads, D) values in ``out``."""
+        if self._bits == 16:
+            out.copy_(records.transpose(0, 1))
+        else:
+            decode_kv([records.transpose(0, 1)], self._bits, out)
+
+    def layer(
+        self, layer_idx: int, start: int, rows: slice = ALL
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == 0 or not self._cuda:
+            self._fetch(layer_idx, start)
+        slot = layer_idx % 2
+        if self._cuda:
+            self._compute().wait_event(self._ready[slot])
+            if layer_idx + 1 < self._layers:
+                self._fetch(layer_idx + 1, start)  # overlaps this layer's compute
+        positions = self._positions[layer_idx]
+        live, host_rows = len(positions), self._host_rows[layer_idx]
+        keys, values = self._slots[slot]
+        if start:
+            identity = live == host_rows and positions == list(range(live))
+            index = None if identity else torch.tensor(positions, device=keys.device)
+            heads, record = self._record
+            group = max(1, DECODE_BYTES // (start * heads * record * 4))
+            for incoming, target in zip(self._incoming[slot], (keys, values), strict=True):
+                staged = self._view(incoming, host_rows)[:start]
+                for first in range(0, live, group):
+                    last = min(first + group, live)
+                    picked = (
+                        staged[:, first:last]
+                        if index is None
+                        else staged.index_select(1, index[first:last])
+                    )
+                    self._expand(picked, target[first:last, :start])
+        return keys[:live][rows], values[:live][rows]
+
+    def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
+        slot = layer_idx % 2
+        positions = self._positions[layer_idx]
+        live = range(len(positions))[rows]
+        keys, values = self._slots[slot]
+        if self._cuda:
+            self._computed[slot].record(self._compute())
+            self._stream.wait_event(self._computed[slot])
+        if self._compact[layer_idx] and live == range(len(positions)):  # every live row
+            self._write_dense(layer_idx, slot, end)
+            return
+        host_rows = self._host_rows[layer_idx]
+        written = [positions[row] for row in live]
+        low, high = min(written), max(written) + 1
+        outgoing = []
+        for values_ in (keys, values):
+            (encoded,) = encode_kv(values_[live.start : live.stop, start:end], self._bits)
+            block = encoded.transpose(0, 1)  # (T, rows, heads, record)
+            if written != list(range(low, high)):  # finished rows in between: scatter
+                dense = torch.zeros(
+                    (end - start, high - low, *block.shape[2:]),
+                    dtype=block.dtype,
+                    device=block.device,
+                )
+                dense.index_copy_(
+                    1, torch.tensor([p - low for p in written], device=block.device), block
+                )
+                block = dense
+            block = block.contiguous()
+            if self._cuda:
+                block.record_stream(self._stream)
+            outgoing.append(block)
+
+        def work() -> None:
+            for host, block in zip(self._host[layer_idx], outgoing, strict=True):
+                target = self._view(host, host_rows)
+                if end - start == 1 or (low == 0 and high == host_rows):
+                    self._copy(target[start:end, low:high], block)
+                else:  # a chunk of rows over several positions: one copy per position
+                    for offset in range(end - start):
+                        self._copy(target[start + offset, low:high], block[offset])
+            if self._cuda:
+                self._computed[slot].record(self._stream)
+
+        self._on_copy_stream(work)
+
+    def _write_dense(self, layer_idx: int, slot: int, end: int) -> None:
+        """Write the live rows' slots ``0 .. end-1`` back densely: the layout shrinks to them."""
+        live = len(self._positions[layer_idx])
+        staged = []
+        for incoming, values_ in zip(self._incoming[slot], self._slots[slot], strict=True):
+            (encoded,) = encode_kv(values_[:live, :end], self._bits)
+            dense = self._view(incoming, live, end)  # the staging area is free again
+            dense.copy_(encoded.transpose(0, 1))
+            staged.append(dense)
+
+        def work() -> None:
+            for host, dense in zip(self._host[layer_idx], staged, strict=True):
+                self._copy(self._view(host, live, end), dense)
+            if self._cuda:
+                self._computed[slot].record(self._stream)
+
+        self._on_copy_stream(work)
+        self._host_rows[layer_idx] = live
+        self._positions[layer_idx] = list(range(live))
+        self._compact[layer_idx] = False
+
+    def keep(self, rows: list[int]) -> None:
+        for layer_idx in range(self._layers):
+            self._positions[layer_idx] = [self._positions[layer_idx][row] for row in rows]
+            if len(rows) < self.COMPACT_AT * self._host_rows[layer_idx]:
+                self._compact[layer_idx] = True

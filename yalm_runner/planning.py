@@ -157,11 +157,13 @@ def plan_memory(
         rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
         # Compressed KV also needs staging on the device (in and out, two slots each) and
         # room for the temporaries of expanding a group of rows at a time.
-        staging = (
-            4 * batch * host_row // config.num_layers + 3 * DECODE_BYTES
-            if policy.kv_bits != 16
-            else 0
-        )
+        layer_host = batch * host_row // config.num_layers
+        if policy.kv_layout == "slots":  # a slot-major staging area per device slot, always
+            staging = 2 * layer_host + 3 * DECODE_BYTES
+        elif policy.kv_bits != 16:
+            staging = 4 * layer_host + 3 * DECODE_BYTES
+        else:
+            staging = 0
         placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
         return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement, rows_per_pass)
 

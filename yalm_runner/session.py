@@ -143,7 +143,13 @@ def open_session(
                 )
             )
         engines = [
-            Engine(source, kv_on=plan.kv_on, kv_bits=policy.kv_bits, prefill_rows=plan.prefill_rows)
+            Engine(
+                source,
+                kv_on=plan.kv_on,
+                kv_bits=policy.kv_bits,
+                prefill_rows=plan.prefill_rows,
+                kv_layout=policy.kv_layout,
+            )
             for source in sources
         ]
         engine = engines[0] if len(engines) == 1 else MultiEngine(engines)
