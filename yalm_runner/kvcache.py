@@ -412,9 +412,6 @@ class SlotMajorHostKV:
         positions = self._positions[layer_idx]
         live = range(len(positions))[rows]
         keys, values = self._slots[slot]
-        if self._cuda:
-            self._computed[slot].record(self._compute())
-            self._stream.wait_event(self._computed[slot])
         if self._compact[layer_idx] and live == range(len(positions)):  # every live row
             self._write_dense(layer_idx, slot, end)
             return
@@ -439,6 +436,7 @@ class SlotMajorHostKV:
             if self._cuda:
                 block.record_stream(self._stream)
             outgoing.append(block)
+        self._after_compute(slot)
 
         def work() -> None:
             for host, block in zip(self._host[layer_idx], outgoing, strict=True):
@@ -453,6 +451,13 @@ class SlotMajorHostKV:
 
         self._on_copy_stream(work)
 
+    def _after_compute(self, slot: int) -> None:
+        """Order the copy stream after everything the compute stream has queued so far: the
+        layer that used ``slot`` and the blocks just encoded for the trip back."""
+        if self._cuda:
+            self._computed[slot].record(self._compute())
+            self._stream.wait_event(self._computed[slot])
+
     def _write_dense(self, layer_idx: int, slot: int, end: int) -> None:
         """Write the live rows' slots ``0 .. end-1`` back densely: the layout shrinks to them."""
         live = len(self._positions[layer_idx])
@@ -462,6 +467,7 @@ class SlotMajorHostKV:
             dense = self._view(incoming, live, end)  # the staging area is free again
             dense.copy_(encoded.transpose(0, 1))
             staged.append(dense)
+        self._after_compute(slot)
 
         def work() -> None:
             for host, dense in zip(self._host[layer_idx], staged, strict=True):
