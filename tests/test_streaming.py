@@ -82,9 +82,9 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
 
     values = torch.randn(3, 5, 4, 16) * torch.logspace(-2, 2, 16)  # spread magnitudes
     for bits in (8, 4):
-        (record,) = encode_kv(values, bits)
+        record = encode_kv(values, bits)
         restored = torch.empty_like(values)
-        decode_kv([record], bits, restored)
+        decode_kv(record, bits, restored)
         codes = 16 if bits == 8 else 8
         step = record[..., codes : codes + 4].view(torch.float32)  # one code step per head
         assert ((restored - values).abs() <= step / 2 + 1e-5).all()  # half a step at most
@@ -92,7 +92,7 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
         assert record.dtype == torch.uint8 and record.shape[-1] == {8: 20, 4: 16}[bits]
         # Slices of a record decode like the whole (what the engine does, 16 rows at a time).
         part = torch.empty_like(values[:2])
-        decode_kv([record[:2]], bits, part)
+        decode_kv(record[:2], bits, part)
         assert torch.equal(part, restored[:2])
 
     moved = {}

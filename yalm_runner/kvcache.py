@@ -65,27 +65,28 @@ def _fields(bits: int, head_dim: int, element: int) -> list[tuple[int, int]]:
     return fields
 
 
-def kv_part_shapes(
+def kv_record_shape(
     bits: int, shape: tuple[int, ...], dtype: torch.dtype
-) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The tensors that hold one cache (keys or values) of ``shape`` (..., D) in ``bits``.
+) -> tuple[tuple[int, ...], torch.dtype]:
+    """The tensor that holds one cache (keys or values) of ``shape`` (..., D) in ``bits``.
 
-    A compressed cache is one uint8 tensor with a record per (token, head): the codes, then
-    the scale (and the minimum) in ``dtype``. One tensor, so a row's slots travel in one copy.
+    In 16 bits the values themselves. Compressed, uint8 with one record per (token, head): the
+    codes, then the scale (and the minimum) in ``dtype``; one tensor, so a row's slots travel
+    in one copy.
     """
     if bits == 16:
-        return [(shape, dtype)]
+        return shape, dtype
     element = torch.empty((), dtype=dtype).element_size()
     head_dim = shape[-1]
     if (head_dim if bits == 8 else head_dim // 2) % element:
         raise ValueError(f"{bits}-bit KV needs the head size's codes to fill whole scales")
-    return [((*shape[:-1], _fields(bits, head_dim, element)[-1][1]), torch.uint8)]
+    return (*shape[:-1], _fields(bits, head_dim, element)[-1][1]), torch.uint8
 
 
-def encode_kv(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """(..., D) values -> the parts ``kv_part_shapes`` describes (16 bits: ``x`` itself)."""
+def encode_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., D) values -> the records ``kv_record_shape`` describes (16 bits: ``x`` itself)."""
     if bits == 16:
-        return [x]
+        return x
     if bits == 8:
         scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -97,17 +98,15 @@ def encode_kv(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.round((x.float() - low) / scale).clamp_(0, 15).to(torch.uint8)
         fields = [codes[..., 0::2] | (codes[..., 1::2] << 4), scale.to(x.dtype), low.to(x.dtype)]
-    return [torch.cat([field.contiguous().view(torch.uint8) for field in fields], dim=-1)]
+    return torch.cat([field.contiguous().view(torch.uint8) for field in fields], dim=-1)
 
 
-def decode_kv(parts: list[torch.Tensor], bits: int, out: torch.Tensor) -> None:
-    """Write the values that ``parts`` encode into ``out`` (..., D)."""
+def decode_kv(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Write the values that ``record`` encodes into ``out`` (..., D)."""
     if bits == 16:
-        out.copy_(parts[0])
+        out.copy_(record)
         return
-    (record,) = parts
-    element = out.element_size()
-    fields = [record[..., a:b] for a, b in _fields(bits, out.shape[-1], element)]
+    fields = [record[..., a:b] for a, b in _fields(bits, out.shape[-1], out.element_size())]
     scale = fields[1].view(out.dtype)
     if bits == 8:
         torch.mul(fields[0].view(torch.int8).to(out.dtype), scale, out=out)
@@ -117,14 +116,25 @@ def decode_kv(parts: list[torch.Tensor], bits: int, out: torch.Tensor) -> None:
         out[..., 1::2] = (packed >> 4).to(out.dtype) * scale + low
 
 
-class HostKV:
-    """Every layer's cache in (pinned) host RAM; two device slots take turns holding a layer.
+def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
+    """Host bytes one token's keys and values take over all layers in ``bits``."""
+    heads, head_dim = config.num_heads, config.head_dim
+    per_head = {16: head_dim * element, 8: head_dim + element, 4: head_dim // 2 + 2 * element}
+    return 2 * config.num_layers * heads * per_head[bits]
 
-    ``bits`` 8 or 4 keep the host copy compressed per (token, head) (``encode_kv``): a half or
-    about a third of the RAM and of the traffic, one record per (token, head) holding codes and
-    scales, so that a row travels in one copy per cache as in 16 bits. Compressed rows travel
-    to a device staging area and are expanded into the slot on the compute stream; the slots a
-    layer wrote are compressed on the device before they travel back.
+
+def _row_groups(live: int, start: int, row_bytes: int) -> list[tuple[int, int]]:
+    """Ranges of rows whose expansion temporaries (``row_bytes`` per slot) fit DECODE_BYTES."""
+    group = max(1, DECODE_BYTES // (start * row_bytes))
+    return [(first, min(first + group, live)) for first in range(0, live, group)]
+
+
+class _PinnedKV:
+    """What both pinned-RAM caches share: two device slots, the copy stream and its events, and
+    the schedule. ``layer(j)`` waits for layer j's old slots, starts layer j+1's on the copy
+    stream (it overlaps layer j's compute), and expands layer j into its device slot; a
+    subclass says how a layer travels (``_fetch_copies``), how it lands in the slot
+    (``_expand``), how many rows are live (``_live``), and how new slots go back (``stored``).
     """
 
     def __init__(
@@ -134,7 +144,7 @@ class HostKV:
         slots: int,
         device: torch.device,
         dtype: torch.dtype,
-        bits: int = 16,
+        bits: int,
     ):
         if bits not in KV_BITS:
             raise ValueError(f"KV bits must be one of {KV_BITS}, got {bits}")
@@ -144,24 +154,6 @@ class HostKV:
         self._layers = config.num_layers
         self._bits = bits
         shape = (batch, slots, config.num_heads, config.head_dim)
-        parts = kv_part_shapes(bits, shape, dtype)
-
-        def cache(where: torch.device | None) -> list[torch.Tensor]:
-            # Keys' parts, then values'. Zero-filled: masked slots are multiplied by a zero
-            # weight, and 0 * NaN would be NaN.
-            if where is None:
-                return [
-                    torch.zeros(size, dtype=kind, pin_memory=self._cuda)
-                    for _ in range(2)
-                    for size, kind in parts
-                ]
-            return [
-                torch.zeros(size, dtype=kind, device=where)
-                for _ in range(2)
-                for size, kind in parts
-            ]
-
-        self._host = [cache(None) for _ in range(config.num_layers)]
         self._slots = [
             (
                 torch.zeros(shape, device=device, dtype=dtype),
@@ -169,14 +161,6 @@ class HostKV:
             )
             for _ in range(2)
         ]
-        self._split = len(parts)  # parts per cache: keys' are [:split], values' [split:]
-        if bits == 16:
-            # The parts are the values: host rows travel straight into the slots.
-            self._incoming = [list(slot) for slot in self._slots]
-        else:
-            self._incoming = [cache(device) for _ in range(2)]
-            self._outgoing = [cache(device) for _ in range(2)]
-        self._rows = list(range(batch))
         self.bytes_moved = 0
         if self._cuda:
             self._stream = torch.cuda.Stream(device)
@@ -189,23 +173,38 @@ class HostKV:
         target.copy_(source, non_blocking=self._cuda)
         self.bytes_moved += source.numel() * source.element_size()
 
-    def _move_rows(self, targets, sources, target_rows, source_rows, begin: int, end: int):
-        for target, source in zip(targets, sources, strict=True):
-            for target_row, source_row in zip(target_rows, source_rows, strict=True):
-                self._copy(target[target_row, begin:end], source[source_row, begin:end])
+    def _on_copy_stream(self, work) -> None:
+        if self._cuda:
+            with torch.cuda.stream(self._stream):
+                work()
+        else:
+            work()
+
+    def _after_compute(self, slot: int) -> None:
+        """Order the copy stream after everything the compute stream has queued so far: the
+        layer that used ``slot`` and whatever was just encoded for the trip back."""
+        if self._cuda:
+            self._computed[slot].record(self._compute())
+            self._stream.wait_event(self._computed[slot])
+
+    def _sent_back(self, slot: int) -> None:
+        """On the copy stream, after a write-back: the next fetch into ``slot`` and the next
+        reuse of its outgoing staging wait for this point."""
+        if self._cuda:
+            self._computed[slot].record(self._stream)
+            self._sent[slot].record(self._stream)
 
     def _fetch(self, layer_idx: int, start: int) -> None:
-        """Bring the live rows' slots ``0 .. start-1`` of ``layer_idx`` to the device."""
         slot = layer_idx % 2
-        live = range(len(self._rows))
-        incoming, host = self._incoming[slot], self._host[layer_idx]
         if self._cuda:
             self._stream.wait_event(self._computed[slot])
-            with torch.cuda.stream(self._stream):
-                self._move_rows(incoming, host, live, self._rows, 0, start)
+
+        def work() -> None:
+            self._fetch_copies(layer_idx, slot, start)
+            if self._cuda:
                 self._ready[slot].record(self._stream)
-        else:
-            self._move_rows(incoming, host, live, self._rows, 0, start)
+
+        self._on_copy_stream(work)
 
     def layer(
         self, layer_idx: int, start: int, rows: slice = ALL
@@ -219,22 +218,82 @@ class HostKV:
             self._compute().wait_event(self._ready[slot])
             if layer_idx + 1 < self._layers:
                 self._fetch(layer_idx + 1, start)  # overlaps this layer's compute
-        live = len(self._rows)
         keys, values = self._slots[slot]
-        if self._bits != 16 and start:
-            incoming, split = self._incoming[slot], self._split
-            # Rows a group at a time: decoding makes temporaries the size of what it decodes.
-            group = max(1, DECODE_BYTES // (start * keys.shape[2] * keys.shape[3] * 4))
-            for first in range(0, live, group):
-                last = min(first + group, live)
-                for which, target in enumerate((keys, values)):
-                    parts = incoming[which * split : (which + 1) * split]
-                    decode_kv(
-                        [part[first:last, :start] for part in parts],
-                        self._bits,
-                        target[first:last, :start],
-                    )
+        if start:
+            self._expand(layer_idx, slot, start)
+        live = self._live(layer_idx)
         return keys[:live][rows], values[:live][rows]
+
+    def _fetch_copies(self, layer_idx: int, slot: int, start: int) -> None:
+        raise NotImplementedError
+
+    def _expand(self, layer_idx: int, slot: int, start: int) -> None:
+        raise NotImplementedError
+
+    def _live(self, layer_idx: int) -> int:
+        raise NotImplementedError
+
+
+class HostKV(_PinnedKV):
+    """Every layer's cache in (pinned) host RAM, row-major; two device slots take turns holding
+    a layer, and each live row travels in one copy per cache each way.
+
+    ``bits`` 8 or 4 keep the host copy compressed per (token, head) (``encode_kv``): a half or
+    about a third of the RAM and of the traffic. Compressed rows travel to a device staging area
+    and are expanded into the slot on the compute stream; the slots a layer wrote are compressed
+    on the device before they travel back.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        bits: int = 16,
+    ):
+        super().__init__(config, batch, slots, device, dtype, bits)
+        size, kind = kv_record_shape(bits, (batch, slots, config.num_heads, config.head_dim), dtype)
+        # Keys, then values. Zero-filled: masked slots are multiplied by a zero weight, and
+        # 0 * NaN would be NaN.
+        self._host = [
+            [torch.zeros(size, dtype=kind, pin_memory=self._cuda) for _ in range(2)]
+            for _ in range(config.num_layers)
+        ]
+        if bits == 16:
+            # The records are the values: host rows travel straight into the slots.
+            self._incoming = [list(slot) for slot in self._slots]
+        else:
+            self._incoming = [
+                [torch.zeros(size, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
+            ]
+            self._outgoing = [
+                [torch.zeros(size, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
+            ]
+        self._rows = list(range(batch))
+
+    def _move_rows(self, targets, sources, target_rows, source_rows, begin: int, end: int):
+        for target, source in zip(targets, sources, strict=True):
+            for target_row, source_row in zip(target_rows, source_rows, strict=True):
+                self._copy(target[target_row, begin:end], source[source_row, begin:end])
+
+    def _fetch_copies(self, layer_idx: int, slot: int, start: int) -> None:
+        """The live rows' slots ``0 .. start-1`` of ``layer_idx``, a copy per row and cache."""
+        live = range(len(self._rows))
+        self._move_rows(self._incoming[slot], self._host[layer_idx], live, self._rows, 0, start)
+
+    def _live(self, layer_idx: int) -> int:
+        return len(self._rows)
+
+    def _expand(self, layer_idx: int, slot: int, start: int) -> None:
+        if self._bits == 16:
+            return  # the rows landed in the slot itself
+        keys = self._slots[slot][0]
+        row_bytes = keys.shape[2] * keys.shape[3] * 4
+        for first, last in _row_groups(len(self._rows), start, row_bytes):
+            for record, target in zip(self._incoming[slot], self._slots[slot], strict=True):
+                decode_kv(record[first:last, :start], self._bits, target[first:last, :start])
 
     def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
         """Send the slots ``start .. end-1`` that layer ``layer_idx`` wrote (for the range
@@ -242,42 +301,29 @@ class HostKV:
         slot = layer_idx % 2
         live = range(len(self._rows))[rows]
         host_rows = self._rows[rows]
-        host = self._host[layer_idx]
         if self._bits == 16:
             outgoing = list(self._slots[slot])
         else:
-            outgoing, split = self._outgoing[slot], self._split
+            outgoing = self._outgoing[slot]
             if self._cuda:  # the last copies out of this staging must have left
                 self._compute().wait_event(self._sent[slot])
-            for which, values in enumerate(self._slots[slot]):
-                encoded = encode_kv(values[live.start : live.stop, start:end], self._bits)
-                for part, code in zip(
-                    outgoing[which * split : (which + 1) * split], encoded, strict=True
-                ):
-                    part[live.start : live.stop, start:end] = code
-        if self._cuda:
-            self._computed[slot].record(self._compute())
-            self._stream.wait_event(self._computed[slot])
-            with torch.cuda.stream(self._stream):
-                self._move_rows(host, outgoing, host_rows, live, start, end)
-                # The next fetch into this slot is ordered after these copies on the stream.
-                self._computed[slot].record(self._stream)
-                self._sent[slot].record(self._stream)
-        else:
-            self._move_rows(host, outgoing, host_rows, live, start, end)
+            for record, values in zip(outgoing, self._slots[slot], strict=True):
+                record[live.start : live.stop, start:end] = encode_kv(
+                    values[live.start : live.stop, start:end], self._bits
+                )
+        self._after_compute(slot)
+
+        def work() -> None:
+            self._move_rows(self._host[layer_idx], outgoing, host_rows, live, start, end)
+            self._sent_back(slot)
+
+        self._on_copy_stream(work)
 
     def keep(self, rows: list[int]) -> None:
         self._rows = [self._rows[row] for row in rows]
 
 
-def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
-    """Host bytes one token's keys and values take over all layers in ``bits``."""
-    heads, head_dim = config.num_heads, config.head_dim
-    per_head = {16: head_dim * element, 8: head_dim + element, 4: head_dim // 2 + 2 * element}
-    return 2 * config.num_layers * heads * per_head[bits]
-
-
-class SlotMajorHostKV:
+class SlotMajorHostKV(_PinnedKV):
     """``HostKV`` with the host cache laid out slot-major, (slots, rows, heads, record): a
     layer's old slots travel in one copy per cache, and a decode step's new slot in one copy
     back, instead of one copy per row each way (which costs ~5 us of host time apiece).
@@ -300,17 +346,10 @@ class SlotMajorHostKV:
         dtype: torch.dtype,
         bits: int = 16,
     ):
-        if bits not in KV_BITS:
-            raise ValueError(f"KV bits must be one of {KV_BITS}, got {bits}")
-        self._cuda = device.type == "cuda"
-        self._layers = config.num_layers
-        self._bits = bits
-        self._dtype = dtype
+        super().__init__(config, batch, slots, device, dtype, bits)
         self._max_slots = slots
-        ((_, kind),) = kv_part_shapes(bits, (1, 1, config.num_heads, config.head_dim), dtype)
-        record = kv_part_shapes(bits, (1, config.head_dim), dtype)[0][0][-1]
+        (*_, record), kind = kv_record_shape(bits, (1, config.head_dim), dtype)
         self._record = (config.num_heads, record)
-        self._kind = kind
         count = slots * batch * config.num_heads * record
         # Flat storage per layer and cache, viewed as (slots, rows, heads, record) for the
         # current number of host rows (it shrinks when the layout is compacted).
@@ -321,97 +360,47 @@ class SlotMajorHostKV:
         self._incoming = [
             [torch.zeros(count, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
         ]
-        shape = (batch, slots, config.num_heads, config.head_dim)
-        self._slots = [
-            (
-                torch.zeros(shape, device=device, dtype=dtype),
-                torch.zeros(shape, device=device, dtype=dtype),
-            )
-            for _ in range(2)
-        ]
         self._host_rows = [batch] * config.num_layers  # rows in each layer's layout
         self._positions = [list(range(batch)) for _ in range(config.num_layers)]
         self._compact = [False] * config.num_layers
-        self.bytes_moved = 0
-        if self._cuda:
-            self._stream = torch.cuda.Stream(device)
-            self._ready = [torch.cuda.Event() for _ in range(2)]
-            self._computed = [torch.cuda.Event() for _ in range(2)]
-            self._compute = lambda: torch.cuda.current_stream(device)
 
     def _view(self, flat: torch.Tensor, rows: int, slots: int | None = None) -> torch.Tensor:
         heads, record = self._record
         slots = self._max_slots if slots is None else slots
         return flat[: slots * rows * heads * record].view(slots, rows, heads, record)
 
-    def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
-        target.copy_(source, non_blocking=self._cuda)
-        self.bytes_moved += source.numel() * source.element_size()
-
-    def _on_copy_stream(self, work) -> None:
-        if self._cuda:
-            with torch.cuda.stream(self._stream):
-                work()
-        else:
-            work()
-
-    def _fetch(self, layer_idx: int, start: int) -> None:
-        """Bring every host row's slots ``0 .. start-1`` of ``layer_idx`` to the staging area."""
-        slot, rows = layer_idx % 2, self._host_rows[layer_idx]
-        if self._cuda:
-            self._stream.wait_event(self._computed[slot])
-
-        def work() -> None:
+    def _fetch_copies(self, layer_idx: int, slot: int, start: int) -> None:
+        """Every host row's slots ``0 .. start-1`` of ``layer_idx``: one copy per cache."""
+        rows = self._host_rows[layer_idx]
+        if start:
             for host, incoming in zip(self._host[layer_idx], self._incoming[slot], strict=True):
-                if start:
-                    self._copy(self._view(incoming, rows)[:start], self._view(host, rows)[:start])
-            if self._cuda:
-                self._ready[slot].record(self._stream)
+                self._copy(self._view(incoming, rows)[:start], self._view(host, rows)[:start])
 
-        self._on_copy_stream(work)
+    def _live(self, layer_idx: int) -> int:
+        return len(self._positions[layer_idx])
 
-    def _expand(self, records: torch.Tensor, out: torch.Tensor) -> None:
-        """(slots, rows, heads, record) staging -> (rows, slots, heads, D) values in ``out``."""
-        if self._bits == 16:
-            out.copy_(records.transpose(0, 1))
-        else:
-            decode_kv([records.transpose(0, 1)], self._bits, out)
-
-    def layer(
-        self, layer_idx: int, start: int, rows: slice = ALL
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == 0 or not self._cuda:
-            self._fetch(layer_idx, start)
-        slot = layer_idx % 2
-        if self._cuda:
-            self._compute().wait_event(self._ready[slot])
-            if layer_idx + 1 < self._layers:
-                self._fetch(layer_idx + 1, start)  # overlaps this layer's compute
+    def _expand(self, layer_idx: int, slot: int, start: int) -> None:
+        """Gather the live rows out of the slot-major staging into the row-major slot."""
         positions = self._positions[layer_idx]
         live, host_rows = len(positions), self._host_rows[layer_idx]
-        keys, values = self._slots[slot]
-        if start:
-            identity = live == host_rows and positions == list(range(live))
-            index = None if identity else torch.tensor(positions, device=keys.device)
-            heads, record = self._record
-            group = max(1, DECODE_BYTES // (start * heads * record * 4))
-            for incoming, target in zip(self._incoming[slot], (keys, values), strict=True):
-                staged = self._view(incoming, host_rows)[:start]
-                for first in range(0, live, group):
-                    last = min(first + group, live)
-                    picked = (
-                        staged[:, first:last]
-                        if index is None
-                        else staged.index_select(1, index[first:last])
-                    )
-                    self._expand(picked, target[first:last, :start])
-        return keys[:live][rows], values[:live][rows]
+        keys = self._slots[slot][0]
+        identity = live == host_rows and positions == list(range(live))
+        index = None if identity else torch.tensor(positions, device=keys.device)
+        heads, record = self._record
+        for incoming, target in zip(self._incoming[slot], self._slots[slot], strict=True):
+            staged = self._view(incoming, host_rows)[:start]
+            for first, last in _row_groups(live, start, heads * record * 4):
+                picked = (
+                    staged[:, first:last]
+                    if index is None
+                    else staged.index_select(1, index[first:last])
+                )
+                decode_kv(picked.transpose(0, 1), self._bits, target[first:last, :start])
 
     def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
         slot = layer_idx % 2
         positions = self._positions[layer_idx]
         live = range(len(positions))[rows]
-        keys, values = self._slots[slot]
         if self._compact[layer_idx] and live == range(len(positions)):  # every live row
             self._write_dense(layer_idx, slot, end)
             return
@@ -419,8 +408,8 @@ class SlotMajorHostKV:
         written = [positions[row] for row in live]
         low, high = min(written), max(written) + 1
         outgoing = []
-        for values_ in (keys, values):
-            (encoded,) = encode_kv(values_[live.start : live.stop, start:end], self._bits)
+        for values in self._slots[slot]:
+            encoded = encode_kv(values[live.start : live.stop, start:end], self._bits)
             block = encoded.transpose(0, 1)  # (T, rows, heads, record)
             if written != list(range(low, high)):  # finished rows in between: scatter
                 dense = torch.zeros(
@@ -446,34 +435,24 @@ class SlotMajorHostKV:
                 else:  # a chunk of rows over several positions: one copy per position
                     for offset in range(end - start):
                         self._copy(target[start + offset, low:high], block[offset])
-            if self._cuda:
-                self._computed[slot].record(self._stream)
+            self._sent_back(slot)
 
         self._on_copy_stream(work)
-
-    def _after_compute(self, slot: int) -> None:
-        """Order the copy stream after everything the compute stream has queued so far: the
-        layer that used ``slot`` and the blocks just encoded for the trip back."""
-        if self._cuda:
-            self._computed[slot].record(self._compute())
-            self._stream.wait_event(self._computed[slot])
 
     def _write_dense(self, layer_idx: int, slot: int, end: int) -> None:
         """Write the live rows' slots ``0 .. end-1`` back densely: the layout shrinks to them."""
         live = len(self._positions[layer_idx])
         staged = []
-        for incoming, values_ in zip(self._incoming[slot], self._slots[slot], strict=True):
-            (encoded,) = encode_kv(values_[:live, :end], self._bits)
+        for incoming, values in zip(self._incoming[slot], self._slots[slot], strict=True):
             dense = self._view(incoming, live, end)  # the staging area is free again
-            dense.copy_(encoded.transpose(0, 1))
+            dense.copy_(encode_kv(values[:live, :end], self._bits).transpose(0, 1))
             staged.append(dense)
         self._after_compute(slot)
 
         def work() -> None:
             for host, dense in zip(self._host[layer_idx], staged, strict=True):
                 self._copy(self._view(host, live, end), dense)
-            if self._cuda:
-                self._computed[slot].record(self._stream)
+            self._sent_back(slot)
 
         self._on_copy_stream(work)
         self._host_rows[layer_idx] = live
