@@ -28,6 +28,7 @@ from yalm_runner.checkpoint import Store
 from yalm_runner.errors import ConfigError
 from yalm_runner.offload import ResidentWeights, WeightSource
 from yalm_runner.quant import QuantizedResidentWeights
+from yalm_runner.runner import read_prompts
 from yalm_runner.tokenizer import Tokenizer
 
 
@@ -132,20 +133,7 @@ def _read_text(path: Path, what: str) -> str:
 
 def read_prompt_file(path: Path) -> list[str]:
     """Prompts from a JSONL file with a ``prefix`` per line (``generate``'s input format)."""
-    prompts = []
-    for line_no, line in enumerate(_read_text(path, "prompts").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} line {line_no}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prefix"), str):
-            raise ConfigError(f"{path} line {line_no}: expected an object with a 'prefix' string")
-        prompts.append(row["prefix"])
-    if not prompts:
-        raise ConfigError(f"{path}: no prompts")
-    return prompts
+    return [row["prefix"] for row in read_prompts(path)]
 
 
 def compare_stores(
