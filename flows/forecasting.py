@@ -197,7 +197,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
     settings = config.generation
     try:
         with open_session(
-            config.model,
+            model,  # the store opened above, not opened and checked again
             device=settings.device,
             dtype=_torch_dtype(settings.dtype),
             policy=_policy(config),

@@ -264,7 +264,7 @@ def generate_file(
             requests_context = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
         session = stack.enter_context(
             open_session(
-                store_path,
+                store,  # opened above for the fingerprint: not opened and checked twice
                 device=",".join(str(each) for each in devices),
                 dtype=dtype,
                 policy=policy,

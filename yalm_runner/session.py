@@ -88,7 +88,7 @@ class GenerationSession:
 
 @contextmanager
 def open_session(
-    store_path: Path | str,
+    store_path: Path | str | Store,
     *,
     device: str | torch.device = "auto",
     dtype: torch.dtype | None = None,
@@ -99,7 +99,8 @@ def open_session(
     rows: int | None = None,
     verify: bool = True,
 ) -> Iterator[GenerationSession]:
-    """Open ``store_path`` for generation under ``policy``'s budgets.
+    """Open ``store_path`` (a folder, or a ``Store`` already open) for generation under
+    ``policy``'s budgets.
 
     ``max_context`` is the longest prompt plus new tokens any row will need (the model's
     positions when not given); with ``batch_size`` it sizes the KV cache, and ``prompt_tokens``
@@ -109,7 +110,7 @@ def open_session(
     GPUs (``cuda:0,cuda:1``): each gets the budgets, they share one pinned copy of the weights,
     and batches alternate between them (``multigpu``).
     """
-    store = Store.open(Path(store_path))
+    store = store_path if isinstance(store_path, Store) else Store.open(Path(store_path))
     devices = resolve_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(store, device)
