@@ -21,9 +21,9 @@ from yalm_runner.checkpoint import PartInfo, part_names
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError, OffloadError
-from yalm_runner.model import expected_shapes
 from yalm_runner.offload import OffloadPolicy, format_bytes, plan_placement
 from yalm_runner.planning import MemoryPlan, plan_memory
+from yalm_runner.quant import Quantization, stored_specs
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
 from yalm_runner.tensorfile import TensorRecord
 
@@ -45,23 +45,29 @@ SHAPES = {
 
 
 class SyntheticStore:
-    """The part of ``Store``'s interface the streaming source reads, with random weights."""
+    """The part of ``Store``'s interface the streaming source reads, with random weights; with
+    ``quantization``, the layers' records are those of a compressed store."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, seed: int = 0):
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        seed: int = 0,
+        quantization: Quantization | None = None,
+    ):
         self.config = config
         self.dtype = dtype
+        self.quantization = quantization
         self.parts: dict[str, PartInfo] = {}
-        element = torch.empty((), dtype=dtype).element_size()
         for part in part_names(config):
             offset, records = 0, []
-            for name, shape in expected_shapes(config, part).items():
+            for name, (shape, kind) in stored_specs(config, part, quantization, dtype).items():
                 count = 1
                 for size in shape:
                     count *= size
-                records.append(
-                    TensorRecord(name, shape, dtype, offset, offset + count * element, "")
-                )
-                offset += count * element
+                size = count * torch.empty((), dtype=kind).element_size()
+                records.append(TensorRecord(name, shape, kind, offset, offset + size, ""))
+                offset += size  # contiguous, as the store's files are
             self.parts[part] = PartInfo(part, Path(f"<synthetic {part}>"), offset, tuple(records))
         self._generator_device = "cuda" if torch.cuda.is_available() else "cpu"
         self._seed = seed

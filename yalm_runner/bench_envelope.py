@@ -26,14 +26,12 @@ from pathlib import Path
 import torch
 
 from yalm_runner.bench import SHAPES, SyntheticStore, measure_h2d
-from yalm_runner.checkpoint import PartInfo, part_names
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.planning import plan_memory
-from yalm_runner.quant import Quantization, dequantize_matrix, stored_specs
+from yalm_runner.quant import Quantization, dequantize_matrix
 from yalm_runner.streaming import StreamingWeights
-from yalm_runner.tensorfile import TensorRecord
 
 NO_EOS = -1  # random weights would end rows at random: every row runs its full length
 
@@ -44,20 +42,7 @@ class CompressedSyntheticStore(SyntheticStore):
     def __init__(
         self, config: ModelConfig, quantization: Quantization, dtype: torch.dtype, seed: int = 0
     ):
-        super().__init__(config, dtype, seed)
-        self.quantization = quantization
-        for part in part_names(config):
-            if not part.startswith("layer_"):
-                continue
-            offset, records = 0, []
-            for name, (shape, kind) in stored_specs(config, part, quantization, dtype).items():
-                count = 1
-                for size in shape:
-                    count *= size
-                size = count * torch.empty((), dtype=kind).element_size()
-                records.append(TensorRecord(name, shape, kind, offset, offset + size, ""))
-                offset += size  # contiguous, as the store's files are
-            self.parts[part] = PartInfo(part, Path(f"<synthetic {part}>"), offset, tuple(records))
+        super().__init__(config, dtype, seed, quantization)
 
     def read_part(
         self, part: str, *, buffer: torch.Tensor | None = None, verify: bool = True
