@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
-#   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check | envelope
+#   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
+#   tests-and-kv-check | envelope
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -36,34 +37,20 @@ case "$1" in
       --uncapped-peers zero -n 32 --peer-timeout 200 --json "$OUT/uncapped.json" 2>&1 \
       | tee "$OUT/uncapped.txt"
     ;;
-  kv8-check)  # ours alone at the 8-bit-KV plan, row-major against slot-major host cache
-    python3 - <<'PY' 2>&1 | tee "$OUT/kv8.txt"
-import torch
-from yalm_runner.bench import SHAPES, SyntheticStore, _try_ours, format_table, measure_h2d
-from yalm_runner.offload import OffloadPolicy, parse_bytes
-from yalm_runner.planning import plan_memory
-from yalm_runner.streaming import StreamingWeights
-store = SyntheticStore(SHAPES["13b"], torch.bfloat16)
-pinned = measure_h2d()["pinned"]
-rows = []
-for layout in ("rows", "slots"):
-    policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), weights_on="cpu", kv_bits=8,
-                           kv_layout=layout)
-    plan = plan_memory(store, torch.device("cuda"), torch.bfloat16, policy, batch_size=None,
-                       max_context=160, prompt_tokens=128, rows=512)
-    print(f"pinned {pinned / 1e9:.1f} GB/s; {layout}: {plan.describe()}", flush=True)
-    with StreamingWeights(store, "cuda", torch.bfloat16, plan.placement, verify=False) as w:
-        row = _try_ours(w, plan.batch_size, 128, 32, policy, pinned, plan, f"8-bit KV {layout}")
-    rows += [row] if row else []
-    torch.cuda.empty_cache()
-print(format_table(rows))
-PY
+  kv8-check)  # session 2: ours alone at the 8-bit-KV plan, row-major against slot-major
+    python3 benchmarks/kv_check.py 8 2>&1 | tee "$OUT/kv8.txt"
+    ;;
+  tests-and-kv-check)  # session 3: GPU tests, then ours alone at the planner's batch for
+    # 16/8/4-bit pinned KV in both host layouts (layer-major grouped prefill, exact pinning)
+    nvidia-smi -L
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_streaming.py 2>&1 | tail -15
+    python3 benchmarks/kv_check.py 16,8,4 2>&1 | tee "$OUT/kv.txt"
     ;;
   envelope)
     python3 -m yalm_runner.bench_envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
       --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
     ;;
-  *) echo "usage: $0 gpu-tests-and-scaling|peers|peers-capped|peers-uncapped|envelope" >&2
+  *) echo "usage: $0 MODE (see the top of this file)" >&2
      exit 2 ;;
 esac

@@ -75,6 +75,7 @@ def test_the_report_reads_as_a_table():
         "peak_gpu_bytes": 7 * 2**30,
         "gpu_budget": 8 * 2**30,
         "pinned_ram_bytes": 63 * 2**30,
+        "locked_ram_bytes": 63 * 2**30,
         "cpu_budget": 64 * 2**30,
         "prefill_s": 3.0,
         "decode_s": 177.0,
@@ -84,3 +85,4 @@ def test_the_report_reads_as_a_table():
     text = format_envelope(result)
     assert "| 56 | 128 | 180.0 s | 39.8 | 1120 | 1300 ms | 1200 ms | 1.08 |" in text
     assert "peak GPU 7.00 GiB of 8.00 GiB (88%)" in text
+    assert "63.0 GiB of 64 GiB planned, 63.0 GiB locked" in text

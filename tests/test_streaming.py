@@ -156,8 +156,41 @@ def test_a_prefill_in_chunks_of_rows_gives_the_same_ids(store, resident_ids):
             engine = Engine(weights, kv_on=kv_on, prefill_rows=2)
             got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
             assert got == resident_ids
-            # Three rows in chunks of two: two prefill passes, then one pass per decode step.
-            assert engine.stats.forward_passes == 2 + max(len(ids) for ids in got) - 1
+            # Three rows in groups of two, layer by layer: one prefill pass over the weights,
+            # then one pass per decode step.
+            assert engine.stats.forward_passes == max(len(ids) for ids in got)
+
+
+def test_a_grouped_prefill_loads_each_layer_once(store, resident_ids):
+    policy = OffloadPolicy(weights_on="disk")
+    with open_weights(store, "cpu", torch.float32, policy) as weights:
+        per_pass = weights.placement.streamed_bytes_per_pass
+        for kv_on, layout in (("gpu", "rows"), ("cpu", "rows"), ("cpu", "slots")):
+            before = weights.bytes_streamed
+            engine = Engine(weights, kv_on=kv_on, kv_layout=layout, prefill_rows=1)
+            got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
+            assert got == resident_ids
+            # Three groups of one row: still one pass over the weights for the prefill.
+            passes = max(len(ids) for ids in got)
+            assert weights.bytes_streamed - before == passes * per_pass
+
+
+@pytest.mark.parametrize("layout", ["rows", "slots"])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_the_pinned_kv_memory_is_kept_across_batches_and_leaks_nothing(store, layout, bits):
+    # A second batch, smaller and with other prompts, runs in the memory the first one left
+    # (the engine locks pinned RAM once) and gives the ids a fresh engine gives it.
+    first = [Request(f"a{n}", tuple([1, *range(300 + n, 330 + n)]), 7) for n in range(5)]
+    second = [Request("b0", (1, 9, 8), 5), Request("b1", (1, 70, 71, 72), 11)]
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy()) as weights:
+        engine = Engine(weights, kv_on="cpu", kv_bits=bits, kv_layout=layout)
+        engine.reserve(len(first), 31 + 7)
+        buffers = [id(buffer) for pair in engine._arena._buffers for buffer in pair]
+        engine.generate(first, GREEDY, batch_size=8)
+        again = engine.generate(second, GREEDY, batch_size=8)
+        assert [id(b) for pair in engine._arena._buffers for b in pair] == buffers  # not re-made
+        fresh = Engine(weights, kv_on="cpu", kv_bits=bits, kv_layout=layout)
+        assert again == fresh.generate(second, GREEDY, batch_size=8)
 
 
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():
@@ -277,3 +310,32 @@ def test_compressed_streaming_on_gpu_equals_resident_compressed(tiny_release, tm
             with open_weights(compressed, "cuda", torch.bfloat16, policy) as weights:
                 assert ids(weights) == expected
                 assert ids(weights, kv_on="cpu") == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_memory_is_locked_at_its_exact_size_and_released(store):
+    import gc
+
+    from yalm_runner.pinned import locked_bytes, pinned_empty
+
+    before = locked_bytes()
+    odd = 669 * 2**20 + 12345  # torch's own pinned allocator would lock 1 GiB for this
+    buffer = pinned_empty(odd, torch.uint8, pin=True, what="test")
+    assert buffer.is_pinned() and buffer.numel() == odd
+    assert locked_bytes() - before == odd
+    on_gpu = torch.arange(odd, device="cuda", dtype=torch.uint8)
+    view = buffer[1000:]
+    view.copy_(on_gpu[1000:], non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(buffer[1000:2000].cuda(), on_gpu[1000:2000])
+    del buffer
+    gc.collect()
+    assert locked_bytes() - before == odd  # a view still holds it
+    del view
+    gc.collect()
+    assert locked_bytes() == before
+    with open_weights(store, "cuda", torch.float32, OffloadPolicy(weights_on="cpu")) as weights:
+        layers = weights.placement.cpu_weight_bytes
+        assert locked_bytes() - before == sum(t.numel() for t in weights._pinned.values())
+        assert locked_bytes() - before >= layers

@@ -29,6 +29,7 @@ from yalm_runner.bench import SHAPES, SyntheticStore, measure_h2d
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes
+from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import plan_memory
 from yalm_runner.quant import Quantization, dequantize_matrix
 from yalm_runner.streaming import StreamingWeights
@@ -187,6 +188,9 @@ def run_envelope(
             kv_layout=policy.kv_layout,
             prefill_rows=plan.prefill_rows,
         )
+        began = time.perf_counter()
+        engine.reserve(plan.batch_size, plan.max_context)
+        _log(f"KV memory locked in {time.perf_counter() - began:.1f} s")
         engine.generate(_prompts(1, 8, 8, 2), SamplingParams(greedy=True), batch_size=1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -200,6 +204,7 @@ def run_envelope(
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - began
         peak = torch.cuda.max_memory_allocated()
+        locked = locked_bytes()  # what the driver really holds page-locked
         stats = engine.stats
         weights_moved = weights.bytes_streamed - streamed_before
     assert all(len(done.new_ids) == new_tokens for done in finished)
@@ -235,6 +240,7 @@ def run_envelope(
         "step_over_floor": step_s / floor_s,
         "peak_gpu_bytes": peak,
         "pinned_ram_bytes": plan.placement.cpu_weight_bytes + plan.kv_host_bytes,
+        "locked_ram_bytes": locked,
         "bf16_layers_bytes": bf16_layer_bytes,
         "load_s": load_s,
         "matmul": matmul_variants(config, quantization, plan.batch_size),
@@ -264,7 +270,8 @@ def format_envelope(r: dict) -> str:
         f"{r['bf16_layers_bytes'] / 1e9:.1f} GB)",
         f"peak GPU {r['peak_gpu_bytes'] / gib:.2f} GiB of {r['gpu_budget'] / gib:.2f} GiB "
         f"({r['peak_gpu_bytes'] / r['gpu_budget']:.0%}); pinned RAM "
-        f"{r['pinned_ram_bytes'] / gib:.1f} GiB of {r['cpu_budget'] / gib:.0f} GiB",
+        f"{r['pinned_ram_bytes'] / gib:.1f} GiB of {r['cpu_budget'] / gib:.0f} GiB planned, "
+        f"{r['locked_ram_bytes'] / gib:.1f} GiB locked",
         f"prefill {r['prefill_s']:.1f} s, decode {r['decode_s']:.1f} s, weights placed in "
         f"{r['load_s']:.0f} s",
         "",

@@ -22,7 +22,7 @@ import torch
 from yalm_runner import model
 from yalm_runner.config import SamplingParams
 from yalm_runner.errors import GenerationError
-from yalm_runner.kvcache import DeviceKV, HostKV, SlotMajorHostKV
+from yalm_runner.kvcache import DeviceKV, HostArena, HostKV, SlotMajorHostKV, host_elements
 from yalm_runner.offload import WeightSource
 from yalm_runner.sampling import sample_next
 from yalm_runner.tokenizer import EOS_ID
@@ -116,7 +116,7 @@ class Engine:
         self.kv_on = kv_on
         self.kv_bits = kv_bits
         self.kv_layout = kv_layout
-        self.prefill_rows = prefill_rows  # 0: prefill every row of a batch in one pass
+        self.prefill_rows = prefill_rows  # 0: prefill every row of a batch as one group
         self.config = weights.config
         self.device = weights.device
         self.dtype = weights.dtype
@@ -125,6 +125,14 @@ class Engine:
         self.stats = GenerationStats()
         self._live: _Batch | None = None
         self._cancelled = False
+        # Pinned KV memory, kept from batch to batch (locking it is slow).
+        self._arena = HostArena(self.config.num_layers, pin=self.device.type == "cuda")
+
+    def reserve(self, rows: int, slots: int) -> None:
+        """Lock the pinned KV memory for batches up to ``rows`` x ``slots`` now, not in the
+        first batch (a no-op when the KV cache lives on the device)."""
+        if self.kv_on == "cpu":
+            self._arena.take(*host_elements(self.config, rows, slots, self.kv_bits, self.dtype))
 
     def cancel(self) -> None:
         """Make a ``generate`` running in another thread stop at its next step."""
@@ -232,7 +240,9 @@ class Engine:
         key_valid[:, prompt_len:] = False
         if self.kv_on == "cpu":
             host_type = SlotMajorHostKV if self.kv_layout == "slots" else HostKV
-            kv = host_type(config, batch, slots, device, self.dtype, bits=self.kv_bits)
+            kv = host_type(
+                config, batch, slots, device, self.dtype, bits=self.kv_bits, arena=self._arena
+            )
         else:
             kv = DeviceKV(config, batch, slots, device, self.dtype)
         state = _Batch(
@@ -296,41 +306,38 @@ class Engine:
     def _forward(self, state: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits.
 
-        A prefill of more than ``prefill_rows`` rows runs in chunks of rows, one pass over the
-        weights each, so that its activations fit the GPU budget the plan gave them."""
+        One pass over the weights, layer by layer, for the whole batch. A prefill of more than
+        ``prefill_rows`` rows runs each layer over groups of rows in turn, so that its
+        activations fit the GPU budget the plan gave them; only the groups' hidden states wait
+        on the device between layers, and every layer is still loaded once."""
         batch, num_new = tokens.shape
         start = state.length
         end = start + num_new
         state.key_valid[:, start:end] |= (
             torch.arange(start, end, device=self.device)[None, :] >= state.pad[:, None]
         )
-        chunk = batch if num_new == 1 or not self.prefill_rows else self.prefill_rows
-        logits = [
-            self._forward_rows(state, tokens, slice(first, min(first + chunk, batch)), start)
-            for first in range(0, batch, chunk)
-        ]
-        state.length = end
-        return logits[0] if len(logits) == 1 else torch.cat(logits)
-
-    def _forward_rows(
-        self, state: _Batch, tokens: torch.Tensor, rows: slice, start: int
-    ) -> torch.Tensor:
-        tokens = tokens[rows]
-        num_new = tokens.shape[1]
-        end = start + num_new
+        size = batch if num_new == 1 or not self.prefill_rows else self.prefill_rows
+        groups = [slice(first, min(first + size, batch)) for first in range(0, batch, size)]
         positions = (
-            torch.arange(start, end, device=self.device)[None, :] - state.pad[rows, None]
-        ).clamp(min=0)  # (b, T)
-        mask = model.attention_mask(state.key_valid[rows, :end], start, num_new)
+            torch.arange(start, end, device=self.device)[None, :] - state.pad[:, None]
+        ).clamp(min=0)  # (B, T)
+        valid = state.key_valid[:, :end]
+        masks = [model.attention_mask(valid[rows], start, num_new) for rows in groups]
         embedding = self.weights.embedding()
-        h = model.embed(tokens, embedding, self.config)
+        hidden = [model.embed(tokens[rows], embedding, self.config) for rows in groups]
         for layer_idx, weights in self.weights.layers():
-            keys, values = state.kv.layer(layer_idx, start, rows)
-            h = model.block(
-                h, weights, self.config, self.rotary, positions, keys, values, start, mask
-            )
-            state.kv.stored(layer_idx, start, end, rows)
+            keys, values = state.kv.layer(layer_idx, start)
+            for group, rows in enumerate(groups):
+                hidden[group] = model.block(
+                    hidden[group], weights, self.config, self.rotary, positions[rows],
+                    keys[rows], values[rows], start, masks[group],
+                )  # fmt: skip
+            state.kv.stored(layer_idx, start, end)
         self.stats.forward_passes += 1
-        return model.head(
-            h[:, -1], self.weights.head(), embedding["word_embeddings.weight"], self.config
-        )
+        state.length = end
+        head = self.weights.head()
+        logits = [
+            model.head(h[:, -1], head, embedding["word_embeddings.weight"], self.config)
+            for h in hidden
+        ]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)

@@ -1,24 +1,28 @@
 """Where a batch's keys and values live between layers: on the compute device, or in pinned RAM.
 
 Both caches hand the engine, for layer j, a (B, S_max, NH, D) pair that ``model.block`` writes its
-new slots into and reads ``0 .. end`` from; the engine calls ``layer(j, start)`` before the block
-and ``stored(j, start, end)`` after it, and ``keep(rows)`` when rows leave the batch.
+new slots into and reads ``0 .. end`` from; the engine calls ``layer(j, start)`` before the layer
+(it may run the block over several groups of rows of that pair) and ``stored(j, start, end)``
+after it, and ``keep(rows)`` when rows leave the batch.
 
 ``DeviceKV`` keeps every layer on the device. ``HostKV`` keeps them in pinned host memory: while
 layer j computes, the live rows' old slots of layer j+1 travel to the other of two device slots
 on a copy stream, and after layer j the slots it wrote travel back. Rows that leave the batch
 are dropped from the row map; their host memory is simply not read again. Copy contract: a
 device slot is refilled only after the compute that used it and the write-back of its new
-slots, both ordered on the one copy stream.
+slots, both ordered on the one copy stream. The pinned host memory comes from a ``HostArena``
+that outlives the batch: locking tens of GB of RAM takes seconds, so an engine does it once.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from yalm_runner.config import ModelConfig
+from yalm_runner.pinned import pinned_empty
 
-ALL = slice(None)
 # Compressed KV is expanded a group of rows at a time, each group's temporaries within this.
 DECODE_BYTES = 128 << 20
 
@@ -39,13 +43,10 @@ class DeviceKV:
             for _ in range(config.num_layers)
         ]
 
-    def layer(
-        self, layer_idx: int, start: int, rows: slice = ALL
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._caches[layer_idx]
-        return keys[rows], values[rows]
+    def layer(self, layer_idx: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._caches[layer_idx]
 
-    def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
+    def stored(self, layer_idx: int, start: int, end: int) -> None:
         pass
 
     def keep(self, rows: list[int]) -> None:
@@ -116,6 +117,35 @@ def decode_kv(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
         out[..., 1::2] = (packed >> 4).to(out.dtype) * scale + low
 
 
+def host_elements(
+    config: ModelConfig, batch: int, slots: int, bits: int, dtype: torch.dtype
+) -> tuple[int, torch.dtype]:
+    """Elements (and their type) of one layer's keys, or values, for ``batch`` x ``slots`` in
+    host RAM: the same for the row-major and the slot-major layout."""
+    shape, kind = kv_record_shape(bits, (batch, slots, config.num_heads, config.head_dim), dtype)
+    return math.prod(shape), kind
+
+
+class HostArena:
+    """Pinned host buffers for the KV cache (keys and values of every layer), kept from one
+    batch to the next and grown when a batch needs more."""
+
+    def __init__(self, layers: int, pin: bool):
+        self._pin = pin
+        self._buffers: list[list[torch.Tensor | None]] = [[None, None] for _ in range(layers)]
+
+    def take(self, count: int, kind: torch.dtype) -> list[list[torch.Tensor]]:
+        """Per layer, keys and values: flat tensors of ``count`` elements of ``kind``. The
+        contents are whatever an earlier batch left (every slot a batch reads, it wrote)."""
+        nbytes = count * torch.empty((), dtype=kind).element_size()
+        for pair in self._buffers:
+            for which, buffer in enumerate(pair):
+                if buffer is None or buffer.numel() < nbytes:
+                    pair[which] = None  # the old one goes before the larger one is locked
+                    pair[which] = pinned_empty(nbytes, torch.uint8, pin=self._pin, what="KV cache")
+        return [[buffer[:nbytes].view(kind) for buffer in pair] for pair in self._buffers]
+
+
 def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
     """Host bytes one token's keys and values take over all layers in ``bits``."""
     heads, head_dim = config.num_heads, config.head_dim
@@ -145,6 +175,7 @@ class _PinnedKV:
         device: torch.device,
         dtype: torch.dtype,
         bits: int,
+        arena: HostArena | None,
     ):
         if bits not in KV_BITS:
             raise ValueError(f"KV bits must be one of {KV_BITS}, got {bits}")
@@ -162,6 +193,9 @@ class _PinnedKV:
             for _ in range(2)
         ]
         self.bytes_moved = 0
+        count, kind = host_elements(config, batch, slots, bits, dtype)
+        arena = arena or HostArena(config.num_layers, pin=self._cuda)
+        self._host = arena.take(count, kind)  # per layer: keys, values (flat)
         if self._cuda:
             self._stream = torch.cuda.Stream(device)
             self._ready = [torch.cuda.Event() for _ in range(2)]
@@ -206,10 +240,8 @@ class _PinnedKV:
 
         self._on_copy_stream(work)
 
-    def layer(
-        self, layer_idx: int, start: int, rows: slice = ALL
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer_idx``'s cache for the live rows (or the range ``rows`` of them)."""
+    def layer(self, layer_idx: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s cache for the live rows."""
         if layer_idx == 0 or not self._cuda:
             # On the CPU there is nothing to overlap: fetch each layer as it comes.
             self._fetch(layer_idx, start)
@@ -222,7 +254,7 @@ class _PinnedKV:
         if start:
             self._expand(layer_idx, slot, start)
         live = self._live(layer_idx)
-        return keys[:live][rows], values[:live][rows]
+        return keys[:live], values[:live]
 
     def _fetch_copies(self, layer_idx: int, slot: int, start: int) -> None:
         raise NotImplementedError
@@ -252,15 +284,11 @@ class HostKV(_PinnedKV):
         device: torch.device,
         dtype: torch.dtype,
         bits: int = 16,
+        arena: HostArena | None = None,
     ):
-        super().__init__(config, batch, slots, device, dtype, bits)
+        super().__init__(config, batch, slots, device, dtype, bits, arena)
         size, kind = kv_record_shape(bits, (batch, slots, config.num_heads, config.head_dim), dtype)
-        # Keys, then values. Zero-filled: masked slots are multiplied by a zero weight, and
-        # 0 * NaN would be NaN.
-        self._host = [
-            [torch.zeros(size, dtype=kind, pin_memory=self._cuda) for _ in range(2)]
-            for _ in range(config.num_layers)
-        ]
+        self._host = [[flat.view(size) for flat in pair] for pair in self._host]
         if bits == 16:
             # The records are the values: host rows travel straight into the slots.
             self._incoming = [list(slot) for slot in self._slots]
@@ -280,8 +308,9 @@ class HostKV(_PinnedKV):
 
     def _fetch_copies(self, layer_idx: int, slot: int, start: int) -> None:
         """The live rows' slots ``0 .. start-1`` of ``layer_idx``, a copy per row and cache."""
-        live = range(len(self._rows))
-        self._move_rows(self._incoming[slot], self._host[layer_idx], live, self._rows, 0, start)
+        if start:
+            live = range(len(self._rows))
+            self._move_rows(self._incoming[slot], self._host[layer_idx], live, self._rows, 0, start)
 
     def _live(self, layer_idx: int) -> int:
         return len(self._rows)
@@ -295,22 +324,23 @@ class HostKV(_PinnedKV):
             for record, target in zip(self._incoming[slot], self._slots[slot], strict=True):
                 decode_kv(record[first:last, :start], self._bits, target[first:last, :start])
 
-    def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
-        """Send the slots ``start .. end-1`` that layer ``layer_idx`` wrote (for the range
-        ``rows`` of the live rows) back to RAM."""
+    def stored(self, layer_idx: int, start: int, end: int) -> None:
+        """Send the slots ``start .. end-1`` that layer ``layer_idx`` wrote back to RAM."""
         slot = layer_idx % 2
-        live = range(len(self._rows))[rows]
-        host_rows = self._rows[rows]
+        live = range(len(self._rows))
+        host_rows = list(self._rows)
         if self._bits == 16:
             outgoing = list(self._slots[slot])
         else:
             outgoing = self._outgoing[slot]
             if self._cuda:  # the last copies out of this staging must have left
                 self._compute().wait_event(self._sent[slot])
-            for record, values in zip(outgoing, self._slots[slot], strict=True):
-                record[live.start : live.stop, start:end] = encode_kv(
-                    values[live.start : live.stop, start:end], self._bits
-                )
+            row_bytes = self._slots[slot][0].shape[2] * self._slots[slot][0].shape[3] * 4
+            for first, last in _row_groups(len(live), end - start, row_bytes):
+                for record, values in zip(outgoing, self._slots[slot], strict=True):
+                    record[first:last, start:end] = encode_kv(
+                        values[first:last, start:end], self._bits
+                    )
         self._after_compute(slot)
 
         def work() -> None:
@@ -345,18 +375,15 @@ class SlotMajorHostKV(_PinnedKV):
         device: torch.device,
         dtype: torch.dtype,
         bits: int = 16,
+        arena: HostArena | None = None,
     ):
-        super().__init__(config, batch, slots, device, dtype, bits)
+        super().__init__(config, batch, slots, device, dtype, bits, arena)
         self._max_slots = slots
         (*_, record), kind = kv_record_shape(bits, (1, config.head_dim), dtype)
         self._record = (config.num_heads, record)
         count = slots * batch * config.num_heads * record
-        # Flat storage per layer and cache, viewed as (slots, rows, heads, record) for the
-        # current number of host rows (it shrinks when the layout is compacted).
-        self._host = [
-            [torch.zeros(count, dtype=kind, pin_memory=self._cuda) for _ in range(2)]
-            for _ in range(config.num_layers)
-        ]
+        # self._host: flat storage per layer and cache, viewed as (slots, rows, heads, record)
+        # for the current number of host rows (it shrinks when the layout is compacted).
         self._incoming = [
             [torch.zeros(count, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
         ]
@@ -397,43 +424,44 @@ class SlotMajorHostKV(_PinnedKV):
                 )
                 decode_kv(picked.transpose(0, 1), self._bits, target[first:last, :start])
 
-    def stored(self, layer_idx: int, start: int, end: int, rows: slice = ALL) -> None:
+    def stored(self, layer_idx: int, start: int, end: int) -> None:
+        """Send the slots ``start .. end-1`` that layer ``layer_idx`` wrote back to RAM. They are
+        encoded slot-major into this slot's staging area (free again once the layer's rows were
+        expanded out of it), a group of rows at a time, and travel in one copy per cache when
+        the rows span the layout (always for a decode step)."""
         slot = layer_idx % 2
         positions = self._positions[layer_idx]
-        live = range(len(positions))[rows]
-        if self._compact[layer_idx] and live == range(len(positions)):  # every live row
+        if self._compact[layer_idx]:
             self._write_dense(layer_idx, slot, end)
             return
         host_rows = self._host_rows[layer_idx]
-        written = [positions[row] for row in live]
-        low, high = min(written), max(written) + 1
-        outgoing = []
-        for values in self._slots[slot]:
-            encoded = encode_kv(values[live.start : live.stop, start:end], self._bits)
-            block = encoded.transpose(0, 1)  # (T, rows, heads, record)
-            if written != list(range(low, high)):  # finished rows in between: scatter
-                dense = torch.zeros(
-                    (end - start, high - low, *block.shape[2:]),
-                    dtype=block.dtype,
-                    device=block.device,
-                )
-                dense.index_copy_(
-                    1, torch.tensor([p - low for p in written], device=block.device), block
-                )
-                block = dense
-            block = block.contiguous()
-            if self._cuda:
-                block.record_stream(self._stream)
-            outgoing.append(block)
+        low, high = min(positions), max(positions) + 1
+        count = end - start
+        heads, record = self._record
+        device = self._slots[slot][0].device
+        gaps = positions != list(range(low, high))  # finished rows in between: scatter
+        index = torch.tensor([p - low for p in positions], device=device) if gaps else None
+        staged = []
+        for incoming, values in zip(self._incoming[slot], self._slots[slot], strict=True):
+            block = incoming[: count * (high - low) * heads * record].view(
+                count, high - low, heads, record
+            )
+            for first, last in _row_groups(len(positions), count, heads * record * 4):
+                encoded = encode_kv(values[first:last, start:end], self._bits).transpose(0, 1)
+                if index is None:
+                    block[:, first:last] = encoded
+                else:
+                    block.index_copy_(1, index[first:last], encoded)
+            staged.append(block)
         self._after_compute(slot)
 
         def work() -> None:
-            for host, block in zip(self._host[layer_idx], outgoing, strict=True):
+            for host, block in zip(self._host[layer_idx], staged, strict=True):
                 target = self._view(host, host_rows)
-                if end - start == 1 or (low == 0 and high == host_rows):
+                if count == 1 or (low == 0 and high == host_rows):
                     self._copy(target[start:end, low:high], block)
-                else:  # a chunk of rows over several positions: one copy per position
-                    for offset in range(end - start):
+                else:  # rows finished at the layout's edges: one copy per position
+                    for offset in range(count):
                         self._copy(target[start + offset, low:high], block[offset])
             self._sent_back(slot)
 
@@ -442,10 +470,13 @@ class SlotMajorHostKV(_PinnedKV):
     def _write_dense(self, layer_idx: int, slot: int, end: int) -> None:
         """Write the live rows' slots ``0 .. end-1`` back densely: the layout shrinks to them."""
         live = len(self._positions[layer_idx])
+        heads, record = self._record
         staged = []
         for incoming, values in zip(self._incoming[slot], self._slots[slot], strict=True):
             dense = self._view(incoming, live, end)  # the staging area is free again
-            dense.copy_(encode_kv(values[:live, :end], self._bits).transpose(0, 1))
+            for first, last in _row_groups(live, end, heads * record * 4):
+                encoded = encode_kv(values[first:last, :end], self._bits)
+                dense[:, first:last] = encoded.transpose(0, 1)
             staged.append(dense)
         self._after_compute(slot)
 

@@ -136,8 +136,10 @@ def plan_memory(
         # A long prefill of a large batch runs in chunks of rows: its activations, not the
         # decode's, would otherwise decide the batch.
         chunk = min(batch, max(1, PREFILL_TOKENS // prefill))
+        # Between layers a chunked prefill keeps every group's hidden states on the device.
+        waiting = batch * prefill * config.hidden_size * element if chunk < batch else 0
         work = scratch + max(
-            workspace_bytes(config, chunk, prefill, max_context, element),
+            waiting + workspace_bytes(config, chunk, prefill, max_context, element),
             workspace_bytes(config, batch, 1, max_context, element),
         )
         rows_per_pass = chunk if chunk < batch else 0

@@ -25,6 +25,7 @@ from yalm_runner.checkpoint import Store
 from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.model import Weights
 from yalm_runner.offload import OffloadPolicy, Placement, cast_part, plan_placement
+from yalm_runner.pinned import pinned_empty
 from yalm_runner.quant import DequantizingWeights, scratch_elements
 from yalm_runner.tensorfile import read_layout
 
@@ -137,7 +138,7 @@ class StreamingWeights:
                 self._verified.add(part)
             elif tier == "cpu":
                 layout, size = self._layouts[layer_idx]
-                pinned = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+                pinned = pinned_empty(size, torch.uint8, pin=self._cuda, what=part)
                 pack_into(pinned, layout, self._read_cast(part))
                 self._pinned[layer_idx] = pinned
                 self._verified.add(part)
@@ -160,7 +161,7 @@ class StreamingWeights:
         relay_bytes = max((self._layouts[idx][1] for idx in disk), default=0)
         relay_bytes += SLACK if self._direct else 0
         self._relays = [
-            torch.empty(relay_bytes, dtype=torch.uint8, pin_memory=self._cuda)
+            pinned_empty(relay_bytes, torch.uint8, pin=self._cuda, what="disk relay")
             for _ in range(2 if disk else 0)
         ]
         scratch_bytes = (
