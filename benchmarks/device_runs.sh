@@ -24,12 +24,12 @@ case "$1" in
     ;;
   peers)  # as run in session 2 (465 s)
     python3 -m yalm_runner.cli bench --shape 13b --batch-sizes "" --gpu-memory 8GiB \
-      --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 8 \
+      --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 16,8 \
       --peer-timeout 200 --json "$OUT/bench13b.json" 2>&1 | tee "$OUT/bench13b.txt"
     ;;
-  peers-capped)  # next: the compressed-KV rows that session 2 could not measure
+  peers-capped)  # session 3: ours at the planner's batch with 8- and 4-bit pinned KV
     python3 -m yalm_runner.cli bench --shape 13b --batch-sizes "" --gpu-memory 8GiB \
-      --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 4 \
+      --peers zero,accelerate --uncapped-peers "" -n 32 --max-batch 512 --kv-bits 8,4 \
       --peer-timeout 200 --json "$OUT/bench13b.json" 2>&1 | tee "$OUT/bench13b.txt"
     ;;
   peers-uncapped)  # ZeRO-3 uncapped at B=32, and ours within ZeRO's peak GPU memory

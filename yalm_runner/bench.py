@@ -154,7 +154,7 @@ def run_ours(
             weights,
             kv_on=plan.kv_on,
             kv_bits=policy.kv_bits,
-            kv_layout=policy.kv_layout,
+            kv_layout=plan.kv_layout,
             prefill_rows=plan.prefill_rows,
         )
     weights.overlap = policy.overlap
@@ -397,8 +397,8 @@ def run_bench(
     uncapped_peers: tuple[str, ...] | None = None,
     uncapped_batch: int = 32,
     max_batch: int = 256,
-    kv_bits: int = 16,
-    kv_layout: str = "rows",
+    kv_bits: tuple[int, ...] = (16,),
+    kv_layout: str = "auto",
     peer_timeout_s: float = 900.0,
     disk_dir: Path | None = None,
     disk_layers: int = 8,
@@ -445,9 +445,9 @@ def run_bench(
             ):
                 row = _try_ours(weights, capped, prompt_len, new_tokens, base, pinned)
                 rows += [row] if row else []
-            # The planner's batch: the KV cache may go to pinned RAM (16 bits, then kv_bits),
+            # The planner's batch at each KV width: the KV cache may go to pinned RAM,
             # so that many more rows share each weight transfer under the same GPU budget.
-            for bits in sorted({16, kv_bits}, reverse=True):
+            for bits in sorted(set(kv_bits), reverse=True):
                 policy = replace(base, kv_on="auto", kv_bits=bits, kv_layout=kv_layout)
                 plan = plan_memory(
                     store,

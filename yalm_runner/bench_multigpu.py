@@ -89,7 +89,7 @@ def run(
                     eos_id=NO_EOS,
                     kv_on=plan.kv_on,
                     kv_bits=policy.kv_bits,
-                    kv_layout=policy.kv_layout,
+                    kv_layout=plan.kv_layout,
                     prefill_rows=plan.prefill_rows,
                 )
                 for source in sources[:count]

@@ -76,12 +76,24 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
     _add(
         parser,
         "--kv-layout",
-        choices=["rows", "slots"],
-        default="rows",
-        help="pinned-RAM KV layout: rows (a copy per row) or slots (a copy per layer; "
-        "needs a staging area on the GPU)",
+        choices=["auto", "rows", "slots"],
+        default="auto",
+        help="pinned-RAM KV layout: rows (a copy per row), slots (a copy per layer; needs a "
+        "staging area on the GPU) or auto (the planner picks the faster)",
     )
     _add(parser, "--no-overlap", action="store_true", help="wait for every copy (to measure)")
+
+
+def _kv_widths(text: str) -> tuple[int, ...]:
+    from yalm_runner.errors import ConfigError
+
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        widths = ()
+    if not widths or any(width not in (16, 8, 4) for width in widths):
+        raise ConfigError(f"--kv-bits takes 16, 8 or 4 (a comma list), got {text!r}")
+    return widths
 
 
 def _policy(args: argparse.Namespace):
@@ -263,12 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         bench,
         "--kv-bits",
-        type=int,
-        choices=[16, 8, 4],
-        default=16,
-        help="also run ours with the KV cache in pinned RAM at this many bits",
+        default="16",
+        help="also run ours at the planner's batch with the KV cache in pinned RAM at these "
+        "widths (a comma list of 16, 8, 4)",
     )
-    _add(bench, "--kv-layout", choices=["rows", "slots"], default="rows", help="pinned-KV layout")
+    _add(
+        bench,
+        "--kv-layout",
+        choices=["auto", "rows", "slots"],
+        default="auto",
+        help="pinned-KV layout",
+    )
     _add(bench, "--peer-timeout", type=float, default=900.0, help="seconds per peer run")
     _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
     _add(bench, "--disk-layers", type=int, default=8, help="layers in the disk-tier store")
@@ -296,7 +313,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else tuple(name.strip() for name in str(args.uncapped_peers).split(",") if name.strip()),
         uncapped_batch=args.uncapped_batch,
         max_batch=args.max_batch,
-        kv_bits=args.kv_bits,
+        kv_bits=_kv_widths(args.kv_bits),
         kv_layout=args.kv_layout,
         peer_timeout_s=args.peer_timeout,
         disk_dir=args.disk,

@@ -65,15 +65,16 @@ class OffloadPolicy:
     overlap: bool = True
     kv_on: str = "auto"  # auto, gpu or cpu: where the KV cache lives between layers
     kv_bits: int = 16  # 8 or 4: the pinned-RAM KV cache is kept compressed per (token, head)
-    kv_layout: str = "rows"  # pinned-RAM KV: rows (a copy a row) or slots (a copy a layer)
+    # pinned-RAM KV: rows (a copy a row), slots (a copy a layer) or auto (the planner's pick)
+    kv_layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.weights_on not in ("auto", *TIERS):
             raise ConfigError(f"weights_on must be auto, gpu, cpu or disk, got {self.weights_on!r}")
         if self.kv_on not in ("auto", "gpu", "cpu"):
             raise ConfigError(f"kv_on must be auto, gpu or cpu, got {self.kv_on!r}")
-        if self.kv_layout not in ("rows", "slots"):
-            raise ConfigError(f"kv_layout must be rows or slots, got {self.kv_layout!r}")
+        if self.kv_layout not in ("auto", "rows", "slots"):
+            raise ConfigError(f"kv_layout must be auto, rows or slots, got {self.kv_layout!r}")
         if self.kv_bits not in (16, 8, 4):
             raise ConfigError(f"kv_bits must be 16, 8 or 4, got {self.kv_bits}")
         if self.kv_bits != 16 and self.kv_on == "gpu":

@@ -51,7 +51,8 @@ class MemoryPlan:
     kv_host_bytes: int  # pinned RAM for KV (0 when it lives on the GPU)
     workspace_bytes: int
     placement: Placement
-    prefill_rows: int = 0  # rows per prefill pass (0: the whole batch in one)
+    prefill_rows: int = 0  # rows per prefill group (0: the whole batch in one)
+    kv_layout: str = "rows"  # of the pinned-RAM cache: rows or slots
 
     def predicted_step_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
         """Floor of one decode step: streamed weights (and KV) over their links."""
@@ -60,8 +61,8 @@ class MemoryPlan:
         return weights + kv
 
     def describe(self) -> str:
-        where = "GPU" if self.kv_on == "gpu" else "pinned RAM (moved per layer)"
-        chunks = f", prefill {self.prefill_rows} rows a pass" if self.prefill_rows else ""
+        where = "GPU" if self.kv_on == "gpu" else f"pinned RAM ({self.kv_layout}, moved per layer)"
+        chunks = f", prefill in groups of {self.prefill_rows} rows" if self.prefill_rows else ""
         return (
             f"batch {self.batch_size} rows x {self.max_context} positions{chunks}; KV "
             f"{format_bytes(self.kv_bytes_per_row)}/row in {where}"
@@ -132,7 +133,7 @@ def plan_memory(
     gpu = budgets.gpu_memory_bytes
     scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
 
-    def attempt(kv_on: str, batch: int) -> MemoryPlan:
+    def attempt(kv_on: str, batch: int, layout: str = "rows") -> MemoryPlan:
         # A long prefill of a large batch runs in chunks of rows: its activations, not the
         # decode's, would otherwise decide the batch.
         chunk = min(batch, max(1, PREFILL_TOKENS // prefill))
@@ -160,20 +161,28 @@ def plan_memory(
         # Compressed KV also needs staging on the device (in and out, two slots each) and
         # room for the temporaries of expanding a group of rows at a time.
         layer_host = batch * host_row // config.num_layers
-        if policy.kv_layout == "slots":  # a slot-major staging area per device slot, always
+        if layout == "slots":  # a slot-major staging area per device slot, always
             staging = 2 * layer_host + 3 * DECODE_BYTES
         elif policy.kv_bits != 16:
             staging = 4 * layer_host + 3 * DECODE_BYTES
         else:
             staging = 0
         placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
-        return MemoryPlan(batch, max_context, "cpu", host_row, host, work, placement, rows_per_pass)
+        return MemoryPlan(
+            batch, max_context, "cpu", host_row, host, work, placement, rows_per_pass, layout
+        )
 
+    # The pinned cache's layouts to try. Slot-major moves a layer in one copy per cache (host
+    # time per step stays flat as rows grow) but needs a staging area on the GPU, so at 16 bits
+    # it may hold fewer rows than row-major; the predicted rate decides.
+    layouts = ["slots", "rows"] if policy.kv_layout == "auto" else [policy.kv_layout]
+    choices = [("gpu", "rows")] if "gpu" in kv_choices else []
+    choices += [("cpu", layout) for layout in layouts] if "cpu" in kv_choices else []
     if batch_size is not None:
         errors = []
-        for kv_on in kv_choices:
+        for kv_on, layout in choices:
             try:
-                return attempt(kv_on, batch_size)
+                return attempt(kv_on, batch_size, layout)
             except OffloadError as exc:
                 errors.append(str(exc))
         raise OffloadError(f"batch size {batch_size} does not fit: " + "; ".join(errors))
@@ -181,10 +190,10 @@ def plan_memory(
     cap = min(MAX_BATCH, -(-rows // copies)) if rows else MAX_BATCH
     best: MemoryPlan | None = None
     failure = ""
-    for kv_on in kv_choices:
+    for kv_on, layout in choices:
         for batch in _candidates(cap):
             try:
-                candidate = attempt(kv_on, batch)
+                candidate = attempt(kv_on, batch, layout)
             except OffloadError as exc:
                 failure = failure or str(exc)
                 continue

@@ -149,7 +149,7 @@ def open_session(
                 kv_on=plan.kv_on,
                 kv_bits=policy.kv_bits,
                 prefill_rows=plan.prefill_rows,
-                kv_layout=policy.kv_layout,
+                kv_layout=plan.kv_layout,
             )
             for source in sources
         ]
