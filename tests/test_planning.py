@@ -121,3 +121,17 @@ def test_the_planner_picks_the_host_layout_that_predicts_more_tokens(store_13b):
         other = "rows" if expected == "slots" else "slots"
         assert rate(chosen) >= rate(plan(store_13b, policy=replace(policy, kv_layout=other)))
         assert f"pinned RAM ({expected}, moved per layer)" in chosen.describe()
+
+
+def test_smaller_prefill_groups_are_taken_only_when_they_buy_resident_layers(store_13b):
+    # Every layer is loaded once per prefill whatever the groups, so the planner trades group
+    # size for layers kept on the GPU (here at DeepSpeed's uncapped peak on the H200).
+    peer_peak = OffloadPolicy(gpu_memory_bytes=int(10.58 * 2**30), kv_on="gpu")
+    chosen = plan(store_13b, policy=peer_peak, batch_size=32)
+    assert chosen.prefill_rows == 16 and chosen.placement.count("gpu") == 7
+    whole = plan(store_13b, policy=replace(peer_peak, gpu_memory_bytes=64 * 2**30), batch_size=32)
+    assert whole.prefill_rows == 0  # the whole batch's 4096 tokens in one group when it fits
+    # Nothing to buy: the largest group stays (the 4-bit plan holds 512 rows either way).
+    streamed = replace(BUDGETS, kv_bits=4, cpu_memory_bytes=None, weights_on="cpu")
+    four = plan(store_13b, policy=streamed, rows=512)
+    assert four.batch_size == 512 and four.prefill_rows == 32

@@ -35,7 +35,10 @@ MAX_BATCH = 512  # beyond this the host-side bookkeeping, not the link, dominate
 # Only comparisons between plans use these: a PCIe 4 x16 link and an NVMe drive.
 PLANNING_LINK_BYTES_PER_S = 25e9
 PLANNING_DISK_BYTES_PER_S = 3e9
-PREFILL_TOKENS = 4096  # tokens per prefill pass: large enough to keep the GPU busy
+# Tokens per prefill group, largest first. Every layer is loaded once whatever the groups, so a
+# smaller group costs only kernel efficiency (and, for a compressed store, one dequantization
+# of each matrix per group); the planner takes one only when it buys rows or resident layers.
+PREFILL_TOKENS = (4096, 2048, 1024)
 STEP_OVERHEAD_S = 2e-3  # launches and sampling: what a step costs when nothing streams
 ALLOCATOR_SLACK_BYTES = 256 << 20  # kept free of the plan; 5% of a smaller budget
 
@@ -133,10 +136,10 @@ def plan_memory(
     gpu = budgets.gpu_memory_bytes
     scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
 
-    def attempt(kv_on: str, batch: int, layout: str = "rows") -> MemoryPlan:
-        # A long prefill of a large batch runs in chunks of rows: its activations, not the
+    def attempt(kv_on: str, batch: int, layout: str, group_tokens: int) -> MemoryPlan:
+        # A long prefill of a large batch runs in groups of rows: its activations, not the
         # decode's, would otherwise decide the batch.
-        chunk = min(batch, max(1, PREFILL_TOKENS // prefill))
+        chunk = min(batch, max(1, group_tokens // prefill))
         # Between layers a chunked prefill keeps every group's hidden states on the device.
         waiting = batch * prefill * config.hidden_size * element if chunk < batch else 0
         work = scratch + max(
@@ -178,29 +181,39 @@ def plan_memory(
     layouts = ["slots", "rows"] if policy.kv_layout == "auto" else [policy.kv_layout]
     choices = [("gpu", "rows")] if "gpu" in kv_choices else []
     choices += [("cpu", layout) for layout in layouts] if "cpu" in kv_choices else []
-    if batch_size is not None:
-        errors = []
+
+    def best_of(batch: int, errors: list[str]) -> MemoryPlan | None:
+        """The fastest plan for ``batch`` over the KV choices and prefill groups (on a tie, the
+        first: KV on the GPU, then larger groups)."""
+        best = None
         for kv_on, layout in choices:
-            try:
-                return attempt(kv_on, batch_size, layout)
-            except OffloadError as exc:
-                errors.append(str(exc))
-        raise OffloadError(f"batch size {batch_size} does not fit: " + "; ".join(errors))
+            for group_tokens in PREFILL_TOKENS:
+                try:
+                    candidate = attempt(kv_on, batch, layout, group_tokens)
+                except OffloadError as exc:
+                    errors.append(str(exc))
+                    continue
+                if best is None or _rate(candidate) > _rate(best):
+                    best = candidate
+        return best
+
+    if batch_size is not None:
+        errors: list[str] = []
+        found = best_of(batch_size, errors)
+        if found is None:
+            unique = list(dict.fromkeys(errors))
+            raise OffloadError(f"batch size {batch_size} does not fit: " + "; ".join(unique))
+        return found
 
     cap = min(MAX_BATCH, -(-rows // copies)) if rows else MAX_BATCH
     best: MemoryPlan | None = None
-    failure = ""
-    for kv_on, layout in choices:
-        for batch in _candidates(cap):
-            try:
-                candidate = attempt(kv_on, batch, layout)
-            except OffloadError as exc:
-                failure = failure or str(exc)
-                continue
-            if best is None or _rate(candidate) > _rate(best):
-                best = candidate
+    failures: list[str] = []
+    for batch in _candidates(cap):
+        candidate = best_of(batch, failures)
+        if candidate is not None and (best is None or _rate(candidate) > _rate(best)):
+            best = candidate
     if best is None:
-        raise OffloadError(f"not even one row fits the budgets: {failure}")
+        raise OffloadError(f"not even one row fits the budgets: {failures[0]}")
     return best
 
 
