@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
-#   tests-and-kv-check | envelope
+#   tests-and-kv-check | fused-check | envelope
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -45,6 +45,12 @@ case "$1" in
     nvidia-smi -L
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_streaming.py 2>&1 | tail -15
     python3 benchmarks/kv_check.py 16,8,4 2>&1 | tee "$OUT/kv.txt"
+    ;;
+  fused-check)  # session 3: the fused 4-bit kernel against torch's dequantization
+    nvidia-smi -L
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_streaming.py \
+      2>&1 | tail -5
+    python3 benchmarks/fused_check.py 2>&1 | tee "$OUT/fused.txt"
     ;;
   envelope)
     python3 -m yalm_runner.bench_envelope --shape yalm-100b --quantize int4 --group-size 128 \

@@ -323,3 +323,21 @@ def test_the_quality_command_prints_its_figures(real_vocab_stores, tmp_path, cap
     prompts.write_text("not json\n")
     assert cli.main(["quality", *args]) == 1
     assert "prompts.jsonl line 1: not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fused_int4_kernel_gives_the_torch_versions_bits(monkeypatch):
+    from yalm_runner.kernels import fused_int4_available
+
+    assert fused_int4_available(), "Triton should be there on a CUDA machine"
+    # 300 inputs in groups of 128: a short last group; 2500 packed bytes span programs.
+    for rows, cols in ((7, 300), (3, 5000)):
+        weight = gaussian(rows, cols, seed=rows).cuda() * 0.05
+        packed, scales, zeros = quant.quantize_int4(weight, 128)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            fused = quant.dequantize_int4(packed, scales, zeros, 128, dtype)
+            monkeypatch.setattr(quant, "USE_FUSED_KERNEL", False)
+            plain = quant.dequantize_int4(packed, scales, zeros, 128, dtype)
+            monkeypatch.setattr(quant, "USE_FUSED_KERNEL", True)
+            assert fused.dtype == dtype and torch.equal(fused, plain), (rows, cols, dtype)

@@ -17,7 +17,8 @@ Stored layout of a matrix ``X.weight`` of shape (N out, K in), in place of ``X.w
   convention of torch's packed int4 matmul (``torch._weight_int4pack_mm``'s scales_and_zeros),
   so such a kernel can take the scales and zeros as they are.
 
-Dequantizing is vectorised torch on whatever device the tensors are on. ``DequantizingWeights``
+Dequantizing is vectorised torch on whatever device the tensors are on (4-bit: one fused
+Triton kernel on a CUDA device, ``kernels``). ``DequantizingWeights``
 is the mapping the model's ``block`` reads a layer through: it dequantizes each matrix on
 access into one reusable scratch buffer. ``QuantizedResidentWeights`` is the resident weight
 source for compressed stores. This module reads no files itself; the store does.
@@ -33,6 +34,7 @@ import torch
 
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import ConfigError
+from yalm_runner.kernels import fused_int4_available, fused_int4_dequantize
 from yalm_runner.model import Weights, expected_shapes
 
 if TYPE_CHECKING:
@@ -57,6 +59,9 @@ FP16_MAX = 65504.0
 # CPU a chunk should fit the cache; on a GPU few, large chunks keep kernel launches down.
 CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
+# On a CUDA device with Triton, 4-bit matrices are dequantized by one fused kernel (same bits as
+# the torch version); benchmarks turn it off to measure the difference.
+USE_FUSED_KERNEL = True
 
 
 def _rows_per_chunk(cols: int, device: torch.device) -> int:
@@ -261,6 +266,8 @@ def dequantize_int4(
     # w = code * scale + (zero - 8 * scale): one multiply and one add per element.
     offsets = zeros.to(torch.float32) - INT4_OFFSET * scales.to(torch.float32)
     scales_c, offsets_c = scales.to(dtype), offsets.to(dtype)
+    if USE_FUSED_KERNEL and out.is_cuda and out.is_contiguous() and fused_int4_available():
+        return fused_int4_dequantize(packed, scales_c, offsets_c, group_size, out)
     step = _rows_per_chunk(cols, packed.device)
     for start in range(0, rows, step):
         target = out[start : start + step]
