@@ -14,6 +14,7 @@ torch version.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -51,13 +52,21 @@ def _kernel():
     return triton, tl, int4_dequantize
 
 
+_state = {"proven": False, "refused": ""}
+
+
 @functools.cache
-def fused_int4_available() -> bool:
+def _importable() -> bool:
     try:
         _kernel()
     except Exception:  # no Triton, or a build without a working backend
         return False
     return torch.cuda.is_available()
+
+
+def fused_int4_available() -> bool:
+    """Triton is there and the kernel has not failed to build on this machine."""
+    return _importable() and not _state["refused"]
 
 
 def fused_int4_dequantize(
@@ -66,16 +75,31 @@ def fused_int4_dequantize(
     offsets: torch.Tensor,
     group_size: int,
     out: torch.Tensor,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``out`` (N, K) = code * scale + offset per group, from packed (N, K/2) uint8 codes and
-    ``scales``/``offsets`` (N, groups) already in ``out``'s dtype; all on one CUDA device."""
+    ``scales``/``offsets`` (N, groups) already in ``out``'s dtype; all on one CUDA device.
+    None if the kernel failed to build on its first use (then it is not tried again)."""
     triton, tl, kernel = _kernel()
     rows, half_cols = packed.shape
     dtypes = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     grid = (rows, triton.cdiv(half_cols, BLOCK))
-    kernel[grid](
-        packed.contiguous(), scales.contiguous(), offsets.contiguous(), out,
-        half_cols, 2 * half_cols, scales.shape[1], group_size,
-        out_dtype=dtypes[out.dtype], BLOCK=BLOCK,
-    )  # fmt: skip
+    try:
+        kernel[grid](
+            packed.contiguous(), scales.contiguous(), offsets.contiguous(), out,
+            half_cols, 2 * half_cols, scales.shape[1], group_size,
+            out_dtype=dtypes[out.dtype], BLOCK=BLOCK,
+        )  # fmt: skip
+    except Exception as exc:
+        if _state["proven"]:
+            raise
+        # It never ran here (an old GPU, a broken compiler): say so once and let the torch
+        # version do the work from now on.
+        _state["refused"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(
+            f"the fused int4 kernel does not build on this machine ({_state['refused']}); "
+            "dequantizing with torch instead (slower)",
+            stacklevel=2,
+        )
+        return None
+    _state["proven"] = True
     return out

@@ -267,7 +267,9 @@ def dequantize_int4(
     offsets = zeros.to(torch.float32) - INT4_OFFSET * scales.to(torch.float32)
     scales_c, offsets_c = scales.to(dtype), offsets.to(dtype)
     if USE_FUSED_KERNEL and out.is_cuda and out.is_contiguous() and fused_int4_available():
-        return fused_int4_dequantize(packed, scales_c, offsets_c, group_size, out)
+        fused = fused_int4_dequantize(packed, scales_c, offsets_c, group_size, out)
+        if fused is not None:
+            return fused
     step = _rows_per_chunk(cols, packed.device)
     for start in range(0, rows, step):
         target = out[start : start + step]
