@@ -43,6 +43,10 @@ SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "greedy", "s
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
 _DTYPES = ("auto", "float16", "bfloat16", "float32")
+_CHOICES = {  # offload settings the runner takes as words
+    "weights_on": ("auto", "gpu", "cpu", "disk"),
+    "kv_on": ("auto", "gpu", "cpu"),
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class GenerationSettings:
     dtype: str = "auto"  # fp32 on the CPU, the store's 16-bit dtype on a GPU
     gpu_memory: str | None = None
     cpu_memory: str | None = None
+    weights_on: str = "auto"  # where streamed layers live: auto, gpu, cpu (pinned RAM), disk
+    kv_on: str = "auto"  # where the KV cache lives between layers: auto, gpu, cpu
+    kv_bits: int = 16  # 8 or 4: a KV cache in pinned RAM kept compressed (more rows, lossy)
     checkpoint_every: int = 16
     max_positions: int = 1024
     # Scale-out: with shards > 1 and a deployment, the nightly flow splits the pending prompts
@@ -371,6 +378,9 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
         dtype=section.text("dtype", base.dtype),
         gpu_memory=section.text("gpu_memory"),
         cpu_memory=section.text("cpu_memory"),
+        weights_on=section.text("weights_on", base.weights_on),
+        kv_on=section.text("kv_on", base.kv_on),
+        kv_bits=section.integer("kv_bits", base.kv_bits, minimum=1),
         checkpoint_every=section.integer("checkpoint_every", base.checkpoint_every, minimum=1),
         max_positions=section.integer("max_positions", base.max_positions, minimum=2),
         shards=section.integer("shards", base.shards, minimum=1),
@@ -399,6 +409,18 @@ def _generation(section: _Section, where: str) -> GenerationSettings:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|cuda:all|cuda:\d+(,cuda:\d+)+", settings.device):
         raise PipelineConfigError(
             f"{section.key('device')}: auto, cpu, cuda, cuda:N, cuda:all or cuda:0,cuda:1"
+        )
+    for key, choices in _CHOICES.items():
+        if getattr(settings, key) not in choices:
+            raise PipelineConfigError(
+                f"{section.key(key)}: one of {', '.join(choices)}, got {getattr(settings, key)!r}"
+            )
+    if settings.kv_bits not in (16, 8, 4):
+        raise PipelineConfigError(f"{section.key('kv_bits')}: 16, 8 or 4, got {settings.kv_bits}")
+    if settings.kv_bits != 16 and settings.kv_on == "gpu":
+        raise PipelineConfigError(
+            f"{section.key('kv_bits')}: {settings.kv_bits}-bit KV is for a cache in pinned RAM; "
+            "set kv_on to auto or cpu"
         )
     for key in ("gpu_memory", "cpu_memory"):
         value = getattr(settings, key)

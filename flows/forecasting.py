@@ -8,11 +8,11 @@ store alone: finished prompts are no longer pending, unfinished ones carry their
 because a row's random draws come from (seed, prompt key, step) the resumed text equals an
 uninterrupted run's.
 
-Saved ids are tagged with a fingerprint (model manifest, dtype, device type); ids saved under
-another fingerprint are not continued but started over, so a swapped model never finishes a
-half-written forecast of the old one. Everything is checked before the model is opened or any
-state is touched: a prompt that cannot fit the model is marked failed with the reason and the
-others go on.
+Saved ids are tagged with a fingerprint (model manifest, dtype, device type, compressed KV);
+ids saved under another fingerprint are not continued but started over, so a swapped model never
+finishes a half-written forecast of the old one. Everything is checked before the model is
+opened or any state is touched: a prompt that cannot fit the model is marked failed with the
+reason and the others go on.
 
 Prompts are taken through ``flows.claims`` under the worker id's lease (renewed at every
 checkpoint, given back when the job fails), so several workers, on several hosts, can work
@@ -119,6 +119,9 @@ def _policy(config: PipelineConfig):
     return OffloadPolicy(
         gpu_memory_bytes=parse_bytes(settings.gpu_memory) if settings.gpu_memory else None,
         cpu_memory_bytes=parse_bytes(settings.cpu_memory) if settings.cpu_memory else None,
+        weights_on=settings.weights_on,
+        kv_on=settings.kv_on,
+        kv_bits=settings.kv_bits,
     )
 
 
@@ -243,9 +246,14 @@ def _admit(store, max_positions, prompts, encoded, report) -> list[tuple[Pending
 
 
 def _fingerprint(session) -> str:
+    """What the ids depend on beyond the batch layout: the model, the dtype, the device type,
+    and a KV cache kept compressed (lossy)."""
     engine = session.engine
     dtype = str(engine.dtype).removeprefix("torch.")
-    return f"{session.store.manifest_sha256}:{dtype}:{engine.device.type}"
+    first = getattr(engine, "engines", [engine])[0]
+    compressed = first.kv_on == "cpu" and first.kv_bits != 16
+    kv = f":kv{first.kv_bits}" if compressed else ""
+    return f"{session.store.manifest_sha256}:{dtype}:{engine.device.type}{kv}"
 
 
 def _generate(session, store: Store, rows, report, on_progress, settings) -> None:

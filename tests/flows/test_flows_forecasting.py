@@ -127,3 +127,48 @@ def test_an_interrupt_keeps_the_rows_in_flight_and_a_rerun_finishes_them(job):
     report = generate_pending(config, store)
     assert report.generated == 3 and report.resumed == len(saved)
     assert [prompt_status(store, key) for key in keys] == ["done"] * 4
+
+
+def test_offload_settings_reach_the_runner(tmp_path, tiny_store):
+    from flows.forecasting import _policy
+
+    texts = []
+    offload = {"kv_bits": 4, "kv_on": "auto", "weights_on": "disk"}
+    for name, extra in (("offload", offload), ("plain", {})):
+        folder = tmp_path / name
+        folder.mkdir()
+        generation = {"device": "cpu", **extra}
+        config = load_config(write_config(folder, model=str(tiny_store), generation=generation))
+        if extra:
+            policy = _policy(config)
+            assert (policy.kv_bits, policy.kv_on, policy.weights_on) == (4, "auto", "disk")
+        # On the CPU the KV cache stays with the compute (nothing to compress) and every layer
+        # is read from the store's files each step: the forecasts are the plain run's.
+        with open_store(config.database_url) as store:
+            save_prompt(store, rendered("e" * 64, "Gazprom shares fell after the report.", 10))
+            assert generate_pending(config, store).generated == 1
+            with store.reading() as session:
+                texts.append(session.execute(text("SELECT token_ids_json FROM generations")).one())
+    assert texts[0] == texts[1]
+
+
+def test_a_compressed_kv_cache_is_part_of_the_fingerprint(tiny_store):
+    # Ids made with a lossy KV cache are not continued by a run without it, nor the reverse.
+    from types import SimpleNamespace
+
+    import torch
+
+    from flows.forecasting import _fingerprint
+    from yalm_runner.engine import Engine
+    from yalm_runner.offload import ResidentWeights
+
+    model = ModelStore.open(tiny_store)
+    weights = ResidentWeights(model, "cpu", torch.float32)
+    prints = {
+        (kv_on, bits): _fingerprint(
+            SimpleNamespace(engine=Engine(weights, kv_on=kv_on, kv_bits=bits), store=model)
+        )
+        for kv_on, bits in (("gpu", 16), ("cpu", 16), ("cpu", 8), ("cpu", 4))
+    }
+    assert prints[("gpu", 16)] == prints[("cpu", 16)] == f"{model.manifest_sha256}:float32:cpu"
+    assert prints[("cpu", 8)].endswith(":kv8") and prints[("cpu", 4)].endswith(":kv4")
