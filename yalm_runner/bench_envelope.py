@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.bench import SHAPES, SyntheticStore, measure_h2d
+from yalm_runner.bench import NO_EOS, SHAPES, SyntheticStore, measure_h2d
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes
@@ -33,8 +33,6 @@ from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import plan_memory
 from yalm_runner.quant import Quantization, dequantize_matrix
 from yalm_runner.streaming import StreamingWeights
-
-NO_EOS = -1  # random weights would end rows at random: every row runs its full length
 
 
 class CompressedSyntheticStore(SyntheticStore):

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.bench import SHAPES, SyntheticStore, measure_h2d
+from yalm_runner.bench import NO_EOS, SHAPES, SyntheticStore, measure_h2d
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.multigpu import MultiEngine
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.planning import plan_memory
 from yalm_runner.streaming import StreamingWeights
-
-NO_EOS = -1  # every row runs its full length, so both runs do the same work
 
 
 def _requests(rows: int, prompt_len: int, new_tokens: int) -> list[Request]:
