@@ -27,6 +27,9 @@ from yalm_runner.quant import Quantization, stored_specs
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
 from yalm_runner.tensorfile import TensorRecord
 
+# An id no row produces: random weights would end rows at random, so every row runs its full
+# length and runs compared with each other do the same work.
+NO_EOS = -1
 SHAPES = {
     # A 13B-class shape in YaLM's layer form (GeGLU, biases, 2048-wide embedding).
     "13b": ModelConfig(
@@ -226,9 +229,6 @@ def estimate_workspace(config: ModelConfig, batch: int, prompt_len: int, dtype: 
     return tokens * per_token * element + 2 * scores + logits
 
 
-# An id no row produces: random weights would end rows at random, so every row runs its full
-# length and runs compared with each other do the same work.
-NO_EOS = -1
 PEER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TARGETS = (  # (system, capped?, the least ours/system the issue asks for)
     ("HF Accelerate", True, 10.0),
