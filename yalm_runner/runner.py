@@ -275,6 +275,7 @@ def generate_file(
                 ),
                 rows=len(requests) or 1,
                 verify=verify,
+                tokenizer=tokenizer,  # loaded above to count the prompts' tokens
             )
         )
         engine = session.engine

@@ -98,6 +98,7 @@ def open_session(
     prompt_tokens: int | None = None,
     rows: int | None = None,
     verify: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[GenerationSession]:
     """Open ``store_path`` (a folder, or a ``Store`` already open) for generation under
     ``policy``'s budgets.
@@ -108,7 +109,8 @@ def open_session(
     batch (at most ``rows``) that the budgets make fastest. Over-budget plans raise
     ``OffloadError`` with the numbers before anything is loaded. ``device`` may name several
     GPUs (``cuda:0,cuda:1``): each gets the budgets, they share one pinned copy of the weights,
-    and batches alternate between them (``multigpu``).
+    and batches alternate between them (``multigpu``). A caller that already loaded the
+    store's ``tokenizer`` passes it.
     """
     store = store_path if isinstance(store_path, Store) else Store.open(Path(store_path))
     devices = resolve_devices(device)
@@ -126,7 +128,7 @@ def open_session(
         rows=rows,
         copies=len(devices),
     )
-    tokenizer = Tokenizer(store.tokenizer_path)
+    tokenizer = tokenizer or Tokenizer(store.tokenizer_path)
     with ExitStack() as stack:
         sources: list[StreamingWeights] = []
         for each in devices:
