@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         "quality", "Compare a (compressed) store's predictions with a reference store's."
     )
     _add(quality, "--reference", type=Path, required=True, help="reference store (16-bit)")
-    _add(quality, "--candidate", type=Path, required=True, help="store to judge (int8, int4)")
+    _add(quality, "--candidate", type=Path, help="store to judge (default: the reference)")
+    _add(quality, "--kv-bits", type=int, choices=[16, 8, 4], default=16, help="candidate's KV")
+    _add(quality, "-n", "--new-tokens", type=int, default=16, help="decode steps per prompt")
     _add(quality, "--prompts", type=Path, required=True, help="JSONL with a 'prefix' per line")
     _add(quality, "--text", type=Path, help="plain text for perplexity")
     _add(quality, "--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -493,17 +495,22 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_quality(args: argparse.Namespace) -> int:
     from yalm_runner.convert import parse_dtype
+    from yalm_runner.errors import ConfigError
     from yalm_runner.quality import compare_files
     from yalm_runner.session import resolve_device
 
+    if args.candidate is None and args.kv_bits == 16:
+        raise ConfigError("nothing to compare: give --candidate, or --kv-bits 8 or 4")
     report = compare_files(
         args.reference,
-        args.candidate,
+        args.candidate or args.reference,
         args.prompts,
         args.text,
         device=resolve_device(args.device),
         dtype=parse_dtype(args.dtype),
         verify=not args.no_verify,
+        kv_bits=args.kv_bits,
+        new_tokens=args.new_tokens,
     )
     print(report.to_json() if args.format == "json" else report.table())
     return 0

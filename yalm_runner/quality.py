@@ -7,6 +7,12 @@ measures both stores' perplexity. The usual use: the 16-bit store as the referen
 or int4 store of the same release as the candidate, so that someone with the real weights can
 decide whether compression costs too much.
 
+Decoding is compared too: after each prompt, ``new_tokens`` steps of the reference's greedy
+continuation are fed to both (teacher forcing), the candidate's KV cache kept at ``kv_bits``
+exactly as the engine's pinned-RAM cache keeps it: the slots a pass writes are exact within
+that pass and compressed for every later one. So the cost of an 8- or 4-bit KV cache (and of
+compressed weights while decoding) is measured on the same path.
+
 The stores are run one after the other (the reference's logits wait on the CPU), so only one
 model is loaded at a time. Each sequence runs alone from position 0, the same math as the
 engine's prefill. This module reads prompt and text files; it does not generate.
@@ -26,6 +32,7 @@ import torch
 from yalm_runner import model
 from yalm_runner.checkpoint import Store
 from yalm_runner.errors import ConfigError
+from yalm_runner.kvcache import KV_BITS, decode_kv, encode_kv
 from yalm_runner.offload import ResidentWeights, WeightSource
 from yalm_runner.quant import QuantizedResidentWeights
 from yalm_runner.runner import read_prompts
@@ -46,6 +53,11 @@ class QualityReport:
     worst_position_relative_error: float
     top1_agreement: float  # fraction of positions whose argmax tokens agree
     mean_kl_nats: float  # mean KL(ref || cand) of the next-token distributions
+    candidate_kv_bits: int
+    decode_positions: int  # decode steps compared (the figures below are over them alone)
+    decode_relative_logit_error: float
+    decode_top1_agreement: float
+    decode_mean_kl_nats: float
     text_tokens: int
     reference_perplexity: float | None
     candidate_perplexity: float | None
@@ -66,6 +78,14 @@ class QualityReport:
             ("top-1 agreement", f"{100 * self.top1_agreement:.2f}%"),
             ("mean KL (nats)", f"{self.mean_kl_nats:.6f}"),
         ]
+        if self.decode_positions:
+            rows += [
+                ("decode steps", f"{self.decode_positions} (candidate KV "
+                 f"{self.candidate_kv_bits}-bit)"),
+                ("decode logit error", f"{self.decode_relative_logit_error:.5f}"),
+                ("decode top-1 agreement", f"{100 * self.decode_top1_agreement:.2f}%"),
+                ("decode mean KL (nats)", f"{self.decode_mean_kl_nats:.6f}"),
+            ]  # fmt: skip
         if self.reference_perplexity is not None and self.candidate_perplexity is not None:
             ratio = self.candidate_perplexity / self.reference_perplexity
             rows += [
@@ -108,6 +128,60 @@ def sequence_logits(weights: WeightSource, ids: list[int]) -> torch.Tensor:
     return logits.cpu()  # (T, V)
 
 
+@torch.inference_mode()
+def decode_logits(
+    weights: WeightSource,
+    ids: list[int],
+    new_tokens: int,
+    kv_bits: int = 16,
+    continuation: list[int] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """fp32 logits (new_tokens, V) of ``new_tokens`` decode steps after ``ids``, on the CPU,
+    and the tokens fed: ``continuation`` (teacher forcing) or, without it, the greedy choice.
+
+    The KV cache holds each pass's slots exactly during that pass; before the next pass they
+    go through ``kv_bits`` compression, as the engine's pinned-RAM cache does between steps.
+    """
+    config, device, dtype = weights.config, weights.device, weights.dtype
+    if new_tokens == 0:
+        return torch.empty(0, config.vocab_size), []
+    total = len(ids) + new_tokens
+    shape = (1, total, config.num_heads, config.head_dim)
+    caches = [
+        (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+        for _ in range(config.num_layers)
+    ]
+    valid = torch.zeros(1, total, dtype=torch.bool, device=device)
+    rotary = model.Rotary.build(config, device, dtype)
+    embedding = weights.embedding()
+
+    def forward(tokens: list[int], start: int) -> torch.Tensor:
+        end = start + len(tokens)
+        valid[:, start:end] = True
+        positions = torch.arange(start, end, device=device)[None]
+        mask = model.attention_mask(valid[:, :end], start, len(tokens))
+        h = model.embed(torch.tensor([tokens], device=device), embedding, config)
+        for layer_idx, layer in weights.layers():
+            keys, values = caches[layer_idx]
+            h = model.block(h, layer, config, rotary, positions, keys, values, start, mask)
+            if kv_bits != 16:
+                for cache in (keys, values):
+                    written = cache[:, start:end]
+                    decode_kv(encode_kv(written, kv_bits), kv_bits, written)
+        return model.head(h[0, -1:], weights.head(), embedding["word_embeddings.weight"], config)
+
+    logits, fed = [forward(ids, 0)], []
+    for step in range(new_tokens - 1):
+        token = continuation[step] if continuation else int(logits[-1][0].argmax())
+        fed.append(token)
+        logits.append(forward([token], len(ids) + step))
+    fed.append(continuation[new_tokens - 1] if continuation else int(logits[-1][0].argmax()))
+    return torch.cat(logits).float().cpu(), fed
+
+
 def text_windows(ids: list[int], bos_id: int, window: int) -> list[list[int]]:
     """BOS + consecutive slices of ``ids`` (BOS excluded) of at most ``window`` tokens."""
     body = ids[1:] if ids and ids[0] == bos_id else ids
@@ -145,8 +219,14 @@ def compare_stores(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
+    kv_bits: int = 16,
+    new_tokens: int = 0,
 ) -> QualityReport:
-    """Compare the candidate store's predictions with the reference store's."""
+    """Compare the candidate store's predictions with the reference store's: at every prompt
+    position, and over ``new_tokens`` decode steps with the candidate's KV cache at
+    ``kv_bits`` (the candidate may be the reference store itself, to judge the KV cache)."""
+    if kv_bits not in KV_BITS:
+        raise ConfigError(f"KV bits must be one of {KV_BITS}, got {kv_bits}")
     reference, candidate = Store.open(reference_path), Store.open(candidate_path)
     if reference.config != candidate.config:
         raise ConfigError(
@@ -158,26 +238,65 @@ def compare_stores(
     device = torch.device(device)
     tokenizer = Tokenizer(reference.tokenizer_path)
     limit = reference.config.max_positions
-    prompt_ids = [tokenizer.encode(prompt)[:limit] for prompt in prompts]
+    if new_tokens >= limit:
+        raise ConfigError(f"{new_tokens} decode steps leave no room in {limit} positions")
+    prompt_ids = [tokenizer.encode(prompt)[: limit - new_tokens] for prompt in prompts]
     windows = text_windows(tokenizer.encode(text), tokenizer.bos_id, limit) if text else []
     windows = [window for window in windows if len(window) > 1]
     if text is not None and not windows:
         raise ConfigError("the perplexity text has no tokens")
 
-    def run(store: Store) -> tuple[list[torch.Tensor], float]:
+    def run(store: Store, bits: int, continuations: list[list[int]] | None):
         with resident_weights(store, device, dtype, verify) as weights:
             logits = [sequence_logits(weights, ids) for ids in prompt_ids]
+            decoded = [
+                decode_logits(
+                    weights, ids, new_tokens, bits, continuations[n] if continuations else None
+                )
+                for n, ids in enumerate(prompt_ids)
+            ]
             nll = sum(
                 _negative_log_likelihood(sequence_logits(weights, ids), ids) for ids in windows
             )
-        return logits, nll
+        return logits, decoded, nll
 
-    ref_logits, ref_nll = run(reference)
-    cand_logits, cand_nll = run(candidate)
-    diff_sq = ref_sq = kl = 0.0
+    ref_logits, ref_decoded, ref_nll = run(reference, 16, None)
+    continuations = [fed for _, fed in ref_decoded]
+    cand_logits, cand_decoded, cand_nll = run(candidate, kv_bits, continuations)
+    error, worst, agreement, kl, positions = _compare(ref_logits, cand_logits)
+    decode = _compare([r for r, _ in ref_decoded], [c for c, _ in cand_decoded])
+    text_tokens = sum(len(window) - 1 for window in windows)
+    return QualityReport(
+        reference=str(reference.path),
+        candidate=str(candidate.path),
+        reference_quantization=_describe(reference),
+        candidate_quantization=_describe(candidate),
+        prompts=len(prompt_ids),
+        positions=positions,
+        relative_logit_error=error,
+        worst_position_relative_error=worst,
+        top1_agreement=agreement,
+        mean_kl_nats=kl,
+        candidate_kv_bits=kv_bits,
+        decode_positions=decode[4],
+        decode_relative_logit_error=decode[0],
+        decode_top1_agreement=decode[2],
+        decode_mean_kl_nats=decode[3],
+        text_tokens=text_tokens,
+        reference_perplexity=math.exp(ref_nll / text_tokens) if text_tokens else None,
+        candidate_perplexity=math.exp(cand_nll / text_tokens) if text_tokens else None,
+    )
+
+
+def _compare(
+    references: list[torch.Tensor], candidates: list[torch.Tensor]
+) -> tuple[float, float, float, float, int]:
+    """Relative logit error, worst position's, top-1 agreement, mean KL, and positions."""
+    diff_sq = ref_sq = kl = worst = 0.0
     agree = positions = 0
-    worst = 0.0
-    for ref, cand in zip(ref_logits, cand_logits, strict=True):
+    for ref, cand in zip(references, candidates, strict=True):
+        if not ref.shape[0]:
+            continue
         diff_rows = (cand - ref).pow(2).sum(dim=-1)  # (T,)
         ref_rows = ref.pow(2).sum(dim=-1)
         diff_sq += float(diff_rows.sum())
@@ -187,22 +306,10 @@ def compare_stores(
         ref_log, cand_log = torch.log_softmax(ref, dim=-1), torch.log_softmax(cand, dim=-1)
         kl += float((ref_log.exp() * (ref_log - cand_log)).sum())
         positions += ref.shape[0]
-    text_tokens = sum(len(window) - 1 for window in windows)
-    return QualityReport(
-        reference=str(reference.path),
-        candidate=str(candidate.path),
-        reference_quantization=_describe(reference),
-        candidate_quantization=_describe(candidate),
-        prompts=len(prompt_ids),
-        positions=positions,
-        relative_logit_error=math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0,
-        worst_position_relative_error=worst,
-        top1_agreement=agree / positions,
-        mean_kl_nats=kl / positions,
-        text_tokens=text_tokens,
-        reference_perplexity=math.exp(ref_nll / text_tokens) if text_tokens else None,
-        candidate_perplexity=math.exp(cand_nll / text_tokens) if text_tokens else None,
-    )
+    if not positions:
+        return 0.0, 0.0, 1.0, 0.0, 0
+    error = math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0
+    return error, worst, agree / positions, kl / positions, positions
 
 
 def _describe(store: Store) -> str:
