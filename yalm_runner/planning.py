@@ -140,18 +140,18 @@ def plan_memory(
         # A long prefill of a large batch runs in groups of rows: its activations, not the
         # decode's, would otherwise decide the batch.
         chunk = min(batch, max(1, group_tokens // prefill))
-        # Between layers a chunked prefill keeps every group's hidden states on the device.
+        # Between layers a grouped prefill keeps every group's hidden states on the device.
         waiting = batch * prefill * config.hidden_size * element if chunk < batch else 0
         work = scratch + max(
             waiting + workspace_bytes(config, chunk, prefill, max_context, element),
             workspace_bytes(config, batch, 1, max_context, element),
         )
-        rows_per_pass = chunk if chunk < batch else 0
+        group_rows = chunk if chunk < batch else 0
         if kv_on == "gpu":
             placement = plan_placement(
                 parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device
             )
-            return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, rows_per_pass)
+            return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, group_rows)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
         cpu_budget = policy.cpu_memory_bytes
@@ -172,7 +172,7 @@ def plan_memory(
             staging = 0
         placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
         return MemoryPlan(
-            batch, max_context, "cpu", host_row, host, work, placement, rows_per_pass, layout
+            batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout
         )
 
     # The pinned cache's layouts to try. Slot-major moves a layer in one copy per cache (host
