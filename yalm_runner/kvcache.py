@@ -153,12 +153,6 @@ def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
     return 2 * config.num_layers * heads * per_head[bits]
 
 
-def _row_groups(live: int, start: int, row_bytes: int) -> list[tuple[int, int]]:
-    """Ranges of rows whose expansion temporaries (``row_bytes`` per slot) fit DECODE_BYTES."""
-    group = max(1, DECODE_BYTES // (start * row_bytes))
-    return [(first, min(first + group, live)) for first in range(0, live, group)]
-
-
 class _PinnedKV:
     """What both pinned-RAM caches share: two device slots, the copy stream and its events, and
     the schedule. ``layer(j)`` waits for layer j's old slots, starts layer j+1's on the copy
@@ -193,9 +187,13 @@ class _PinnedKV:
             for _ in range(2)
         ]
         self.bytes_moved = 0
-        count, kind = host_elements(config, batch, slots, bits, dtype)
+        # One cache (keys or values) of one layer as records, and its element type.
+        self._record_shape, self._kind = kv_record_shape(bits, shape, dtype)
         arena = arena or HostArena(config.num_layers, pin=self._cuda)
-        self._host = arena.take(count, kind)  # per layer: keys, values (flat)
+        # Per layer: keys, values, flat.
+        self._host = arena.take(math.prod(self._record_shape), self._kind)
+        # fp32 temporaries of encoding or expanding one slot of one row (all heads).
+        self._row_bytes = config.num_heads * config.head_dim * 4
         if self._cuda:
             self._stream = torch.cuda.Stream(device)
             self._ready = [torch.cuda.Event() for _ in range(2)]
@@ -256,6 +254,11 @@ class _PinnedKV:
         live = self._live(layer_idx)
         return keys[:live], values[:live]
 
+    def _row_groups(self, live: int, slots: int) -> list[tuple[int, int]]:
+        """Ranges of the ``live`` rows whose temporaries over ``slots`` slots fit DECODE_BYTES."""
+        group = max(1, DECODE_BYTES // (slots * self._row_bytes))
+        return [(first, min(first + group, live)) for first in range(0, live, group)]
+
     def _fetch_copies(self, layer_idx: int, slot: int, start: int) -> None:
         raise NotImplementedError
 
@@ -287,7 +290,7 @@ class HostKV(_PinnedKV):
         arena: HostArena | None = None,
     ):
         super().__init__(config, batch, slots, device, dtype, bits, arena)
-        size, kind = kv_record_shape(bits, (batch, slots, config.num_heads, config.head_dim), dtype)
+        size, kind = self._record_shape, self._kind
         self._host = [[flat.view(size) for flat in pair] for pair in self._host]
         if bits == 16:
             # The records are the values: host rows travel straight into the slots.
@@ -318,9 +321,7 @@ class HostKV(_PinnedKV):
     def _expand(self, layer_idx: int, slot: int, start: int) -> None:
         if self._bits == 16:
             return  # the rows landed in the slot itself
-        keys = self._slots[slot][0]
-        row_bytes = keys.shape[2] * keys.shape[3] * 4
-        for first, last in _row_groups(len(self._rows), start, row_bytes):
+        for first, last in self._row_groups(len(self._rows), start):
             for record, target in zip(self._incoming[slot], self._slots[slot], strict=True):
                 decode_kv(record[first:last, :start], self._bits, target[first:last, :start])
 
@@ -335,8 +336,7 @@ class HostKV(_PinnedKV):
             outgoing = self._outgoing[slot]
             if self._cuda:  # the last copies out of this staging must have left
                 self._compute().wait_event(self._sent[slot])
-            row_bytes = self._slots[slot][0].shape[2] * self._slots[slot][0].shape[3] * 4
-            for first, last in _row_groups(len(live), end - start, row_bytes):
+            for first, last in self._row_groups(len(live), end - start):
                 for record, values in zip(outgoing, self._slots[slot], strict=True):
                     record[first:last, start:end] = encode_kv(
                         values[first:last, start:end], self._bits
@@ -361,8 +361,7 @@ class SlotMajorHostKV(_PinnedKV):
     All host rows travel, finished ones too; once fewer than ``COMPACT_AT`` of them are live,
     the next pass writes each layer's live rows back densely (one extra layer-sized copy each)
     and the layout shrinks to the live rows. Live rows are gathered out of the staging area
-    into the row-major device slot on the compute stream. A prefill in chunks of rows writes
-    back one copy per position (once per batch). Same contract as ``HostKV``.
+    into the row-major device slot on the compute stream. Same contract as ``HostKV``.
     """
 
     COMPACT_AT = 0.75
@@ -379,9 +378,8 @@ class SlotMajorHostKV(_PinnedKV):
     ):
         super().__init__(config, batch, slots, device, dtype, bits, arena)
         self._max_slots = slots
-        (*_, record), kind = kv_record_shape(bits, (1, config.head_dim), dtype)
-        self._record = (config.num_heads, record)
-        count = slots * batch * config.num_heads * record
+        self._record = self._record_shape[2:]  # (heads, record)
+        count, kind = math.prod(self._record_shape), self._kind
         # self._host: flat storage per layer and cache, viewed as (slots, rows, heads, record)
         # for the current number of host rows (it shrinks when the layout is compacted).
         self._incoming = [
@@ -413,10 +411,9 @@ class SlotMajorHostKV(_PinnedKV):
         keys = self._slots[slot][0]
         identity = live == host_rows and positions == list(range(live))
         index = None if identity else torch.tensor(positions, device=keys.device)
-        heads, record = self._record
         for incoming, target in zip(self._incoming[slot], self._slots[slot], strict=True):
             staged = self._view(incoming, host_rows)[:start]
-            for first, last in _row_groups(live, start, heads * record * 4):
+            for first, last in self._row_groups(live, start):
                 picked = (
                     staged[:, first:last]
                     if index is None
@@ -446,7 +443,7 @@ class SlotMajorHostKV(_PinnedKV):
             block = incoming[: count * (high - low) * heads * record].view(
                 count, high - low, heads, record
             )
-            for first, last in _row_groups(len(positions), count, heads * record * 4):
+            for first, last in self._row_groups(len(positions), count):
                 encoded = encode_kv(values[first:last, start:end], self._bits).transpose(0, 1)
                 if index is None:
                     block[:, first:last] = encoded
@@ -470,11 +467,10 @@ class SlotMajorHostKV(_PinnedKV):
     def _write_dense(self, layer_idx: int, slot: int, end: int) -> None:
         """Write the live rows' slots ``0 .. end-1`` back densely: the layout shrinks to them."""
         live = len(self._positions[layer_idx])
-        heads, record = self._record
         staged = []
         for incoming, values in zip(self._incoming[slot], self._slots[slot], strict=True):
             dense = self._view(incoming, live, end)  # the staging area is free again
-            for first, last in _row_groups(live, end, heads * record * 4):
+            for first, last in self._row_groups(live, end):
                 encoded = encode_kv(values[first:last, :end], self._bits)
                 dense[:, first:last] = encoded.transpose(0, 1)
             staged.append(dense)
