@@ -139,14 +139,14 @@ def plan_memory(
     def attempt(kv_on: str, batch: int, layout: str, group_tokens: int) -> MemoryPlan:
         # A long prefill of a large batch runs in groups of rows: its activations, not the
         # decode's, would otherwise decide the batch.
-        chunk = min(batch, max(1, group_tokens // prefill))
+        group = min(batch, max(1, group_tokens // prefill))
         # Between layers a grouped prefill keeps every group's hidden states on the device.
-        waiting = batch * prefill * config.hidden_size * element if chunk < batch else 0
+        waiting = batch * prefill * config.hidden_size * element if group < batch else 0
         work = scratch + max(
-            waiting + workspace_bytes(config, chunk, prefill, max_context, element),
+            waiting + workspace_bytes(config, group, prefill, max_context, element),
             workspace_bytes(config, batch, 1, max_context, element),
         )
-        group_rows = chunk if chunk < batch else 0
+        group_rows = group if group < batch else 0
         if kv_on == "gpu":
             placement = plan_placement(
                 parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device
