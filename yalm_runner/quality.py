@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,24 +108,51 @@ def resident_weights(
         yield ResidentWeights(store, device, dtype, verify=verify)
 
 
+def _forward(
+    weights: WeightSource,
+    rotary: model.Rotary,
+    tokens: list[int],
+    start: int,
+    valid: torch.Tensor,
+    cache: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    kv_bits: int = 16,
+) -> torch.Tensor:
+    """One pass of one sequence's ``tokens`` at slots ``start ..``: the final hidden states
+    (T, H). ``valid`` (1, S) marks the slots written so far; ``cache(layer_idx)`` is the layer's
+    keys and values. Below 16 ``kv_bits``, the slots the pass wrote are then kept compressed,
+    as the engine's pinned-RAM cache keeps them between passes."""
+    config, device = weights.config, weights.device
+    end = start + len(tokens)
+    valid[:, start:end] = True
+    positions = torch.arange(start, end, device=device)[None]  # (1, T)
+    mask = model.attention_mask(valid[:, :end], start, len(tokens))
+    h = model.embed(torch.tensor([tokens], device=device), weights.embedding(), config)
+    for layer_idx, layer in weights.layers():
+        keys, values = cache(layer_idx)
+        h = model.block(h, layer, config, rotary, positions, keys, values, start, mask)
+        if kv_bits != 16:
+            for written in (keys[:, start:end], values[:, start:end]):
+                decode_kv(encode_kv(written, kv_bits), kv_bits, written)
+    return h[0]
+
+
+def _logits(weights: WeightSource, h: torch.Tensor) -> torch.Tensor:
+    embedding = weights.embedding()["word_embeddings.weight"]
+    return model.head(h, weights.head(), embedding, weights.config)
+
+
 @torch.inference_mode()
 def sequence_logits(weights: WeightSource, ids: list[int]) -> torch.Tensor:
     """fp32 next-token logits (T, V) at every position of ``ids``, on the CPU."""
     config, device, dtype = weights.config, weights.device, weights.dtype
-    length = len(ids)
-    tokens = torch.tensor([ids], device=device)  # (1, T)
-    positions = torch.arange(length, device=device)[None]  # (1, T)
-    mask = model.attention_mask(torch.ones(1, length, dtype=torch.bool, device=device), 0, length)
+    shape = (1, len(ids), config.num_heads, config.head_dim)
+    valid = torch.zeros(1, len(ids), dtype=torch.bool, device=device)
+
+    def fresh(layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.empty(shape, device=device, dtype=dtype) for _ in range(2))
+
     rotary = model.Rotary.build(config, device, dtype)
-    embedding = weights.embedding()
-    h = model.embed(tokens, embedding, config)  # (1, T, H)
-    cache_shape = (1, length, config.num_heads, config.head_dim)
-    for _, layer in weights.layers():
-        keys = torch.empty(cache_shape, device=device, dtype=dtype)
-        values = torch.empty(cache_shape, device=device, dtype=dtype)
-        h = model.block(h, layer, config, rotary, positions, keys, values, 0, mask)
-    logits = model.head(h[0], weights.head(), embedding["word_embeddings.weight"], config)
-    return logits.cpu()  # (T, V)
+    return _logits(weights, _forward(weights, rotary, ids, 0, valid, fresh)).cpu()
 
 
 @torch.inference_mode()
@@ -148,30 +175,15 @@ def decode_logits(
     total = len(ids) + new_tokens
     shape = (1, total, config.num_heads, config.head_dim)
     caches = [
-        (
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
-        )
+        tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         for _ in range(config.num_layers)
     ]
     valid = torch.zeros(1, total, dtype=torch.bool, device=device)
     rotary = model.Rotary.build(config, device, dtype)
-    embedding = weights.embedding()
 
     def forward(tokens: list[int], start: int) -> torch.Tensor:
-        end = start + len(tokens)
-        valid[:, start:end] = True
-        positions = torch.arange(start, end, device=device)[None]
-        mask = model.attention_mask(valid[:, :end], start, len(tokens))
-        h = model.embed(torch.tensor([tokens], device=device), embedding, config)
-        for layer_idx, layer in weights.layers():
-            keys, values = caches[layer_idx]
-            h = model.block(h, layer, config, rotary, positions, keys, values, start, mask)
-            if kv_bits != 16:
-                for cache in (keys, values):
-                    written = cache[:, start:end]
-                    decode_kv(encode_kv(written, kv_bits), kv_bits, written)
-        return model.head(h[0, -1:], weights.head(), embedding["word_embeddings.weight"], config)
+        h = _forward(weights, rotary, tokens, start, valid, caches.__getitem__, kv_bits)
+        return _logits(weights, h[-1:])
 
     logits, fed = [forward(ids, 0)], []
     for step in range(new_tokens - 1):
