@@ -86,6 +86,14 @@ def test_library_errors_are_one_line(tmp_path):
     assert "Traceback" in verbose.stderr
 
 
+def test_bench_kv_widths_are_checked_before_anything_runs(capsys):
+    from yalm_runner import cli
+
+    for bad in ("3", "8,x", ""):
+        assert cli.main(["bench", "--kv-bits", bad]) == 1
+        assert "--kv-bits takes 16, 8 or 4 (a comma list)" in capsys.readouterr().err
+
+
 def test_bad_input_lines_are_named(tiny_store, tmp_path):
     prompts = tmp_path / "in.jsonl"
     prompts.write_text('{"prefix": "ok"}\n{"text": "no prefix"}\n')

@@ -86,12 +86,13 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
 
 def _kv_widths(text: str) -> tuple[int, ...]:
     from yalm_runner.errors import ConfigError
+    from yalm_runner.kvcache import KV_BITS
 
     try:
         widths = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         widths = ()
-    if not widths or any(width not in (16, 8, 4) for width in widths):
+    if not widths or any(width not in KV_BITS for width in widths):
         raise ConfigError(f"--kv-bits takes 16, 8 or 4 (a comma list), got {text!r}")
     return widths
 
