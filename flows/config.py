@@ -256,7 +256,7 @@ def _database_url(value: str, base_dir: Path) -> str:
     """A ``sqlite:///`` URL with an absolute path, or a ``postgresql+psycopg://`` URL."""
     if "://" in value and not value.startswith("sqlite:///"):
         # Parsing is not opening: the URL is checked here, the server only when a store opens.
-        from flows.store import parse_database_url
+        from flows.store.database import parse_database_url
 
         try:
             url = parse_database_url(value)

@@ -4,7 +4,7 @@ Each task is one library call on a config path (tasks take paths and keys, never
 ``ingest_feeds``, ``render_prompts``, ``generate_pending``, and publishing the run's summary as
 a markdown artifact and in the log. Correctness never depends on Prefect's state or result
 cache: a killed run leaves Prefect's record stuck in RUNNING, and the next run resumes from the
-store alone (``flows.forecasting``).
+store alone (``flows.generation.forecasting``).
 
 Retries are for transient faults only (``is_transient``: a locked or busy database, an I/O
 error, a network error); a bad config, a broken checkpoint, a budget that cannot hold the model
@@ -12,7 +12,8 @@ or running out of memory fail the run at once with the reason. Feed faults are r
 ``ingest_feeds`` per feed, so one dead feed costs its own retries, not the run's.
 
 Only one generation uses the GPU at a time. On one machine the guarantee is the device lock
-(``flows.devicelock``: released by the kernel even when a run is SIGKILLed). When a Prefect
+(``flows.generation.devicelock``: released by the kernel even when a run is SIGKILLed). When a
+Prefect
 server is configured (``PREFECT_API_URL``; also under ``prefect_test_harness``), generation also
 holds a slot of the global concurrency limit ``yalm-forecast-gpu`` (created with limit 1 when
 missing), which makes the limit visible in the UI and holds across machines; its lease expires
@@ -22,9 +23,11 @@ given back.
 
 Several hosts: with ``generation.shards`` > 1 and ``generation.deployment`` (the
 ``generate-shard`` flow deployed to a work pool whose workers run on the GPU hosts), the nightly
-flow cuts the pending prompts into that many shards (``flows.shards``) and starts one run of the
+flow cuts the pending prompts into that many shards (``flows.generation.shards``) and starts one
+run of the
 deployment per shard with Prefect's ``run_deployment``, each inside a task so that they run at
-once, and waits for them. Each shard run claims its prompts (``flows.claims``) under the shard's
+once, and waits for them. Each shard run claims its prompts (``flows.store.claims``) under the
+shard's
 worker id, so it is resumable on its own: run it again and it takes back its claims and resumes
 from the saved ids. Without a Prefect server (no workers to reach) the nightly flow generates
 everything in its own process, as with one host.
@@ -43,22 +46,22 @@ import httpx
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.commands.console import attach_log_file, progress, run_markdown
 from flows.config import load_config
-from flows.console import attach_log_file, progress, run_markdown
-from flows.devicelock import device_locks
 from flows.errors import PipelineError
-from flows.forecasting import generate_pending
-from flows.generations import pending_prompts
-from flows.ingest import ingest_feeds
-from flows.rendering import render_run
-from flows.shards import (
+from flows.generation.devicelock import device_locks
+from flows.generation.forecasting import generate_pending
+from flows.generation.shards import (
     check_shard,
     in_shard,
     shard_report,
     shard_worker_id,
     split_round_robin,
 )
-from flows.store import open_store
+from flows.prompting.rendering import render_run
+from flows.sources.ingest import ingest_feeds
+from flows.store.database import open_store
+from flows.store.generations import pending_prompts
 
 FLOW_NAME = "news-to-forecast"
 SHARD_FLOW_NAME = "generate-shard"
@@ -156,7 +159,7 @@ def ingest(config_path: str) -> dict[str, Any]:
 @task(name="render", **TRANSIENT_RETRIES)
 def render(config_path: str, as_of: str | None = None) -> dict[str, Any]:
     """Render the configured templates over stored news into pending prompts."""
-    from flows.cli import resolve_tokenizer_path
+    from flows.generation.model import resolve_tokenizer_path
     from yalm_runner.tokenizer import Tokenizer
 
     config = load_config(config_path)
@@ -252,7 +255,7 @@ def generate(
 @task(name="publish", **TRANSIENT_RETRIES)
 def publish(config_path: str, summary: dict[str, Any]) -> str:
     """Check the run's forecasts are in the robot's view; leave the summary table behind."""
-    from flows.robot import read_forecasts
+    from flows.store.robot import read_forecasts
 
     config = load_config(config_path)
     generated = summary.get("generate") or {}

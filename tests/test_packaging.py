@@ -31,8 +31,8 @@ def test_the_wheel_carries_templates_feeds_config_and_migrations(wheel):
         "flows/bundled_prompts/morning_brief_ru.yaml",
         "flows/sample_feeds/markets_ru.rss.xml",
         "flows/starter_config.yaml",
-        "flows/migrations/script.py.mako",
-        "flows/migrations/versions/0002_prompt_claims.py",
+        "flows/store/migrations/script.py.mako",
+        "flows/store/migrations/versions/0002_prompt_claims.py",
         "yalm_runner/engine.py",
     ):
         assert needed in names, needed
@@ -41,7 +41,7 @@ def test_the_wheel_carries_templates_feeds_config_and_migrations(wheel):
 def test_an_installed_wheel_finds_its_own_templates(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     probe = (
-        "import flows.config as c, flows.demo as d, flows.templates as t;"
+        "import flows.config as c, flows.commands.demo as d, flows.prompting.templates as t;"
         "print(c.BUNDLED_PROMPTS_DIR);"
         "print(t.load_template(c.BUNDLED_PROMPTS_DIR / 'ticker_outlook_ru.yaml').name);"
         "print(sorted(p.name for p in d.SAMPLE_FEEDS_DIR.glob('*.xml')))"

@@ -1,7 +1,7 @@
 """A generation worker for the PostgreSQL tests, run as a real subprocess.
 
 ``python claim_worker.py URL WORKER_ID OUT_DIR [--shard N] [--lease-s S] [--gate] [--hang-after K]``
-claims shards through ``flows.claims`` until none is free. Its "model" is a deterministic
+claims shards through ``flows.store.claims`` until none is free. Its "model" is a deterministic
 function of the prompt text (eight ids from the text's SHA-256), produced one id at a time with
 the resume state saved after each, exactly as the model side saves it; a prompt with saved
 state resumes from it. The forecast is recorded through the real ``record_generation``.
@@ -22,9 +22,9 @@ import json
 import time
 from pathlib import Path
 
-from flows.claims import claim_prompts, record_claimed_generation
-from flows.generations import load_generation_state, pending_prompts, save_generation_state
-from flows.store import open_store
+from flows.store.claims import claim_prompts, record_claimed_generation
+from flows.store.database import open_store
+from flows.store.generations import load_generation_state, pending_prompts, save_generation_state
 
 NEW_TOKENS = 8
 

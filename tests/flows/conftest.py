@@ -6,7 +6,7 @@ import pytest
 from flows_testkit import FeedServer, write_config
 
 from flows.config import load_config
-from flows.store import open_store
+from flows.store.database import open_store
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from flows import forecasting
-from flows.cli import main
+from flows.commands.cli import main
+from flows.generation import forecasting
 
 kill_after = int(sys.argv[1])
 saves = 0

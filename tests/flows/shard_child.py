@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from flows import forecasting
-from flows.cli import main
+from flows.commands.cli import main
+from flows.generation import forecasting
 
 barrier, name, peers = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
 kill_after = int(sys.argv[4])

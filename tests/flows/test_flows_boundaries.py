@@ -12,9 +12,10 @@ from pathlib import Path
 FLOWS = Path(__file__).resolve().parents[2] / "flows"
 FORBIDDEN = ("yalm_runner", "torch", "prefect")
 GLUE = {
-    "cli.py": {"yalm_runner"},
-    "demo.py": {"yalm_runner"},
-    "forecasting.py": {"yalm_runner", "torch"},
+    "commands/cli.py": {"yalm_runner"},
+    "commands/demo.py": {"yalm_runner"},
+    "generation/forecasting.py": {"yalm_runner", "torch"},
+    "generation/model.py": {"yalm_runner"},
     "pipeline.py": {"yalm_runner", "prefect"},
 }
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from flows_testkit import sample, write_config
 
-from flows.cli import COMMANDS, main
+from flows.commands.cli import COMMANDS, main
 from flows.config import load_config
-from flows.generations import pending_prompts, record_generation
-from flows.store import open_store
+from flows.store.database import open_store
+from flows.store.generations import pending_prompts, record_generation
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Data side: config, feeds, templates, the robot's contract"
@@ -170,7 +170,16 @@ def test_bad_arguments_are_usage_errors(capsys):
 def test_console_entry_point_runs(tmp_path: Path):
     path = write_config(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--config", str(path), "results", "--format", "json"],
+        [
+            sys.executable,
+            "-m",
+            "flows.commands.cli",
+            "--config",
+            str(path),
+            "results",
+            "--format",
+            "json",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -178,7 +187,9 @@ def test_console_entry_point_runs(tmp_path: Path):
     assert result.returncode == 1
     assert result.stderr.startswith("yalm-forecast: error: database not found")
     help_text = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "results", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "flows.commands.cli", "results", "--help"],
+        capture_output=True,
+        text=True,
     ).stdout
     assert "example: yalm-forecast results" in help_text and "YALM_FORECAST_CONFIG" in help_text
 

@@ -10,16 +10,16 @@ from flows_testkit import write_config
 from sqlalchemy import text
 
 from flows.config import load_config
-from flows.forecasting import generate_pending
-from flows.generations import (
+from flows.generation.forecasting import generate_pending
+from flows.prompting.templates import RenderedPrompt
+from flows.store.database import open_store
+from flows.store.generations import (
     load_generation_state,
     pending_prompts,
     prompt_status,
     save_generation_state,
     save_prompt,
 )
-from flows.store import open_store
-from flows.templates import RenderedPrompt
 from yalm_runner.checkpoint import Store as ModelStore
 
 
@@ -130,7 +130,7 @@ def test_an_interrupt_keeps_the_rows_in_flight_and_a_rerun_finishes_them(job):
 
 
 def test_offload_settings_reach_the_runner(tmp_path, tiny_store):
-    from flows.forecasting import _policy
+    from flows.generation.forecasting import _policy
 
     texts = []
     offload = {"kv_bits": 4, "kv_on": "auto", "weights_on": "disk"}
@@ -158,7 +158,7 @@ def test_a_compressed_kv_cache_is_part_of_the_fingerprint(tiny_store):
 
     import torch
 
-    from flows.forecasting import _fingerprint
+    from flows.generation.forecasting import _fingerprint
     from yalm_runner.engine import Engine
     from yalm_runner.offload import ResidentWeights
 

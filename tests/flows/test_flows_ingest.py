@@ -10,10 +10,10 @@ from flows_testkit import sample
 
 from flows.config import WatchlistEntry
 from flows.errors import FeedError
-from flows.feeds import TickerMatcher, dedup_key, parse_feed, strip_html
-from flows.fetcher import fetch
-from flows.ingest import ingest_feeds
-from flows.store import fetch_history, list_news
+from flows.sources.feeds import TickerMatcher, dedup_key, parse_feed, strip_html
+from flows.sources.fetcher import fetch
+from flows.sources.ingest import ingest_feeds
+from flows.store.database import fetch_history, list_news
 
 TRUNCATED_RSS = b"""<?xml version="1.0" encoding="utf-8"?>
 <rss version="2.0"><channel><title>Broken wire</title>

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from flows_testkit import sample, write_config
 
-from flows.cli import main
+from flows.commands.cli import main
+from flows.commands.console import run_markdown
 from flows.config import load_config
-from flows.console import run_markdown
-from flows.devicelock import DeviceBusyError, device_lock
 from flows.errors import PipelineConfigError, StoreError
+from flows.generation.devicelock import DeviceBusyError, device_lock
 from flows.pipeline import GPU_LIMIT, is_transient
-from flows.store import open_store
+from flows.store.database import open_store
 from yalm_runner.checkpoint import Store as ModelStore
 
 AS_OF = "2024-05-14T06:00:00Z"
@@ -145,7 +145,7 @@ def test_run_command_prints_the_summary_and_a_bad_model_loses_nothing(
     assert str(broken) in err.splitlines()[-1]
     config = load_config(path)
     with open_store(config.database_url) as store:
-        from flows.generations import pending_prompts
+        from flows.store.generations import pending_prompts
 
         assert len(pending_prompts(store)) == 5  # rendered, still queued for a good model
     log_text = config.log_file.read_text(encoding="utf-8")
@@ -188,7 +188,7 @@ def test_serve_without_a_prefect_server_says_how_to_get_one(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "flows.commands.cli", "serve", "--config", str(path)],
         capture_output=True,
         text=True,
         env=env,
@@ -262,7 +262,7 @@ def test_prefect_retries_a_locked_database_but_never_a_bad_config(prefect_harnes
 
 
 def test_several_gpus_are_locked_together_in_one_order(tmp_path, monkeypatch):
-    from flows.devicelock import device_locks
+    from flows.generation.devicelock import device_locks
 
     monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path))
     with device_locks(["cuda:1", "cuda:0"]) as first:

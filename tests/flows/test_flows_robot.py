@@ -13,14 +13,14 @@ import pytest
 from flows_testkit import wait_for
 
 from flows.errors import StoreError
-from flows.generations import record_generation, save_generation_state, save_prompt
-from flows.robot import connect_readonly, read_forecasts
-from flows.templates import RenderedPrompt
+from flows.prompting.templates import RenderedPrompt
+from flows.store.generations import record_generation, save_generation_state, save_prompt
+from flows.store.robot import connect_readonly, read_forecasts
 
 READER = r"""
 import json, sys
 from pathlib import Path
-from flows.robot import read_forecasts
+from flows.store.robot import read_forecasts
 
 database, ready, done, out = map(Path, sys.argv[1:5])
 reads, most, errors = 0, 0, []

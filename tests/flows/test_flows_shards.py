@@ -24,11 +24,11 @@ import pytest
 from flows_testkit import sample, write_config
 from sqlalchemy import text
 
-from flows.cli import main
+from flows.commands.cli import main
 from flows.config import load_config
-from flows.generations import pending_prompts
-from flows.shards import in_shard, split_round_robin
-from flows.store import open_store
+from flows.generation.shards import in_shard, split_round_robin
+from flows.store.database import open_store
+from flows.store.generations import pending_prompts
 
 AS_OF = "2024-05-14T06:00:00Z"
 SHARD_CHILD = Path(__file__).resolve().parent / "shard_child.py"

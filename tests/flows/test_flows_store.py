@@ -12,7 +12,11 @@ from alembic.runtime.migration import MigrationContext
 from flows_testkit import sample
 
 from flows.errors import StoreError, TemplateError
-from flows.generations import (
+from flows.prompting.rendering import render_prompts
+from flows.prompting.templates import RenderedPrompt
+from flows.sources.ingest import ingest_feeds
+from flows.store.database import list_news, open_store
+from flows.store.generations import (
     load_generation_state,
     mark_prompt_failed,
     pending_prompts,
@@ -22,12 +26,8 @@ from flows.generations import (
     save_generation_state,
     save_prompt,
 )
-from flows.ingest import ingest_feeds
-from flows.models import Base, Feed
-from flows.rendering import render_prompts
-from flows.robot import COLUMNS, VIEW, read_forecasts
-from flows.store import list_news, open_store
-from flows.templates import RenderedPrompt
+from flows.store.models import Base, Feed
+from flows.store.robot import COLUMNS, VIEW, read_forecasts
 
 
 def make_prompt(key: str, *, ticker: str | None = "SBER", template: str = "t") -> RenderedPrompt:

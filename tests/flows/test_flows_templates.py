@@ -9,7 +9,7 @@ import yaml
 
 from flows.config import BUNDLED_PROMPTS_DIR
 from flows.errors import TemplateError
-from flows.templates import fit_to_budget, load_template, parse_template
+from flows.prompting.templates import fit_to_budget, load_template, parse_template
 
 BODY = """Новости {{ ticker.symbol }} на {{ as_of }}:
 {% for item in items %}

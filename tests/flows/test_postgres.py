@@ -26,7 +26,9 @@ from claim_worker import forecast_text, target_ids
 from flows_testkit import wait_for
 from sqlalchemy import text
 
-from flows.claims import (
+from flows.errors import StoreError
+from flows.prompting.templates import RenderedPrompt
+from flows.store.claims import (
     claim_prompts,
     claimed_keys,
     expire_claims,
@@ -34,18 +36,16 @@ from flows.claims import (
     release_claims,
     renew_claims,
 )
-from flows.errors import StoreError
-from flows.generations import (
+from flows.store.database import open_store
+from flows.store.generations import (
     load_generation_state,
     mark_prompt_failed,
     pending_prompts,
     record_generation,
     save_prompt,
 )
-from flows.models import Base
-from flows.robot import COLUMNS, VIEW, connect_readonly, read_forecasts
-from flows.store import open_store
-from flows.templates import RenderedPrompt
+from flows.store.models import Base
+from flows.store.robot import COLUMNS, VIEW, connect_readonly, read_forecasts
 
 WORKER = Path(__file__).resolve().parent / "claim_worker.py"
 T0 = datetime(2024, 5, 14, 3, 0, tzinfo=timezone.utc)

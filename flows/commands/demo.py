@@ -21,7 +21,7 @@ import yaml
 
 from flows.config import DEFAULT_CONFIG_NAME
 
-SAMPLE_FEEDS_DIR = Path(__file__).resolve().parent / "sample_feeds"
+SAMPLE_FEEDS_DIR = Path(__file__).resolve().parents[1] / "sample_feeds"
 SAMPLE_FEEDS = {
     "markets-ru": "markets_ru.rss.xml",
     "birzha-cp1251": "birzha_cp1251.rss.xml",
@@ -40,7 +40,7 @@ WATCHLIST = [
     {"ticker": "NVDA", "aliases": ["Nvidia"]},
 ]
 TEMPLATES = ("ticker_outlook_ru", "ticker_outlook_en", "morning_brief_ru")
-log = logging.getLogger("flows.demo")
+log = logging.getLogger("flows.commands.demo")
 
 
 @dataclass(frozen=True)

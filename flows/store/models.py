@@ -1,7 +1,7 @@
 """The pipeline's tables as SQLAlchemy 2 models (internal: the robot reads ``forecasts_v1``).
 
 Owns the Python side of the schema; the schema itself is created and changed only by the Alembic
-migrations in ``flows/migrations`` (a test checks the two agree). Timestamps are stored as
+migrations in ``flows/store/migrations`` (a test checks the two agree). Timestamps are stored as
 ISO 8601 UTC text (``2024-05-01T06:00:00Z``) so that they compare correctly as strings in any
 SQL client. This module knows nothing of feeds, templates or how the store is opened.
 """
@@ -126,7 +126,7 @@ class Prompt(Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
     created_at: Mapped[datetime] = mapped_column(UtcTimestamp)
     updated_at: Mapped[datetime] = mapped_column(UtcTimestamp)
-    # The worker holding this prompt and the end of its lease (flows.claims); kept on a done
+    # The worker holding this prompt and the end of its lease (flows.store.claims); kept on a done
     # prompt as the name of the worker that finished it.
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_until: Mapped[datetime | None] = mapped_column(UtcTimestamp)

@@ -17,7 +17,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-ts = sa.String(20)  # ISO 8601 UTC text, see flows.models.UtcTimestamp
+ts = sa.String(20)  # ISO 8601 UTC text, see flows.store.models.UtcTimestamp
 
 # {news_count}: the number of items in prompts.item_keys_json (a JSON array kept as text).
 NEWS_COUNT = {

@@ -14,7 +14,7 @@ finishes a half-written forecast of the old one. Everything is checked before th
 opened or any state is touched: a prompt that cannot fit the model is marked failed with the
 reason and the others go on.
 
-Prompts are taken through ``flows.claims`` under the worker id's lease (renewed at every
+Prompts are taken through ``flows.store.claims`` under the worker id's lease (renewed at every
 checkpoint, given back when the job fails), so several workers, on several hosts, can work
 through the same queue: each generates only what it claimed, and a prompt another live worker
 holds is left to it. A re-run under the same worker id takes its own claims back at once. On one
@@ -31,10 +31,16 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from flows.claims import claim_prompts, record_claimed_generation, release_claims, renew_claims
 from flows.config import PipelineConfig
 from flows.errors import PipelineConfigError, StoreError
-from flows.generations import (
+from flows.store.claims import (
+    claim_prompts,
+    record_claimed_generation,
+    release_claims,
+    renew_claims,
+)
+from flows.store.database import Store, finish_run, start_run
+from flows.store.generations import (
     PendingPrompt,
     discard_generation_state,
     load_generation_state,
@@ -42,7 +48,6 @@ from flows.generations import (
     pending_prompts,
     save_generation_states,
 )
-from flows.store import Store, finish_run, start_run
 
 log = logging.getLogger(__name__)
 

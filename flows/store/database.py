@@ -3,13 +3,13 @@
 Owns the connection rules of each database it supports. SQLite: WAL so readers never wait for
 the writer, a busy timeout, foreign keys, ``BEGIN IMMEDIATE`` so every write transaction takes
 the write lock up front. PostgreSQL (``postgresql+psycopg://``): plain READ COMMITTED write
-transactions (row locks do the rest, see ``flows.claims``), read transactions that are
+transactions (row locks do the rest, see ``flows.store.claims``), read transactions that are
 ``READ ONLY`` and ``REPEATABLE READ`` (one snapshot, never a write), and migrations serialized
 by an advisory lock so hosts starting at once do not race. It also runs the Alembic migrations
 on open and holds the feed/news/run writes and reads. Every write happens in one explicit
 transaction: a failure leaves what was stored before untouched. Prompt and generation writes
-live in ``flows.generations`` and ``flows.claims``; the robot's read-only side in
-``flows.robot``. This module does not fetch, parse or render anything.
+live in ``flows.store.generations`` and ``flows.store.claims``; the robot's read-only side in
+``flows.store.robot``. This module does not fetch, parse or render anything.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from flows.errors import StoreError
-from flows.models import Feed, Fetch, NewsItem, NewsTicker, Run
-from flows.provenance import code_version
+from flows.store.models import Feed, Fetch, NewsItem, NewsTicker, Run
+from flows.store.provenance import code_version
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 10_000
@@ -284,7 +284,8 @@ def save_fetch(
 ) -> int:
     """Record one fetch and insert its new items (deduplicated); returns how many were new.
 
-    ``items`` are ``flows.feeds.NewsItem``. The feed's stored validators change only when the
+    ``items`` are ``flows.sources.feeds.NewsItem``. The feed's stored validators change only when
+    the
     fetch produced a body, so a failed fetch never loses the ETag of the last good one.
     """
     fetched_at = record.fetched_at or utc_now()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flows import __version__
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """Ingesting the configured feeds into the store: fetch, parse, save, one feed at a time.
 
-Glue between ``flows.fetcher``, ``flows.feeds`` and ``flows.store``. Owns the per-feed outcome
+Glue between ``flows.sources.fetcher``, ``flows.sources.feeds`` and ``flows.store.database``.
+Owns the per-feed outcome
 (ok, partial, not_modified, failed) and the rule that one bad feed is recorded with its reason
 and never stops the others. Each feed is saved in its own transaction. It does not schedule or
 retry whole runs; the caller (CLI, a Prefect flow) does.
@@ -13,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 from flows.config import FeedConfig, PipelineConfig
 from flows.errors import FeedError
-from flows.feeds import TickerMatcher, parse_feed
-from flows.fetcher import FetchError, fetch
-from flows.store import (
+from flows.sources.feeds import TickerMatcher, parse_feed
+from flows.sources.fetcher import FetchError, fetch
+from flows.store.database import (
     FetchRecord,
     Store,
     feed_validators,

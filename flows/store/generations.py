@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import select
 
 from flows.errors import StoreError
-from flows.models import Generation, GenerationState, Prompt
-from flows.provenance import code_version as current_code_version
-from flows.store import Store, utc_now
-from flows.templates import RenderedPrompt
+from flows.prompting.templates import RenderedPrompt
+from flows.store.database import Store, utc_now
+from flows.store.models import Generation, GenerationState, Prompt
+from flows.store.provenance import code_version as current_code_version
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """How the pending prompts are cut into shards, and what a night's shards did, from the store.
 
 Owns three small rules. A shard's worker id (``shard-0-of-2``) is the same wherever and however
-often the shard runs, so a re-run takes back that shard's claims at once (``flows.claims``). The
+often the shard runs, so a re-run takes back that shard's claims at once
+(``flows.store.claims``). The
 nightly flow cuts the pending prompts round-robin (oldest first) into explicit key lists, which
 become the shard runs' parameters: a re-run of a run keeps its keys. Without explicit keys a
 shard is the pending prompts whose key (a SHA-256 in hex) falls in it by ``key mod count``:
@@ -20,8 +21,8 @@ from typing import Any
 from sqlalchemy import select
 
 from flows.errors import PipelineError
-from flows.models import Generation, Prompt, Run
-from flows.store import Store
+from flows.store.database import Store
+from flows.store.models import Generation, Prompt, Run
 
 
 def check_shard(index: int, count: int) -> None:

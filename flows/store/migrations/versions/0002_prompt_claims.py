@@ -3,7 +3,7 @@
 ``prompts.claimed_by`` names the worker (``host:gpu`` or any id it chooses) and
 ``prompts.claimed_until`` is the end of its lease (ISO 8601 UTC text, like every time in the
 store). A prompt is free when it has no claim or its lease has run out, so a killed worker's
-prompts go back to the queue by themselves (see ``flows.claims``). Both columns are nullable,
+prompts go back to the queue by themselves (see ``flows.store.claims``). Both columns are nullable,
 so existing rows need no backfill; SQLite and PostgreSQL both add them in place.
 
 Revision ID: 0002_prompt_claims

@@ -1,6 +1,7 @@
 """Rendering the configured templates over stored news into pending prompts.
 
-Glue between ``flows.templates`` and the store: picks each template's news items (time window,
+Glue between ``flows.prompting.templates`` and the store: picks each template's news items (time
+window,
 sources, ticker, maximum count), builds the template context, fits it to the model's positions,
 keys the result by a hash of everything that went into it, and saves it as pending. Re-rendering
 the same inputs finds the same key and adds nothing. Token counting is a function the caller
@@ -20,9 +21,9 @@ from zoneinfo import ZoneInfo
 
 from flows.config import PipelineConfig, TemplateSelection, WatchlistEntry
 from flows.errors import PipelineConfigError, PipelineError
-from flows.generations import save_prompt
-from flows.store import Store, finish_run, list_news, start_run, utc_now
-from flows.templates import PromptTemplate, RenderedPrompt, fit_to_budget, load_template
+from flows.prompting.templates import PromptTemplate, RenderedPrompt, fit_to_budget, load_template
+from flows.store.database import Store, finish_run, list_news, start_run, utc_now
+from flows.store.generations import save_prompt
 
 _CYRILLIC = re.compile(r"[а-яё]", re.IGNORECASE)
 

@@ -20,9 +20,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from flows import __version__
+from flows.commands.output import FORMATS, write_rows
 from flows.config import ENV_VAR, PipelineConfig, load_config, resolve_config_path
-from flows.errors import PipelineConfigError, PipelineError
-from flows.output import FORMATS, write_rows
+from flows.errors import PipelineError
 
 EXIT_OK, EXIT_ERROR, EXIT_SOME_FEEDS_FAILED = 0, 1, 3
 EXIT_SOME_FAILED = EXIT_SOME_FEEDS_FAILED  # a run in which some feeds or prompts failed
@@ -141,19 +141,6 @@ def add_format(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_tokenizer_path(config: PipelineConfig) -> Path:
-    """The ``tokenizer`` key, else the model store's own tokenizer."""
-    if config.tokenizer is not None:
-        if not config.tokenizer.is_file():
-            raise PipelineConfigError(f"tokenizer: file not found: {config.tokenizer}")
-        return config.tokenizer
-    if config.model is None:
-        raise PipelineConfigError("tokenizer: not set, and no `model` store to take it from")
-    from yalm_runner.checkpoint import Store as ModelStore
-
-    return ModelStore.open(config.model, verify_tokenizer=False).tokenizer_path
-
-
 # ---- commands --------------------------------------------------------------------------------
 
 
@@ -170,8 +157,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from flows.ingest import ingest_feeds
-    from flows.store import open_store
+    from flows.sources.ingest import ingest_feeds
+    from flows.store.database import open_store
 
     config = load(args)
     with open_store(config.database_url) as store:
@@ -188,8 +175,9 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from flows.rendering import outcome_rows, render_run
-    from flows.store import open_store
+    from flows.generation.model import resolve_tokenizer_path
+    from flows.prompting.rendering import outcome_rows, render_run
+    from flows.store.database import open_store
     from yalm_runner.tokenizer import Tokenizer
 
     config = load(args)
@@ -204,7 +192,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _news(args: argparse.Namespace) -> int:
-    from flows.store import list_news, open_store
+    from flows.store.database import list_news, open_store
 
     config = load(args)
     with open_store(config.database_url) as store:
@@ -217,7 +205,7 @@ def _news(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from flows.robot import COLUMNS, read_forecasts
+    from flows.store.robot import COLUMNS, read_forecasts
 
     config = load(args)
     forecasts = read_forecasts(
@@ -237,7 +225,7 @@ def _results(args: argparse.Namespace) -> int:
 
 def _start_prefect(config: PipelineConfig, verbose: bool):
     """Logging for a long command (stderr and the log file), then the flow module."""
-    from flows.console import configure_logging
+    from flows.commands.console import configure_logging
 
     configure_logging(config.log_file, verbose=verbose)
     # The pipeline's own log lines also go to the Prefect UI with each run.
@@ -309,8 +297,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flows.console import configure_logging
-    from flows.demo import DEMO_AS_OF, prepare_demo
+    from flows.commands.console import configure_logging
+    from flows.commands.demo import DEMO_AS_OF, prepare_demo
 
     configure_logging(None, verbose=getattr(args, "verbose", False))
     setup = prepare_demo(Path(args.dir), Path.cwd())

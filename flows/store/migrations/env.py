@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations on the connection ``flows.store`` hands in.
+"""Alembic environment: runs migrations on the connection ``flows.store.database`` hands in.
 
 There is no alembic.ini and no URL here: the store opens the database (pragmas, WAL) and passes
 its connection through ``config.attributes["connection"]``.
@@ -6,7 +6,7 @@ its connection through ``config.attributes["connection"]``.
 
 from alembic import context
 
-from flows.models import Base
+from flows.store.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -1,0 +1,1 @@
+"""Pending prompts through the model: the generation job, GPU locks, and shards across hosts."""

@@ -1,1 +1,0 @@
-"""Alembic migrations of the pipeline's store, run programmatically by ``flows.store``."""

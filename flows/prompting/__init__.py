@@ -1,0 +1,1 @@
+"""From stored news to prompts: versioned templates and rendering them for a night."""

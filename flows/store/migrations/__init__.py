@@ -1,0 +1,1 @@
+"""Alembic migrations of the pipeline's store, run programmatically by ``flows.store.database``."""

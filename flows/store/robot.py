@@ -1,0 +1,167 @@
+"""The trading robot's side of the store: the stable view ``forecasts_v1``, read-only.
+
+Owns the contract the robot relies on: the view's name and columns (documented in README) and a
+small Python read API. For SQLite it opens the file read-only (``mode=ro``), so a reader can
+never write, and reads one consistent snapshot (WAL: it never waits for, nor blocks, the writer).
+For PostgreSQL (a ``postgresql://`` URL, best with a role that may only read the view, see
+README) it reads in a ``READ ONLY`` transaction through psycopg 3; MVCC gives the same
+never-wait, never-half-a-row reads. It uses only the standard library's ``sqlite3`` (and
+psycopg for PostgreSQL), so a robot can copy it as is; it knows nothing of the internal tables,
+which may change behind the view.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from flows.errors import StoreError
+
+VIEW = "forecasts_v1"
+BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_S = 10
+# SQLAlchemy-style URLs the pipeline's config uses, and libpq's own.
+POSTGRES_SCHEMES = ("postgresql+psycopg://", "postgresql://", "postgres://")
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """One row of ``forecasts_v1``; times are ISO 8601 UTC text (``2024-05-01T06:00:00Z``)."""
+
+    forecast_id: int
+    generated_at: str
+    as_of: str
+    ticker: str | None
+    template: str
+    template_version: int
+    language: str
+    forecast: str
+    finish_reason: str
+    new_tokens: int
+    news_count: int
+    model_hash: str
+    prompt_key: str
+    run_id: int | None
+
+
+COLUMNS = tuple(field.name for field in fields(Forecast))
+
+
+def is_postgres_url(database: object) -> bool:
+    return isinstance(database, str) and database.startswith(POSTGRES_SCHEMES)
+
+
+def connect_readonly(database: str | Path) -> Any:
+    """A read-only connection: ``sqlite3`` for a path or ``sqlite:///`` URL, psycopg for a
+    ``postgresql://`` URL (every transaction on it is ``READ ONLY``)."""
+    if is_postgres_url(database):
+        return _connect_postgres_readonly(database)
+    path = Path(str(database).removeprefix("sqlite:///"))
+    if not path.is_file():
+        raise StoreError(f"database not found: {path} (run `yalm-forecast ingest` first)")
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open read-only: {exc}") from exc
+    return connection
+
+
+def _connect_postgres_readonly(url: str) -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise StoreError(
+            "reading PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]'"
+        ) from exc
+    conninfo = "postgresql://" + url.split("://", 1)[1]  # libpq does not know "+psycopg"
+    try:
+        connection = psycopg.connect(
+            conninfo, connect_timeout=CONNECT_TIMEOUT_S, application_name="yalm-forecast-robot"
+        )
+    except psycopg.Error as exc:
+        where = url.split("@", 1)[-1]  # never echo a password
+        raise StoreError(f"{where}: cannot connect: {' '.join(str(exc).split())}") from exc
+    connection.read_only = True
+    return connection
+
+
+def _utc_text(moment: datetime | str) -> str:
+    if isinstance(moment, str):
+        return moment
+    if moment.tzinfo is None:
+        raise StoreError(f"naive datetime {moment!r}: pass an aware (UTC) time")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_forecasts(
+    database: str | Path | Any,
+    *,
+    since: datetime | str | None = None,
+    ticker: str | None = None,
+    template: str | None = None,
+    limit: int | None = None,
+) -> list[Forecast]:
+    """Finished forecasts, newest first; ``since`` filters on ``generated_at`` (inclusive).
+
+    ``database``: a SQLite path or ``sqlite:///`` URL, a ``postgresql://`` URL, or a connection
+    from ``connect_readonly`` (kept open for the caller).
+    """
+    owned = isinstance(database, (str, Path))
+    connection = connect_readonly(database) if owned else database
+    postgres = not isinstance(connection, sqlite3.Connection)
+    mark = "%s" if postgres else "?"
+    clauses, params = [], []
+    if since is not None:
+        clauses.append(f"generated_at >= {mark}")
+        params.append(_utc_text(since))
+    if ticker is not None:
+        clauses.append(f"ticker = {mark}")
+        params.append(ticker)
+    if template is not None:
+        clauses.append(f"template = {mark}")
+        params.append(template)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    order = " ORDER BY generated_at DESC, forecast_id DESC"
+    query = f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}"
+    if limit is not None:
+        query += f" LIMIT {mark}"
+        params.append(int(limit))
+    try:
+        rows = (
+            _postgres_rows(connection, query, params)
+            if postgres
+            else _sqlite_rows(connection, query, params)
+        )
+    finally:
+        if owned:
+            connection.close()
+    return [Forecast(*row) for row in rows]
+
+
+def _sqlite_rows(connection: sqlite3.Connection, query: str, params: list) -> list[tuple]:
+    try:
+        return connection.execute(query, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        raise StoreError(f"cannot read {VIEW}: {exc} (is this a yalm-forecast database?)") from exc
+
+
+def _postgres_rows(connection: Any, query: str, params: list) -> list[tuple]:
+    import psycopg
+
+    try:
+        # One transaction per read, ended at once: a robot's long-lived connection is never
+        # left "idle in transaction" holding back the server's cleanup.
+        with connection.transaction(), connection.cursor() as cursor:
+            cursor.execute(query, params)
+            return cursor.fetchall()
+    except psycopg.Error as exc:
+        detail = " ".join(str(exc).split())
+        raise StoreError(
+            f"cannot read {VIEW}: {detail} (is this a yalm-forecast database?)"
+        ) from exc
