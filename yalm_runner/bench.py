@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from yalm_runner import cudamem
 from yalm_runner.checkpoint import PartInfo, part_names
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
@@ -243,6 +244,7 @@ def _log(message: str) -> None:
 
 def _cap_gpu(cap_bytes: int | None) -> None:
     """Make ``cap_bytes`` a hard limit of this process's allocator (None lifts it)."""
+    cudamem.configure()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else cap_bytes / total)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from yalm_runner import cudamem
 from yalm_runner.checkpoint import Store
 from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.model import Weights
@@ -105,6 +106,8 @@ class StreamingWeights:
         self.overlap = overlap
         self.verify = verify
         self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            cudamem.configure()  # before the first weight lands: the plan's bytes must count
         self._resident: dict[str, Weights] = {}
         self._pinned: dict[int, torch.Tensor] = {}
         self._layouts: dict[int, tuple[list[PackedTensor], int]] = {}
