@@ -71,7 +71,7 @@ def stores(tmp_path_factory):
     probe = folder / "probe.bin"
     write_test_file(probe, 1 << 30)
     drive_bps = measure_drive_read(probe, 1 << 30).bytes_per_s
-    probe.unlink()
+    probe.unlink(missing_ok=True)
     pinned_bps = measure_h2d()["pinned"]
     return SyntheticStore(config, torch.bfloat16), on_disk, pinned_bps, drive_bps
 

@@ -35,6 +35,7 @@ def configure() -> bool:
     if user is not None:
         return "expandable_segments:true" in user.replace(" ", "").lower()
     if not _configured and torch.cuda.is_available():
-        torch.cuda.memory._set_allocator_settings(SETTING)
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)(SETTING)
         _configured = True
     return _configured
