@@ -138,11 +138,12 @@ def test_every_accepted_plan_runs_under_its_cap(stores):
             failures.append(f"{case}: out of memory: {str(exc).splitlines()[0]}")
             continue
         cap = parse_bytes(case.budget)
+        ratio = f"{measured / predicted:.2f}x" if predicted else "nothing streams"
         lines.append(
             f"{case!s:44} reserved {format_bytes(reserved):>10} allocated "
             f"{format_bytes(allocated):>10} of {case.budget}; step predicted "
             f"{predicted * 1e3:7.1f} ms measured {measured * 1e3:7.1f} ms "
-            f"({measured / predicted:.2f}x)  [{plan}]"
+            f"({ratio})  [{plan}]"
         )
         if reserved > cap:
             failures.append(f"{case}: reserved {format_bytes(reserved)} over the cap")
