@@ -2,8 +2,8 @@
 
 import torch
 
-from yalm_runner.bench import SHAPES
-from yalm_runner.bench_envelope import CompressedSyntheticStore, format_envelope
+from yalm_runner.bench.envelope import CompressedSyntheticStore, format_envelope
+from yalm_runner.bench.synthetic import SHAPES
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes, plan_placement

@@ -13,24 +13,23 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from yalm_runner import bench_peers
-from yalm_runner.bench import (
-    SHAPES,
-    BenchRow,
-    SyntheticStore,
-    compare_with_ours,
-    format_disk,
-    format_table,
-    target_lines,
-)
-from yalm_runner.bench_disk import measure_disk_tier, measure_drive_read, write_synthetic_store
-from yalm_runner.bench_peers import (
+from yalm_runner.bench import peers as bench_peers
+from yalm_runner.bench.disk import measure_disk_tier, measure_drive_read, write_synthetic_store
+from yalm_runner.bench.peers import (
     PeerModel,
     PeerResult,
     build_ends,
     build_stack,
     generate_greedy,
     zero_config,
+)
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore
+from yalm_runner.bench.table import (
+    BenchRow,
+    compare_with_ours,
+    format_disk,
+    format_table,
+    target_lines,
 )
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
@@ -139,7 +138,7 @@ def test_peer_result_travels_from_child_as_json(monkeypatch):
     sent = PeerResult("zero", 16, 8 * 2**30, True, tokens_per_s=12.5, settings={"stage": 3})
 
     def fake_run(command, **kwargs):
-        assert command[1:3] == ["-m", "yalm_runner.bench_peers"]
+        assert command[1:3] == ["-m", "yalm_runner.bench.peers"]
         assert command[command.index("--cap-bytes") + 1] == str(8 * 2**30)
         return subprocess.CompletedProcess(command, 0, "log line\n" + json.dumps(asdict(sent)))
 

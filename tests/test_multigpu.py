@@ -87,7 +87,7 @@ def test_two_gpus_give_one_gpus_output_in_bf16(tiny_store):
 
 
 def test_the_scaling_report_reads_as_a_table():
-    from yalm_runner.bench_multigpu import format_report
+    from yalm_runner.bench.multigpu import format_report
 
     report = {
         "shape": "13b",

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from yalm_runner.bench import SHAPES, SyntheticStore
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore
 from yalm_runner.errors import OffloadError
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.planning import plan_memory

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from yalm_runner.bench import run_bench
+    from yalm_runner.bench.comparison import run_bench
     from yalm_runner.offload import parse_bytes
 
     batches = [int(size) for size in str(args.batch_sizes).split(",") if size.strip()]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.bench import SyntheticStore
+from yalm_runner.bench.synthetic import SyntheticStore
 from yalm_runner.checkpoint import Store, StoreWriter, part_names
 from yalm_runner.config import ModelConfig
 from yalm_runner.offload import OffloadPolicy, plan_placement

@@ -9,7 +9,7 @@ and one module for the embedding and the head, which share the tied word embeddi
 cache is a preallocated (B, S, NH, D) pair per layer on the GPU, as in our engine; decoding is
 greedy over prompts of one length.
 
-Each system runs in its own process (``python -m yalm_runner.bench_peers``, driven by
+Each system runs in its own process (``python -m yalm_runner.bench.peers``, driven by
 ``run_peer``) so that one library's hooks, pinned buffers and allocator state never colour
 another's figures; the child prints one JSON object as its last line. A GPU cap is enforced with
 the allocator's per-process memory fraction, so exceeding it is an out-of-memory error, reported
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from yalm_runner import model
-from yalm_runner.bench import SHAPES, SyntheticStore, estimate_workspace
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore, estimate_workspace
 from yalm_runner.config import ModelConfig
 from yalm_runner.model import EMBEDDING_KEYS, HEAD_KEYS, PROJECTOR_KEYS, expected_shapes, layer_keys
 
@@ -220,7 +220,7 @@ def generate_greedy(
 
 
 def bench_prompts(batch: int, prompt_len: int, vocab_size: int) -> torch.Tensor:
-    """The bench's prompts: BOS then a deterministic spread of ids (as ``bench.run_ours``)."""
+    """The bench's prompts: BOS then a deterministic spread of ids (as ``bench.ours.run_ours``)."""
     rows = [
         [1]
         + [(row * 7 + pos) % min(50000, vocab_size - 300) + 300 for pos in range(prompt_len - 1)]
@@ -472,7 +472,7 @@ def run_peer(
     """Run ``system`` in a child process; its stderr passes through, its last stdout line is
     the result. A crash, a timeout or a missing library comes back as a failed result."""
     command = [
-        sys.executable, "-m", "yalm_runner.bench_peers", "--system", system, "--shape", shape,
+        sys.executable, "-m", "yalm_runner.bench.peers", "--system", system, "--shape", shape,
         "--batch", str(batch), "--prompt-len", str(prompt_len), "-n", str(new_tokens),
         "--cap-bytes", str(cap_bytes or 0),
     ]  # fmt: skip
