@@ -31,6 +31,8 @@ FORBIDDEN = {
     "sampling": {"model", "checkpoint", "offload", "engine"},
     "checkpoint": {"offload", "engine", "cli", "runner", "convert"},
     "tensorfile": {"model", "checkpoint", "config", "offload", "engine"},
+    # The compressed format of one matrix; stores and weight sources build on it.
+    "quant": {"checkpoint", "offload", "streaming", "engine"},
 }
 
 

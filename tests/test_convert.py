@@ -13,8 +13,8 @@ from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import CheckpointError, ConfigError
-from yalm_runner.offload import ResidentWeights
-from yalm_runner.quant import Quantization, QuantizedResidentWeights
+from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights
+from yalm_runner.quant import Quantization
 from yalm_runner.release import load_release_file, release_file_name
 from yalm_runner.tiny import TinySpec, make_tiny
 

@@ -12,9 +12,9 @@ from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import CheckpointError, ConfigError
-from yalm_runner.offload import ResidentWeights
+from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights
 from yalm_runner.quality import compare_stores
-from yalm_runner.quant import DequantizingWeights, Quantization, QuantizedResidentWeights
+from yalm_runner.quant import DequantizingWeights, Quantization
 from yalm_runner.tensorfile import read_layout
 from yalm_runner.tokenizer import Tokenizer
 

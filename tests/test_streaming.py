@@ -11,11 +11,12 @@ from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.offload import (
     OffloadPolicy,
     Placement,
+    QuantizedResidentWeights,
     ResidentWeights,
     parse_bytes,
     plan_placement,
 )
-from yalm_runner.quant import Quantization, QuantizedResidentWeights
+from yalm_runner.quant import Quantization
 from yalm_runner.streaming import StreamingWeights, open_weights, part_bytes_in
 
 GREEDY = SamplingParams(greedy=True)

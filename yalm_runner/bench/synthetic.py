@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.checkpoint import PartInfo, part_names
+from yalm_runner.checkpoint import PartInfo, part_names, stored_specs
 from yalm_runner.config import ModelConfig
-from yalm_runner.quant import Quantization, stored_specs
+from yalm_runner.quant import Quantization
 from yalm_runner.tensorfile import TensorRecord
 
 # An id no row produces: random weights would end rows at random, so every row runs its full
