@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError, GenerationError
@@ -27,7 +27,7 @@ def two_sources(store, placement):
 
 @pytest.fixture(scope="module")
 def store(tiny_store):
-    return Store.open(tiny_store)
+    return ModelStore.open(tiny_store)
 
 
 @pytest.fixture(scope="module")

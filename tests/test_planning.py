@@ -75,9 +75,9 @@ def test_yalm_100b_in_16_bits_streams_from_disk_beyond_the_ram_budget():
 
 
 def test_on_a_cpu_machine_the_ram_budget_bounds_resident_layers(tiny_store):
-    from yalm_runner.checkpoint import Store
+    from yalm_runner.checkpoint import ModelStore
 
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     cpu = torch.device("cpu")
     roomy = plan_memory(store, cpu, torch.float32, OffloadPolicy(), batch_size=4, max_context=64)
     assert roomy.placement.count("disk") == 0 and roomy.kv_on == "gpu"

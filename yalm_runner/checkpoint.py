@@ -177,8 +177,8 @@ class StoreWriter:
         return self.path / MANIFEST_NAME
 
 
-class Store:
-    """A validated store on disk. ``Store.open`` raises ``CheckpointError`` on any defect."""
+class ModelStore:
+    """A validated store on disk. ``ModelStore.open`` raises ``CheckpointError`` on any defect."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], manifest_sha256: str):
         self.path = path
@@ -200,7 +200,7 @@ class Store:
         self._layouts: dict[str, FileLayout] = {}
 
     @classmethod
-    def open(cls, path: str | Path, *, verify_tokenizer: bool = True) -> Store:
+    def open(cls, path: str | Path, *, verify_tokenizer: bool = True) -> ModelStore:
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         if not manifest_path.is_file():

@@ -437,13 +437,13 @@ def _peak_rss_gib() -> float:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from yalm_runner.checkpoint import Store
+    from yalm_runner.checkpoint import ModelStore
     from yalm_runner.convert import parse_dtype
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
 
-    store = Store.open(args.store)
+    store = ModelStore.open(args.store)
     print(describe_store(store))
     device = torch.device(args.device)  # planning only: the device need not be here
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(store, device)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.model import Weights
@@ -243,7 +243,7 @@ class ResidentWeights:
     """Every part read once (checksums verified), cast, and kept on ``device``."""
 
     def __init__(
-        self, store: Store, device: torch.device | str, dtype: torch.dtype, verify: bool = True
+        self, store: ModelStore, device: torch.device | str, dtype: torch.dtype, verify: bool = True
     ):
         self.config = store.config
         self.device = torch.device(device)
@@ -270,7 +270,7 @@ class QuantizedResidentWeights:
     kept on ``device`` as stored; layers dequantize through one shared scratch buffer."""
 
     def __init__(
-        self, store: Store, device: torch.device | str, dtype: torch.dtype, verify: bool = True
+        self, store: ModelStore, device: torch.device | str, dtype: torch.dtype, verify: bool = True
     ):
         if store.quantization is None:
             raise ConfigError(f"{store.path} is not a compressed store; use ResidentWeights")

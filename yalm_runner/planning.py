@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
 from yalm_runner.kvcache import DECODE_BYTES, kv_bytes_per_token
@@ -91,7 +91,7 @@ def _element(dtype: torch.dtype) -> int:
 
 
 def plan_memory(
-    store: Store,
+    store: ModelStore,
     device: torch.device,
     dtype: torch.dtype,
     policy: OffloadPolicy,

@@ -20,7 +20,7 @@ from flows.generations import (
 )
 from flows.store import open_store
 from flows.templates import RenderedPrompt
-from yalm_runner.checkpoint import Store as ModelStore
+from yalm_runner.checkpoint import ModelStore
 
 
 def rendered(key: str, text: str, max_new_tokens: int = 8) -> RenderedPrompt:

@@ -41,7 +41,7 @@ SHAPES = {
 
 
 class SyntheticStore:
-    """The part of ``Store``'s interface the streaming source reads, with random weights; with
+    """The part of ``ModelStore``'s interface the streaming source reads, with random weights; with
     ``quantization``, the layers' records are those of a compressed store."""
 
     def __init__(
