@@ -33,6 +33,11 @@ FORBIDDEN = {
     "tensorfile": {"model", "checkpoint", "config", "offload", "engine"},
     # The compressed format of one matrix; stores and weight sources build on it.
     "quant": {"checkpoint", "offload", "streaming", "engine"},
+    # The KV record format and its sizes; the caches that move records build on it, and the
+    # planner and ``quality`` need only the format.
+    "kvformat": {"kvcache", "pinned", "engine"},
+    "planning": {"kvcache", "engine"},
+    "quality": {"kvcache"},
 }
 
 

@@ -79,7 +79,8 @@ def test_compressed_layers_stream_to_the_same_ids_as_resident_compressed(
 
 
 def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, resident_ids):
-    from yalm_runner.kvcache import HostKV, decode_kv, encode_kv
+    from yalm_runner.kvcache import HostKV
+    from yalm_runner.kvformat import decode_kv, encode_kv
 
     values = torch.randn(3, 5, 4, 16) * torch.logspace(-2, 2, 16)  # spread magnitudes
     for bits in (8, 4):

@@ -86,7 +86,7 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
 
 def _kv_widths(text: str) -> tuple[int, ...]:
     from yalm_runner.errors import ConfigError
-    from yalm_runner.kvcache import KV_BITS
+    from yalm_runner.kvformat import KV_BITS
 
     try:
         widths = tuple(int(part) for part in text.split(",") if part.strip())

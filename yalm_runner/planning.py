@@ -26,7 +26,7 @@ import torch
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
-from yalm_runner.kvcache import DECODE_BYTES, kv_bytes_per_token
+from yalm_runner.kvformat import DECODE_BYTES, kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
 from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in

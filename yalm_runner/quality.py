@@ -32,7 +32,7 @@ import torch
 from yalm_runner import model
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.errors import ConfigError
-from yalm_runner.kvcache import KV_BITS, decode_kv, encode_kv
+from yalm_runner.kvformat import KV_BITS, decode_kv, encode_kv
 from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights, WeightSource
 from yalm_runner.runner import read_prompts
 from yalm_runner.tokenizer import Tokenizer
