@@ -40,6 +40,66 @@ from yalm_runner.streaming import StreamingWeights, part_bytes_in
 PEER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+# What an option left unset means. Each of these changes only some runs; given to a run it
+# would not change, it is refused (``check_options``) rather than silently ignored.
+DEFAULTS = {
+    "uncapped_batch": 32,
+    "max_batch": 256,
+    "kv_layout": "auto",
+    "peer_timeout_s": 900.0,
+    "disk_layers": 8,
+    "disk_file_bytes": 4 * 2**30,
+}
+
+
+def planned_kv_widths(kv_bits: tuple[int, ...] | None, peers: tuple[str, ...]) -> tuple[int, ...]:
+    """The KV widths of the planner's rows, widest first: those asked for; unasked, 16 bits
+    beside the peers (the row the peers are compared with) and none otherwise."""
+    if kv_bits is None:
+        return (16,) if peers else ()
+    return tuple(sorted(set(kv_bits), reverse=True))
+
+
+def check_options(
+    shape: str,
+    gpu_memory: int | None,
+    *,
+    peers: tuple[str, ...],
+    uncapped_peers: tuple[str, ...] | None,
+    uncapped_batch: int | None,
+    max_batch: int | None,
+    kv_bits: tuple[int, ...] | None,
+    kv_layout: str | None,
+    peer_timeout_s: float | None,
+    disk_dir: Path | None,
+    disk_layers: int | None,
+    disk_file_bytes: int | None,
+) -> None:
+    """Refuse, before anything runs, what the bench cannot do and any option (not None) that
+    would change nothing in this run; the one-line error names the option."""
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    uncapped = peers if uncapped_peers is None else uncapped_peers
+    unknown = [name for name in (*peers, *uncapped) if name not in SYSTEMS]
+    if unknown:
+        raise ConfigError(f"unknown peers {unknown}; choose from {list(SYSTEMS)}")
+    if peers and gpu_memory is None:
+        raise ConfigError("--peers compares systems under a GPU budget: give --gpu-memory too")
+    planned = bool(planned_kv_widths(kv_bits, peers))
+    any_peers = bool(peers or uncapped)
+    idle = (
+        ("--kv-layout", kv_layout, planned, "--kv-bits or --peers"),
+        ("--max-batch", max_batch, planned or bool(peers), "--kv-bits or --peers"),
+        ("--uncapped-batch", uncapped_batch, any_peers, "--peers or --uncapped-peers"),
+        ("--peer-timeout", peer_timeout_s, any_peers, "--peers or --uncapped-peers"),
+        ("--disk-layers", disk_layers, disk_dir is not None, "--disk"),
+        ("--disk-file", disk_file_bytes, disk_dir is not None, "--disk"),
+    )
+    for flag, value, used, needs in idle:
+        if value is not None and not used:
+            raise ConfigError(f"{flag} does nothing without {needs}")
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -116,29 +176,40 @@ def run_bench(
     *,
     peers: tuple[str, ...] = (),
     uncapped_peers: tuple[str, ...] | None = None,
-    uncapped_batch: int = 32,
-    max_batch: int = 256,
-    kv_bits: tuple[int, ...] = (16,),
-    kv_layout: str = "auto",
-    peer_timeout_s: float = 900.0,
+    uncapped_batch: int | None = None,
+    max_batch: int | None = None,
+    kv_bits: tuple[int, ...] | None = None,
+    kv_layout: str | None = None,
+    peer_timeout_s: float | None = None,
     disk_dir: Path | None = None,
-    disk_layers: int = 8,
-    disk_file_bytes: int = 4 * 2**30,
+    disk_layers: int | None = None,
+    disk_file_bytes: int | None = None,
 ) -> list[BenchRow]:
-    """Ours at each of ``batches`` (overlap on and off) under the budgets; with ``peers``, also
-    ours and each peer at its largest batch under ``gpu_memory`` and at ``uncapped_batch`` with
-    no cap (every layer offloaded to the CPU in all three); with ``disk_dir``, the disk tier
-    against the drive. Prints one table; writes everything to ``json_path`` too."""
+    """Ours at each of ``batches`` (overlap on and off) under the budgets; at the planner's
+    batch for each of ``kv_bits`` (KV in pinned RAM where the planner puts it there); with
+    ``peers``, also ours and each peer at its largest batch under ``gpu_memory`` and at
+    ``uncapped_batch`` with no cap (every layer offloaded to the CPU in all three); with
+    ``disk_dir``, the disk tier against the drive. Prints one table, whatever a peer did;
+    writes everything to ``json_path`` too.
+
+    An option left None takes its default (``DEFAULTS``); one given to a run it would not change
+    is refused before anything runs (``check_options``)."""
+    check_options(
+        shape, gpu_memory, peers=peers, uncapped_peers=uncapped_peers,
+        uncapped_batch=uncapped_batch, max_batch=max_batch, kv_bits=kv_bits,
+        kv_layout=kv_layout, peer_timeout_s=peer_timeout_s, disk_dir=disk_dir,
+        disk_layers=disk_layers, disk_file_bytes=disk_file_bytes,
+    )  # fmt: skip
     if not torch.cuda.is_available():
         raise ConfigError("bench measures host-to-device streaming and needs a CUDA device")
-    if shape not in SHAPES:
-        raise ConfigError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     uncapped_peers = peers if uncapped_peers is None else uncapped_peers
-    unknown = [name for name in (*peers, *uncapped_peers) if name not in SYSTEMS]
-    if unknown:
-        raise ConfigError(f"unknown peers {unknown}; choose from {list(SYSTEMS)}")
-    if peers and gpu_memory is None:
-        raise ConfigError("--peers compares systems under a GPU budget: give --gpu-memory too")
+    widths = planned_kv_widths(kv_bits, peers)
+    uncapped_batch = DEFAULTS["uncapped_batch"] if uncapped_batch is None else uncapped_batch
+    max_batch = DEFAULTS["max_batch"] if max_batch is None else max_batch
+    kv_layout = DEFAULTS["kv_layout"] if kv_layout is None else kv_layout
+    peer_timeout_s = DEFAULTS["peer_timeout_s"] if peer_timeout_s is None else peer_timeout_s
+    disk_layers = DEFAULTS["disk_layers"] if disk_layers is None else disk_layers
+    disk_file_bytes = DEFAULTS["disk_file_bytes"] if disk_file_bytes is None else disk_file_bytes
     config = SHAPES[shape]
     if num_layers:
         config = replace(config, num_layers=num_layers)
@@ -164,10 +235,11 @@ def run_bench(
             ):
                 row = try_ours(weights, capped, prompt_len, new_tokens, base, pinned)
                 rows += [row] if row else []
-            # The planner's batch at each KV width: the KV cache may go to pinned RAM,
-            # so that many more rows share each weight transfer under the same GPU budget.
-            for bits in sorted(set(kv_bits), reverse=True):
-                policy = replace(base, kv_on="auto", kv_bits=bits, kv_layout=kv_layout)
+        # The planner's batch at each KV width: the KV cache may go to pinned RAM,
+        # so that many more rows share each weight transfer under the same GPU budget.
+        for bits in widths:
+            policy = replace(base, kv_on="auto", kv_bits=bits, kv_layout=kv_layout)
+            try:
                 plan = plan_memory(
                     store,
                     torch.device("cuda"),
@@ -178,13 +250,17 @@ def run_bench(
                     prompt_tokens=prompt_len,
                     rows=max_batch,
                 )
-                _log(f"planned ({bits}-bit KV): {plan.describe()}")
-                label = "ours, KV in RAM" if bits == 16 else f"ours, {bits}-bit KV"
-                label = label if plan.kv_on == "cpu" else "ours, planned"
-                row = try_ours(
-                    weights, plan.batch_size, prompt_len, new_tokens, policy, pinned, plan, label
-                )
-                rows += [row] if row else []
+            except OffloadError as exc:
+                _log(f"planned ({bits}-bit KV): {exc}")
+                continue
+            _log(f"planned ({bits}-bit KV): {plan.describe()}")
+            label = "ours, KV in RAM" if bits == 16 else f"ours, {bits}-bit KV"
+            label = label if plan.kv_on == "cpu" else "ours, planned"
+            row = try_ours(
+                weights, plan.batch_size, prompt_len, new_tokens, policy, pinned, plan, label
+            )
+            rows += [row] if row else []
+        if peers:
             uncapped = replace(base, gpu_memory_bytes=None)
             row = try_ours(weights, uncapped_batch, prompt_len, new_tokens, uncapped, pinned)
             rows += [row] if row else []
