@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
@@ -100,7 +100,7 @@ def main() -> None:
 
         def engine_only() -> float:
             began = time.perf_counter()
-            opened = Store.open(store)
+            opened = ModelStore.open(store)
             tokenizer = Tokenizer(opened.tokenizer_path)
             requests = [
                 Request(row["__key__"], tuple(tokenizer.encode(row["prefix"])), args.max_new_tokens)

@@ -19,7 +19,7 @@ case "$1" in
     nvidia-smi -L
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_streaming.py tests/test_multigpu.py \
       2>&1 | tail -15
-    python3 -m yalm_runner.bench_multigpu --shape 13b --gpus 2 --gpu-memory 8GiB --rows 128 \
+    python3 -m yalm_runner.bench.multigpu --shape 13b --gpus 2 --gpu-memory 8GiB --rows 128 \
       -n 16 --json "$OUT/multigpu.json" 2>&1 | tee "$OUT/multigpu.txt"
     ;;
   peers)  # as run in session 2 (465 s)
@@ -53,7 +53,7 @@ case "$1" in
     python3 benchmarks/fused_check.py 2>&1 | tee "$OUT/fused.txt"
     ;;
   envelope)
-    python3 -m yalm_runner.bench_envelope --shape yalm-100b --quantize int4 --group-size 128 \
+    python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
       --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
     ;;

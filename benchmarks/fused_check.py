@@ -6,8 +6,8 @@ import torch
 from triton.testing import do_bench
 
 from yalm_runner import quant
-from yalm_runner.bench import SHAPES
-from yalm_runner.bench_envelope import format_envelope, run_envelope
+from yalm_runner.bench.envelope import format_envelope, run_envelope
+from yalm_runner.bench.synthetic import SHAPES
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 
 config = SHAPES["yalm-100b"]

@@ -7,7 +7,10 @@ import sys
 
 import torch
 
-from yalm_runner.bench import SHAPES, SyntheticStore, _try_ours, format_table, measure_h2d
+from yalm_runner.bench.link import measure_h2d
+from yalm_runner.bench.ours import try_ours
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore
+from yalm_runner.bench.table import format_table
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import plan_memory
@@ -31,7 +34,7 @@ for bits in [int(b) for b in sys.argv[1].split(",")]:
             weights = StreamingWeights(store, "cuda", torch.bfloat16, plan.placement, verify=False)
             print(f"weights placed; locked {locked_bytes() / 2**30:.1f} GiB", flush=True)
         name = f"{bits}-bit KV, {layout}"
-        row = _try_ours(weights, plan.batch_size, 128, 32, policy, pinned, plan, name)
+        row = try_ours(weights, plan.batch_size, 128, 32, policy, pinned, plan, name)
         rows += [row] if row else []
         gc.collect()
         torch.cuda.empty_cache()

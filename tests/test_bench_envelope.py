@@ -2,13 +2,14 @@
 
 import torch
 
-from yalm_runner.bench import SHAPES
-from yalm_runner.bench_envelope import CompressedSyntheticStore, format_envelope
+from yalm_runner.bench.envelope import CompressedSyntheticStore, format_envelope
+from yalm_runner.bench.synthetic import SHAPES
+from yalm_runner.checkpoint import stored_specs
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes, plan_placement
 from yalm_runner.planning import plan_memory
-from yalm_runner.quant import Quantization, stored_specs
+from yalm_runner.quant import Quantization
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
 
 ENVELOPE = OffloadPolicy(

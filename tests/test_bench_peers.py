@@ -7,30 +7,32 @@ under ``max_memory``, DeepSpeed ZeRO-3) run on the lent GPU through ``yalm-runne
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from yalm_runner import bench_peers
-from yalm_runner.bench import (
-    SHAPES,
-    BenchRow,
-    SyntheticStore,
-    compare_with_ours,
-    format_disk,
-    format_table,
-    target_lines,
-)
-from yalm_runner.bench_disk import measure_disk_tier, measure_drive_read, write_synthetic_store
-from yalm_runner.bench_peers import (
+from yalm_runner.bench import peers as bench_peers
+from yalm_runner.bench.disk import measure_disk_tier, measure_drive_read, write_synthetic_store
+from yalm_runner.bench.peers import (
     PeerModel,
     PeerResult,
     build_ends,
     build_stack,
     generate_greedy,
     zero_config,
+)
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore
+from yalm_runner.bench.table import (
+    BenchRow,
+    compare_with_ours,
+    format_disk,
+    format_table,
+    target_lines,
 )
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
@@ -138,21 +140,62 @@ def test_table_ratios_and_targets():
 def test_peer_result_travels_from_child_as_json(monkeypatch):
     sent = PeerResult("zero", 16, 8 * 2**30, True, tokens_per_s=12.5, settings={"stage": 3})
 
-    def fake_run(command, **kwargs):
-        assert command[1:3] == ["-m", "yalm_runner.bench_peers"]
+    def fake_child(command, timeout_s, env):
+        assert command[1:3] == ["-m", "yalm_runner.bench.peers"]
         assert command[command.index("--cap-bytes") + 1] == str(8 * 2**30)
-        return subprocess.CompletedProcess(command, 0, "log line\n" + json.dumps(asdict(sent)))
+        assert timeout_s == 60
+        return 0, "log line\n" + json.dumps(asdict(sent))
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_peers, "run_child", fake_child)
     got = bench_peers.run_peer("zero", "13b", None, 16, 128, 32, 8 * 2**30, 60)
     assert got == sent
 
-    def crashed(command, **kwargs):
-        return subprocess.CompletedProcess(command, -9, "")
-
-    monkeypatch.setattr(subprocess, "run", crashed)
+    monkeypatch.setattr(bench_peers, "run_child", lambda command, timeout_s, env: (-9, ""))
     failed = bench_peers.run_peer("zero", "13b", None, 16, 128, 32, None, 60)
     assert not failed.ok and "exited -9" in failed.error
+
+
+def test_a_child_past_its_time_limit_is_killed_with_the_helpers_it_started(tmp_path):
+    helper_pid = tmp_path / "helper.pid"
+    # A child that starts a helper in its group, then outlives its limit.
+    script = f"sleep 300 & echo $! > {helper_pid}; echo started; sleep 300"
+    with pytest.raises(subprocess.TimeoutExpired):
+        bench_peers.run_child(["sh", "-c", script], 2, dict(os.environ))
+    helper = Path(f"/proc/{int(helper_pid.read_text())}/status")
+    for _ in range(50):  # killed; then reaped by whoever inherited it
+        if not helper.exists() or "State:\tZ" in helper.read_text():
+            break
+        time.sleep(0.1)
+    assert not helper.exists() or "State:\tZ" in helper.read_text()
+
+
+def test_a_finished_child_gives_its_exit_status_and_output():
+    assert bench_peers.run_child(["sh", "-c", "echo one; echo two; exit 3"], 60, {}) == (
+        3,
+        "one\ntwo\n",
+    )
+
+
+def test_a_peers_batch_search_stops_when_its_time_is_spent(monkeypatch):
+    cap, now_s, limits = 8 * 2**30, [0.0], []
+
+    def slow_peer(system, shape, layers, batch, prompt_len, new_tokens, cap_bytes, timeout_s):
+        limits.append(timeout_s)
+        now_s[0] += min(150.0, timeout_s)  # each run takes 150 s, or is stopped at its limit
+        error = "out of GPU memory" if timeout_s >= 150 else f"timed out after {timeout_s:.0f} s"
+        return PeerResult(system, batch, cap_bytes, False, error)
+
+    monkeypatch.setattr(bench_peers, "run_peer", slow_peer)
+    logged = []
+    best, tried = bench_peers.largest_fitting(
+        "accelerate", "13b", None, [1, 2, 4, 8, 16, 32], 128, 32, cap, 400, logged.append,
+        clock=lambda: now_s[0],
+    )  # fmt: skip
+    assert best is None
+    assert [result.batch for result in tried] == [32, 16, 8]
+    assert limits == [400.0, 250.0, 100.0]  # each run gets what is left of the peer's 400 s
+    assert tried[-1].error == "timed out after 100 s"
+    assert logged[-1] == "HF Accelerate: its 400 s under the cap are spent; B=4, 2, 1 not tried"
 
 
 def test_largest_fitting_walks_down_until_a_batch_fits(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from yalm_runner.checkpoint import MANIFEST_NAME, Store
+from yalm_runner.checkpoint import MANIFEST_NAME, ModelStore
 from yalm_runner.errors import CheckpointError
 from yalm_runner.tensorfile import TensorSpec, read_layout, write_tensor_file
 
@@ -26,14 +26,14 @@ def edit_manifest(store_path, change):
 
 
 def test_a_good_store_opens_and_verifies(tiny_store):
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     store.verify()
     assert next(iter(store.parts)) == "embedding" and list(store.parts)[-1] == "head"
     assert len(store.manifest_sha256) == 64
 
 
 def test_files_are_plain_safetensors_with_aligned_data(tiny_store):
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     layer = store.parts["layer_1"].path
     ours = store.read_part("layer_1")
     theirs = load_file(str(layer))
@@ -46,30 +46,30 @@ def test_files_are_plain_safetensors_with_aligned_data(tiny_store):
 def test_missing_manifest_says_the_store_is_incomplete(store_copy):
     (store_copy / MANIFEST_NAME).unlink()
     with pytest.raises(CheckpointError, match=r"manifest.json is missing \(an interrupted"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_missing_layer_file_is_named(store_copy):
     (store_copy / "layers/layer_001.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"missing file .*layer_001\.safetensors"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_truncated_file_is_named(store_copy):
     path = store_copy / "layers/layer_002.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"layer_002\.safetensors: truncated file"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_flipped_byte_is_a_checksum_error_naming_the_tensor(store_copy):
-    store = Store.open(store_copy)
+    store = ModelStore.open(store_copy)
     record = next(r for r in store.parts["layer_0"].records if r.name == "attention.dense.weight")
     path = store.parts["layer_0"].path
     data = bytearray(path.read_bytes())
     data[read_layout(path).data_start + record.begin + 5] ^= 0xFF
     path.write_bytes(bytes(data))
-    store = Store.open(store_copy)  # sizes and headers are still fine
+    store = ModelStore.open(store_copy)  # sizes and headers are still fine
     with pytest.raises(
         CheckpointError, match=r"layer_000.*checksum mismatch in tensor attention\.dense\.weight"
     ):
@@ -81,11 +81,11 @@ def test_wrong_shape_is_named(store_copy):
     with pytest.raises(
         CheckpointError, match=r"layer_000\.safetensors: tensor mlp\.dense_ffn_\w+\.\w+ has shape"
     ):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_extra_and_missing_tensors_are_named(store_copy):
-    store = Store.open(store_copy)
+    store = ModelStore.open(store_copy)
     tensors = {name: t.clone() for name, t in store.read_part("layer_1").items()}
     tensors["rogue.weight"] = torch.zeros(3)
     path = store_copy / "layers/layer_001.safetensors"
@@ -112,7 +112,7 @@ def test_extra_and_missing_tensors_are_named(store_copy):
     with pytest.raises(
         CheckpointError, match=r"layer_001\.safetensors: unexpected tensor rogue\.weight"
     ):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
     def drop_bias(manifest):
         manifest["files"][2]["tensors"] = [
@@ -123,26 +123,26 @@ def test_extra_and_missing_tensors_are_named(store_copy):
     with pytest.raises(
         CheckpointError, match=r"layer_001\.safetensors: missing tensor attention\.dense\.bias"
     ):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_garbage_header_and_unknown_format_version(store_copy):
     (store_copy / "head.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(CheckpointError, match=r"head\.safetensors"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
     edit_manifest(store_copy, lambda m: m.update(format_version=99))
     with pytest.raises(CheckpointError, match="format version 99"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
     (store_copy / MANIFEST_NAME).write_text("{")
     with pytest.raises(CheckpointError, match="malformed manifest"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_tokenizer_checksum_is_checked(store_copy):
     with open(store_copy / "tokenizer.sp", "ab") as handle:
         handle.write(b"x")
     with pytest.raises(CheckpointError, match=r"tokenizer\.sp: checksum mismatch"):
-        Store.open(store_copy)
+        ModelStore.open(store_copy)
 
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path):

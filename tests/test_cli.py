@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from yalm_runner.cli import build_parser
 
@@ -92,6 +93,52 @@ def test_bench_kv_widths_are_checked_before_anything_runs(capsys):
     for bad in ("3", "8,x", ""):
         assert cli.main(["bench", "--kv-bits", bad]) == 1
         assert "--kv-bits takes 16, 8 or 4 (a comma list)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "needs"),
+    [
+        (["--kv-layout", "rows"], "--kv-bits or --peers"),
+        (["--max-batch", "512"], "--kv-bits or --peers"),
+        (["--peer-timeout", "60"], "--peers or --uncapped-peers"),
+        (["--uncapped-batch", "8"], "--peers or --uncapped-peers"),
+        (["--disk-layers", "2"], "--disk"),
+        (["--disk-file", "1GiB"], "--disk"),
+    ],
+)
+def test_bench_refuses_an_option_that_would_do_nothing(capsys, given, needs):
+    from yalm_runner import cli
+
+    assert cli.main(["bench", "--gpu-memory", "8GiB", *given]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"yalm-runner bench: error: {given[0]} does nothing without {needs}"
+
+
+def test_bench_runs_the_planners_rows_without_peers_when_kv_widths_are_asked_for():
+    from yalm_runner.bench.comparison import check_options, planned_kv_widths
+
+    # The command of issue 17: `--batch-sizes "" --gpu-memory 8GiB --kv-bits 16,4`, no --peers.
+    assert planned_kv_widths((16, 4), peers=()) == (16, 4)
+    assert planned_kv_widths((4, 16, 4), peers=()) == (16, 4)
+    assert planned_kv_widths(None, peers=("zero",)) == (16,)  # beside the peers, as before
+    assert planned_kv_widths(None, peers=()) == ()
+    check_options(
+        "13b", 8 * 2**30, peers=(), uncapped_peers=None, uncapped_batch=None, max_batch=512,
+        kv_bits=(16, 4), kv_layout="slots", peer_timeout_s=None, disk_dir=None,
+        disk_layers=None, disk_file_bytes=None,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_prints_a_planner_row_for_each_kv_width_without_peers():
+    result = run(
+        "bench", "--shape", "tiny", "--batch-sizes", "", "--gpu-memory", "1GiB",
+        "--kv-bits", "16,4", "--max-batch", "8", "--prompt-len", "8", "-n", "4",
+    )  # fmt: skip
+    table = result.stdout.splitlines()
+    header = next(index for index, line in enumerate(table) if line.startswith("system"))
+    assert len(table[header + 1 :]) == 2, result.stdout
 
 
 def test_bad_input_lines_are_named(tiny_store, tmp_path):

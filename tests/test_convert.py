@@ -8,13 +8,13 @@ import textwrap
 import pytest
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import CheckpointError, ConfigError
-from yalm_runner.offload import ResidentWeights
-from yalm_runner.quant import Quantization, QuantizedResidentWeights
+from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights
+from yalm_runner.quant import Quantization
 from yalm_runner.release import load_release_file, release_file_name
 from yalm_runner.tiny import TinySpec, make_tiny
 
@@ -24,7 +24,7 @@ def release_tensors(release, slot):
 
 
 def test_round_trip_is_exact(tiny_release, tiny_store):
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     embedding = store.read_part("embedding")
     assert torch.equal(
         embedding["word_embeddings.weight"],
@@ -46,7 +46,7 @@ def test_round_trip_is_exact(tiny_release, tiny_store):
 
 
 def test_dtype_is_kept_or_cast(tiny_release, tmp_path):
-    store = Store.open(
+    store = ModelStore.open(
         convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
     )
     assert store.dtype == torch.bfloat16
@@ -65,7 +65,9 @@ def test_tensor_parallel_shards_merge_to_the_same_model(tmp_path):
     make_tiny(tmp_path / "tp3", TinySpec(**spec, tensor_parallel=3))
     assert (tmp_path / "tp3/weights" / release_file_name(3, 2)).exists()
     stores = [
-        Store.open(convert_release(tmp_path / f"tp{n}", tmp_path / f"s{n}", num_heads=6).parent)
+        ModelStore.open(
+            convert_release(tmp_path / f"tp{n}", tmp_path / f"s{n}", num_heads=6).parent
+        )
         for n in (1, 3)
     ]
     assert stores[1].config.ffn_size == 174  # zero-padded to a multiple of 3, which is exact
@@ -84,7 +86,7 @@ def test_tensor_parallel_shards_quantize_to_the_same_store(tmp_path):
     make_tiny(tmp_path / "tp1", TinySpec(**spec))
     make_tiny(tmp_path / "tp2", TinySpec(**spec, tensor_parallel=2))
     stores = [
-        Store.open(
+        ModelStore.open(
             convert_release(
                 tmp_path / f"tp{n}",
                 tmp_path / f"s{n}",
@@ -231,4 +233,4 @@ def test_peak_memory_stays_near_one_release_file(tmp_path, quantize):
         f"MB (bound {(2 * largest + 2**30) / 1e6:.0f} MB; growth {growth:.2f}x largest file)"
     )
     assert figures["peak"] <= 2 * largest + 2**30
-    Store.open(tmp_path / "store").verify()
+    ModelStore.open(tmp_path / "store").verify()

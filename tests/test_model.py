@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from yalm_runner import model
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError, GenerationError
@@ -18,7 +18,7 @@ GREEDY = SamplingParams(greedy=True)
 
 @pytest.fixture(scope="module")
 def weights(tiny_store):
-    return ResidentWeights(Store.open(tiny_store), "cpu", torch.float32)
+    return ResidentWeights(ModelStore.open(tiny_store), "cpu", torch.float32)
 
 
 def sketch_logits(weights, config: ModelConfig, tokens: list[int]) -> torch.Tensor:
@@ -158,7 +158,7 @@ def test_rotary_is_identity_at_position_zero_and_relative(weights):
 
 
 def test_bf16_runs_and_mostly_agrees_with_fp32(tiny_store):
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     fp32 = Engine(ResidentWeights(store, "cpu", torch.float32))
     bf16 = Engine(ResidentWeights(store, "cpu", torch.bfloat16))
     request = [Request("a", (1, 11, 12, 13), 1)]

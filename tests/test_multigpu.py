@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError, GenerationError
@@ -27,7 +27,7 @@ def two_sources(store, placement):
 
 @pytest.fixture(scope="module")
 def store(tiny_store):
-    return Store.open(tiny_store)
+    return ModelStore.open(tiny_store)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_two_gpus_give_one_gpus_output_in_bf16(tiny_store):
 
 
 def test_the_scaling_report_reads_as_a_table():
-    from yalm_runner.bench_multigpu import format_report
+    from yalm_runner.bench.multigpu import format_report
 
     report = {
         "shape": "13b",

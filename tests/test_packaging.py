@@ -34,6 +34,8 @@ def test_the_wheel_carries_templates_feeds_config_and_migrations(wheel):
         "flows/store/migrations/script.py.mako",
         "flows/store/migrations/versions/0002_prompt_claims.py",
         "yalm_runner/engine.py",
+        "yalm_runner/bench/comparison.py",
+        "yalm_runner/bench/peers.py",
     ):
         assert needed in names, needed
 
@@ -59,3 +61,25 @@ def test_an_installed_wheel_finds_its_own_templates(wheel, tmp_path):
     assert folder.startswith(str(tmp_path / "site"))
     assert name == "ticker_outlook_ru"
     assert "markets_ru.rss.xml" in feeds
+
+
+def test_an_installed_wheel_runs_the_bench_and_its_peer_children(wheel, tmp_path):
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    outputs = []
+    for command in (
+        ["-c", "import yalm_runner.bench.comparison as c; print(c.__file__)"],
+        ["-m", "yalm_runner.bench.peers", "--help"],  # how the bench starts each peer
+    ):
+        result = subprocess.run(
+            [sys.executable, *command],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    assert outputs[0].startswith(str(tmp_path / "site"))
+    assert "--system" in outputs[1]

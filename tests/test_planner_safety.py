@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from yalm_runner import cudamem
-from yalm_runner.bench import NO_EOS, SHAPES, SyntheticStore, measure_h2d
-from yalm_runner.bench_disk import measure_drive_read, write_synthetic_store, write_test_file
+from yalm_runner.bench.disk import measure_drive_read, write_synthetic_store, write_test_file
+from yalm_runner.bench.link import measure_h2d
+from yalm_runner.bench.synthetic import NO_EOS, SHAPES, SyntheticStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, format_bytes, parse_bytes

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from yalm_runner.bench import SHAPES, SyntheticStore
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore
 from yalm_runner.errors import OffloadError
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.planning import plan_memory
@@ -75,9 +75,9 @@ def test_yalm_100b_in_16_bits_streams_from_disk_beyond_the_ram_budget():
 
 
 def test_on_a_cpu_machine_the_ram_budget_bounds_resident_layers(tiny_store):
-    from yalm_runner.checkpoint import Store
+    from yalm_runner.checkpoint import ModelStore
 
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     cpu = torch.device("cpu")
     roomy = plan_memory(store, cpu, torch.float32, OffloadPolicy(), batch_size=4, max_context=64)
     assert roomy.placement.count("disk") == 0 and roomy.kv_on == "gpu"

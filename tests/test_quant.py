@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from yalm_runner import cli, model, quant
-from yalm_runner.checkpoint import MANIFEST_NAME, Store
+from yalm_runner.checkpoint import MANIFEST_NAME, ModelStore
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import CheckpointError, ConfigError
-from yalm_runner.offload import ResidentWeights
+from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights
 from yalm_runner.quality import compare_stores
-from yalm_runner.quant import DequantizingWeights, Quantization, QuantizedResidentWeights
+from yalm_runner.quant import DequantizingWeights, Quantization
 from yalm_runner.tensorfile import read_layout
 from yalm_runner.tokenizer import Tokenizer
 
@@ -201,7 +201,7 @@ def real_vocab_stores(yalm_vocab, tmp_path_factory):
 
 
 def greedy_ids(store_path, weights_class):
-    store = Store.open(store_path)
+    store = ModelStore.open(store_path)
     tokenizer = Tokenizer(store.tokenizer_path)
     requests = [Request(str(i), tuple(tokenizer.encode(p)), 8) for i, p in enumerate(PROMPTS)]
     engine = Engine(weights_class(store, "cpu", torch.float32))
@@ -215,7 +215,7 @@ def test_a_compressed_store_records_its_scheme_and_opens(real_vocab_stores):
     assert (
         json.loads((real_vocab_stores["fp32"] / MANIFEST_NAME).read_text())["format_version"] == 1
     )  # uncompressed stores stay readable by older code
-    store = Store.open(real_vocab_stores["int8"])
+    store = ModelStore.open(real_vocab_stores["int8"])
     store.verify()
     layer = store.read_part("layer_1")
     assert layer["attention.dense.weight.q"].dtype == torch.int8
@@ -223,7 +223,7 @@ def test_a_compressed_store_records_its_scheme_and_opens(real_vocab_stores):
     assert store.read_part("embedding")["word_embeddings.weight"].dtype == torch.float32
     ratio = (
         store.parts["layer_1"].data_bytes
-        / Store.open(real_vocab_stores["fp32"]).parts["layer_1"].data_bytes
+        / ModelStore.open(real_vocab_stores["fp32"]).parts["layer_1"].data_bytes
     )
     assert ratio < 0.28  # from fp32: a quarter plus scales and fp32 biases
 
@@ -265,11 +265,11 @@ def test_a_truncated_compressed_layer_is_named(int4_copy):
     path = int4_copy / "layers/layer_001.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"layer_001\.safetensors: truncated file"):
-        Store.open(int4_copy)
+        ModelStore.open(int4_copy)
 
 
 def test_a_flipped_code_byte_is_a_checksum_error_naming_the_tensor(int4_copy):
-    store = Store.open(int4_copy)
+    store = ModelStore.open(int4_copy)
     info = store.parts["layer_0"]
     record = next(r for r in info.records if r.name == "mlp.dense_ffn_gate.weight.q")
     data = bytearray(info.path.read_bytes())
@@ -279,7 +279,7 @@ def test_a_flipped_code_byte_is_a_checksum_error_naming_the_tensor(int4_copy):
         CheckpointError,
         match=r"layer_000\.safetensors: checksum mismatch in tensor mlp\.dense_ffn_gate\.weight\.q",
     ):
-        Store.open(int4_copy).read_part("layer_0")
+        ModelStore.open(int4_copy).read_part("layer_0")
 
 
 def test_a_store_whose_codes_do_not_match_its_scheme_is_named(int4_copy):
@@ -287,22 +287,22 @@ def test_a_store_whose_codes_do_not_match_its_scheme_is_named(int4_copy):
     manifest["quantization"] = {"scheme": "int8"}
     (int4_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"layer_000\.safetensors: .*weight\.zero"):
-        Store.open(int4_copy)
+        ModelStore.open(int4_copy)
     manifest["quantization"] = {"scheme": "int4", "group_size": 32, "zero_point": True}
     (int4_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(
         CheckpointError, match=r"layer_000\.safetensors: tensor .*\.scale has shape"
     ):
-        Store.open(int4_copy)
+        ModelStore.open(int4_copy)
     manifest["quantization"] = {"scheme": "int3"}
     (int4_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"manifest\.json: quantization scheme"):
-        Store.open(int4_copy)
+        ModelStore.open(int4_copy)
     manifest["quantization"] = {"scheme": "int4", "group_size": 64, "zero_point": True}
     manifest["format_version"] = 1
     (int4_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="quantization needs format version 2"):
-        Store.open(int4_copy)
+        ModelStore.open(int4_copy)
 
 
 def test_the_quality_command_prints_its_figures(real_vocab_stores, tmp_path, capsys):
@@ -330,7 +330,7 @@ def test_the_kv_comparison_decodes_as_the_engine_does(real_vocab_stores):
     # at the same width: the comparison measures the cache the engine really keeps.
     from yalm_runner.quality import decode_logits
 
-    store = Store.open(real_vocab_stores["fp32"])
+    store = ModelStore.open(real_vocab_stores["fp32"])
     weights = ResidentWeights(store, "cpu", torch.float32)
     tokenizer = Tokenizer(store.tokenizer_path)
     for bits in (16, 8, 4):

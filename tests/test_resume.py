@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.errors import GenerationError
@@ -110,7 +110,7 @@ def slow_store(tiny_store, tmp_path_factory) -> Path:
         dtype=torch.float32,
         seed=3,
     )
-    make_tiny(folder / "release", spec, vocab=Store.open(tiny_store).tokenizer_path)
+    make_tiny(folder / "release", spec, vocab=ModelStore.open(tiny_store).tokenizer_path)
     convert_release(folder / "release", folder / "store", num_heads=6)
     return folder / "store"
 

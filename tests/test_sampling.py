@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError
@@ -62,7 +62,7 @@ def test_draws_never_leave_the_nucleus():
 
 
 def test_seed_reproducibility_and_batch_independence(tiny_store):
-    weights = ResidentWeights(Store.open(tiny_store), "cpu", torch.float32)
+    weights = ResidentWeights(ModelStore.open(tiny_store), "cpu", torch.float32)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
     rows = [Request(f"r{n}", (1, 10 + n, 20 + n * 3, 7), 12) for n in range(5)]
     together = Engine(weights).generate(rows, params, batch_size=5)

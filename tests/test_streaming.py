@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
@@ -11,11 +11,12 @@ from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.offload import (
     OffloadPolicy,
     Placement,
+    QuantizedResidentWeights,
     ResidentWeights,
     parse_bytes,
     plan_placement,
 )
-from yalm_runner.quant import Quantization, QuantizedResidentWeights
+from yalm_runner.quant import Quantization
 from yalm_runner.streaming import StreamingWeights, open_weights, part_bytes_in
 
 GREEDY = SamplingParams(greedy=True)
@@ -33,7 +34,7 @@ def ids(weights, requests=MIXED, sampling=GREEDY, kv_on="gpu", kv_bits=16, kv_la
 
 @pytest.fixture(scope="module")
 def store(tiny_store):
-    return Store.open(tiny_store)
+    return ModelStore.open(tiny_store)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_kv_cache_in_host_ram_equals_kv_on_the_device(store, resident_ids):
 def test_compressed_layers_stream_to_the_same_ids_as_resident_compressed(
     tiny_release, tmp_path, scheme
 ):
-    compressed = Store.open(
+    compressed = ModelStore.open(
         convert_release(
             tiny_release,
             tmp_path / scheme,
@@ -78,7 +79,8 @@ def test_compressed_layers_stream_to_the_same_ids_as_resident_compressed(
 
 
 def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, resident_ids):
-    from yalm_runner.kvcache import HostKV, decode_kv, encode_kv
+    from yalm_runner.kvcache import HostKV
+    from yalm_runner.kvformat import decode_kv, encode_kv
 
     values = torch.randn(3, 5, 4, 16) * torch.logspace(-2, 2, 16)  # spread magnitudes
     for bits in (8, 4):
@@ -221,7 +223,7 @@ def test_mixed_tiers_and_no_overlap_equal_resident(store, resident_ids):
 
 
 def test_bf16_store_streams_into_fp32_compute(tiny_release, tmp_path):
-    bf16 = Store.open(
+    bf16 = ModelStore.open(
         convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
     )
     expected = ids(ResidentWeights(bf16, "cpu", torch.float32))
@@ -248,7 +250,7 @@ def test_a_corrupt_layer_on_disk_is_named_when_streamed(tiny_store, tmp_path):
     path.write_bytes(bytes(data))
     policy = OffloadPolicy(weights_on="disk")
     with (
-        open_weights(Store.open(copy), "cpu", torch.float32, policy) as weights,
+        open_weights(ModelStore.open(copy), "cpu", torch.float32, policy) as weights,
         pytest.raises(CheckpointError, match=r"layer_002\.safetensors: checksum mismatch"),
     ):
         ids(weights)
@@ -276,7 +278,7 @@ def test_sizes_parse_in_both_unit_systems():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path):
-    bf16 = Store.open(
+    bf16 = ModelStore.open(
         convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
     )
     expected = ids(ResidentWeights(bf16, "cuda", torch.bfloat16))
@@ -295,7 +297,7 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compressed_streaming_on_gpu_equals_resident_compressed(tiny_release, tmp_path):
     for scheme in ("int8", "int4"):
-        compressed = Store.open(
+        compressed = ModelStore.open(
             convert_release(
                 tiny_release,
                 tmp_path / scheme,

@@ -10,7 +10,8 @@ Layout of a store directory::
 
 A compressed store (``quantization`` in the manifest, format version 2) keeps each layer's
 linear matrices as ``X.weight.q`` plus ``X.weight.scale`` (and ``X.weight.zero``) in place of
-``X.weight`` (see ``quant``); ``read_part`` returns them as stored. Uncompressed stores are still
+``X.weight`` (see ``quant``; ``stored_specs`` is what a store keeps per part, either way);
+``read_part`` returns them as stored. Uncompressed stores are still
 written as version 1, so older readers keep reading them; both versions open here.
 
 The manifest is written last, so a store without one is incomplete. Opening a store checks
@@ -34,7 +35,8 @@ import torch
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError, ConfigError
 from yalm_runner.fsutil import sha256_file, write_text_atomic
-from yalm_runner.quant import Quantization, stored_specs
+from yalm_runner.model import expected_shapes
+from yalm_runner.quant import QUANTIZED_MATRICES, Quantization
 from yalm_runner.tensorfile import (
     DTYPE_NAMES,
     DTYPES_BY_NAME,
@@ -51,6 +53,19 @@ FORMAT_VERSION = 2  # 2 added compressed stores; the version written is the lowe
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.sp"
+
+
+def stored_specs(
+    config: ModelConfig, part: str, quantization: Quantization | None, dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a store keeps for ``part``."""
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, shape in expected_shapes(config, part).items():
+        if quantization is not None and name in QUANTIZED_MATRICES:
+            specs.update(quantization.stored_specs(name, shape))
+        else:
+            specs[name] = (shape, dtype)
+    return specs
 
 
 def part_names(config: ModelConfig) -> list[str]:
@@ -162,8 +177,8 @@ class StoreWriter:
         return self.path / MANIFEST_NAME
 
 
-class Store:
-    """A validated store on disk. ``Store.open`` raises ``CheckpointError`` on any defect."""
+class ModelStore:
+    """A validated store on disk. ``ModelStore.open`` raises ``CheckpointError`` on any defect."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], manifest_sha256: str):
         self.path = path
@@ -185,7 +200,7 @@ class Store:
         self._layouts: dict[str, FileLayout] = {}
 
     @classmethod
-    def open(cls, path: str | Path, *, verify_tokenizer: bool = True) -> Store:
+    def open(cls, path: str | Path, *, verify_tokenizer: bool = True) -> ModelStore:
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         if not manifest_path.is_file():

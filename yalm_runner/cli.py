@@ -86,7 +86,7 @@ def _add_budgets(parser: argparse.ArgumentParser) -> None:
 
 def _kv_widths(text: str) -> tuple[int, ...]:
     from yalm_runner.errors import ConfigError
-    from yalm_runner.kvcache import KV_BITS
+    from yalm_runner.kvformat import KV_BITS
 
     try:
         widths = tuple(int(part) for part in text.split(",") if part.strip())
@@ -273,31 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run these under the same workload: accelerate,zero (needs --gpu-memory)",
     )
     _add(bench, "--uncapped-peers", help="peers of the uncapped comparison (default: --peers)")
-    _add(bench, "--uncapped-batch", type=int, default=32, help="batch of the uncapped comparison")
-    _add(bench, "--max-batch", type=int, default=256, help="largest batch the cap search tries")
+    # Options that only some runs use have no default here: given to a run they would not
+    # change, the bench refuses them (bench.comparison.DEFAULTS holds what unset means).
+    _add(bench, "--uncapped-batch", type=int, help="batch of the uncapped comparison (32)")
+    _add(bench, "--max-batch", type=int, help="largest batch the planner and cap search try (256)")
     _add(
         bench,
         "--kv-bits",
-        default="16",
         help="also run ours at the planner's batch with the KV cache in pinned RAM at these "
-        "widths (a comma list of 16, 8, 4)",
+        "widths (a comma list of 16, 8, 4; with --peers, 16 unless given)",
     )
+    _add(bench, "--kv-layout", choices=["auto", "rows", "slots"], help="pinned-KV layout (auto)")
     _add(
         bench,
-        "--kv-layout",
-        choices=["auto", "rows", "slots"],
-        default="auto",
-        help="pinned-KV layout",
+        "--peer-timeout",
+        type=float,
+        help="seconds per peer, its whole batch search under the cap included (900)",
     )
-    _add(bench, "--peer-timeout", type=float, default=900.0, help="seconds per peer run")
     _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
-    _add(bench, "--disk-layers", type=int, default=8, help="layers in the disk-tier store")
-    _add(bench, "--disk-file", default="4GiB", help="size of the drive's sequential-read file")
+    _add(bench, "--disk-layers", type=int, help="layers in the disk-tier store (8)")
+    _add(bench, "--disk-file", help="size of the drive's sequential-read file (4GiB)")
     return parser
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from yalm_runner.bench import run_bench
+    from yalm_runner.bench.comparison import run_bench
     from yalm_runner.offload import parse_bytes
 
     batches = [int(size) for size in str(args.batch_sizes).split(",") if size.strip()]
@@ -316,12 +316,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else tuple(name.strip() for name in str(args.uncapped_peers).split(",") if name.strip()),
         uncapped_batch=args.uncapped_batch,
         max_batch=args.max_batch,
-        kv_bits=_kv_widths(args.kv_bits),
+        kv_bits=None if args.kv_bits is None else _kv_widths(args.kv_bits),
         kv_layout=args.kv_layout,
         peer_timeout_s=args.peer_timeout,
         disk_dir=args.disk,
         disk_layers=args.disk_layers,
-        disk_file_bytes=parse_bytes(args.disk_file),
+        disk_file_bytes=None if args.disk_file is None else parse_bytes(args.disk_file),
     )
     return 0
 
@@ -437,13 +437,13 @@ def _peak_rss_gib() -> float:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from yalm_runner.checkpoint import Store
+    from yalm_runner.checkpoint import ModelStore
     from yalm_runner.convert import parse_dtype
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
 
-    store = Store.open(args.store)
+    store = ModelStore.open(args.store)
     print(describe_store(store))
     device = torch.device(args.device)  # planning only: the device need not be here
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(store, device)

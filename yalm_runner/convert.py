@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.checkpoint import StoreWriter, part_names
+from yalm_runner.checkpoint import StoreWriter, part_names, stored_specs
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError, ConfigError
-from yalm_runner.quant import Quantization, matrix_of, quantize_matrix, stored_specs
+from yalm_runner.quant import Quantization, matrix_of, quantize_matrix
 from yalm_runner.release import (
     SPLIT_DIMS,
     ReleaseLayout,

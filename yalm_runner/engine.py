@@ -22,7 +22,8 @@ import torch
 from yalm_runner import model
 from yalm_runner.config import SamplingParams
 from yalm_runner.errors import GenerationError
-from yalm_runner.kvcache import DeviceKV, HostArena, HostKV, SlotMajorHostKV, host_elements
+from yalm_runner.kvcache import DeviceKV, HostArena, HostKV, SlotMajorHostKV
+from yalm_runner.kvformat import host_elements
 from yalm_runner.offload import WeightSource
 from yalm_runner.sampling import sample_next
 from yalm_runner.tokenizer import EOS_ID

@@ -12,6 +12,7 @@ are dropped from the row map; their host memory is simply not read again. Copy c
 device slot is refilled only after the compute that used it and the write-back of its new
 slots, both ordered on the one copy stream. The pinned host memory comes from a ``HostArena``
 that outlives the batch: locking tens of GB of RAM takes seconds, so an engine does it once.
+The records' format and sizes are ``kvformat``'s; this module moves them.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ import math
 import torch
 
 from yalm_runner.config import ModelConfig
+from yalm_runner.kvformat import DECODE_BYTES, KV_BITS, decode_kv, encode_kv, kv_record_shape
 from yalm_runner.pinned import pinned_empty
-
-# Compressed KV is expanded a group of rows at a time, each group's temporaries within this.
-DECODE_BYTES = 128 << 20
 
 
 class DeviceKV:
@@ -54,78 +53,6 @@ class DeviceKV:
         self._caches = [(keys[index], values[index]) for keys, values in self._caches]
 
 
-KV_BITS = (16, 8, 4)
-
-
-def _fields(bits: int, head_dim: int, element: int) -> list[tuple[int, int]]:
-    """Byte ranges of a compressed (token, head) record: codes, then scale (and minimum)."""
-    codes = head_dim if bits == 8 else head_dim // 2
-    fields = [(0, codes), (codes, codes + element)]
-    if bits == 4:
-        fields.append((codes + element, codes + 2 * element))
-    return fields
-
-
-def kv_record_shape(
-    bits: int, shape: tuple[int, ...], dtype: torch.dtype
-) -> tuple[tuple[int, ...], torch.dtype]:
-    """The tensor that holds one cache (keys or values) of ``shape`` (..., D) in ``bits``.
-
-    In 16 bits the values themselves. Compressed, uint8 with one record per (token, head): the
-    codes, then the scale (and the minimum) in ``dtype``; one tensor, so a row's slots travel
-    in one copy.
-    """
-    if bits == 16:
-        return shape, dtype
-    element = torch.empty((), dtype=dtype).element_size()
-    head_dim = shape[-1]
-    if (head_dim if bits == 8 else head_dim // 2) % element:
-        raise ValueError(f"{bits}-bit KV needs the head size's codes to fill whole scales")
-    return (*shape[:-1], _fields(bits, head_dim, element)[-1][1]), torch.uint8
-
-
-def encode_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., D) values -> the records ``kv_record_shape`` describes (16 bits: ``x`` itself)."""
-    if bits == 16:
-        return x
-    if bits == 8:
-        scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
-        fields = [codes, scale.to(x.dtype)]
-    else:
-        low = x.amin(dim=-1, keepdim=True).float()
-        scale = (x.amax(dim=-1, keepdim=True).float() - low) / 15.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round((x.float() - low) / scale).clamp_(0, 15).to(torch.uint8)
-        fields = [codes[..., 0::2] | (codes[..., 1::2] << 4), scale.to(x.dtype), low.to(x.dtype)]
-    return torch.cat([field.contiguous().view(torch.uint8) for field in fields], dim=-1)
-
-
-def decode_kv(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Write the values that ``record`` encodes into ``out`` (..., D)."""
-    if bits == 16:
-        out.copy_(record)
-        return
-    fields = [record[..., a:b] for a, b in _fields(bits, out.shape[-1], out.element_size())]
-    scale = fields[1].view(out.dtype)
-    if bits == 8:
-        torch.mul(fields[0].view(torch.int8).to(out.dtype), scale, out=out)
-    else:
-        packed, low = fields[0], fields[2].view(out.dtype)
-        out[..., 0::2] = (packed & 15).to(out.dtype) * scale + low
-        out[..., 1::2] = (packed >> 4).to(out.dtype) * scale + low
-
-
-def host_elements(
-    config: ModelConfig, batch: int, slots: int, bits: int, dtype: torch.dtype
-) -> tuple[int, torch.dtype]:
-    """Elements (and their type) of one layer's keys, or values, for ``batch`` x ``slots`` in
-    host RAM: the same for the row-major and the slot-major layout."""
-    shape, kind = kv_record_shape(bits, (batch, slots, config.num_heads, config.head_dim), dtype)
-    return math.prod(shape), kind
-
-
 class HostArena:
     """Pinned host buffers for the KV cache (keys and values of every layer), kept from one
     batch to the next and grown when a batch needs more."""
@@ -144,13 +71,6 @@ class HostArena:
                     pair[which] = None  # the old one goes before the larger one is locked
                     pair[which] = pinned_empty(nbytes, torch.uint8, pin=self._pin, what="KV cache")
         return [[buffer[:nbytes].view(kind) for buffer in pair] for pair in self._buffers]
-
-
-def kv_bytes_per_token(config: ModelConfig, bits: int, element: int) -> int:
-    """Host bytes one token's keys and values take over all layers in ``bits``."""
-    heads, head_dim = config.num_heads, config.head_dim
-    per_head = {16: head_dim * element, 8: head_dim + element, 4: head_dim // 2 + 2 * element}
-    return 2 * config.num_layers * heads * per_head[bits]
 
 
 class _PinnedKV:

@@ -1,7 +1,8 @@
-"""Where weights live: memory budgets, the placement plan, and the resident weight source.
+"""Where weights live: memory budgets, the placement plan, and the resident weight sources.
 
 A weight source hands the engine each part's tensors, on the compute device and in the compute
-dtype, in forward order. ``ResidentWeights`` loads every part once and keeps it there; the
+dtype, in forward order. ``ResidentWeights`` loads every part once and keeps it there
+(``QuantizedResidentWeights`` the same for a compressed store, dequantizing on access); the
 streaming source (``streaming.StreamingWeights``) follows the same contract, so the engine's
 loop is one loop. ``plan_placement`` decides, from byte budgets rather than percentages, which
 layers stay on the GPU, which live in pinned RAM and which are read from disk each step; a plan
@@ -17,10 +18,11 @@ from typing import Protocol
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.model import Weights
+from yalm_runner.quant import DequantizingWeights, scratch_elements, to_compute
 
 FP16_MAX = 65504.0
 TIERS = ("gpu", "cpu", "disk")
@@ -241,7 +243,7 @@ class ResidentWeights:
     """Every part read once (checksums verified), cast, and kept on ``device``."""
 
     def __init__(
-        self, store: Store, device: torch.device | str, dtype: torch.dtype, verify: bool = True
+        self, store: ModelStore, device: torch.device | str, dtype: torch.dtype, verify: bool = True
     ):
         self.config = store.config
         self.device = torch.device(device)
@@ -261,3 +263,42 @@ class ResidentWeights:
     def layers(self) -> Iterator[tuple[int, Weights]]:
         for layer_idx in range(self.config.num_layers):
             yield layer_idx, self._parts[f"layer_{layer_idx}"]
+
+
+class QuantizedResidentWeights:
+    """The weight source for a compressed store: every part read once (checksums verified) and
+    kept on ``device`` as stored; layers dequantize through one shared scratch buffer."""
+
+    def __init__(
+        self, store: ModelStore, device: torch.device | str, dtype: torch.dtype, verify: bool = True
+    ):
+        if store.quantization is None:
+            raise ConfigError(f"{store.path} is not a compressed store; use ResidentWeights")
+        self.config = store.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._scratch = torch.empty(scratch_elements(self.config), dtype=dtype, device=self.device)
+        self._plain: dict[str, Weights] = {}
+        self._layers: list[DequantizingWeights] = []
+        for part in store.parts:
+            where = str(store.parts[part].path)
+            tensors = store.read_part(part, verify=verify)
+            if part.startswith("layer_"):
+                on_device = {name: tensor.to(self.device) for name, tensor in tensors.items()}
+                self._layers.append(
+                    DequantizingWeights(on_device, store.quantization, dtype, self._scratch, where)
+                )
+            else:
+                self._plain[part] = {
+                    name: to_compute(tensor, dtype, name, where).to(self.device)
+                    for name, tensor in tensors.items()
+                }
+
+    def embedding(self) -> Weights:
+        return self._plain["embedding"]
+
+    def head(self) -> Weights:
+        return self._plain["head"]
+
+    def layers(self) -> Iterator[tuple[int, Weights]]:
+        yield from enumerate(self._layers)

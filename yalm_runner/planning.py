@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
-from yalm_runner.kvcache import DECODE_BYTES, kv_bytes_per_token
+from yalm_runner.kvformat import DECODE_BYTES, kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
 from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in
@@ -91,7 +91,7 @@ def _element(dtype: torch.dtype) -> int:
 
 
 def plan_memory(
-    store: Store,
+    store: ModelStore,
     device: torch.device,
     dtype: torch.dtype,
     policy: OffloadPolicy,

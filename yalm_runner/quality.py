@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 from yalm_runner import model
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.errors import ConfigError
-from yalm_runner.kvcache import KV_BITS, decode_kv, encode_kv
-from yalm_runner.offload import ResidentWeights, WeightSource
-from yalm_runner.quant import QuantizedResidentWeights
+from yalm_runner.kvformat import KV_BITS, decode_kv, encode_kv
+from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights, WeightSource
 from yalm_runner.runner import read_prompts
 from yalm_runner.tokenizer import Tokenizer
 
@@ -99,7 +98,7 @@ class QualityReport:
 
 @contextmanager
 def resident_weights(
-    store: Store, device: torch.device, dtype: torch.dtype, verify: bool = True
+    store: ModelStore, device: torch.device, dtype: torch.dtype, verify: bool = True
 ) -> Iterator[WeightSource]:
     """The store's weights resident on ``device``, compressed or not; released on exit."""
     if store.quantization is not None:
@@ -239,7 +238,7 @@ def compare_stores(
     ``kv_bits`` (the candidate may be the reference store itself, to judge the KV cache)."""
     if kv_bits not in KV_BITS:
         raise ConfigError(f"KV bits must be one of {KV_BITS}, got {kv_bits}")
-    reference, candidate = Store.open(reference_path), Store.open(candidate_path)
+    reference, candidate = ModelStore.open(reference_path), ModelStore.open(candidate_path)
     if reference.config != candidate.config:
         raise ConfigError(
             f"{candidate.path} is a different model from {reference.path} "
@@ -258,7 +257,7 @@ def compare_stores(
     if text is not None and not windows:
         raise ConfigError("the perplexity text has no tokens")
 
-    def run(store: Store, bits: int, continuations: list[list[int]] | None):
+    def run(store: ModelStore, bits: int, continuations: list[list[int]] | None):
         with resident_weights(store, device, dtype, verify) as weights:
             logits = [sequence_logits(weights, ids) for ids in prompt_ids]
             decoded = [
@@ -324,7 +323,7 @@ def _compare(
     return error, worst, agree / positions, kl / positions, positions
 
 
-def _describe(store: Store) -> str:
+def _describe(store: ModelStore) -> str:
     if store.quantization is None:
         return store.manifest["dtype"]
     quantization = store.quantization

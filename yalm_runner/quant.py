@@ -20,25 +20,22 @@ Stored layout of a matrix ``X.weight`` of shape (N out, K in), in place of ``X.w
 Dequantizing is vectorised torch on whatever device the tensors are on (4-bit: one fused
 Triton kernel on a CUDA device, ``kernels``). ``DequantizingWeights``
 is the mapping the model's ``block`` reads a layer through: it dequantizes each matrix on
-access into one reusable scratch buffer. ``QuantizedResidentWeights`` is the resident weight
-source for compressed stores. This module reads no files itself; the store does.
+access into one reusable scratch buffer. This module knows the compressed format of one matrix
+and nothing of stores or files: what a store keeps per part is ``checkpoint.stored_specs``, and
+the resident weight source that reads a compressed store is ``offload.QuantizedResidentWeights``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import ConfigError
 from yalm_runner.kernels import fused_int4_available, fused_int4_dequantize
-from yalm_runner.model import Weights, expected_shapes
-
-if TYPE_CHECKING:
-    from yalm_runner.checkpoint import Store
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
@@ -117,19 +114,6 @@ class Quantization:
             f"{name}.scale": ((rows, groups), INT4_SCALE_DTYPE),
             f"{name}.zero": ((rows, groups), INT4_SCALE_DTYPE),
         }
-
-
-def stored_specs(
-    config: ModelConfig, part: str, quantization: Quantization | None, dtype: torch.dtype
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a store keeps for ``part``."""
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name, shape in expected_shapes(config, part).items():
-        if quantization is not None and name in QUANTIZED_MATRICES:
-            specs.update(quantization.stored_specs(name, shape))
-        else:
-            specs[name] = (shape, dtype)
-    return specs
 
 
 def matrix_of(stored_name: str) -> str | None:
@@ -436,42 +420,3 @@ def scratch_elements(config: ModelConfig) -> int:
     """Elements of the largest compressed matrix: the one scratch a weight source needs."""
     hidden, ffn = config.hidden_size, config.ffn_size
     return max(3 * hidden * hidden, ffn * hidden)
-
-
-class QuantizedResidentWeights:
-    """The weight source for a compressed store: every part read once (checksums verified) and
-    kept on ``device`` as stored; layers dequantize through one shared scratch buffer."""
-
-    def __init__(
-        self, store: Store, device: torch.device | str, dtype: torch.dtype, verify: bool = True
-    ):
-        if store.quantization is None:
-            raise ConfigError(f"{store.path} is not a compressed store; use ResidentWeights")
-        self.config = store.config
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self._scratch = torch.empty(scratch_elements(self.config), dtype=dtype, device=self.device)
-        self._plain: dict[str, Weights] = {}
-        self._layers: list[DequantizingWeights] = []
-        for part in store.parts:
-            where = str(store.parts[part].path)
-            tensors = store.read_part(part, verify=verify)
-            if part.startswith("layer_"):
-                on_device = {name: tensor.to(self.device) for name, tensor in tensors.items()}
-                self._layers.append(
-                    DequantizingWeights(on_device, store.quantization, dtype, self._scratch, where)
-                )
-            else:
-                self._plain[part] = {
-                    name: to_compute(tensor, dtype, name, where).to(self.device)
-                    for name, tensor in tensors.items()
-                }
-
-    def embedding(self) -> Weights:
-        return self._plain["embedding"]
-
-    def head(self) -> Weights:
-        return self._plain["head"]
-
-    def layers(self) -> Iterator[tuple[int, Weights]]:
-        yield from enumerate(self._layers)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Finished, GenerationStats, Request
 from yalm_runner.errors import ConfigError, GenerationError
@@ -225,7 +225,7 @@ def generate_file(
     rows = read_prompts(input_path)
     keys = [row["__key__"] for row in rows]
     known = set(keys)
-    store = Store.open(store_path)
+    store = ModelStore.open(store_path)
     tokenizer = Tokenizer(store.tokenizer_path)
     devices = resolve_devices(device)
     dtype = dtype or default_dtype(store, devices[0])
@@ -381,7 +381,7 @@ def _check_partial(request: Request, state_path: Path, vocab_size: int) -> None:
         )
 
 
-def describe_store(store: Store) -> str:
+def describe_store(store: ModelStore) -> str:
     """A human summary: shape, sizes, and what one decode step must move when streamed."""
     config = store.config
     layer_bytes = [store.parts[f"layer_{idx}"].data_bytes for idx in range(config.num_layers)]

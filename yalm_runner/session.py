@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.engine import Engine
 from yalm_runner.errors import ConfigError
 from yalm_runner.multigpu import MultiEngine
@@ -61,7 +61,7 @@ def resolve_devices(names: str | torch.device) -> list[torch.device]:
     return devices
 
 
-def default_dtype(store: Store, device: torch.device) -> torch.dtype:
+def default_dtype(store: ModelStore, device: torch.device) -> torch.dtype:
     """fp32 on the CPU; the store's 16-bit dtype (bf16 for an fp32 store) on a GPU."""
     if device.type == "cpu":
         return torch.float32
@@ -72,7 +72,7 @@ def default_dtype(store: Store, device: torch.device) -> torch.dtype:
 class GenerationSession:
     """What a caller needs to generate: keep it inside the ``with`` of ``open_session``."""
 
-    store: Store
+    store: ModelStore
     tokenizer: Tokenizer
     engine: Engine | MultiEngine
     plan: MemoryPlan  # for each device
@@ -88,7 +88,7 @@ class GenerationSession:
 
 @contextmanager
 def open_session(
-    store_path: Path | str | Store,
+    store_path: Path | str | ModelStore,
     *,
     device: str | torch.device = "auto",
     dtype: torch.dtype | None = None,
@@ -100,7 +100,7 @@ def open_session(
     verify: bool = True,
     tokenizer: Tokenizer | None = None,
 ) -> Iterator[GenerationSession]:
-    """Open ``store_path`` (a folder, or a ``Store`` already open) for generation under
+    """Open ``store_path`` (a folder, or a ``ModelStore`` already open) for generation under
     ``policy``'s budgets.
 
     ``max_context`` is the longest prompt plus new tokens any row will need (the model's
@@ -112,7 +112,7 @@ def open_session(
     and batches alternate between them (``multigpu``). A caller that already loaded the
     store's ``tokenizer`` passes it.
     """
-    store = store_path if isinstance(store_path, Store) else Store.open(Path(store_path))
+    store = store_path if isinstance(store_path, ModelStore) else ModelStore.open(Path(store_path))
     devices = resolve_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(store, device)

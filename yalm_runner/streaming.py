@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from yalm_runner import cudamem
-from yalm_runner.checkpoint import Store
+from yalm_runner.checkpoint import ModelStore
 from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.model import Weights
 from yalm_runner.offload import OffloadPolicy, Placement, cast_part, plan_placement
@@ -42,11 +42,11 @@ class PackedTensor:
     dtype: torch.dtype
 
 
-def _compressed(store: Store, part: str) -> bool:
+def _compressed(store: ModelStore, part: str) -> bool:
     return getattr(store, "quantization", None) is not None and part.startswith("layer_")
 
 
-def pack_layout(store: Store, part: str, dtype: torch.dtype) -> tuple[list[PackedTensor], int]:
+def pack_layout(store: ModelStore, part: str, dtype: torch.dtype) -> tuple[list[PackedTensor], int]:
     """Offsets of ``part``'s tensors in one flat buffer of ``dtype``.
 
     In the store's own dtype, and for every compressed layer (its codes, scales and 16-bit
@@ -86,7 +86,7 @@ class StreamingWeights:
 
     def __init__(
         self,
-        store: Store,
+        store: ModelStore,
         device: torch.device | str,
         dtype: torch.dtype,
         placement: Placement,
@@ -156,7 +156,9 @@ class StreamingWeights:
         # Same dtype on disk and in compute: a layer goes from the drive to the relay by direct
         # I/O, its file offset read once from the header.
         as_stored = dtype == store.dtype or self.quantization is not None
-        self._direct = RangeReader() if disk and as_stored and isinstance(store, Store) else None
+        self._direct = (
+            RangeReader() if disk and as_stored and isinstance(store, ModelStore) else None
+        )
         self._data_start = {
             idx: read_layout(store.parts[f"layer_{idx}"].path).data_start
             for idx in (disk if self._direct else ())
@@ -307,13 +309,13 @@ class StreamingWeights:
             order += 1
 
 
-def part_bytes_in(store: Store, dtype: torch.dtype) -> dict[str, int]:
+def part_bytes_in(store: ModelStore, dtype: torch.dtype) -> dict[str, int]:
     """Each part's size once in the compute dtype."""
     return {part: pack_layout(store, part, dtype)[1] for part in store.parts}
 
 
 def open_weights(
-    store: Store,
+    store: ModelStore,
     device: torch.device | str,
     dtype: torch.dtype,
     policy: OffloadPolicy,

@@ -148,7 +148,7 @@ def generate_pending(
 
     ``worker_id`` defaults to ``default_worker_id``; see the module docstring.
     """
-    from yalm_runner.checkpoint import Store as ModelStore
+    from yalm_runner.checkpoint import ModelStore
     from yalm_runner.tokenizer import Tokenizer
 
     began = time.perf_counter()

@@ -20,6 +20,6 @@ def resolve_tokenizer_path(config: PipelineConfig) -> Path:
         return config.tokenizer
     if config.model is None:
         raise PipelineConfigError("tokenizer: not set, and no `model` store to take it from")
-    from yalm_runner.checkpoint import Store as ModelStore
+    from yalm_runner.checkpoint import ModelStore
 
     return ModelStore.open(config.model, verify_tokenizer=False).tokenizer_path

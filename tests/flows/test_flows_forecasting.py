@@ -20,7 +20,7 @@ from flows.store.generations import (
     save_generation_state,
     save_prompt,
 )
-from yalm_runner.checkpoint import Store as ModelStore
+from yalm_runner.checkpoint import ModelStore
 
 
 def rendered(key: str, text: str, max_new_tokens: int = 8) -> RenderedPrompt:

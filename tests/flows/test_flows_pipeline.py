@@ -23,7 +23,7 @@ from flows.errors import PipelineConfigError, StoreError
 from flows.generation.devicelock import DeviceBusyError, device_lock
 from flows.pipeline import GPU_LIMIT, is_transient
 from flows.store.database import open_store
-from yalm_runner.checkpoint import Store as ModelStore
+from yalm_runner.checkpoint import ModelStore
 
 AS_OF = "2024-05-14T06:00:00Z"
 NEW_ITEM = """    <item>

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.bench import NO_EOS, SHAPES, SyntheticStore, measure_h2d
+from yalm_runner.bench.link import measure_h2d
+from yalm_runner.bench.synthetic import NO_EOS, SHAPES, SyntheticStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.multigpu import MultiEngine

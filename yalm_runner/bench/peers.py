@@ -9,9 +9,12 @@ and one module for the embedding and the head, which share the tied word embeddi
 cache is a preallocated (B, S, NH, D) pair per layer on the GPU, as in our engine; decoding is
 greedy over prompts of one length.
 
-Each system runs in its own process (``python -m yalm_runner.bench_peers``, driven by
+Each system runs in its own process (``python -m yalm_runner.bench.peers``, driven by
 ``run_peer``) so that one library's hooks, pinned buffers and allocator state never colour
-another's figures; the child prints one JSON object as its last line. A GPU cap is enforced with
+another's figures; the child prints one JSON object as its last line. Each child runs in its own
+process group, and a peer's time limit covers its whole batch search: past it the group is killed
+(the library's helper processes too) and the search stops, so the bench always reaches its
+table. A GPU cap is enforced with
 the allocator's per-process memory fraction, so exceeding it is an out-of-memory error, reported
 as "does not fit"; the peak allocated memory is read back. accelerate and deepspeed are optional
 (extras ``gpu`` and ``deepspeed``) and imported inside the functions that use them. This module
@@ -21,8 +24,10 @@ knows nothing of our streaming engine beyond the shapes and the synthetic weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +40,7 @@ import torch
 from torch import nn
 
 from yalm_runner import model
-from yalm_runner.bench import SHAPES, SyntheticStore, estimate_workspace
+from yalm_runner.bench.synthetic import SHAPES, SyntheticStore, estimate_workspace
 from yalm_runner.config import ModelConfig
 from yalm_runner.model import EMBEDDING_KEYS, HEAD_KEYS, PROJECTOR_KEYS, expected_shapes, layer_keys
 
@@ -220,7 +225,7 @@ def generate_greedy(
 
 
 def bench_prompts(batch: int, prompt_len: int, vocab_size: int) -> torch.Tensor:
-    """The bench's prompts: BOS then a deterministic spread of ids (as ``bench.run_ours``)."""
+    """The bench's prompts: BOS then a deterministic spread of ids (as ``bench.ours.run_ours``)."""
     rows = [
         [1]
         + [(row * 7 + pos) % min(50000, vocab_size - 300) + 300 for pos in range(prompt_len - 1)]
@@ -472,7 +477,7 @@ def run_peer(
     """Run ``system`` in a child process; its stderr passes through, its last stdout line is
     the result. A crash, a timeout or a missing library comes back as a failed result."""
     command = [
-        sys.executable, "-m", "yalm_runner.bench_peers", "--system", system, "--shape", shape,
+        sys.executable, "-m", "yalm_runner.bench.peers", "--system", system, "--shape", shape,
         "--batch", str(batch), "--prompt-len", str(prompt_len), "-n", str(new_tokens),
         "--cap-bytes", str(cap_bytes or 0),
     ]  # fmt: skip
@@ -482,16 +487,35 @@ def run_peer(
     try:
         # Every peer alike: expandable segments, so fragmentation does not pass for a full cap.
         env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
-        done = subprocess.run(
-            command, stdout=subprocess.PIPE, text=True, timeout=timeout_s, check=False, env=env
-        )
+        returncode, stdout = run_child(command, timeout_s, env)
     except subprocess.TimeoutExpired:
         return replace(failed, error=f"timed out after {timeout_s:.0f} s")
-    lines = done.stdout.strip().splitlines()
+    lines = stdout.strip().splitlines()
     try:
         return PeerResult(**json.loads(lines[-1]))
     except (IndexError, json.JSONDecodeError, TypeError):
-        return replace(failed, error=f"child exited {done.returncode} without a result")
+        return replace(failed, error=f"child exited {returncode} without a result")
+
+
+def run_child(command: list[str], timeout_s: float, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``command`` in a process group of its own and return its exit status and stdout (its
+    stderr passes through). Past ``timeout_s``, or if the parent is interrupted, the whole group
+    is killed and the exception raised (``subprocess.TimeoutExpired`` for the time limit); when
+    the child ends, helpers it left in the group are killed too, so none keeps GPU memory."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as child:
+        try:
+            stdout, _ = child.communicate(timeout=timeout_s)
+        finally:
+            _kill_group(child.pid)
+    return child.returncode, stdout
+
+
+def _kill_group(group: int) -> None:
+    # ProcessLookupError: every process of the group has already exited.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def largest_fitting(
@@ -504,12 +528,25 @@ def largest_fitting(
     cap_bytes: int,
     timeout_s: float,
     log: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[PeerResult | None, list[PeerResult]]:
-    """Try ``candidates`` from the largest down; the first that runs under the cap wins."""
-    tried = []
-    for batch in sorted(candidates, reverse=True):
+    """Try ``candidates`` from the largest down; the first that runs under the cap wins. The
+    whole search has ``timeout_s`` seconds: each run gets what is left of them, and none starts
+    once they are spent."""
+    tried: list[PeerResult] = []
+    deadline_s = clock() + timeout_s
+    ordered = sorted(candidates, reverse=True)
+    for position, batch in enumerate(ordered):
+        left_s = deadline_s - clock()
+        if left_s <= 0:
+            rest = ", ".join(str(size) for size in ordered[position:])
+            log(
+                f"{SYSTEM_LABELS[system]}: its {timeout_s:.0f} s under the cap are spent; "
+                f"B={rest} not tried"
+            )
+            break
         result = run_peer(
-            system, shape, num_layers, batch, prompt_len, new_tokens, cap_bytes, timeout_s
+            system, shape, num_layers, batch, prompt_len, new_tokens, cap_bytes, left_s
         )
         tried.append(result)
         if result.ok and result.peak_gpu_bytes <= cap_bytes:

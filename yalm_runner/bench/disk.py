@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.bench import SyntheticStore
-from yalm_runner.checkpoint import Store, StoreWriter, part_names
+from yalm_runner.bench.synthetic import SyntheticStore
+from yalm_runner.checkpoint import ModelStore, StoreWriter, part_names
 from yalm_runner.config import ModelConfig
 from yalm_runner.offload import OffloadPolicy, plan_placement
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
@@ -92,7 +92,7 @@ def measure_drive_read(path: Path, size_bytes: int) -> DriveRead:
     return DriveRead(read / elapsed, method, read)
 
 
-def write_synthetic_store(path: Path, config: ModelConfig, dtype: torch.dtype) -> Store:
+def write_synthetic_store(path: Path, config: ModelConfig, dtype: torch.dtype) -> ModelStore:
     """A real store at ``path`` holding the bench's synthetic weights of ``config``."""
     synthetic = SyntheticStore(config, dtype)
     writer = StoreWriter(path, config, dtype, source={"synthetic": "yalm-runner bench"})
@@ -103,7 +103,7 @@ def write_synthetic_store(path: Path, config: ModelConfig, dtype: torch.dtype) -
     tokenizer = path / "synthetic-tokenizer.bin"
     tokenizer.write_bytes(b"synthetic weights: no vocabulary\n")
     writer.finish(tokenizer)
-    return Store.open(path)
+    return ModelStore.open(path)
 
 
 def _pick(tensors: dict[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
@@ -119,7 +119,7 @@ class DiskTierRead:
 
 
 def measure_disk_tier(
-    store: Store, device: torch.device | str, dtype: torch.dtype, repeats: int = 2
+    store: ModelStore, device: torch.device | str, dtype: torch.dtype, repeats: int = 2
 ) -> DiskTierRead:
     """Every layer on the disk tier; the best of ``repeats`` cold passes (page cache dropped
     before each) of the streaming source's schedule, in bytes read from disk per second."""

@@ -1,0 +1,31 @@
+"""The host-to-device link as the benchmarks measure it: pinned and pageable copy rates.
+
+Every table's floor and roofline is set against the rate measured here in the same run. Knows
+nothing of models, stores or the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def measure_h2d(size_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Host-to-device bandwidth (bytes/s) from pinned and from pageable memory."""
+    device_buffer = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    rates = {}
+    for kind, pinned in (("pinned", True), ("pageable", False)):
+        host = torch.empty(size_bytes, dtype=torch.uint8, pin_memory=pinned)
+        host.fill_(1)
+        device_buffer.copy_(host, non_blocking=pinned)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            device_buffer.copy_(host, non_blocking=pinned)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        rates[kind] = size_bytes / sorted(times)[len(times) // 2]
+        del host
+    return rates
