@@ -151,11 +151,41 @@ def test_library_errors_are_one_line_and_verbose_shows_traceback(tmp_path: Path,
     assert err.splitlines()[-1].startswith("yalm-forecast: error: ")
 
 
-def test_render_without_tokenizer_or_model_is_a_config_error(tmp_path: Path, capsys):
-    path = write_config(tmp_path)
+def test_render_without_a_tokenizer_or_a_store_counts_with_the_shipped_yalm_tokenizer(
+    feed_server, tmp_path: Path, yalm_vocab, capsys
+):
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    variants = {
+        "explicit": {"tokenizer": str(yalm_vocab)},
+        "nothing-set": {},
+        "store-not-converted-yet": {"model": "models/yalm-100b-store"},
+    }
+    counts = {}
+    for name, overrides in variants.items():
+        (tmp_path / name).mkdir()
+        path = write_config(
+            tmp_path / name,
+            feeds=[{"name": "rss", "url": feed_server.url("/rss")}],
+            templates=["ticker_outlook_ru"],
+            **overrides,
+        )
+        assert run(["ingest", "--config", str(path)], capsys)[0] == 0
+        render = ["render", "--config", str(path), "--as-of", "2024-05-14T06:00Z", "-f", "json"]
+        code, out, err = run(render, capsys)
+        assert code == 0, err
+        counts[name] = [
+            (row["ticker"], row["token_count"]) for row in json.loads(out) if row["status"] == "new"
+        ]
+    assert len(counts["explicit"]) == 4 and all(count > 0 for _, count in counts["explicit"])
+    assert counts["nothing-set"] == counts["explicit"]
+    assert counts["store-not-converted-yet"] == counts["explicit"]
+
+
+def test_a_tokenizer_key_naming_a_missing_file_is_a_config_error(tmp_path: Path, capsys):
+    path = write_config(tmp_path, tokenizer="models/no-such.sp")
     code, _, err = run(["render", "--config", str(path)], capsys)
     assert code == 1
-    assert "tokenizer: not set, and no `model` store to take it from" in err
+    assert "tokenizer: file not found" in err and "no-such.sp" in err
 
 
 def test_bad_arguments_are_usage_errors(capsys):
