@@ -67,10 +67,9 @@ class Tokenizer:
 
         The original slices ``decode(all)[len(prompt_text):]``, which cuts in the wrong place
         when NFKC normalisation changed the prompt's length (``…`` -> ``...``; docs/yalm.md,
-        pitfall: tokenizer-pitfall). Decoding the
-        prompt ids instead of using the raw prompt text keeps the cut at the token boundary,
-        and decoding both together keeps SentencePiece's word-boundary spaces and multi-token
-        byte sequences intact.
+        pitfall: tokenizer-pitfall). Decoding the prompt ids instead of using the raw prompt
+        text keeps the cut at the token boundary, and decoding both together keeps
+        SentencePiece's word-boundary spaces and multi-token byte sequences intact.
         """
         full = self.decode([*prompt_ids, *new_ids])
         head = self.decode(list(prompt_ids))
