@@ -99,7 +99,7 @@ class GenerationSettings:
     checkpoint_every: int = 16
     max_positions: int = 1024
     # Scale-out: with shards > 1 and a deployment, the nightly flow splits the pending prompts
-    # into that many shards and starts one run of the deployment per shard (README, PostgreSQL).
+    # into that many shards and starts one run of the deployment per shard (docs/postgres.md).
     shards: int = 1
     deployment: str | None = None  # "generate-shard/gpu": the shard flow deployed to a pool
     lease_s: float = 1800.0  # a claim's lease; renewed at every checkpoint

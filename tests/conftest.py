@@ -1,36 +1,21 @@
-"""Shared fixtures: where the real YaLM tokenizer lies.
+"""Shared fixtures: the real YaLM tokenizer and tiny random checkpoints.
 
-The tokenizer is not ours to ship, so it is never copied into the project; it is read from the
-shared material beside the checkout (``../shared/yalm/voc_100b.sp``) or from ``$YALM_VOCAB``.
+The real tokenizer is the one the package ships (``yalm_runner/vocab``), checked against its
+checksum, so the tests need nothing beside the checkout.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_yalm_vocab() -> Path | None:
-    candidates = [os.environ.get("YALM_VOCAB"), REPO_ROOT.parent / "shared/yalm/voc_100b.sp"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
 
 @pytest.fixture(scope="session")
 def yalm_vocab() -> Path:
-    path = find_yalm_vocab()
-    if path is None:
-        pytest.fail(
-            "the real YaLM tokenizer was not found: set YALM_VOCAB or provide "
-            "../shared/yalm/voc_100b.sp"
-        )
-    return path
+    from yalm_runner.vocab import bundled_vocab_path
+
+    return bundled_vocab_path()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The model math: faithful to SPEC §1, and the KV cache changes nothing."""
+"""The model math: faithful to docs/yalm.md §Architecture, and the KV cache changes nothing."""
 
 import math
 
@@ -22,7 +22,8 @@ def weights(tiny_store):
 
 
 def sketch_logits(weights, config: ModelConfig, tokens: list[int]) -> torch.Tensor:
-    """SPEC §1.6's reference sketch, written independently of ``model``: full recomputation."""
+    """The forward pass of docs/yalm.md §Architecture, written independently of ``model``: full
+    recomputation."""
     emb, head = weights.embedding(), weights.head()
     nh, d = config.num_heads, config.head_dim
     T = len(tokens)

@@ -1,5 +1,7 @@
-"""A wheel of the project carries what the demo and the pipeline read at run time."""
+"""A wheel of the project carries what the demo and the pipeline read at run time, and an
+installed (not editable) wheel runs the demo on the tokenizer it carries."""
 
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -7,6 +9,8 @@ import sys
 import zipfile
 
 import pytest
+
+from yalm_runner.vocab import BUNDLED_VOCAB_SHA256
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,12 @@ def test_the_wheel_carries_templates_feeds_config_and_migrations(wheel):
         "yalm_runner/engine.py",
         "yalm_runner/bench/comparison.py",
         "yalm_runner/bench/peers.py",
+        "yalm_runner/vocab/__init__.py",
+        "yalm_runner/vocab/voc_100b.sp",
     ):
         assert needed in names, needed
+    licenses = {name.rsplit("/", 1)[-1] for name in names if ".dist-info/licenses/" in name}
+    assert {"LICENSE", "NOTICE"} <= licenses
 
 
 def test_an_installed_wheel_finds_its_own_templates(wheel, tmp_path):
@@ -83,3 +91,45 @@ def test_an_installed_wheel_runs_the_bench_and_its_peer_children(wheel, tmp_path
         outputs.append(result.stdout)
     assert outputs[0].startswith(str(tmp_path / "site"))
     assert "--system" in outputs[1]
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_runs_the_demo_on_the_tokenizer_it_carries(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(
+        PYTHONPATH=str(site),  # ahead of the editable install of this checkout
+        OMP_NUM_THREADS="1",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own ephemeral server and database
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # A fresh Prefect home migrates its database first: slow on a busy 2-core machine.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+        YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"),
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    demo = subprocess.run(
+        [site / "bin" / "yalm-forecast", "demo"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "| generated | 13 |" in demo.stdout
+    store_vocab = work / "yalm-forecast-demo" / "tiny-store" / "tokenizer.sp"
+    assert hashlib.sha256(store_vocab.read_bytes()).hexdigest() == BUNDLED_VOCAB_SHA256
+
+    probe = "import yalm_runner.vocab as v; print(v.bundled_vocab_path())"
+    found = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=work, capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == str(site / "yalm_runner" / "vocab" / "voc_100b.sp")

@@ -13,7 +13,8 @@ from yalm_runner.sampling import filter_logits, sample_next
 
 
 def original_top_k_logits(logits, top_k=0, top_p=0.0, filter_value=-float("Inf")):
-    """The reference repo's filter, transcribed loop for loop (SPEC §4.2) to compare against."""
+    """The reference repo's filter, transcribed loop for loop (docs/yalm.md §Sampling) to compare
+    against."""
     logits = logits.clone()
     if top_k > 0:
         indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]

@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(tiny, "--heads", type=int, default=4)
     _add(tiny, "--ffn", type=int, default=172)
     _add(tiny, "--seed", type=int, default=0)
-    _add(tiny, "--vocab", type=Path, help="a .sp file to use (default: train a small one)")
+    vocab = tiny.add_mutually_exclusive_group()
+    _add(vocab, "--vocab", type=Path, help="a .sp file to use (default: train a small one)")
+    _add(vocab, "--yalm-vocab", action="store_true", help="use the real YaLM vocabulary shipped")
     _add(tiny, "--vocab-size", type=int, default=1000, help="size of the trained vocabulary")
     _add(tiny, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     _add(tiny, "--tensor-parallel", type=int, default=1, help="write this many TP shards")
@@ -484,7 +486,12 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
         dtype=parse_dtype(args.dtype),
         tensor_parallel=args.tensor_parallel,
     )
-    config = make_tiny(args.dst, spec, vocab=args.vocab, vocab_size=args.vocab_size)
+    vocab = args.vocab
+    if args.yalm_vocab:
+        from yalm_runner.vocab import bundled_vocab_path
+
+        vocab = bundled_vocab_path()
+    config = make_tiny(args.dst, spec, vocab=vocab, vocab_size=args.vocab_size)
     print(args.dst)
     print(
         f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "

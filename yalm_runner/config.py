@@ -17,7 +17,7 @@ from yalm_runner.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a YaLM model. Defaults are YaLM-100B's (SPEC §1.1)."""
+    """The shape of a YaLM model. Defaults are YaLM-100B's (docs/yalm.md §Sizes)."""
 
     vocab_size: int = 128000
     embedding_size: int = 2048
@@ -103,7 +103,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How logits become tokens. Defaults are the original scripts' (SPEC §4.1)."""
+    """How logits become tokens. Defaults are the original scripts' (docs/yalm.md §Sampling)."""
 
     greedy: bool = False
     temperature: float = 1.0

@@ -1,4 +1,4 @@
-"""YaLM's forward pass as pure functions of activations and weights (SPEC §1).
+"""YaLM's forward pass as pure functions of activations and weights (docs/yalm.md §Architecture).
 
 Every function takes its weights as a mapping from the release's module-relative names
 (``attention.query_key_value.weight``, ...) to tensors already on the compute device, so the
@@ -22,7 +22,8 @@ from yalm_runner.config import ModelConfig
 
 Weights = Mapping[str, torch.Tensor]
 
-# The reference fills blocked attention scores with -10000 before the softmax (SPEC §1.4).
+# The reference fills blocked attention scores with -10000 before the softmax
+# (docs/yalm.md, pitfall: mask).
 MASKED_SCORE = -10000.0
 
 EMBEDDING_KEYS = ("word_embeddings.weight",)
@@ -141,7 +142,8 @@ def embed(tokens: torch.Tensor, weights: Weights, config: ModelConfig) -> torch.
     """Token ids (B, T) -> the residual stream (B, T, H).
 
     ``weights`` holds the word embedding and the projector's LayerNorm. The projector's
-    ``eye(E, H)`` is zero-padding, so it is written as a pad rather than a matmul.
+    ``eye(E, H)`` is zero-padding, so it is written as a pad rather than a matmul
+    (docs/yalm.md, pitfall: projector).
     """
     x = F.embedding(tokens, weights["word_embeddings.weight"])  # (B, T, E)
     x = layer_norm(x, weights, "input_layernorm", config.layernorm_eps)
@@ -185,14 +187,16 @@ def block(
     num_heads, head_dim = config.num_heads, config.head_dim
     end = start + num_new
 
-    # Layer 0 has no input LayerNorm: the projector's LayerNorm plays that role (pitfall 1).
+    # Layer 0 has no input LayerNorm: the projector's LayerNorm plays that role
+    # (docs/yalm.md, pitfall: first-layer-norm).
     a = (
         layer_norm(h, weights, "input_layernorm", config.layernorm_eps)
         if ("input_layernorm.weight" in weights)
         else h
     )
     qkv = linear(a, weights, "attention.query_key_value")  # (B, T, 3H)
-    qkv = qkv.view(batch, num_new, num_heads, 3, head_dim)  # per-head [q|k|v] (pitfall 3)
+    # Rows are grouped per head as [q|k|v] (docs/yalm.md, pitfall: qkv-interleave).
+    qkv = qkv.view(batch, num_new, num_heads, 3, head_dim)  # (B, T, NH, 3, D)
     query = rotary.apply(qkv[:, :, :, 0], positions)  # (B, T, NH, D)
     key_cache[:, start:end] = rotary.apply(qkv[:, :, :, 1], positions)
     value_cache[:, start:end] = qkv[:, :, :, 2]
@@ -208,7 +212,8 @@ def block(
     h = h + linear(context, weights, "attention.dense")
 
     m = layer_norm(h, weights, "post_attention_layernorm", config.layernorm_eps)
-    # GeGLU: exact GeLU on dense_ffn_hidden, dense_ffn_gate stays linear (pitfall 4).
+    # GeGLU: exact GeLU on dense_ffn_hidden, dense_ffn_gate stays linear
+    # (docs/yalm.md, pitfall: geglu-branches).
     ffn = F.gelu(linear(m, weights, "mlp.dense_ffn_hidden")) * linear(
         m, weights, "mlp.dense_ffn_gate"
     )
@@ -220,7 +225,8 @@ def head(
 ) -> torch.Tensor:
     """Residual stream (..., H) -> fp32 logits (..., V): LN, dense, GeLU, LN, tied embedding.
 
-    There is no final LayerNorm in the stack; this head is all of it (pitfall 5).
+    There is no final LayerNorm in the stack; this head is all of it
+    (docs/yalm.md, pitfall: head).
     """
     y = layer_norm(h, weights, "input_layer_norm", config.layernorm_eps)
     y = F.gelu(linear(y, weights, "dense"))  # (..., E)

@@ -1,4 +1,6 @@
-"""The released checkpoint's layout (SPEC §2), for reading it and for writing tiny copies of it.
+"""The released checkpoint's layout, for reading it and for writing tiny copies of it.
+
+The facts are in docs/yalm.md §Release layout.
 
 A release is a folder with ``weights/layer_XX-model_RR-model_states.pt`` (DeepSpeed pipeline
 slots XX; tensor-parallel rank RR) and ``vocab/voc_100b.sp``. Slot 00 holds the word embedding,
@@ -24,7 +26,8 @@ VOCAB_DIR = "vocab"
 VOCAB_NAME = "voc_100b.sp"
 FILE_PATTERN = re.compile(r"^layer_(\d\d)-model_(\d\d)-model_states\.pt$")
 
-# Tensor-parallel split dimension per tensor name; names absent here are replicated (SPEC §2.4).
+# Tensor-parallel split dimension per tensor name; names absent here are replicated
+# (docs/yalm.md §Tensor-parallel shards).
 SPLIT_DIMS = {
     "word_embeddings.weight": 0,
     "output_bias": 0,
@@ -129,7 +132,8 @@ def load_release_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def merge_shards(name: str, shards: list[torch.Tensor], source: Path) -> torch.Tensor:
-    """One full tensor from its tensor-parallel shards (contiguous chunks, SPEC §2.4)."""
+    """One full tensor from its tensor-parallel shards (contiguous chunks; docs/yalm.md
+    §Tensor-parallel shards)."""
     if len(shards) == 1:
         return shards[0]
     dim = SPLIT_DIMS.get(name)

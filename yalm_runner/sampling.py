@@ -1,10 +1,11 @@
 """Logits -> next token ids, with randomness that belongs to each row, not to the batch.
 
-Filtering follows the original scripts (SPEC §4.2): divide by the temperature, keep the top k
-(if k > 0), then the nucleus: sort, cumulative softmax, drop tokens past ``top_p`` but keep the
-first one that crosses it. The draw is an inverse-CDF lookup of one uniform number per row,
-taken from a generator seeded by (seed, row key, step): a row's text does not depend on which
-batch it ran in, its position there, or whether the run was interrupted and resumed.
+Filtering follows the original scripts (docs/yalm.md §Sampling): divide by the temperature,
+keep the top k (if k > 0), then the nucleus: sort, cumulative softmax, drop tokens past
+``top_p`` but keep the first one that crosses it. The draw is an inverse-CDF lookup of one
+uniform number per row, taken from a generator seeded by (seed, row key, step): a row's text
+does not depend on which batch it ran in, its position there, or whether the run was
+interrupted and resumed.
 """
 
 from __future__ import annotations

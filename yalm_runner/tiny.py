@@ -122,7 +122,7 @@ def training_corpus(num_sentences: int = 4000, seed: int = 0) -> list[str]:
 
 
 def train_vocabulary(vocab_size: int = 1000) -> bytes:
-    """A small SentencePiece BPE model with YaLM's conventions (SPEC §3.1-3.2)."""
+    """A small SentencePiece BPE model with YaLM's conventions (docs/yalm.md §Tokenizer)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(training_corpus()),

@@ -1,4 +1,4 @@
-"""Text <-> token ids with YaLM's conventions (SPEC §3).
+"""Text <-> token ids with YaLM's conventions (docs/yalm.md §Tokenizer).
 
 YaLM's SentencePiece model has no newline piece; the original code replaces ``\\n`` with the
 user-defined piece ``[NL]`` before encoding and maps it back after decoding. BOS (id 1) is
@@ -66,10 +66,10 @@ class Tokenizer:
         """The text that ``new_ids`` add after ``prompt_ids``.
 
         The original slices ``decode(all)[len(prompt_text):]``, which cuts in the wrong place
-        when NFKC normalisation changed the prompt's length (``…`` -> ``...``). Decoding the
-        prompt ids instead of using the raw prompt text keeps the cut at the token boundary,
-        and decoding both together keeps SentencePiece's word-boundary spaces and multi-token
-        byte sequences intact.
+        when NFKC normalisation changed the prompt's length (``…`` -> ``...``; docs/yalm.md,
+        pitfall: tokenizer-pitfall). Decoding the prompt ids instead of using the raw prompt
+        text keeps the cut at the token boundary, and decoding both together keeps
+        SentencePiece's word-boundary spaces and multi-token byte sequences intact.
         """
         full = self.decode([*prompt_ids, *new_ids])
         head = self.decode(list(prompt_ids))

@@ -1,13 +1,15 @@
 """The offline demo: a tiny YaLM-architecture model, the bundled sample feeds, a local SQLite file.
 
 Owns setting the demo up in a folder (default ``./yalm-forecast-demo``): on first use it makes a
-tiny random checkpoint in the release layout and converts it with the real converter (the same
-path the real YaLM-100B takes), and it writes a config whose feeds are the bundled sample files
-(``file://``), whose database and log live in the folder, and whose prompts are dated like the
-sample news. The config goes to ``./yalm-forecast.yaml`` unless a file that the demo did not
-write is there already, so ``yalm-forecast results`` right after the demo shows its forecasts.
-The model is tiny and random: its forecasts are fluent-looking noise, not predictions. Running
-the flow is the caller's job; this module knows nothing of Prefect.
+tiny random checkpoint in the release layout, on the real YaLM vocabulary shipped with the
+package (so prompts are counted and cut exactly as for YaLM-100B), and converts it with the real
+converter (the same path the real YaLM-100B takes), and it writes a config whose feeds are the
+bundled sample files (``file://``), whose database and log live in the folder, and whose prompts
+are dated like the sample news. The config goes to ``./yalm-forecast.yaml`` unless a file that
+the demo did not write is there already, so ``yalm-forecast results`` right after the demo shows
+its forecasts. The model is tiny and random: its forecasts are noise drawn from YaLM's 128,000
+pieces, not predictions. Running the flow is the caller's job; this module knows nothing of
+Prefect.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ SAMPLE_FEEDS = {
 # The sample news is dated 13-14 May 2024; the demo renders as of that morning.
 DEMO_AS_OF = "2024-05-14T06:00:00Z"
 DEMO_MARKER = "# written by `yalm-forecast demo`"
-DEMO_MAX_NEW_TOKENS = 48
+# Sampling over the real 128,000-piece vocabulary (a sort per row per step) dominates the demo on
+# a CPU; 32 tokens a forecast keep it quick and are plenty to show the pipeline.
+DEMO_MAX_NEW_TOKENS = 32
 WATCHLIST = [
     {"ticker": "SBER", "aliases": ["Сбербанк", "Сбер", "Sberbank"]},
     {"ticker": "GAZP", "aliases": ["Газпром", "Gazprom"]},
@@ -56,6 +60,7 @@ def ensure_tiny_model(folder: Path) -> Path:
     """The demo's converted tiny store, made (release, then converter) on first use."""
     from yalm_runner.convert import convert_release
     from yalm_runner.tiny import make_tiny
+    from yalm_runner.vocab import bundled_vocab_path
 
     store = folder / "tiny-store"
     if (store / "manifest.json").is_file():
@@ -64,7 +69,7 @@ def ensure_tiny_model(folder: Path) -> Path:
     shutil.rmtree(release, ignore_errors=True)  # a half-made one from an interrupted demo
     shutil.rmtree(store, ignore_errors=True)
     log.info("demo: making a tiny random YaLM-architecture model in %s (first use only)", release)
-    make_tiny(release)
+    make_tiny(release, vocab=bundled_vocab_path())
     log.info("demo: converting it with the real converter into %s", store)
     convert_release(release, store, num_heads=4)
     shutil.rmtree(release)

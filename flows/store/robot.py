@@ -1,10 +1,11 @@
 """The trading robot's side of the store: the stable view ``forecasts_v1``, read-only.
 
-Owns the contract the robot relies on: the view's name and columns (documented in README) and a
-small Python read API. For SQLite it opens the file read-only (``mode=ro``), so a reader can
-never write, and reads one consistent snapshot (WAL: it never waits for, nor blocks, the writer).
+Owns the contract the robot relies on: the view's name and columns (documented in
+docs/robot.md) and a small Python read API. For SQLite it opens the file read-only
+(``mode=ro``), so a reader can never write, and reads one consistent snapshot (WAL: it never
+waits for, nor blocks, the writer).
 For PostgreSQL (a ``postgresql://`` URL, best with a role that may only read the view, see
-README) it reads in a ``READ ONLY`` transaction through psycopg 3; MVCC gives the same
+docs/postgres.md) it reads in a ``READ ONLY`` transaction through psycopg 3; MVCC gives the same
 never-wait, never-half-a-row reads. It uses only the standard library's ``sqlite3`` (and
 psycopg for PostgreSQL), so a robot can copy it as is; it knows nothing of the internal tables,
 which may change behind the view.

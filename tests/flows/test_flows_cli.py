@@ -19,7 +19,7 @@ from flows.store.database import open_store
 from flows.store.generations import pending_prompts, record_generation
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Data side: config, feeds, templates, the robot's contract"
+SECTION = "## `yalm-forecast`: the pipeline"
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -151,11 +151,41 @@ def test_library_errors_are_one_line_and_verbose_shows_traceback(tmp_path: Path,
     assert err.splitlines()[-1].startswith("yalm-forecast: error: ")
 
 
-def test_render_without_tokenizer_or_model_is_a_config_error(tmp_path: Path, capsys):
-    path = write_config(tmp_path)
+def test_render_without_a_tokenizer_or_a_store_counts_with_the_shipped_yalm_tokenizer(
+    feed_server, tmp_path: Path, yalm_vocab, capsys
+):
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    variants = {
+        "explicit": {"tokenizer": str(yalm_vocab)},
+        "nothing-set": {},
+        "store-not-converted-yet": {"model": "models/yalm-100b-store"},
+    }
+    counts = {}
+    for name, overrides in variants.items():
+        (tmp_path / name).mkdir()
+        path = write_config(
+            tmp_path / name,
+            feeds=[{"name": "rss", "url": feed_server.url("/rss")}],
+            templates=["ticker_outlook_ru"],
+            **overrides,
+        )
+        assert run(["ingest", "--config", str(path)], capsys)[0] == 0
+        render = ["render", "--config", str(path), "--as-of", "2024-05-14T06:00Z", "-f", "json"]
+        code, out, err = run(render, capsys)
+        assert code == 0, err
+        counts[name] = [
+            (row["ticker"], row["token_count"]) for row in json.loads(out) if row["status"] == "new"
+        ]
+    assert len(counts["explicit"]) == 4 and all(count > 0 for _, count in counts["explicit"])
+    assert counts["nothing-set"] == counts["explicit"]
+    assert counts["store-not-converted-yet"] == counts["explicit"]
+
+
+def test_a_tokenizer_key_naming_a_missing_file_is_a_config_error(tmp_path: Path, capsys):
+    path = write_config(tmp_path, tokenizer="models/no-such.sp")
     code, _, err = run(["render", "--config", str(path)], capsys)
     assert code == 1
-    assert "tokenizer: not set, and no `model` store to take it from" in err
+    assert "tokenizer: file not found" in err and "no-such.sp" in err
 
 
 def test_bad_arguments_are_usage_errors(capsys):
@@ -194,12 +224,13 @@ def test_console_entry_point_runs(tmp_path: Path):
     assert "example: yalm-forecast results" in help_text and "YALM_FORECAST_CONFIG" in help_text
 
 
-def test_every_command_is_documented_in_readme():
+def test_every_command_has_a_row_in_the_readme_command_table():
     text = README.read_text(encoding="utf-8")
     assert SECTION in text
-    section = text.split(SECTION, 1)[1]
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     for name in COMMANDS:
-        assert f"yalm-forecast {name}" in section, f"README does not document `{name}`"
+        row = re.compile(rf"^\| `yalm-forecast {re.escape(name)}( [^`]*)?` \|", re.MULTILINE)
+        assert row.search(section), f"README's command table does not document `{name}`"
 
 
 def test_render_takes_the_tokenizer_from_the_model_store(feed_server, tmp_path, tiny_store, capsys):

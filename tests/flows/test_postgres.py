@@ -182,7 +182,7 @@ def test_robot_role_reads_the_view_and_nothing_else(postgres_server, pg_store):
     save_prompt(pg_store, make_prompt("a"))
     finish(pg_store, "a")
     database = pg_store.engine.url.database
-    # The statements README gives for the robot's role.
+    # The statements docs/postgres.md gives for the robot's role.
     postgres_server.execute(
         "CREATE ROLE robot LOGIN",
         f'GRANT CONNECT ON DATABASE "{database}" TO robot',

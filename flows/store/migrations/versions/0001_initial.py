@@ -1,6 +1,6 @@
 """Initial schema: runs, feeds, fetch history, news, prompts, generations, resume state.
 
-Also creates ``forecasts_v1``, the view the trading robot reads (see README). The view is a
+Also creates ``forecasts_v1``, the view the trading robot reads (see docs/robot.md). The view is a
 contract: change it only by adding a new view (``forecasts_v2``), never by editing this one.
 Its SQL is written once with one dialect-specific expression (the JSON array length of the
 prompt's item keys); SQLite databases get exactly the SQL they always had.
