@@ -85,6 +85,21 @@ class GenerationSession:
     def placement(self) -> Placement:
         return self.plan.placement
 
+    # What the ids depend on beyond the model and the job (a saved job's fingerprint):
+    @property
+    def device(self) -> torch.device:
+        """The (first) device the engine computes on."""
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def kv_stored_bits(self) -> int:
+        """16, or 8/4 when the KV cache is kept compressed in pinned RAM (lossy)."""
+        return self.engine.kv_stored_bits
+
 
 @contextmanager
 def open_session(
