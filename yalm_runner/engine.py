@@ -14,6 +14,7 @@ the prompt in one pass and the row goes on from there.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -71,6 +72,26 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         elapsed = self.prefill_s + self.decode_s
         return self.new_tokens / elapsed if elapsed > 0 else 0.0
+
+    def since(self, earlier: GenerationStats) -> GenerationStats:
+        """The work done after ``earlier``, a copy of these totals taken before it."""
+        left = Counter(earlier.batch_sizes)  # several engines' lists are concatenated: no prefix
+        sizes = []
+        for size in self.batch_sizes:
+            if left[size]:
+                left[size] -= 1
+            else:
+                sizes.append(size)
+        return GenerationStats(
+            rows=self.rows - earlier.rows,
+            prompt_tokens=self.prompt_tokens - earlier.prompt_tokens,
+            new_tokens=self.new_tokens - earlier.new_tokens,
+            forward_passes=self.forward_passes - earlier.forward_passes,
+            prefill_s=self.prefill_s - earlier.prefill_s,
+            decode_s=self.decode_s - earlier.decode_s,
+            batch_sizes=sizes,
+            bytes_moved=self.bytes_moved - earlier.bytes_moved,
+        )
 
 
 @dataclass

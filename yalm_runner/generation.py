@@ -21,6 +21,7 @@ return what did not fit: the runner refuses the job, the pipeline fails or resta
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -64,7 +65,7 @@ class FinishedRow:
     new_ids: tuple[int, ...]
     text: str
     finish_reason: str  # "eos", "length" or "stop"
-    stats: GenerationStats  # the engine's totals when the row finished (for timings)
+    stats: GenerationStats  # the job's totals when the row finished (for timings)
 
 
 class GenerationSink(Protocol):
@@ -160,6 +161,7 @@ class GenerationJob:
         self.done_before = done_before
         self.finished_count = 0
         self._engine = None
+        self._stats_before = GenerationStats()
 
     @property
     def max_context(self) -> int:
@@ -178,8 +180,10 @@ class GenerationJob:
 
     @property
     def stats(self) -> GenerationStats:
-        """The engine's totals so far (empty before ``run``)."""
-        return self._engine.stats if self._engine is not None else GenerationStats()
+        """What the engine has done for this job so far (nothing before ``run``)."""
+        if self._engine is None:
+            return GenerationStats()
+        return self._engine.stats.since(self._stats_before)
 
     def admit(self) -> list[tuple[str, str]]:
         """Take out the rows this model cannot run; return them as (row key, reason)."""
@@ -219,7 +223,7 @@ class GenerationJob:
         longest_first: bool = False,
         catch_signals: bool = True,
     ) -> GenerationStats:
-        """Generate every row into ``sink``; return the engine's totals.
+        """Generate every row into ``sink``; return what the engine did for it.
 
         Rows are run in groups of equal sampling settings, in the order given (with
         ``longest_first``, longest prompt first within a group: less padding; a row's text
@@ -229,6 +233,7 @@ class GenerationJob:
         ``sink.save`` and the error is raised.
         """
         engine = self._engine = session.engine
+        self._stats_before = copy.deepcopy(engine.stats)
         total = self.done_before + len(self.requests)
 
         def save() -> None:
@@ -250,7 +255,7 @@ class GenerationJob:
                 finished.new_ids,
                 self.stops.cut(finished.key, text),
                 finished.finish_reason,
-                engine.stats,
+                self.stats,
             )
             with guard.critical():
                 sink.finished(row)
@@ -284,4 +289,4 @@ class GenerationJob:
             with guard.critical():
                 sink.complete()
                 guard.disarm()
-        return engine.stats
+        return self.stats
