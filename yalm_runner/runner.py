@@ -129,7 +129,7 @@ class JsonlSink:
         self.state.partial = {key: partial[key] for key in keys if key in partial}
         return Checkpoint(dict(self.state.partial))
 
-    def misfit(self, key: str) -> GenerationError:
+    def misfit_error(self, key: str) -> GenerationError:
         return GenerationError(
             f"{self.state_file.path}: saved ids for row {key} do not fit the job; {NO_RESUME_HINT}"
         )
@@ -239,11 +239,15 @@ def generate_file(
             stop=stop,
             done_before=len(sink.done),
         )
-        # Before any file changes: bad input loses nothing.
-        for key, reason in job.admit():
+        # Before any file changes: bad input loses nothing. A row that cannot run, or saved
+        # ids that do not fit their row, refuse the whole job.
+        rejected = job.admit()
+        if rejected:
+            key, reason = rejected[0]
             raise GenerationError(f"row {key}: {reason}")
-        for key in job.restore(sink):
-            raise sink.misfit(key)
+        misfits = job.restore(sink)
+        if misfits:
+            raise sink.misfit_error(misfits[0])
         session = stack.enter_context(
             open_session(
                 store,  # opened above for the fingerprint: not opened and checked twice

@@ -175,3 +175,18 @@ def test_a_compressed_kv_cache_is_part_of_the_fingerprint(tiny_store):
     assert prints[("gpu", 16)] == prints[("cpu", 16)] == f"{model_hash}:float32:cpu"
     assert prints[("cpu", 8)] == f"{model_hash}:float32:cpu:kv8"
     assert prints[("cpu", 4)].endswith(":kv4")
+
+
+def test_saved_ids_that_do_not_fit_the_prompt_are_dropped_and_it_starts_over(
+    job, tiny_store, caplog
+):
+    config, store = job
+    key = "f" * 64
+    save_prompt(store, rendered(key, "Lukoil kept its buyback plan.", 6))
+    fingerprint = f"{ModelStore.open(tiny_store).manifest_sha256}:float32:cpu"
+    save_generation_state(store, key, list(range(1, 10)), fingerprint=fingerprint)  # 9 > 6
+    with caplog.at_level("WARNING", logger="flows.generation.forecasting"):
+        report = generate_pending(config, store)
+    assert (report.generated, report.resumed) == (1, 0)
+    assert f"prompt {key}: saved ids do not fit; starting over" in caplog.text
+    assert prompt_status(store, key) == "done"
