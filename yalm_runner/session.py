@@ -4,6 +4,9 @@ A caller (the CLI's ``generate``, the pipeline's generation task) says which sto
 and how much GPU and pinned RAM it may use; it gets back the tokenizer, an engine whose weights
 follow a placement planned for those budgets, and the batch size the budgets allow (or the one it
 asked for, checked against them). Everything heavy is released when the ``with`` block ends.
+The session also says what generated ids depend on besides the model (device, dtype, the width
+the KV cache is kept in), so that a front end can fingerprint saved ids without reaching into
+the engine.
 """
 
 from __future__ import annotations

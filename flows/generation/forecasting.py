@@ -293,12 +293,9 @@ class ForecastSink:
         from yalm_runner.generation import Checkpoint
 
         self.unfinished, self.total = set(keys), len(keys)
-        saved = {}
-        for key in keys:
-            ids = load_generation_state(self.store, key, fingerprint=self.fingerprint)
-            if ids:
-                saved[key] = tuple(ids)
-        return Checkpoint(saved)
+        saved = {key: load_generation_state(self.store, key, fingerprint=self.fingerprint)
+                 for key in keys}  # fmt: skip
+        return Checkpoint({key: tuple(ids) for key, ids in saved.items() if ids})
 
     def renew(self) -> None:
         """Renew the lease on what is left to do; say so if some of it was taken over."""
@@ -371,13 +368,8 @@ def _generate(
         # Longest prompts together: less padding. Signals stay with the caller (Prefect, the
         # command line): Ctrl-C arrives as KeyboardInterrupt, and the rows in flight are saved
         # on the way out as for any other error.
-        job.run(
-            session,
-            sink,
-            checkpoint_every=checkpoint_every,
-            longest_first=True,
-            catch_signals=False,
-        )
+        job.run(session, sink, checkpoint_every=checkpoint_every, longest_first=True,
+                catch_signals=False)  # fmt: skip
     finally:
         report.batch_size = max(job.stats.batch_sizes, default=0)
         report.new_tokens = job.stats.new_tokens
