@@ -8,11 +8,13 @@ cannot take (``admit``), restoring the ids an earlier run saved and checking tha
 calling the engine with checkpoints, and stopping safely (``job.stopping_safely``: the rows in
 flight are saved on SIGINT/SIGTERM and on any error).
 
-What differs between the front ends is a ``GenerationSink``: where saved state is loaded from,
-where a finished row goes, what a checkpoint writes. State travels as a ``Checkpoint``, which
-today holds each row's ids; exact resume extends it (the rows' KV and their batch layout), and
-the sinks with it, not this loop. Generation is deterministic per row (``sampling``): saved ids
-are a prefix of the row's one output, so an old checkpoint costs recomputation, never text.
+What differs between the front ends is a ``GenerationSink`` (``job.JobSink`` plus saved state):
+where saved state is loaded from, where a finished row goes, what a checkpoint writes. State
+travels as a ``Checkpoint``, which today holds each row's ids; exact resume extends it (the
+rows' KV and their batch layout), and the sinks with it, not this loop. Generation is
+deterministic per row (``sampling``): saved ids are a prefix of the row's one output, so an old
+checkpoint costs recomputation, never text. Decoding is this module's alone: a job that only
+scores (one prefill per batch) belongs beside it, on ``job.py``'s sinks and signal handling.
 
 This module knows nothing of files, SQL or the pipeline: only of its sinks, the session's engine
 and the tokenizer. The policy for bad rows stays with the front end (``admit`` and ``restore``
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Finished, GenerationStats, Request, request_problem
-from yalm_runner.job import GenerationInterrupted, stopping_safely
+from yalm_runner.job import GenerationInterrupted, JobSink, stopping_safely
 from yalm_runner.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -68,18 +70,12 @@ class FinishedRow:
     stats: GenerationStats  # the job's totals when the row finished (for timings)
 
 
-class GenerationSink(Protocol):
-    """Where one job's results and saved state live. ``finished``, ``checkpoint``, ``save`` and
-    ``complete`` run in a critical section: a signal waits until they return."""
-
-    location: str  # where the state is saved, in words ("out.jsonl.state.json")
+class GenerationSink(JobSink[FinishedRow], Protocol):
+    """Where a generation job's rows and saved state live. Besides ``finished`` and
+    ``complete``, ``checkpoint`` and ``save`` run in a critical section too."""
 
     def load(self, keys: Sequence[str]) -> Checkpoint:
         """What an earlier run of this same job saved for these rows (nothing: empty)."""
-        ...
-
-    def finished(self, row: FinishedRow) -> None:
-        """Store one finished row durably before returning."""
         ...
 
     def checkpoint(self, state: Checkpoint) -> None:
@@ -89,10 +85,6 @@ class GenerationSink(Protocol):
 
     def save(self, state: Checkpoint) -> None:
         """The rows in flight when the job stops early (a signal or an error)."""
-        ...
-
-    def complete(self) -> None:
-        """Every row is done: make the result final."""
         ...
 
 

@@ -11,6 +11,8 @@ This module owns the part of that which does not depend on what the rows compute
 - ``stopping_safely``: the frame a job's loop runs in: on a signal, save and raise
   ``GenerationInterrupted``; on any other error (out of memory, a cancelled run), save and let
   the error go on.
+- ``JobSink``: what every sink does: take a finished row, finish the job; each kind of job adds
+  what its state needs (``generation.GenerationSink``: saved ids, checkpoints).
 
 It knows nothing of the engine, the model, tokens, files or databases: what "save" means is the
 job's and its sink's.
@@ -22,7 +24,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from yalm_runner.errors import GenerationError
 
@@ -40,6 +42,24 @@ class GenerationInterrupted(GenerationError):
             f"interrupted by {name} with {rows_done}/{rows_total} rows done; state saved to "
             f"{location}; run the same command again to resume"
         )
+
+
+ResultT = TypeVar("ResultT", contravariant=True)
+
+
+class JobSink(Protocol[ResultT]):
+    """Where one job's results go. Its methods run in a critical section: a signal waits until
+    they return."""
+
+    location: str  # where the job's state is saved, in words ("out.jsonl.state.json")
+
+    def finished(self, result: ResultT) -> None:
+        """Store one finished row durably before returning."""
+        ...
+
+    def complete(self) -> None:
+        """Every row is done: make the result final."""
+        ...
 
 
 class SignalGuard:
