@@ -155,6 +155,10 @@ class GenerationJob:
         self._engine = None
         self._stats_before = GenerationStats()
 
+    def __len__(self) -> int:
+        """The rows to run (those ``admit`` took out no longer count)."""
+        return len(self.requests)
+
     @property
     def max_context(self) -> int:
         """The longest prompt plus its new tokens (1 for an empty job)."""

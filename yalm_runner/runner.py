@@ -257,7 +257,7 @@ def generate_file(
                 batch_size=batch_size,
                 max_context=min(job.max_context, store.config.max_positions),
                 prompt_tokens=job.longest_prefill,
-                rows=len(job.requests) or 1,
+                rows=len(job) or 1,
                 verify=verify,
                 tokenizer=tokenizer,  # loaded above to count the prompts' tokens
             )

@@ -209,7 +209,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
     job = GenerationJob(rows, tokenizer, model.config)
     report.run_id = start_run(store, "generate", {"pending": len(prompts)})
     _admit(store, job, {prompt.key: prompt for prompt in prompts}, report)
-    if not job.requests:
+    if len(job) == 0:  # every prompt failed admission
         _finish(store, report, began)
         return
     settings = config.generation
@@ -221,7 +221,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
             policy=_policy(config),
             batch_size=settings.batch_size,
             max_context=job.max_context,
-            rows=len(job.requests),  # a plan for 13 prompts is not a plan for 512
+            rows=len(job),  # a plan for 13 prompts is not a plan for 512
         ) as session:
             report.batch_size = session.batch_size
             report.device = str(session.device)
