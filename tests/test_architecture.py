@@ -26,7 +26,52 @@ FORBIDDEN = {
         "cli",
         "runner",
     },
-    "engine": {"checkpoint", "convert", "release", "tensorfile", "cli", "runner"},
+    "engine": {
+        "checkpoint",
+        "convert",
+        "release",
+        "tensorfile",
+        "cli",
+        "runner",
+        "job",
+        "generation",
+        "session",
+    },
+    # The job core: the loop and its sinks' interface, nothing of where results are kept
+    # (files are the runner's and resume's, the database the pipeline's).
+    "generation": {
+        "checkpoint",
+        "convert",
+        "release",
+        "tensorfile",
+        "cli",
+        "runner",
+        "resume",
+        "fsutil",
+        "streaming",
+        "offload",
+        "planning",
+        "multigpu",
+        "kvcache",
+        "model",
+    },
+    # What every job shares (signals, saving on the way out): nothing of engines or tokens.
+    "job": {
+        "model",
+        "engine",
+        "checkpoint",
+        "offload",
+        "streaming",
+        "session",
+        "multigpu",
+        "tokenizer",
+        "generation",
+        "runner",
+        "resume",
+        "fsutil",
+        "cli",
+        "kvcache",
+    },
     "sampling": {"model", "checkpoint", "offload", "engine"},
     "checkpoint": {"offload", "engine", "cli", "runner", "convert"},
     "tensorfile": {"model", "checkpoint", "config", "offload", "engine"},
@@ -183,3 +228,12 @@ def test_no_engine_module_imports_a_benchmark():
         for path in engine
     }
     assert not {module: names for module, names in bad.items() if names}
+
+
+FILE_AND_DATABASE_MODULES = {"os", "io", "json", "pathlib", "shutil", "sqlite3", "tempfile"}
+
+
+@pytest.mark.parametrize("module", ["generation", "job"])
+def test_the_job_core_touches_files_only_through_its_sinks(module):
+    imports = imported_modules(PACKAGE / f"{module}.py")
+    assert not {name.split(".")[0] for name in imports} & FILE_AND_DATABASE_MODULES

@@ -64,6 +64,16 @@ def test_a_failure_on_one_device_stops_the_others_and_is_raised(store, placement
             multi.generate(REQUESTS, SAMPLED, batch_size=2, stop=stop)
 
 
+def test_several_engines_report_the_width_their_kv_cache_is_kept_in(store, placement):
+    # A saved job's fingerprint reads it from the session, whatever engine the session holds.
+    # With kv_on auto, a 4-bit policy whose plan keeps the KV cache on the GPU keeps 16 bits.
+    first, second = two_sources(store, placement)
+    with first, second:
+        for kv_on, bits, kept in (("gpu", 4, 16), ("cpu", 16, 16), ("cpu", 4, 4)):
+            engines = [Engine(source, kv_on=kv_on, kv_bits=bits) for source in (first, second)]
+            assert engines[0].kv_stored_bits == MultiEngine(engines).kv_stored_bits == kept
+
+
 def test_device_lists_are_checked():
     assert resolve_devices("cpu") == [torch.device("cpu")]
     with pytest.raises(ConfigError, match="named twice"):

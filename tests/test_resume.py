@@ -367,6 +367,28 @@ def test_a_crash_after_the_final_rewrite_resumes_to_the_same_file(tiny_store, tm
     assert not StateFile.beside(output).path.exists()
 
 
+def test_saved_ids_that_do_not_fit_the_job_are_refused_naming_the_state_file(tiny_store, tmp_path):
+    prompts = write_prompts(tmp_path / "in.jsonl", count=4)
+    output = tmp_path / "out.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after_rows(patch, 1)
+        with pytest.raises(GenerationInterrupted):
+            generate(tiny_store, prompts, output, max_new_tokens=16, checkpoint_every=0)
+    state_file = StateFile.beside(output)
+    state = state_file.load()
+    key = sorted(state.partial)[0]
+    state.partial[key] = (ModelStore.open(tiny_store).config.vocab_size,)  # outside the vocabulary
+    state_file.save(state)
+    saved = (state_file.path.read_bytes(), output.read_bytes())
+    with pytest.raises(GenerationError) as caught:
+        generate(tiny_store, prompts, output, max_new_tokens=16, checkpoint_every=0)
+    assert str(caught.value) == (
+        f"{state_file.path}: saved ids for row {key} do not fit the job; "
+        "pass --no-resume to start over"
+    )
+    assert (state_file.path.read_bytes(), output.read_bytes()) == saved
+
+
 def test_bad_input_loses_nothing_already_stored(tiny_store, tmp_path):
     prompts = write_prompts(tmp_path / "in.jsonl", count=4)
     output = tmp_path / "out.jsonl"

@@ -14,13 +14,14 @@ the prompt in one pass and the row goes on from there.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from yalm_runner import model
-from yalm_runner.config import SamplingParams
+from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.errors import GenerationError
 from yalm_runner.kvcache import DeviceKV, HostArena, HostKV, SlotMajorHostKV
 from yalm_runner.kvformat import host_elements
@@ -73,6 +74,26 @@ class GenerationStats:
         elapsed = self.prefill_s + self.decode_s
         return self.new_tokens / elapsed if elapsed > 0 else 0.0
 
+    def since(self, earlier: GenerationStats) -> GenerationStats:
+        """The work done after ``earlier``, a copy of these totals taken before it."""
+        left = Counter(earlier.batch_sizes)  # several engines' lists are concatenated: no prefix
+        sizes = []
+        for size in self.batch_sizes:
+            if left[size]:
+                left[size] -= 1
+            else:
+                sizes.append(size)
+        return GenerationStats(
+            rows=self.rows - earlier.rows,
+            prompt_tokens=self.prompt_tokens - earlier.prompt_tokens,
+            new_tokens=self.new_tokens - earlier.new_tokens,
+            forward_passes=self.forward_passes - earlier.forward_passes,
+            prefill_s=self.prefill_s - earlier.prefill_s,
+            decode_s=self.decode_s - earlier.decode_s,
+            batch_sizes=sizes,
+            bytes_moved=self.bytes_moved - earlier.bytes_moved,
+        )
+
 
 @dataclass
 class _Batch:
@@ -92,6 +113,23 @@ class _Batch:
         self.pad = self.pad[index]
         self.key_valid = self.key_valid[index]
         self.kv.keep(rows)
+
+
+def request_problem(config: ModelConfig, request: Request) -> str | None:
+    """Why ``request`` cannot run on a model of ``config``, or None when it can."""
+    if not request.prompt_ids:
+        return "empty prompt (it needs at least BOS)"
+    if request.max_new_tokens < 1:
+        return "max_new_tokens must be >= 1"
+    bad = [token for token in request.prompt_ids if not 0 <= token < config.vocab_size]
+    if bad:
+        return f"token ids {bad[:5]} outside the vocabulary"
+    if len(request.prompt_ids) + request.max_new_tokens > config.max_positions:
+        return (
+            f"{len(request.prompt_ids)} prompt tokens + {request.max_new_tokens} new tokens "
+            f"exceed the model's {config.max_positions} positions"
+        )
+    return None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -139,22 +177,17 @@ class Engine:
         """Make a ``generate`` running in another thread stop at its next step."""
         self._cancelled = True
 
+    @property
+    def kv_stored_bits(self) -> int:
+        """The width the KV cache is kept in between steps: 16, or 8/4 when the pinned-RAM
+        cache is kept compressed (lossy: the ids depend on it)."""
+        return self.kv_bits if self.kv_on == "cpu" else 16
+
     def check(self, request: Request) -> None:
         """Raise ``GenerationError`` if ``request`` cannot run on this model."""
-        if not request.prompt_ids:
-            raise GenerationError(f"row {request.key}: empty prompt (it needs at least BOS)")
-        if request.max_new_tokens < 1:
-            raise GenerationError(f"row {request.key}: max_new_tokens must be >= 1")
-        bad = [token for token in request.prompt_ids if not 0 <= token < self.config.vocab_size]
-        if bad:
-            raise GenerationError(f"row {request.key}: token ids {bad[:5]} outside the vocabulary")
-        total = len(request.prompt_ids) + request.max_new_tokens
-        if total > self.config.max_positions:
-            raise GenerationError(
-                f"row {request.key}: {len(request.prompt_ids)} prompt tokens + "
-                f"{request.max_new_tokens} new tokens exceed the model's "
-                f"{self.config.max_positions} positions"
-            )
+        problem = request_problem(self.config, request)
+        if problem:
+            raise GenerationError(f"row {request.key}: {problem}")
 
     def generate(
         self,

@@ -35,6 +35,10 @@ class MultiEngine:
         self._lock = threading.Lock()
         self._wall_s = 0.0
 
+    @property
+    def kv_stored_bits(self) -> int:
+        return self.engines[0].kv_stored_bits
+
     def check(self, request: Request) -> None:
         self.engines[0].check(request)
 

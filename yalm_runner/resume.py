@@ -11,7 +11,8 @@
 Generation is deterministic per row (sampling.py), so any saved partial is a true prefix of the
 row's one possible output: an old state costs recomputation, never correctness. The log is the
 authority on which rows are done. This module knows files only: not the engine, the model, the
-tokenizer or signals (runner.py glues those); the pipeline keeps the same state in its database.
+tokenizer or signals (the job core, generation.py, runs the rows; runner.py's ``JsonlSink`` hands
+it these files); the pipeline keeps the same state in its database.
 """
 
 from __future__ import annotations

@@ -7,17 +7,17 @@ tokens add) and ``token_ids`` (the new ids). A line may carry its own ``max_new_
 ``id`` (the row's key for sampling; the line number otherwise) and its own ``stop`` strings.
 
 Jobs are resumable: finished rows are appended to the output as they finish, the unfinished
-rows' ids are checkpointed beside it, and a re-run continues (the files are resume.py's; this
-module glues them to the engine and to SIGINT/SIGTERM).
+rows' ids are checkpointed beside it, and a re-run continues. This module owns the files' side
+(``JsonlSink``: reading the input, refusing another job's state, the output's final order); the
+job itself (encoding, saved ids, stop strings, checkpoints, signals) is ``generation.py``'s, the
+files' formats are ``resume.py``'s.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ import torch
 
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
-from yalm_runner.engine import Finished, GenerationStats, Request
+from yalm_runner.engine import GenerationStats
 from yalm_runner.errors import ConfigError, GenerationError
+from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRow, StopStrings
+from yalm_runner.job import GenerationInterrupted
 from yalm_runner.offload import OffloadPolicy
 from yalm_runner.resume import (
     KEY_FIELD,
@@ -38,6 +40,8 @@ from yalm_runner.resume import (
 )
 from yalm_runner.session import default_dtype, open_session, resolve_devices
 from yalm_runner.tokenizer import Tokenizer
+
+__all__ = ["GenerationInterrupted", "JsonlSink", "StopStrings", "generate_file", "read_prompts"]
 
 MEASURED_PINNED_GBPS = 55.0  # the lent H200's pinned host-to-device copies (PCIe 5)
 DEFAULT_CHECKPOINT_EVERY = 16  # decode steps between state saves
@@ -88,102 +92,82 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-class GenerationInterrupted(GenerationError):
-    """SIGINT or SIGTERM stopped a job after its state was saved; re-running it resumes."""
-
-    def __init__(self, signum: int, state_path: Path, rows_done: int, rows_total: int):
-        self.signum = signum
-        self.state_path = state_path
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"interrupted by {name} with {rows_done}/{rows_total} rows done; state saved to "
-            f"{state_path}; run the same command again to resume"
-        )
-
-
-class StopStrings:
-    """The engine's ``stop`` callback for text stop sequences (job-wide and per row).
-
-    A row stops as soon as the text its new ids add contains one of its stop strings; the
-    written suffix ends right after the first such string (the stop string is kept).
-    """
+class JsonlSink:
+    """A generation job's sink in files: finished rows appended to the output (``OutputLog``),
+    the rows in flight checkpointed beside it (``StateFile``), the output rewritten in input
+    order at the end. Constructing it reads what an earlier run left (refusing another job's
+    state); nothing is changed on disk before ``begin``."""
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
-        job_stops: tuple[str, ...],
-        row_stops: dict[str, str | list[str] | None],
+        output_path: Path,
+        fingerprint: JobFingerprint,
+        rows: list[dict[str, Any]],
+        *,
+        resume: bool,
     ):
-        self.tokenizer = tokenizer
-        self.by_key = {}
-        for key, own in row_stops.items():
-            own = [own] if isinstance(own, str) else own or []
-            self.by_key[key] = tuple(dict.fromkeys([*job_stops, *own]))
+        self.state_file = StateFile.beside(output_path)
+        self.location = str(self.state_file.path)
+        self.keys = [row["__key__"] for row in rows]
+        self.fields_by_key = {
+            row["__key__"]: {name: value for name, value in row.items() if name != "__key__"}
+            for row in rows
+        }
+        self.saved = _saved_state(self.state_file, fingerprint) if resume else None
+        self.log = OutputLog(output_path)
+        self.done: dict[str, dict[str, Any]] = self.log.recover(self.keys) if self.saved else {}
+        self.state = JobState(fingerprint)
 
-    def __bool__(self) -> bool:
-        return any(self.by_key.values())
-
-    def __call__(self, request: Request, generated: list[int]) -> bool:
-        stops = self.by_key.get(request.key, ())
-        if not stops:
-            return False
-        text = self.tokenizer.continuation(list(request.prompt_ids), list(generated))
-        return any(stop in text for stop in stops)
-
-    def cut(self, key: str, text: str) -> str:
-        """``text`` up to the end of the first stop string completed in it."""
-        ends = [text.find(stop) + len(stop) for stop in self.by_key.get(key, ()) if stop in text]
-        return text[: min(ends)] if ends else text
-
-
-class _SignalGuard:
-    """SIGINT/SIGTERM handlers for one job: ``on_signal`` runs at once, unless a durable write
-    is in progress (``critical``), in which case it runs as soon as that write is complete."""
-
-    def __init__(self, on_signal: Callable[[int], None]):
-        self.on_signal = on_signal
-        self.depth = 0
-        self.pending: int | None = None
-        self.firing = False
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalGuard:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
+    def __enter__(self) -> JsonlSink:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        self.log.close()
 
-    @contextmanager
-    def critical(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if self.depth == 0 and self.pending is not None and not self.firing:
-            self._fire(self.pending)
+    def load(self, keys: Sequence[str]) -> Checkpoint:
+        partial = self.saved.partial if self.saved else {}
+        self.state.partial = {key: partial[key] for key in keys if key in partial}
+        return Checkpoint(dict(self.state.partial))
 
-    def disarm(self) -> None:
-        """Ignore signals from now on (the job is complete)."""
-        self.pending = None
-        self.firing = True
+    def misfit_error(self, key: str) -> GenerationError:
+        return GenerationError(
+            f"{self.state_file.path}: saved ids for row {key} do not fit the job; {NO_RESUME_HINT}"
+        )
 
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.firing:
-            return
-        if self.depth:
-            self.pending = signum
-        else:
-            self._fire(signum)
+    def begin(self, notify: Callable[[str], None]) -> None:
+        """The first change on disk: start over (no saved state) or go on from the earlier
+        run's (``load`` restored its rows in flight)."""
+        if self.saved is None:
+            if self.state_file.path.exists():
+                notify(f"--no-resume: discarding {self.state_file.path} and {self.log.path}")
+            # The output goes before a state is written, so that a state file never sits
+            # beside output from another job.
+            self.log.remove()
+            self.state_file.remove()
+        elif self.done or self.state.partial:
+            notify(
+                f"resuming: {len(self.done)}/{len(self.keys)} rows done, "
+                f"{len(self.state.partial)} partial"
+            )
+        self.state_file.save(self.state)
 
-    def _fire(self, signum: int) -> None:
-        self.pending = None
-        self.firing = True
-        self.on_signal(signum)
+    def finished(self, finished: FinishedRow) -> None:
+        row = dict(self.fields_by_key[finished.key])
+        row["suffix"] = finished.text
+        row["token_ids"] = list(finished.new_ids)
+        self.log.append(finished.key, row)
+        self.done[finished.key] = row
+        self.state.partial.pop(finished.key, None)
+
+    def checkpoint(self, state: Checkpoint) -> None:
+        self.state.partial.update(state.ids)
+        self.state_file.save(self.state)
+
+    save = checkpoint
+
+    def complete(self) -> None:
+        self.log.finish(self.done[key] for key in self.keys)
+        self.state_file.remove()
 
 
 def generate_file(
@@ -223,8 +207,6 @@ def generate_file(
     notify = notify or (lambda message: None)
     input_path, output_path = Path(input_path), Path(output_path)
     rows = read_prompts(input_path)
-    keys = [row["__key__"] for row in rows]
-    known = set(keys)
     store = ModelStore.open(store_path)
     tokenizer = Tokenizer(store.tokenizer_path)
     devices = resolve_devices(device)
@@ -238,30 +220,34 @@ def generate_file(
         dtype=str(dtype).removeprefix("torch."),
         device_type=devices[0].type,
     )
-    state_file = StateFile.beside(output_path)
-    saved = _saved_state(state_file, fingerprint) if resume else None
     with ExitStack() as stack:
-        log = stack.enter_context(OutputLog(output_path))
-        done: dict[str, dict[str, Any]] = log.recover(keys) if saved else {}
-        partial = {
-            key: ids
-            for key, ids in (saved.partial if saved else {}).items()
-            if key in known and key not in done
-        }
-        requests = [
-            Request(
-                row["__key__"],
-                tuple(tokenizer.encode(row["prefix"])),
-                row.get("max_new_tokens", max_new_tokens),
-                partial.get(row["__key__"], ()),
-            )
-            for row in rows
-            if row["__key__"] not in done
-        ]
-        if not requests:
-            requests_context = 1
-        else:
-            requests_context = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        sink = stack.enter_context(JsonlSink(output_path, fingerprint, rows, resume=resume))
+        job = GenerationJob(
+            [
+                JobRow(
+                    row["__key__"],
+                    row["prefix"],
+                    row.get("max_new_tokens", max_new_tokens),
+                    sampling,
+                    _row_stops(row.get("stop")),
+                )
+                for row in rows
+                if row["__key__"] not in sink.done
+            ],
+            tokenizer,
+            store.config,
+            stop=stop,
+            done_before=len(sink.done),
+        )
+        # Before any file changes: bad input loses nothing. A row that cannot run, or saved
+        # ids that do not fit their row, refuse the whole job.
+        rejected = job.admit()
+        if rejected:
+            key, reason = rejected[0]
+            raise GenerationError(f"row {key}: {reason}")
+        misfits = job.restore(sink)
+        if misfits:
+            raise sink.misfit_error(misfits[0])
         session = stack.enter_context(
             open_session(
                 store,  # opened above for the fingerprint: not opened and checked twice
@@ -269,94 +255,20 @@ def generate_file(
                 dtype=dtype,
                 policy=policy,
                 batch_size=batch_size,
-                max_context=min(requests_context, store.config.max_positions),
-                prompt_tokens=max(
-                    (len(r.prompt_ids) + len(r.generated) for r in requests), default=1
-                ),
-                rows=len(requests) or 1,
+                max_context=min(job.max_context, store.config.max_positions),
+                prompt_tokens=job.longest_prefill,
+                rows=len(job) or 1,
                 verify=verify,
                 tokenizer=tokenizer,  # loaded above to count the prompts' tokens
             )
         )
-        engine = session.engine
-        for request in requests:  # before any file changes: bad input loses nothing
-            engine.check(request)
-            _check_partial(request, state_file.path, store.config.vocab_size)
         notify(f"plan: {session.plan.describe()}")
-        if saved is None:
-            if state_file.path.exists():
-                notify(f"--no-resume: discarding {state_file.path} and {output_path}")
-            # The output goes before a state is written, so that a state file never sits
-            # beside output from another job.
-            log.remove()
-            state_file.remove()
-        elif done or partial:
-            notify(f"resuming: {len(done)}/{len(keys)} rows done, {len(partial)} partial")
-        state = JobState(fingerprint, partial)
-        state_file.save(state)
-        stops = StopStrings(tokenizer, stop, {row["__key__"]: row.get("stop") for row in rows})
-        fields_by_key = {
-            row["__key__"]: {name: value for name, value in row.items() if name != "__key__"}
-            for row in rows
-        }
+        sink.begin(notify)
+        return job.run(session, sink, checkpoint_every=checkpoint_every)
 
-        def on_finished(finished: Finished) -> None:
-            row = dict(fields_by_key[finished.key])
-            text = tokenizer.continuation(list(finished.prompt_ids), list(finished.new_ids))
-            row["suffix"] = stops.cut(finished.key, text)
-            row["token_ids"] = list(finished.new_ids)
-            with guard.critical():
-                log.append(finished.key, row)
-                done[finished.key] = row
-                state.partial.pop(finished.key, None)
 
-        def on_checkpoint(snapshot: dict[str, tuple[int, ...]]) -> None:
-            with guard.critical():
-                state.partial.update(snapshot)
-                state_file.save(state)
-
-        def save_in_flight() -> None:
-            with guard.critical():
-                # ValueError: the batch was being reshaped; the last checkpoint still holds.
-                with suppress(ValueError):
-                    state.partial.update(engine.snapshot())
-                state_file.save(state)
-
-        def on_signal(signum: int) -> None:
-            save_in_flight()
-            raise GenerationInterrupted(signum, state_file.path, len(done), len(keys))
-
-        with _SignalGuard(on_signal) as guard:
-            pending = []
-            for request in requests:
-                if request.generated and stops(request, list(request.generated)):
-                    ids = request.generated
-                    on_finished(Finished(request.key, request.prompt_ids, ids, "stop"))
-                else:
-                    pending.append(request)
-            try:
-                engine.generate(
-                    pending,
-                    sampling,
-                    batch_size=session.batch_size,
-                    on_finished=on_finished,
-                    checkpoint_every=checkpoint_every,
-                    on_checkpoint=on_checkpoint,
-                    stop=stops if stops else None,
-                )
-            except GenerationInterrupted:
-                raise
-            except Exception:
-                # Out of memory, say: keep the progress for a re-run (maybe with a smaller
-                # batch), then report the original error.
-                with suppress(GenerationError):
-                    save_in_flight()
-                raise
-            with guard.critical():
-                log.finish(done[key] for key in keys)
-                state_file.remove()
-                guard.disarm()
-    return engine.stats
+def _row_stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
 
 def _saved_state(state_file: StateFile, fingerprint: JobFingerprint) -> JobState | None:
@@ -370,15 +282,6 @@ def _saved_state(state_file: StateFile, fingerprint: JobFingerprint) -> JobState
                 f"run the original command to resume, or {NO_RESUME_HINT}"
             )
     return saved
-
-
-def _check_partial(request: Request, state_path: Path, vocab_size: int) -> None:
-    if len(request.generated) > request.max_new_tokens or any(
-        not 0 <= token < vocab_size for token in request.generated
-    ):
-        raise GenerationError(
-            f"{state_path}: saved ids for row {request.key} do not fit the job; {NO_RESUME_HINT}"
-        )
 
 
 def describe_store(store: ModelStore) -> str:

@@ -4,6 +4,9 @@ A caller (the CLI's ``generate``, the pipeline's generation task) says which sto
 and how much GPU and pinned RAM it may use; it gets back the tokenizer, an engine whose weights
 follow a placement planned for those budgets, and the batch size the budgets allow (or the one it
 asked for, checked against them). Everything heavy is released when the ``with`` block ends.
+The session also says what generated ids depend on besides the model (device, dtype, the width
+the KV cache is kept in), so that a front end can fingerprint saved ids without reaching into
+the engine.
 """
 
 from __future__ import annotations
@@ -84,6 +87,21 @@ class GenerationSession:
     @property
     def placement(self) -> Placement:
         return self.plan.placement
+
+    # What the ids depend on beyond the model and the job (a saved job's fingerprint):
+    @property
+    def device(self) -> torch.device:
+        """The (first) device the engine computes on."""
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def kv_stored_bits(self) -> int:
+        """16, or 8/4 when the KV cache is kept compressed in pinned RAM (lossy)."""
+        return self.engine.kv_stored_bits
 
 
 @contextmanager

@@ -1,12 +1,14 @@
-"""Generating the pending prompts with the engine: the queue in the store meets the model.
+"""Generating the pending prompts: the queue in the store meets the model's generation job.
 
-Owns one job: claim the pending prompts (all, or one shard's keys) for a worker id, run them
-through the engine in large batches (one batch plan for the whole queue, grouped by sampling
-settings), commit each finished forecast on its own as it finishes, and keep the ids of the
-rows in flight in the store at the engine's checkpoints. A killed job, re-run, resumes from the
-store alone: finished prompts are no longer pending, unfinished ones carry their saved ids, and
-because a row's random draws come from (seed, prompt key, step) the resumed text equals an
-uninterrupted run's.
+Owns the database's side of one job: claim the pending prompts (all, or one shard's keys) for a
+worker id, hand them to ``yalm_runner.generation.GenerationJob`` (one batch plan for the whole
+queue; the job groups by sampling settings, checkpoints, saves on errors), and be its sink
+(``ForecastSink``): commit each finished forecast on its own as it finishes, keep the ids of the
+rows in flight in the store at the job's checkpoints, report what happened. A killed job,
+re-run, resumes from the store alone: finished prompts are no longer pending, unfinished ones
+carry their saved ids, and because a row's random draws come from (seed, prompt key, step) the
+resumed text equals an uninterrupted run's. Of the model runner it uses the session
+(``open_session``) and the job, nothing of the engine.
 
 Saved ids are tagged with a fingerprint (model manifest, dtype, device type, compressed KV);
 ids saved under another fingerprint are not continued but started over, so a swapped model never
@@ -27,9 +29,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flows.config import PipelineConfig
 from flows.errors import PipelineConfigError, StoreError
@@ -48,6 +51,10 @@ from flows.store.generations import (
     pending_prompts,
     save_generation_states,
 )
+
+if TYPE_CHECKING:
+    from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob
+    from yalm_runner.session import GenerationSession
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +112,6 @@ def _sampling_params(sampling: dict):
         top_p=float(sampling.get("top_p", 0.9)),
         seed=int(sampling.get("seed", 1234)),
     )
-
-
-def _sampling_group(sampling: dict) -> tuple:
-    return tuple(sorted((key, value) for key, value in sampling.items() if key != "max_new_tokens"))
 
 
 def _torch_dtype(name: str):
@@ -194,12 +197,19 @@ def generate_pending(
 
 
 def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_progress) -> None:
+    from yalm_runner.generation import GenerationJob, JobRow
     from yalm_runner.session import open_session
 
-    encoded = {prompt.key: tuple(tokenizer.encode(prompt.text)) for prompt in prompts}
+    rows = [
+        JobRow(
+            prompt.key, prompt.text, prompt.max_new_tokens, _sampling_params(dict(prompt.sampling))
+        )
+        for prompt in prompts
+    ]
+    job = GenerationJob(rows, tokenizer, model.config)
     report.run_id = start_run(store, "generate", {"pending": len(prompts)})
-    rows = _admit(store, model.config.max_positions, prompts, encoded, report)
-    if not rows:
+    _admit(store, job, {prompt.key: prompt for prompt in prompts}, report)
+    if len(job) == 0:  # every prompt failed admission
         _finish(store, report, began)
         return
     settings = config.generation
@@ -210,13 +220,14 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
             dtype=_torch_dtype(settings.dtype),
             policy=_policy(config),
             batch_size=settings.batch_size,
-            max_context=max(len(ids) + prompt.max_new_tokens for prompt, ids in rows),
-            rows=len(rows),  # a plan for 13 prompts is not a plan for 512
+            max_context=job.max_context,
+            rows=len(job),  # a plan for 13 prompts is not a plan for 512
         ) as session:
             report.batch_size = session.batch_size
-            report.device = str(session.engine.device)
+            report.device = str(session.device)
             log.info("generate: memory plan: %s", session.plan.describe())
-            _generate(session, store, rows, report, on_progress, settings)
+            sink = ForecastSink(store, session, prompts, report, settings.lease_s, on_progress)
+            _generate(session, job, sink, report, settings.checkpoint_every)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began
         with suppress(StoreError):
@@ -231,65 +242,67 @@ def _finish(store: Store, report: GenerateReport, began: float) -> None:
     finish_run(store, report.run_id, status, report.as_dict())
 
 
-def _admit(store, max_positions, prompts, encoded, report) -> list[tuple[PendingPrompt, tuple]]:
-    """The prompts that fit the model; the others are marked failed with the reason."""
-    rows = []
-    for prompt in prompts:
-        ids = encoded[prompt.key]
-        if len(ids) + prompt.max_new_tokens > max_positions:
-            reason = (
-                f"{len(ids)} prompt tokens + {prompt.max_new_tokens} new tokens exceed the "
-                f"model's {max_positions} positions"
-            )
-            mark_prompt_failed(store, prompt.key, reason)
-            report.failed += 1
-            report.failures.append((prompt.key, reason))
-            log.error("generate: %s %s: %s", prompt.template_name, prompt.ticker or "", reason)
-            continue
-        rows.append((prompt, ids))
-    return rows
+def _admit(
+    store: Store, job: GenerationJob, prompts: dict[str, PendingPrompt], report: GenerateReport
+) -> None:
+    """Mark the prompts the model cannot take (too long) failed with the reason; the others go
+    on."""
+    for key, reason in job.admit():
+        prompt = prompts[key]
+        mark_prompt_failed(store, key, reason)
+        report.failed += 1
+        report.failures.append((key, reason))
+        log.error("generate: %s %s: %s", prompt.template_name, prompt.ticker or "", reason)
 
 
-def _fingerprint(session) -> str:
+def _fingerprint(session: GenerationSession) -> str:
     """What the ids depend on beyond the batch layout: the model, the dtype, the device type,
     and a KV cache kept compressed (lossy)."""
-    engine = session.engine
-    dtype = str(engine.dtype).removeprefix("torch.")
-    first = getattr(engine, "engines", [engine])[0]
-    compressed = first.kv_on == "cpu" and first.kv_bits != 16
-    kv = f":kv{first.kv_bits}" if compressed else ""
-    return f"{session.store.manifest_sha256}:{dtype}:{engine.device.type}{kv}"
+    dtype = str(session.dtype).removeprefix("torch.")
+    kv = f":kv{session.kv_stored_bits}" if session.kv_stored_bits != 16 else ""
+    return f"{session.store.manifest_sha256}:{dtype}:{session.device.type}{kv}"
 
 
-def _generate(session, store: Store, rows, report, on_progress, settings) -> None:
-    from yalm_runner.engine import Finished, Request
+class ForecastSink:
+    """The generation job's sink in the store: saved ids under the session's fingerprint, each
+    forecast committed on its own as it finishes, the worker's claims renewed at every
+    checkpoint."""
 
-    engine, tokenizer = session.engine, session.tokenizer
-    fingerprint = _fingerprint(session)
-    model_hash = session.store.manifest_sha256
-    vocab_size = engine.config.vocab_size
+    location = "the database"
 
-    # Every row is checked before anything is generated; saved ids that cannot belong to the
-    # row are dropped (that row starts over) rather than continued.
-    requests: list[Request] = []
-    by_key = {prompt.key: prompt for prompt, _ in rows}
-    for prompt, prompt_ids in rows:
-        saved = load_generation_state(store, prompt.key, fingerprint=fingerprint) or []
-        if len(saved) > prompt.max_new_tokens or any(not 0 <= t < vocab_size for t in saved):
-            log.warning("generate: prompt %s: saved ids do not fit; starting over", prompt.key)
-            discard_generation_state(store, prompt.key)
-            saved = []
-        request = Request(prompt.key, prompt_ids, prompt.max_new_tokens, tuple(saved))
-        engine.check(request)
-        requests.append(request)
-        report.resumed += bool(saved)
-    total = len(requests)
-    unfinished = {request.key for request in requests}
+    def __init__(
+        self,
+        store: Store,
+        session: GenerationSession,
+        prompts: list[PendingPrompt],
+        report: GenerateReport,
+        lease_s: float,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.store = store
+        self.fingerprint = _fingerprint(session)
+        self.model_hash = session.store.manifest_sha256
+        self.by_key = {prompt.key: prompt for prompt in prompts}
+        self.report = report
+        self.lease_s = lease_s
+        self.on_progress = on_progress
+        self.unfinished: set[str] = set()
+        self.total = 0
 
-    def renew() -> None:
-        # Loading the model and every checkpoint renew the lease on what is left to do.
-        held = renew_claims(store, report.worker_id, sorted(unfinished), lease_seconds=lease_s)
-        lost = unfinished - set(held)
+    def load(self, keys: Sequence[str]) -> Checkpoint:
+        from yalm_runner.generation import Checkpoint
+
+        self.unfinished, self.total = set(keys), len(keys)
+        saved = {key: load_generation_state(self.store, key, fingerprint=self.fingerprint)
+                 for key in keys}  # fmt: skip
+        return Checkpoint({key: tuple(ids) for key, ids in saved.items() if ids})
+
+    def renew(self) -> None:
+        """Renew the lease on what is left to do; say so if some of it was taken over."""
+        held = renew_claims(
+            self.store, self.report.worker_id, sorted(self.unfinished), lease_seconds=self.lease_s
+        )
+        lost = self.unfinished - set(held)
         if lost:
             log.warning(
                 "generate: %d prompts were taken over after this worker's lease ran out; "
@@ -297,65 +310,67 @@ def _generate(session, store: Store, rows, report, on_progress, settings) -> Non
                 len(lost),
             )
 
-    lease_s = settings.lease_s
-    renew()
+    def finished(self, row: FinishedRow) -> None:
+        stats = row.stats
+        record_claimed_generation(
+            self.store,
+            row.key,
+            text=row.text,
+            token_ids=row.new_ids,
+            prompt_tokens=len(row.prompt_ids),
+            finish_reason=row.finish_reason,
+            model_manifest_hash=self.model_hash,
+            timings_s={"prefill_s": stats.prefill_s, "decode_s": stats.decode_s},
+            tokens_per_s=round(stats.tokens_per_s, 3),
+            sampling=dict(self.by_key[row.key].sampling),
+            run_id=self.report.run_id,
+        )
+        self.unfinished.discard(row.key)
+        self.report.generated += 1
+        if self.on_progress is not None:
+            self.on_progress(self.report.generated, self.total)
+
+    def checkpoint(self, state: Checkpoint) -> None:
+        save_generation_states(self.store, state.ids, fingerprint=self.fingerprint)
+        self.renew()
+
+    def save(self, state: Checkpoint) -> None:
+        # More than the last checkpoint has: the ids of the rows in flight now.
+        if state.ids:
+            save_generation_states(self.store, state.ids, fingerprint=self.fingerprint)
+
+    def complete(self) -> None:
+        """Nothing to do: each forecast was committed as it finished."""
+
+
+def _generate(
+    session: GenerationSession,
+    job: GenerationJob,
+    sink: ForecastSink,
+    report: GenerateReport,
+    checkpoint_every: int,
+) -> None:
+    # Every row is checked before anything is generated; saved ids that cannot belong to the
+    # row are dropped (that row starts over) rather than continued.
+    for key in job.restore(sink):
+        log.warning("generate: prompt %s: saved ids do not fit; starting over", key)
+        discard_generation_state(sink.store, key)
+    report.resumed = job.resumed
+    sink.renew()  # loading the model took a while
     log.info(
         "generate: %d prompts (%d resumed from saved ids) on %s, batch size %d",
-        total,
+        sink.total,
         report.resumed,
         report.device,
         session.batch_size,
     )
-
-    def on_finished(finished: Finished) -> None:
-        prompt = by_key[finished.key]
-        text = tokenizer.continuation(list(finished.prompt_ids), list(finished.new_ids))
-        stats = engine.stats
-        record_claimed_generation(
-            store,
-            finished.key,
-            text=text,
-            token_ids=finished.new_ids,
-            prompt_tokens=len(finished.prompt_ids),
-            finish_reason=finished.finish_reason,
-            model_manifest_hash=model_hash,
-            timings_s={"prefill_s": stats.prefill_s, "decode_s": stats.decode_s},
-            tokens_per_s=round(stats.tokens_per_s, 3),
-            sampling=dict(prompt.sampling),
-            run_id=report.run_id,
-        )
-        unfinished.discard(finished.key)
-        report.generated += 1
-        if on_progress is not None:
-            on_progress(report.generated, total)
-
-    def on_checkpoint(snapshot: dict[str, tuple[int, ...]]) -> None:
-        save_generation_states(store, snapshot, fingerprint=fingerprint)
-        renew()
-
-    groups: dict[tuple, list[Request]] = {}
-    for request in requests:
-        groups.setdefault(_sampling_group(dict(by_key[request.key].sampling)), []).append(request)
-    tokens_before = engine.stats.new_tokens
     try:
-        for group in groups.values():
-            # Longest prompts together: less padding; a row's text does not depend on its batch.
-            group.sort(key=lambda request: -len(request.prompt_ids) - len(request.generated))
-            engine.generate(
-                group,
-                _sampling_params(dict(by_key[group[0].key].sampling)),
-                batch_size=session.batch_size,
-                on_finished=on_finished,
-                checkpoint_every=settings.checkpoint_every,
-                on_checkpoint=on_checkpoint,
-            )
-    except BaseException:
-        # Out of memory, Ctrl-C, Prefect cancelling the run: keep the ids of the rows in flight
-        # (more than the last checkpoint has) for a re-run, then let the error go on.
-        with suppress(ValueError, StoreError):
-            save_generation_states(store, engine.snapshot(), fingerprint=fingerprint)
-        raise
+        # Longest prompts together: less padding. Signals stay with the caller (Prefect, the
+        # command line): Ctrl-C arrives as KeyboardInterrupt, and the rows in flight are saved
+        # on the way out as for any other error.
+        job.run(session, sink, checkpoint_every=checkpoint_every, longest_first=True,
+                catch_signals=False)  # fmt: skip
     finally:
-        report.batch_size = max(engine.stats.batch_sizes, default=0)
-        report.new_tokens = engine.stats.new_tokens - tokens_before
-        report.compute_s = engine.stats.prefill_s + engine.stats.decode_s
+        report.batch_size = max(job.stats.batch_sizes, default=0)
+        report.new_tokens = job.stats.new_tokens
+        report.compute_s = job.stats.prefill_s + job.stats.decode_s

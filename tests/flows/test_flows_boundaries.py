@@ -1,7 +1,7 @@
 """The pipeline's library modules stay plain: no model, no torch, no Prefect inside them.
 
-Only the glue may reach out: the command line and the generation job to the model runner,
-and the flow module (alone) to Prefect.
+Only the glue may reach out: the command line and the generation job to the model runner (the
+job through the session and the runner's job core only), and the flow module (alone) to Prefect.
 """
 
 from __future__ import annotations
@@ -38,6 +38,24 @@ def test_library_modules_import_no_model_torch_or_prefect():
         for name in imported_modules(path):
             if name.split(".")[0] in FORBIDDEN and name.split(".")[0] not in allowed:
                 offenders.append(f"{path.relative_to(FLOWS)} imports {name}")
+    assert offenders == []
+
+
+# The engine's own rooms: the pipeline opens a session (``yalm_runner.session``) and runs a job
+# (``yalm_runner.generation``) in it, and reaches nothing behind them.
+ENGINE_INTERNALS = ("engine", "multigpu", "streaming", "kvcache", "model", "job", "runner")
+
+
+def test_flows_reach_the_engine_only_through_the_session_and_the_job():
+    offenders = []
+    for path in sorted(FLOWS.rglob("*.py")):
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[0] == "yalm_runner" and len(parts) > 1 and parts[1] in ENGINE_INTERNALS:
+                offenders.append(f"{path.relative_to(FLOWS)} imports {name}")
+        text = path.read_text(encoding="utf-8")
+        offenders += [f"{path.relative_to(FLOWS)}: {word}" for word in (".snapshot(", ".engines")
+                      if word in text]  # fmt: skip
     assert offenders == []
 
 

@@ -154,21 +154,39 @@ def test_offload_settings_reach_the_runner(tmp_path, tiny_store):
 
 def test_a_compressed_kv_cache_is_part_of_the_fingerprint(tiny_store):
     # Ids made with a lossy KV cache are not continued by a run without it, nor the reverse.
-    from types import SimpleNamespace
-
-    import torch
+    # On the CPU the plan keeps the KV cache with the compute; a GPU plan's pinned-RAM cache is
+    # put in the session by hand here.
+    from dataclasses import replace
 
     from flows.generation.forecasting import _fingerprint
     from yalm_runner.engine import Engine
-    from yalm_runner.offload import ResidentWeights
+    from yalm_runner.session import open_session
 
-    model = ModelStore.open(tiny_store)
-    weights = ResidentWeights(model, "cpu", torch.float32)
-    prints = {
-        (kv_on, bits): _fingerprint(
-            SimpleNamespace(engine=Engine(weights, kv_on=kv_on, kv_bits=bits), store=model)
-        )
-        for kv_on, bits in (("gpu", 16), ("cpu", 16), ("cpu", 8), ("cpu", 4))
-    }
-    assert prints[("gpu", 16)] == prints[("cpu", 16)] == f"{model.manifest_sha256}:float32:cpu"
-    assert prints[("cpu", 8)].endswith(":kv8") and prints[("cpu", 4)].endswith(":kv4")
+    with open_session(tiny_store, device="cpu") as session:
+        weights = session.engine.weights
+        prints = {
+            (kv_on, bits): _fingerprint(
+                replace(session, engine=Engine(weights, kv_on=kv_on, kv_bits=bits))
+            )
+            for kv_on, bits in (("gpu", 16), ("cpu", 16), ("cpu", 8), ("cpu", 4))
+        }
+        assert _fingerprint(session) == prints[("gpu", 16)]
+    model_hash = session.store.manifest_sha256
+    assert prints[("gpu", 16)] == prints[("cpu", 16)] == f"{model_hash}:float32:cpu"
+    assert prints[("cpu", 8)] == f"{model_hash}:float32:cpu:kv8"
+    assert prints[("cpu", 4)].endswith(":kv4")
+
+
+def test_saved_ids_that_do_not_fit_the_prompt_are_dropped_and_it_starts_over(
+    job, tiny_store, caplog
+):
+    config, store = job
+    key = "f" * 64
+    save_prompt(store, rendered(key, "Lukoil kept its buyback plan.", 6))
+    fingerprint = f"{ModelStore.open(tiny_store).manifest_sha256}:float32:cpu"
+    save_generation_state(store, key, list(range(1, 10)), fingerprint=fingerprint)  # 9 > 6
+    with caplog.at_level("WARNING", logger="flows.generation.forecasting"):
+        report = generate_pending(config, store)
+    assert (report.generated, report.resumed) == (1, 0)
+    assert f"prompt {key}: saved ids do not fit; starting over" in caplog.text
+    assert prompt_status(store, key) == "done"
