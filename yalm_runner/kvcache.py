@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from yalm_runner import settings
 from yalm_runner.config import ModelConfig
 from yalm_runner.pinned import pinned_empty
 
@@ -54,7 +55,7 @@ class DeviceKV:
         self._caches = [(keys[index], values[index]) for keys, values in self._caches]
 
 
-KV_BITS = (16, 8, 4)
+KV_BITS = settings.KV_BITS  # the widths a KV cache may have: defined with the settings
 
 
 def _fields(bits: int, head_dim: int, element: int) -> list[tuple[int, int]]:

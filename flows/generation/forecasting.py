@@ -95,39 +95,8 @@ class GenerateReport:
         }
 
 
-def _sampling_params(sampling: dict):
-    from yalm_runner.config import SamplingParams
-
-    return SamplingParams(
-        greedy=bool(sampling.get("greedy", False)),
-        temperature=float(sampling.get("temperature", 1.0)),
-        top_k=int(sampling.get("top_k", 0)),
-        top_p=float(sampling.get("top_p", 0.9)),
-        seed=int(sampling.get("seed", 1234)),
-    )
-
-
 def _sampling_group(sampling: dict) -> tuple:
     return tuple(sorted((key, value) for key, value in sampling.items() if key != "max_new_tokens"))
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
-
-
-def _policy(config: PipelineConfig):
-    from yalm_runner.offload import OffloadPolicy, parse_bytes
-
-    settings = config.generation
-    return OffloadPolicy(
-        gpu_memory_bytes=parse_bytes(settings.gpu_memory) if settings.gpu_memory else None,
-        cpu_memory_bytes=parse_bytes(settings.cpu_memory) if settings.cpu_memory else None,
-        weights_on=settings.weights_on,
-        kv_on=settings.kv_on,
-        kv_bits=settings.kv_bits,
-    )
 
 
 def default_worker_id(config: PipelineConfig) -> str:
@@ -207,8 +176,8 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
         with open_session(
             model,  # the store opened above, not opened and checked again
             device=settings.device,
-            dtype=_torch_dtype(settings.dtype),
-            policy=_policy(config),
+            dtype=settings.torch_dtype(),
+            policy=settings.offload_policy(),
             batch_size=settings.batch_size,
             max_context=max(len(ids) + prompt.max_new_tokens for prompt, ids in rows),
             rows=len(rows),  # a plan for 13 prompts is not a plan for 512
@@ -263,6 +232,7 @@ def _fingerprint(session) -> str:
 
 def _generate(session, store: Store, rows, report, on_progress, settings) -> None:
     from yalm_runner.engine import Finished, Request
+    from yalm_runner.settings import sampling_params
 
     engine, tokenizer = session.engine, session.tokenizer
     fingerprint = _fingerprint(session)
@@ -343,7 +313,7 @@ def _generate(session, store: Store, rows, report, on_progress, settings) -> Non
             group.sort(key=lambda request: -len(request.prompt_ids) - len(request.generated))
             engine.generate(
                 group,
-                _sampling_params(dict(by_key[group[0].key].sampling)),
+                sampling_params(by_key[group[0].key].sampling),
                 batch_size=session.batch_size,
                 on_finished=on_finished,
                 checkpoint_every=settings.checkpoint_every,
