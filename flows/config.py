@@ -1,10 +1,15 @@
 """The pipeline's YAML config: where it is, what it says, and whether it makes sense.
 
 This module owns finding the config file (``--config``, else ``$YALM_FORECAST_CONFIG``, else
-``./yalm-forecast.yaml``), reading it into frozen dataclasses, and validating every key with an
+``./yalm-forecast.yaml``), reading it into frozen records, and validating every key with an
 error that names the key at fault (``feeds[2].timeout_s: expected a number, got 'soon'``).
-Relative paths in the file are relative to the file's own directory. It does not fetch feeds,
-open databases or load templates; it only checks that the template files it names exist.
+The records are pydantic dataclasses: types, bounds, choices and unknown keys are declared on
+the fields, checked strictly (a YAML ``"16"`` is not a number, ``yes`` is not an integer), and
+a refusal is worded by ``yalm_runner.settings.explain``. The ``generation:`` section *is* the
+runner's settings (``yalm_runner.settings.RunnerSettings``, the same definitions as the
+``yalm-runner`` flags) plus the pipeline's own keys. Relative paths in the file are relative to
+the file's own directory. It does not fetch feeds, open databases or load templates; it only
+checks that the template files it names exist.
 """
 
 from __future__ import annotations
@@ -14,12 +19,28 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from pydantic import AfterValidator, Field, model_validator
+from pydantic.dataclasses import dataclass as settings_record
 
 from flows.errors import PipelineConfigError, StoreError
+from yalm_runner.settings import (
+    SAMPLING_KEYS,
+    SETTINGS_CONFIG,
+    InvalidSettings,
+    MaxNewTokens,
+    RunnerSettings,
+    SamplingSettings,
+    SettingError,
+    Temperature,
+    build,
+    check,
+    explain,
+)
+from yalm_runner.settings import ValidationError as SettingsValidationError
 
 ENV_VAR = "YALM_FORECAST_CONFIG"
 DEFAULT_CONFIG_NAME = "yalm-forecast.yaml"
@@ -39,35 +60,72 @@ BUNDLED_PROMPTS_DIR = next(
 )
 STARTER_CONFIG_PATH = Path(__file__).resolve().parent / "starter_config.yaml"
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "greedy", "seed")
+__all__ = ["SAMPLING_KEYS"]  # re-exported: the sampling keys a template may override
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
-_DTYPES = ("auto", "float16", "bfloat16", "float32")
-_CHOICES = {  # offload settings the runner takes as words
-    "weights_on": ("auto", "gpu", "cpu", "disk"),
-    "kv_on": ("auto", "gpu", "cpu"),
-}
+_TICKER_RE = re.compile(r"[A-Z0-9.\-]{1,12}")
+_FEED_DEFAULT_KEYS = ("enabled", "timeout_s", "max_bytes", "retries", "backoff_s")
 
 
-@dataclass(frozen=True)
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _matching(pattern: re.Pattern, label: str):
+    def check_value(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{label}, got {value!r}")
+        return value
+
+    return check_value
+
+
+def _feed_url(value: str) -> str:
+    if not value.startswith(FEED_URL_SCHEMES):
+        raise ValueError(f"an http(s) or file:// URL, got {value!r}")
+    return value
+
+
+def _cron(value: str) -> str:
+    if len(value.split()) != 5:
+        raise ValueError(f"five fields, got {value!r}")
+    return value
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Name = Annotated[str, AfterValidator(_matching(_NAME_RE, "letters, digits and _.- only"))]
+Alias = Annotated[str, AfterValidator(_text), AfterValidator(str.strip)]
+
+
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
 class FeedConfig:
     """One feed to fetch; the per-feed settings default to ``feed_defaults``."""
 
-    name: str
-    url: str
+    name: Name
+    url: Annotated[str, AfterValidator(_feed_url)]
     enabled: bool = True
-    timeout_s: float = 10.0
-    max_bytes: int = 5_000_000
-    retries: int = 2
-    backoff_s: float = 1.0
+    timeout_s: Annotated[float, Field(ge=0.01)] = 10.0
+    max_bytes: Annotated[int, Field(ge=1)] = 5_000_000
+    retries: Annotated[int, Field(ge=0)] = 2
+    backoff_s: Annotated[float, Field(ge=0.0)] = 1.0
 
 
-@dataclass(frozen=True)
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
 class WatchlistEntry:
     """A ticker and the names news uses for it, in Russian and English."""
 
-    ticker: str
-    aliases: tuple[str, ...] = ()
+    ticker: Annotated[str, AfterValidator(_matching(_TICKER_RE, "a ticker like SBER"))]
+    # A YAML list (lax: a list becomes the tuple); each alias stays a strict, non-empty string.
+    aliases: Annotated[tuple[Alias, ...], Field(strict=False)] = ()
 
 
 @dataclass(frozen=True)
@@ -78,40 +136,44 @@ class TemplateSelection:
     generation: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Sampling and offload settings handed to the model runner (which validates them again)."""
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
+class GenerationSettings(RunnerSettings):
+    """The runner's settings (device, dtype, budgets, KV, sampling: ``RunnerSettings``, one
+    definition for the YAML and the ``yalm-runner`` flags) plus the pipeline's own keys."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    greedy: bool = False
-    seed: int = 1234
-    batch_size: int | None = None  # None (``auto``): the largest batch the memory budgets allow
-    device: str = "auto"  # the first CUDA device when there is one, else the CPU; or several
-    dtype: str = "auto"  # fp32 on the CPU, the store's 16-bit dtype on a GPU
-    gpu_memory: str | None = None
-    cpu_memory: str | None = None
-    weights_on: str = "auto"  # where streamed layers live: auto, gpu, cpu (pinned RAM), disk
-    kv_on: str = "auto"  # where the KV cache lives between layers: auto, gpu, cpu
-    kv_bits: int = 16  # 8 or 4: a KV cache in pinned RAM kept compressed (more rows, lossy)
-    checkpoint_every: int = 16
-    max_positions: int = 1024
+    # The pipeline's forecasts are longer and cooler than the runner's plain default; the
+    # setting (type, bounds, help) is the runner's, only the default differs here.
+    max_new_tokens: MaxNewTokens = 200
+    temperature: Temperature = 0.7
+    max_positions: Annotated[int, Field(ge=2)] = 1024
     # Scale-out: with shards > 1 and a deployment, the nightly flow splits the pending prompts
     # into that many shards and starts one run of the deployment per shard (docs/postgres.md).
-    shards: int = 1
-    deployment: str | None = None  # "generate-shard/gpu": the shard flow deployed to a pool
-    lease_s: float = 1800.0  # a claim's lease; renewed at every checkpoint
+    shards: Annotated[int, Field(ge=1)] = 1
+    # "generate-shard/gpu": the shard flow deployed to a pool
+    deployment: Annotated[str, AfterValidator(_matching(re.compile(r"[^/]+/[^/]+"),
+                          "FLOW/DEPLOYMENT, e.g. generate-shard/gpu"))] | None = None  # fmt: skip
+    lease_s: Annotated[float, Field(ge=1.0)] = 1800.0  # a claim's lease; renewed at checkpoints
 
-    def sampling(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in SAMPLING_KEYS}
+    @model_validator(mode="after")
+    def _pipeline_rules(self) -> GenerationSettings:
+        if self.shards > 1 and not self.deployment:
+            raise SettingError(
+                "deployment",
+                "required with shards > 1 (the shard flow's deployment, e.g. generate-shard/gpu)",
+            )
+        if self.max_new_tokens >= self.max_positions:
+            raise SettingError(
+                "max_new_tokens",
+                f"{self.max_new_tokens} leaves no room for a prompt in {self.max_positions} "
+                "positions",
+            )
+        return self
 
 
-@dataclass(frozen=True)
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
 class ScheduleSettings:
-    cron: str = "0 6 * * 1-5"
-    timezone: str = "Europe/Moscow"
+    cron: Annotated[str, AfterValidator(_cron)] = "0 6 * * 1-5"
+    timezone: Annotated[str, AfterValidator(_timezone)] = "Europe/Moscow"
 
 
 @dataclass(frozen=True)
@@ -125,8 +187,8 @@ class PipelineConfig:
     feeds: tuple[FeedConfig, ...]
     watchlist: tuple[WatchlistEntry, ...]
     templates: tuple[TemplateSelection, ...]
-    generation: GenerationSettings = GenerationSettings()
-    schedule: ScheduleSettings = ScheduleSettings()
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     log_file: Path | None = None
 
     @property
@@ -135,6 +197,25 @@ class PipelineConfig:
         if not self.database_url.startswith("sqlite:///"):
             raise PipelineConfigError("database: not a SQLite file; use the URL")
         return Path(self.database_url.removeprefix("sqlite:///"))
+
+
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
+class _Document:
+    """The file's top level; each section is checked by its own record, so that its errors
+    carry its position (``feeds[2].timeout_s``)."""
+
+    database: Text = "yalm-forecast.sqlite"
+    model: Text | None = None
+    tokenizer: Text | None = None
+    prompts_dir: Text | None = None
+    theses: Text | None = None
+    log_file: Text | None = None
+    feed_defaults: dict = Field(default_factory=dict)
+    feeds: list = Field(default_factory=list)
+    watchlist: list = Field(default_factory=list)
+    templates: list = Field(default_factory=list)
+    generation: dict = Field(default_factory=dict)
+    schedule: dict = Field(default_factory=dict)
 
 
 def resolve_config_path(cli_value: str | os.PathLike | None, environ=None) -> Path:
@@ -167,89 +248,43 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
 
 def parse_config(data: Any, *, base_dir: Path, path: Path | None = None) -> PipelineConfig:
     """Validate an already-parsed YAML document; errors name the key (``feeds[0].url: ...``)."""
-    top = _Section(data, "")
-    prompts_dir = top.path("prompts_dir", base_dir) or BUNDLED_PROMPTS_DIR
-    feed_defaults = _feed_defaults(top.section("feed_defaults"))
-    config = PipelineConfig(
-        path=path,
-        database_url=_database_url(top.text("database", "yalm-forecast.sqlite"), base_dir),
-        model=top.path("model", base_dir),
-        tokenizer=top.path("tokenizer", base_dir),
-        prompts_dir=prompts_dir,
-        theses=top.path("theses", base_dir),
-        feeds=_feeds(top.items("feeds"), feed_defaults),
-        watchlist=_watchlist(top.items("watchlist")),
-        templates=_templates(top.items("templates"), prompts_dir),
-        generation=_generation(top.section("generation"), "generation"),
-        schedule=_schedule(top.section("schedule")),
-        log_file=top.path("log_file", base_dir) or base_dir / DEFAULT_LOG_NAME,
-    )
-    top.finish()
-    return config
+    try:
+        return _parse(data, base_dir, path)
+    except InvalidSettings as exc:
+        raise PipelineConfigError(str(exc)) from None
 
 
-class _Section:
-    """Typed access to one mapping of the YAML; remembers which keys were read."""
+def _parse(data: Any, base_dir: Path, path: Path | None) -> PipelineConfig:
+    top = _record(_Document, data, "")
 
-    def __init__(self, data: Any, where: str):
-        if not isinstance(data, Mapping):
-            raise PipelineConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-        self.data, self.where, self.seen = data, where, set()
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def _get(self, name: str, kinds: tuple[type, ...], label: str, default: Any) -> Any:
-        self.seen.add(name)
-        value = self.data.get(name)
-        if value is None:
-            return default
-        # YAML booleans are ints in Python; a number key must not accept `yes`.
-        if isinstance(value, bool) and bool not in kinds:
-            kinds = ()
-        if not isinstance(value, kinds):
-            raise PipelineConfigError(f"{self.key(name)}: expected {label}, got {value!r}")
-        return value
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self._get(name, (str,), "a string", default)
-        if value is not None and not value.strip():
-            raise PipelineConfigError(f"{self.key(name)}: must not be empty")
-        return value
-
-    def integer(self, name: str, default: int | None, minimum: int | None = 0) -> int | None:
-        value = self._get(name, (int,), "an integer", default)
-        if value is not None and minimum is not None and value < minimum:
-            raise PipelineConfigError(f"{self.key(name)}: must be >= {minimum}, got {value}")
-        return value
-
-    def number(self, name: str, default: float | None, minimum: float = 0.0) -> float | None:
-        value = self._get(name, (int, float), "a number", default)
-        if value is not None and value < minimum:
-            raise PipelineConfigError(f"{self.key(name)}: must be >= {minimum}, got {value}")
-        return None if value is None else float(value)
-
-    def flag(self, name: str, default: bool) -> bool:
-        return self._get(name, (bool,), "true or false", default)
-
-    def path(self, name: str, base_dir: Path) -> Path | None:
-        value = self.text(name)
+    def resolve(value: str | None) -> Path | None:
         if value is None:
             return None
         candidate = Path(value).expanduser()
         return candidate if candidate.is_absolute() else base_dir / candidate
 
-    def items(self, name: str) -> list[tuple[str, Any]]:
-        values = self._get(name, (list,), "a list", [])
-        return [(f"{self.key(name)}[{index}]", value) for index, value in enumerate(values)]
+    prompts_dir = resolve(top.prompts_dir) or BUNDLED_PROMPTS_DIR
+    return PipelineConfig(
+        path=path,
+        database_url=_database_url(top.database, base_dir),
+        model=resolve(top.model),
+        tokenizer=resolve(top.tokenizer),
+        prompts_dir=prompts_dir,
+        theses=resolve(top.theses),
+        feeds=_feeds(top.feeds, _feed_defaults(top.feed_defaults)),
+        watchlist=_watchlist(top.watchlist),
+        templates=_templates(top.templates, prompts_dir),
+        generation=_record(GenerationSettings, top.generation, "generation"),
+        schedule=_record(ScheduleSettings, top.schedule, "schedule"),
+        log_file=resolve(top.log_file) or base_dir / DEFAULT_LOG_NAME,
+    )
 
-    def section(self, name: str) -> _Section:
-        return _Section(self._get(name, (Mapping,), "a mapping", {}), self.key(name))
 
-    def finish(self) -> None:
-        unknown = sorted(str(key) for key in self.data if key not in self.seen)
-        if unknown:
-            raise PipelineConfigError(f"{self.key(unknown[0])}: unknown key")
+def _record(kind: type, data: Any, where: str):
+    """``kind`` from one YAML mapping; a key set to nothing (``key:``) means its default."""
+    if not isinstance(data, Mapping):
+        raise PipelineConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    return build(kind, {key: value for key, value in data.items() if value is not None}, where)
 
 
 def _database_url(value: str, base_dir: Path) -> str:
@@ -272,90 +307,50 @@ def _database_url(value: str, base_dir: Path) -> str:
     return "sqlite:///" + str(candidate if candidate.is_absolute() else base_dir / candidate)
 
 
-def _feed_defaults(section: _Section) -> dict[str, Any]:
-    base = FeedConfig(name="-", url="-")
-    defaults = {
-        "enabled": section.flag("enabled", base.enabled),
-        "timeout_s": section.number("timeout_s", base.timeout_s, minimum=0.01),
-        "max_bytes": section.integer("max_bytes", base.max_bytes, minimum=1),
-        "retries": section.integer("retries", base.retries),
-        "backoff_s": section.number("backoff_s", base.backoff_s),
-    }
-    section.finish()
-    return defaults
+def _feed_defaults(data: dict) -> dict[str, Any]:
+    """The per-feed settings every feed starts from, checked as a feed's would be."""
+    for key in ("name", "url"):
+        if key in data:
+            raise PipelineConfigError(f"feed_defaults.{key}: unknown key")
+    placeholder = {"name": "defaults", "url": "https://defaults/"}
+    base = _record(FeedConfig, {**placeholder, **data}, "feed_defaults")
+    return {key: getattr(base, key) for key in _FEED_DEFAULT_KEYS}
 
 
-def _feeds(entries: list[tuple[str, Any]], defaults: dict[str, Any]) -> tuple[FeedConfig, ...]:
-    feeds, names = [], set()
-    for where, value in entries:
-        section = _Section(value, where)
-        name, url = section.text("name"), section.text("url")
-        if name is None or not _NAME_RE.match(name):
-            raise PipelineConfigError(f"{section.key('name')}: required; letters, digits, _.-")
-        if name in names:
-            raise PipelineConfigError(f"{section.key('name')}: duplicate feed name {name!r}")
-        if url is None or not url.startswith(FEED_URL_SCHEMES):
-            raise PipelineConfigError(
-                f"{section.key('url')}: required http(s) or file:// URL, got {url!r}"
-            )
-        names.add(name)
-        feeds.append(
-            FeedConfig(
-                name=name,
-                url=url,
-                enabled=section.flag("enabled", defaults["enabled"]),
-                timeout_s=section.number("timeout_s", defaults["timeout_s"], minimum=0.01),
-                max_bytes=section.integer("max_bytes", defaults["max_bytes"], minimum=1),
-                retries=section.integer("retries", defaults["retries"]),
-                backoff_s=section.number("backoff_s", defaults["backoff_s"]),
-            )
-        )
-        section.finish()
+def _feeds(entries: list, defaults: dict[str, Any]) -> tuple[FeedConfig, ...]:
+    feeds: list[FeedConfig] = []
+    for index, value in enumerate(entries):
+        where = f"feeds[{index}]"
+        given = value if isinstance(value, Mapping) else {}
+        feed = _record(FeedConfig, {**defaults, **given} if given else value, where)
+        if feed.name in {other.name for other in feeds}:
+            raise PipelineConfigError(f"{where}.name: duplicate feed name {feed.name!r}")
+        feeds.append(feed)
     return tuple(feeds)
 
 
-def _watchlist(entries: list[tuple[str, Any]]) -> tuple[WatchlistEntry, ...]:
-    watchlist, tickers = [], set()
-    for where, value in entries:
-        section = _Section(value, where)
-        ticker = section.text("ticker")
-        if ticker is None or not re.fullmatch(r"[A-Z0-9.\-]{1,12}", ticker):
-            raise PipelineConfigError(
-                f"{section.key('ticker')}: required, like SBER, got {ticker!r}"
-            )
-        if ticker in tickers:
-            raise PipelineConfigError(f"{section.key('ticker')}: duplicate ticker {ticker!r}")
-        tickers.add(ticker)
-        aliases = []
-        for alias_where, alias in section.items("aliases"):
-            if not isinstance(alias, str) or not alias.strip():
-                raise PipelineConfigError(f"{alias_where}: expected a non-empty string")
-            aliases.append(alias.strip())
-        watchlist.append(WatchlistEntry(ticker=ticker, aliases=tuple(aliases)))
-        section.finish()
+def _watchlist(entries: list) -> tuple[WatchlistEntry, ...]:
+    watchlist: list[WatchlistEntry] = []
+    for index, value in enumerate(entries):
+        where = f"watchlist[{index}]"
+        entry = _record(WatchlistEntry, value, where)
+        if entry.ticker in {other.ticker for other in watchlist}:
+            raise PipelineConfigError(f"{where}.ticker: duplicate ticker {entry.ticker!r}")
+        watchlist.append(entry)
     return tuple(watchlist)
 
 
-def _templates(entries: list[tuple[str, Any]], prompts_dir: Path) -> tuple[TemplateSelection, ...]:
+def _templates(entries: list, prompts_dir: Path) -> tuple[TemplateSelection, ...]:
     selections = []
-    for where, value in entries:
+    for index, value in enumerate(entries):
+        where = f"templates[{index}]"
         overrides: dict[str, Any] = {}
         if isinstance(value, str):
             name = value
         else:
-            section = _Section(value, where)
-            name = section.text("name")
-            overrides_section = section.section("generation")
-            parsed = _generation(overrides_section, overrides_section.where)
-            overrides = {key: getattr(parsed, key) for key in overrides_section.data}
-            bad = sorted(set(overrides) - set(SAMPLING_KEYS))
-            if bad:
-                raise PipelineConfigError(
-                    f"{overrides_section.key(bad[0])}: only sampling settings "
-                    f"({', '.join(SAMPLING_KEYS)}) may be overridden per template"
-                )
-            section.finish()
-            where = section.key("name")
+            entry = _record(_TemplateEntry, value, where)
+            name, where = entry.name, f"{where}.name"
+            overrides = _sampling_overrides(entry.generation, f"templates[{index}].generation")
         if not name or not _NAME_RE.match(name):
             raise PipelineConfigError(f"{where}: expected a template name, got {name!r}")
         if not (prompts_dir / f"{name}.yaml").is_file():
@@ -364,102 +359,27 @@ def _templates(entries: list[tuple[str, Any]], prompts_dir: Path) -> tuple[Templ
     return tuple(selections)
 
 
-def _generation(section: _Section, where: str) -> GenerationSettings:
-    base = GenerationSettings()
-    settings = GenerationSettings(
-        max_new_tokens=section.integer("max_new_tokens", base.max_new_tokens, minimum=1),
-        temperature=section.number("temperature", base.temperature),
-        top_p=section.number("top_p", base.top_p),
-        top_k=section.integer("top_k", base.top_k),
-        greedy=section.flag("greedy", base.greedy),
-        seed=section.integer("seed", base.seed, minimum=None),
-        batch_size=_batch_size(section),
-        device=section.text("device", base.device),
-        dtype=section.text("dtype", base.dtype),
-        gpu_memory=section.text("gpu_memory"),
-        cpu_memory=section.text("cpu_memory"),
-        weights_on=section.text("weights_on", base.weights_on),
-        kv_on=section.text("kv_on", base.kv_on),
-        kv_bits=section.integer("kv_bits", base.kv_bits, minimum=1),
-        checkpoint_every=section.integer("checkpoint_every", base.checkpoint_every, minimum=1),
-        max_positions=section.integer("max_positions", base.max_positions, minimum=2),
-        shards=section.integer("shards", base.shards, minimum=1),
-        deployment=section.text("deployment"),
-        lease_s=section.number("lease_s", base.lease_s, minimum=1.0),
-    )
-    section.finish()
-    if settings.shards > 1 and not settings.deployment:
-        raise PipelineConfigError(
-            f"{section.key('deployment')}: required with shards > 1 (the shard flow's "
-            "deployment, e.g. generate-shard/gpu)"
-        )
-    if settings.deployment is not None and not re.fullmatch(r"[^/]+/[^/]+", settings.deployment):
-        raise PipelineConfigError(
-            f"{section.key('deployment')}: FLOW/DEPLOYMENT, e.g. generate-shard/gpu, "
-            f"got {settings.deployment!r}"
-        )
-    if settings.top_p > 1.0:
-        raise PipelineConfigError(
-            f"{section.key('top_p')}: must be in [0, 1], got {settings.top_p}"
-        )
-    if settings.dtype not in _DTYPES:
-        raise PipelineConfigError(
-            f"{section.key('dtype')}: one of {_DTYPES}, got {settings.dtype!r}"
-        )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|cuda:all|cuda:\d+(,cuda:\d+)+", settings.device):
-        raise PipelineConfigError(
-            f"{section.key('device')}: auto, cpu, cuda, cuda:N, cuda:all or cuda:0,cuda:1"
-        )
-    for key, choices in _CHOICES.items():
-        if getattr(settings, key) not in choices:
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
+class _TemplateEntry:
+    name: Text
+    generation: dict = Field(default_factory=dict)
+
+
+def _sampling_overrides(data: dict, where: str) -> dict[str, Any]:
+    """Per-template sampling settings: each checked alone by its setting's own rules (the
+    merged settings are checked when the prompt is generated)."""
+    overrides = {}
+    for key, value in data.items():
+        if key not in SAMPLING_KEYS:
             raise PipelineConfigError(
-                f"{section.key(key)}: one of {', '.join(choices)}, got {getattr(settings, key)!r}"
+                f"{where}.{key}: only sampling settings ({', '.join(SAMPLING_KEYS)}) may be "
+                "overridden per template"
             )
-    if settings.kv_bits not in (16, 8, 4):
-        raise PipelineConfigError(f"{section.key('kv_bits')}: 16, 8 or 4, got {settings.kv_bits}")
-    if settings.kv_bits != 16 and settings.kv_on == "gpu":
-        raise PipelineConfigError(
-            f"{section.key('kv_bits')}: {settings.kv_bits}-bit KV is for a cache in pinned RAM; "
-            "set kv_on to auto or cpu"
-        )
-    for key in ("gpu_memory", "cpu_memory"):
-        value = getattr(settings, key)
-        if value is not None and not _MEMORY_RE.match(value):
-            raise PipelineConfigError(f"{section.key(key)}: a size like 8GiB, got {value!r}")
-    if settings.max_new_tokens >= settings.max_positions:
-        raise PipelineConfigError(
-            f"{section.key('max_new_tokens')}: {settings.max_new_tokens} leaves no room for a "
-            f"prompt in {settings.max_positions} positions"
-        )
-    return settings
-
-
-def _batch_size(section: _Section) -> int | None:
-    """``auto`` (or unset): chosen from the memory budgets; else a positive integer."""
-    if section.data.get("batch_size") == "auto":
-        section.seen.add("batch_size")
-        return None
-    value = section._get("batch_size", (int,), "a positive integer or auto", None)
-    if value is not None and value < 1:
-        raise PipelineConfigError(f"{section.key('batch_size')}: must be >= 1, got {value}")
-    return value
-
-
-def _schedule(section: _Section) -> ScheduleSettings:
-    base = ScheduleSettings()
-    schedule = ScheduleSettings(
-        cron=section.text("cron", base.cron), timezone=section.text("timezone", base.timezone)
-    )
-    section.finish()
-    if len(schedule.cron.split()) != 5:
-        raise PipelineConfigError(f"{section.key('cron')}: five fields, got {schedule.cron!r}")
-    try:
-        ZoneInfo(schedule.timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise PipelineConfigError(
-            f"{section.key('timezone')}: unknown time zone {schedule.timezone!r}"
-        ) from exc
-    return schedule
+        try:
+            overrides[key] = check(SamplingSettings, key, value)
+        except SettingsValidationError as exc:
+            raise PipelineConfigError(explain(exc, f"{where}.{key}")) from None
+    return overrides
 
 
 def write_starter_config(path: str | os.PathLike) -> Path:

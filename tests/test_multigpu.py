@@ -77,9 +77,13 @@ def test_several_engines_report_the_width_their_kv_cache_is_kept_in(store, place
 def test_device_lists_are_checked():
     assert resolve_devices("cpu") == [torch.device("cpu")]
     with pytest.raises(ConfigError, match="named twice"):
-        resolve_devices("cpu,cpu")
-    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        resolve_devices("cuda:1,cuda:1")
+    with pytest.raises(ConfigError, match=r"^device: auto, cpu, cuda, cuda:N, .* got 'tpu'$"):
         resolve_devices("tpu")
+    with pytest.raises(ConfigError, match=r"^device: .* got 'cpu,cuda:0'$"):
+        resolve_devices("cpu,cuda:0")  # a list is of GPUs only
+    resolved = resolve_devices("cpu")
+    assert resolve_devices(resolved) is not resolved and resolve_devices(resolved) == resolved
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device is available"):
             resolve_devices("cuda:0,cuda:1")

@@ -99,13 +99,14 @@ def test_on_a_cpu_machine_the_ram_budget_bounds_resident_layers(tiny_store):
 def test_kv_settings_that_cannot_work_are_refused_by_name():
     from yalm_runner.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="kv_on must be auto, gpu or cpu, got 'disk'"):
+    # The same words as a flag's or a YAML key's: the settings module checks all three.
+    with pytest.raises(ConfigError, match=r"^kv_on: one of auto, gpu, cpu, got 'disk'$"):
         OffloadPolicy(kv_on="disk")
-    with pytest.raises(ConfigError, match="kv_bits must be 16, 8 or 4, got 2"):
+    with pytest.raises(ConfigError, match=r"^kv_bits: one of 16, 8, 4, got 2$"):
         OffloadPolicy(kv_bits=2)
-    with pytest.raises(ConfigError, match="8-bit KV is for the pinned-RAM cache"):
+    with pytest.raises(ConfigError, match=r"^kv_bits: 8-bit KV is for a cache in pinned RAM"):
         OffloadPolicy(kv_on="gpu", kv_bits=8)
-    with pytest.raises(ConfigError, match="kv_layout must be auto, rows or slots, got 'columns'"):
+    with pytest.raises(ConfigError, match=r"^kv_layout: one of auto, rows, slots, got 'columns'$"):
         OffloadPolicy(kv_layout="columns")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner import __version__
+from yalm_runner import __version__, settings
 from yalm_runner.errors import YalmError
 
 EXAMPLES = {
@@ -40,75 +40,43 @@ def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: object) -> None
     flag = next(name for name in names if name.startswith("--")).removeprefix("--")
     env_name = "YALM_RUNNER_" + flag.upper().replace("-", "_")
     default = _env(flag, kwargs.pop("default", None))
-    if kwargs.get("action") == "store_true":
-        default = str(default).lower() in {"1", "true", "yes"} if default is not None else False
+    if kwargs.get("action") in ("store_true", "store_false"):
+        given = str(default).lower() in {"1", "true", "yes"} if default is not None else False
+        default = given if kwargs["action"] == "store_true" else not given
     kwargs["help"] = f"{kwargs.get('help', '')} [env {env_name}]".strip()
     if kwargs.pop("required", False) and default is None:
         kwargs["required"] = True
     parser.add_argument(*names, default=default, **kwargs)
 
 
-def _add_budgets(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--gpu-memory", help="GPU budget, e.g. 8GiB (default: no limit)")
-    _add(parser, "--cpu-memory", help="pinned RAM budget, e.g. 48GiB (default: no limit)")
-    _add(
-        parser,
-        "--weights-on",
-        choices=["auto", "gpu", "cpu", "disk"],
-        default="auto",
-        help="where layers that do not fit on the GPU live (auto: GPU, then RAM, then disk)",
-    )
-    _add(
-        parser,
-        "--kv-on",
-        choices=["auto", "gpu", "cpu"],
-        default="auto",
-        help="where the KV cache lives (auto: whichever the plan predicts faster)",
-    )
-    _add(
-        parser,
-        "--kv-bits",
-        type=int,
-        choices=[16, 8, 4],
-        default=16,
-        help="8 or 4: keep the pinned-RAM KV cache compressed (1/2 or ~1/3.6 the RAM and traffic)",
-    )
-    _add(
-        parser,
-        "--kv-layout",
-        choices=["auto", "rows", "slots"],
-        default="auto",
-        help="pinned-RAM KV layout: rows (a copy per row), slots (a copy per layer; needs a "
-        "staging area on the GPU) or auto (the planner picks the faster)",
-    )
-    _add(parser, "--no-overlap", action="store_true", help="wait for every copy (to measure)")
+# The runner's settings a command takes; each option is defined once, in yalm_runner.settings,
+# which the pipeline's YAML uses too.
+BUDGETS = ("gpu_memory", "cpu_memory", "weights_on", "kv_on", "kv_bits", "kv_layout", "overlap")
+SAMPLING = ("greedy", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
+
+
+def _add_settings(parser: argparse.ArgumentParser, names, **defaults: object) -> None:
+    """Add the options of the runner settings ``names`` (``defaults`` for this command)."""
+    for flags, options in settings.cli_options(names, **defaults):
+        _add(parser, *flags, **options)
 
 
 def _kv_widths(text: str) -> tuple[int, ...]:
     from yalm_runner.errors import ConfigError
-    from yalm_runner.kvformat import KV_BITS
 
     try:
-        widths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
+        widths = tuple(
+            settings.check(settings.RunnerSettings, "kv_bits", part, strict=False)
+            for part in text.split(",")
+            if part.strip()
+        )
+    except settings.ValidationError:
         widths = ()
-    if not widths or any(width not in KV_BITS for width in widths):
-        raise ConfigError(f"--kv-bits takes 16, 8 or 4 (a comma list), got {text!r}")
+    if not widths:
+        *most, last = settings.KV_BITS
+        choices = f"{', '.join(map(str, most))} or {last}"
+        raise ConfigError(f"--kv-bits takes {choices} (a comma list), got {text!r}")
     return widths
-
-
-def _policy(args: argparse.Namespace):
-    from yalm_runner.offload import OffloadPolicy, parse_bytes
-
-    return OffloadPolicy(
-        gpu_memory_bytes=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
-        cpu_memory_bytes=parse_bytes(args.cpu_memory) if args.cpu_memory else None,
-        weights_on=args.weights_on,
-        kv_on=args.kv_on,
-        kv_bits=args.kv_bits,
-        kv_layout=args.kv_layout,
-        overlap=not args.no_overlap,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         convert,
         "--dtype",
-        choices=["bf16", "fp16", "fp32"],
-        help="store dtype (default: the release's own)",
+        type=settings.option_parser("dtype"),
+        default="auto",
+        help="store dtype: bf16, fp16 or fp32 (auto: the release's own)",
     )
     _add(convert, "--max-positions", type=int, default=1024, help="rotary table size")
     _add(
@@ -165,31 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(generate, "-m", "--model", type=Path, required=True, help="store folder")
     _add(generate, "--input", type=Path, required=True, help="JSONL with a 'prefix' per line")
     _add(generate, "--output", type=Path, required=True, help="JSONL to write")
-    _add(generate, "--greedy", action="store_true", help="argmax instead of sampling")
-    _add(generate, "--temp", type=float, default=1.0, help="sampling temperature")
-    _add(generate, "--top-p", type=float, default=0.9, help="nucleus threshold (0 = off)")
-    _add(generate, "--top-k", type=int, default=0, help="top-k filter (0 = off)")
-    _add(generate, "-n", "--max-new-tokens", type=int, default=128, help="new tokens per row")
-    _add(generate, "-s", "--seed", type=int, default=1234, help="sampling seed")
-    _add(
-        generate,
-        "--device",
-        default="auto",
-        help="auto, cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all",
-    )
-    _add(
-        generate,
-        "--dtype",
-        choices=["bf16", "fp16", "fp32"],
-        help="compute dtype (default: fp32 on cpu, the store's 16-bit dtype on cuda)",
-    )
-    _add(
-        generate,
-        "--batch-size",
-        type=int,
-        help="rows per batch (default: the fastest batch the memory budgets allow)",
-    )
-    _add_budgets(generate)
+    _add_settings(generate, ("device", "dtype", "batch_size", *SAMPLING, *BUDGETS))
     _add(generate, "--no-verify", action="store_true", help="skip weight checksums")
     stop_env = _env("stop")
     generate.add_argument(
@@ -200,14 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="end a row once its new text contains STR (repeatable; a row's own 'stop' list "
         "adds to these) [env YALM_RUNNER_STOP, one string]",
     )
-    _add(
-        generate,
-        "--checkpoint-every",
-        type=int,
-        default=16,
-        metavar="N",
-        help="save the unfinished rows' state every N decode steps (0 = only on SIGINT/SIGTERM)",
-    )
+    _add_settings(generate, ("checkpoint_every",))
     _add(
         generate,
         "--no-resume",
@@ -222,14 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("store", type=Path)
     _add(inspect, "--device", default="cuda", help="the device to plan for: cuda or cpu")
-    _add(inspect, "--dtype", choices=["bf16", "fp16", "fp32"], help="compute dtype")
-    _add(inspect, "--batch-size", type=int, help="rows per batch (default: chosen)")
+    _add_settings(inspect, ("dtype", "batch_size"))
     _add(inspect, "--prompt-len", type=int, default=128, help="longest prompt, in tokens")
-    _add(inspect, "-n", "--max-new-tokens", type=int, default=128, help="new tokens per row")
+    _add_settings(inspect, ("max_new_tokens",))
     _add(inspect, "--rows", type=int, help="how many prompts there are (caps the batch)")
     _add(inspect, "--link-gbps", type=float, default=25.0, help="host-to-device GB/s to assume")
     _add(inspect, "--disk-gbps", type=float, default=3.0, help="drive read GB/s to assume")
-    _add_budgets(inspect)
+    _add_settings(inspect, BUDGETS)
 
     tiny = command("make-tiny", "Write a tiny random YaLM checkpoint in the release layout.")
     tiny.add_argument("dst", type=Path)
@@ -243,19 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add(vocab, "--vocab", type=Path, help="a .sp file to use (default: train a small one)")
     _add(vocab, "--yalm-vocab", action="store_true", help="use the real YaLM vocabulary shipped")
     _add(tiny, "--vocab-size", type=int, default=1000, help="size of the trained vocabulary")
-    _add(tiny, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    _add(tiny, "--dtype", type=settings.option_parser("dtype"), default="bf16")
     _add(tiny, "--tensor-parallel", type=int, default=1, help="write this many TP shards")
     quality = command(
         "quality", "Compare a (compressed) store's predictions with a reference store's."
     )
     _add(quality, "--reference", type=Path, required=True, help="reference store (16-bit)")
     _add(quality, "--candidate", type=Path, help="store to judge (default: the reference)")
-    _add(quality, "--kv-bits", type=int, choices=[16, 8, 4], default=16, help="candidate's KV")
+    _add_settings(quality, ("kv_bits",))
     _add(quality, "-n", "--new-tokens", type=int, default=16, help="decode steps per prompt")
     _add(quality, "--prompts", type=Path, required=True, help="JSONL with a 'prefix' per line")
     _add(quality, "--text", type=Path, help="plain text for perplexity")
-    _add(quality, "--device", default="cpu", help="cpu, cuda or cuda:N")
-    _add(quality, "--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    _add_settings(quality, ("device", "dtype"), device="cpu", dtype="fp32")
     _add(quality, "--format", choices=["table", "json"], default="table")
     _add(quality, "--no-verify", action="store_true", help="skip weight checksums")
 
@@ -285,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run ours at the planner's batch with the KV cache in pinned RAM at these "
         "widths (a comma list of 16, 8, 4; with --peers, 16 unless given)",
     )
-    _add(bench, "--kv-layout", choices=["auto", "rows", "slots"], help="pinned-KV layout (auto)")
+    _add_settings(bench, ("kv_layout",))
     _add(
         bench,
         "--peer-timeout",
@@ -334,7 +270,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from yalm_runner.convert import convert_release, parse_dtype
     from yalm_runner.quant import Quantization
 
-    dtype = parse_dtype(args.dtype) if args.dtype else None
+    dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
     quantization = Quantization(args.quantize, args.group_size) if args.quantize else None
     with Progress(
         TextColumn("{task.description}"),
@@ -374,21 +310,12 @@ def _stderr_console():
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from yalm_runner.config import SamplingParams
-    from yalm_runner.convert import parse_dtype
     from yalm_runner.runner import GenerationInterrupted, generate_file
     from yalm_runner.session import resolve_devices
 
-    sampling = SamplingParams(
-        greedy=args.greedy,
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    devices = resolve_devices(args.device)
+    chosen = settings.from_args(args)
+    devices = resolve_devices(chosen.device)  # once: the runner and the session take the list
     device = devices[0]
-    dtype = parse_dtype(args.dtype) if args.dtype else None
     for each in devices:
         if each.type == "cuda":
             torch.cuda.reset_peak_memory_stats(each)
@@ -398,15 +325,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             args.model,
             args.input,
             args.output,
-            sampling=sampling,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=dtype,
-            batch_size=args.batch_size,
-            policy=_policy(args),
+            sampling=chosen.sampling_params(),
+            max_new_tokens=chosen.max_new_tokens,
+            device=devices,
+            dtype=chosen.torch_dtype(),
+            batch_size=chosen.batch_size,
+            policy=chosen.offload_policy(),
             verify=not args.no_verify,
             stop=tuple(args.stop or ()),
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=chosen.checkpoint_every,
             resume=not args.no_resume,
             notify=lambda message: print(f"yalm-runner generate: {message}", file=sys.stderr),
         )
@@ -440,7 +367,6 @@ def _peak_rss_gib() -> float:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from yalm_runner.checkpoint import ModelStore
-    from yalm_runner.convert import parse_dtype
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
@@ -448,14 +374,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     store = ModelStore.open(args.store)
     print(describe_store(store))
     device = torch.device(args.device)  # planning only: the device need not be here
-    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(store, device)
+    chosen = settings.from_args(args)
+    dtype = chosen.torch_dtype() or default_dtype(store, device)
     plan = plan_memory(
         store,
         device,
         dtype,
-        _policy(args),
-        batch_size=args.batch_size,
-        max_context=min(args.prompt_len + args.max_new_tokens, store.config.max_positions),
+        chosen.offload_policy(),
+        batch_size=chosen.batch_size,
+        max_context=min(args.prompt_len + chosen.max_new_tokens, store.config.max_positions),
         prompt_tokens=args.prompt_len,
         rows=args.rows,
     )

@@ -8,7 +8,6 @@ from the released checkpoint's tensor shapes by the converter. Validation raises
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,19 +111,11 @@ class SamplingParams:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if not self.greedy:
-            if not (
-                isinstance(self.temperature, (int, float))
-                and math.isfinite(self.temperature)
-                and self.temperature > 0
-            ):
-                raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
-            if not (0.0 <= self.top_p <= 1.0):
-                raise ConfigError(f"top_p must be in [0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        # The settings' own checks, so that a record built in code is refused with the same
+        # words as a flag or a YAML key (``temperature: must be > 0 unless greedy is set``).
+        from yalm_runner.settings import SamplingSettings, build
+
+        build(SamplingSettings, dataclasses.asdict(self))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

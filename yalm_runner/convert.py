@@ -30,19 +30,16 @@ from yalm_runner.release import (
     scan_release,
     slots_for_parts,
 )
+from yalm_runner.settings import torch_dtype
 from yalm_runner.tensorfile import TensorSpec
 
 FP16_MAX = 65504.0
 CHECK_CHUNK_ELEMENTS = 1 << 24
 
-DTYPE_ARGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPE_ARGS[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPE_ARGS)}") from None
+    """``bf16``/``fp16``/``fp32`` (or the long names): the settings' one vocabulary."""
+    return torch_dtype(name)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import math
 
 import torch
 
+from yalm_runner import settings
 from yalm_runner.config import ModelConfig
 
-KV_BITS = (16, 8, 4)
+KV_BITS = settings.KV_BITS  # the widths a KV cache may have: defined with the settings
 # Compressed KV is expanded a group of rows at a time, each group's temporaries within this
 # (the planner reserves room for it beside the device slots).
 DECODE_BYTES = 128 << 20

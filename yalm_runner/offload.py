@@ -11,7 +11,6 @@ that cannot fit is an ``OffloadError`` carrying the numbers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,31 +22,14 @@ from yalm_runner.config import ModelConfig
 from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.model import Weights
 from yalm_runner.quant import DequantizingWeights, scratch_elements, to_compute
+from yalm_runner.settings import (  # noqa: F401 (parse_bytes: callers import it here)
+    check_offload_rules,
+    check_setting,
+    parse_bytes,
+)
 
 FP16_MAX = 65504.0
 TIERS = ("gpu", "cpu", "disk")
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"8GiB"`` -> 8589934592; also plain integers and KB/MB/GB (powers of ten)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 8GiB, 512MiB or 2GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def format_bytes(count: float) -> str:
@@ -58,8 +40,27 @@ def format_bytes(count: float) -> str:
 
 
 @dataclass(frozen=True)
+class MemoryBudgets:
+    """What a placement may use, named for what each budget is on the machine at hand.
+
+    On a GPU run the device memory is the GPU's (``--gpu-memory``) and layers that do not fit
+    may live in pinned RAM (``--cpu-memory``). On a CPU-only run the device memory *is* RAM, set
+    by ``--cpu-memory``, and there is no pinned tier: what does not stay resident is read from
+    disk each step. ``plan_placement`` and the planner read only this record, so a RAM budget
+    never travels under a GPU's name.
+    """
+
+    device_bytes: int | None  # None: no limit
+    pinned_bytes: int | None  # pinned host RAM for streamed layers; None: no limit
+    pinned_tier: bool = True
+    device_memory: str = "GPU"  # what messages call the device memory: GPU or RAM
+    device_flag: str = "--gpu-memory"  # the flag that sets ``device_bytes``
+
+
+@dataclass(frozen=True)
 class OffloadPolicy:
-    """Budgets, not percentages. None means no limit of that kind."""
+    """Budgets, not percentages, as the user gave them (``--gpu-memory``, ``--cpu-memory``);
+    None means no limit of that kind. ``budgets_on`` says what they mean on a device."""
 
     gpu_memory_bytes: int | None = None
     cpu_memory_bytes: int | None = None
@@ -71,22 +72,21 @@ class OffloadPolicy:
     kv_layout: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.weights_on not in ("auto", *TIERS):
-            raise ConfigError(f"weights_on must be auto, gpu, cpu or disk, got {self.weights_on!r}")
-        if self.kv_on not in ("auto", "gpu", "cpu"):
-            raise ConfigError(f"kv_on must be auto, gpu or cpu, got {self.kv_on!r}")
-        if self.kv_layout not in ("auto", "rows", "slots"):
-            raise ConfigError(f"kv_layout must be auto, rows or slots, got {self.kv_layout!r}")
-        if self.kv_bits not in (16, 8, 4):
-            raise ConfigError(f"kv_bits must be 16, 8 or 4, got {self.kv_bits}")
-        if self.kv_bits != 16 and self.kv_on == "gpu":
-            raise ConfigError(
-                f"{self.kv_bits}-bit KV is for the pinned-RAM cache: use kv_on cpu or auto"
-            )
+        # The settings' own checks (yalm_runner.settings), so that a policy built in code is
+        # refused with the same words as a flag or a YAML key.
+        for name in ("weights_on", "kv_on", "kv_bits", "kv_layout", "overlap"):
+            check_setting(name, getattr(self, name))
+        check_offload_rules(self.kv_bits, self.kv_on)
         for name in ("gpu_memory_bytes", "cpu_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+
+    def budgets_on(self, device_type: str) -> MemoryBudgets:
+        """The budgets as they apply on a ``cuda`` or ``cpu`` device."""
+        if device_type == "cpu":
+            return MemoryBudgets(self.cpu_memory_bytes, None, False, "RAM", "--cpu-memory")
+        return MemoryBudgets(self.gpu_memory_bytes, self.cpu_memory_bytes)
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,11 @@ class Placement:
     cpu_weight_bytes: int
     streamed_bytes_per_pass: int
     disk_bytes_per_pass: int
+    device_memory: str = "GPU"  # the device memory's name: GPU, or RAM on a CPU-only run
 
     @property
     def gpu_total_bytes(self) -> int:
+        """Everything the plan puts in the device memory (RAM on a CPU-only run)."""
         return (
             self.gpu_weight_bytes + self.stream_buffer_bytes + self.kv_bytes + self.workspace_bytes
         )
@@ -122,9 +124,12 @@ class Placement:
         )
 
     def describe(self) -> str:
+        memory = self.device_memory
+        resident = "on the GPU" if memory == "GPU" else f"resident in {memory}"
+        pinned = f", {self.count('cpu')} in pinned RAM" if memory == "GPU" else ""
         return (
-            f"layers: {self.count('gpu')} on the GPU, {self.count('cpu')} in pinned RAM, "
-            f"{self.count('disk')} on disk; GPU: weights {format_bytes(self.gpu_weight_bytes)} + "
+            f"layers: {self.count('gpu')} {resident}{pinned}, {self.count('disk')} on disk; "
+            f"{memory}: weights {format_bytes(self.gpu_weight_bytes)} + "
             f"stream buffers {format_bytes(self.stream_buffer_bytes)} + KV "
             f"{format_bytes(self.kv_bytes)} + workspace {format_bytes(self.workspace_bytes)} = "
             f"{format_bytes(self.gpu_total_bytes)}; "
@@ -139,73 +144,91 @@ def plan_placement(
     kv_bytes: int = 0,
     workspace_bytes: int = 0,
     *,
-    pinned_tier: bool = True,
+    budgets: MemoryBudgets | None = None,
 ) -> Placement:
-    """Place parts: embedding and head on the GPU, then layers on the GPU while the budget
-    allows (after stream buffers, KV and workspace), then pinned RAM, then disk.
+    """Place parts: embedding and head on the device, then layers on the device while its
+    budget allows (after stream buffers, KV and workspace), then pinned RAM, then disk.
 
-    ``pinned_tier=False`` (a CPU-only machine, where RAM is the device memory) skips the pinned
-    tier: layers are resident within the device budget, the rest stream from disk."""
-    # On a CPU-only machine the device memory is RAM, budgeted by --cpu-memory.
-    memory, flag = ("GPU", "--gpu-memory") if pinned_tier else ("RAM", "--cpu-memory")
+    ``budgets`` default to ``policy``'s on a GPU; a CPU-only machine passes
+    ``policy.budgets_on("cpu")``: layers are resident within the RAM budget, the rest stream
+    from disk (no pinned tier)."""
+    budgets = budgets or policy.budgets_on("cuda")
+    memory, flag = budgets.device_memory, budgets.device_flag
+    pinned_tier = budgets.pinned_tier
+    where = "on the GPU" if pinned_tier else "in RAM"
+    # Without a pinned tier, "gpu" and "cpu" both mean the device memory.
+    weights_on = policy.weights_on
+    if not pinned_tier and weights_on in ("gpu", "cpu"):
+        weights_on = "auto"
     layers = [part for part in part_bytes if part.startswith("layer_")]
     fixed = part_bytes["embedding"] + part_bytes["head"]
     largest_layer = max(part_bytes[part] for part in layers)
-    gpu_budget = policy.gpu_memory_bytes
-    cpu_budget = policy.cpu_memory_bytes
+    device_budget = budgets.device_bytes
+    pinned_budget = budgets.pinned_bytes
     all_layers = sum(part_bytes[part] for part in layers)
-    if policy.weights_on == "gpu" or (
-        policy.weights_on == "auto"
-        and (gpu_budget is None or fixed + all_layers + kv_bytes + workspace_bytes <= gpu_budget)
+    if weights_on == "gpu" or (
+        weights_on == "auto"
+        and (
+            device_budget is None
+            or fixed + all_layers + kv_bytes + workspace_bytes <= device_budget
+        )
     ):
         need = fixed + all_layers + kv_bytes + workspace_bytes
-        if gpu_budget is not None and need > gpu_budget:
+        if device_budget is not None and need > device_budget:
             raise OffloadError(
-                f"weights on the GPU need {format_bytes(need)} (weights "
+                f"weights {where} need {format_bytes(need)} (weights "
                 f"{format_bytes(fixed + all_layers)}, KV {format_bytes(kv_bytes)}, workspace "
                 f"{format_bytes(workspace_bytes)}) but the {memory} budget is "
-                f"{format_bytes(gpu_budget)}"
+                f"{format_bytes(device_budget)}"
             )
         tiers = dict.fromkeys(part_bytes, "gpu")
-        return Placement(tiers, fixed + all_layers, 0, kv_bytes, workspace_bytes, 0, 0, 0)
+        return Placement(tiers, fixed + all_layers, 0, kv_bytes, workspace_bytes, 0, 0, 0, memory)
 
     buffers = 2 * largest_layer
     floor = fixed + buffers + kv_bytes + workspace_bytes
-    if gpu_budget is not None and floor > gpu_budget:
+    if device_budget is not None and floor > device_budget:
         raise OffloadError(
-            f"the {memory} budget {format_bytes(gpu_budget)} cannot hold the minimum: "
+            f"the {memory} budget {format_bytes(device_budget)} cannot hold the minimum: "
             f"embedding+head {format_bytes(fixed)} + 2 stream buffers {format_bytes(buffers)} + KV "
             f"{format_bytes(kv_bytes)} + workspace {format_bytes(workspace_bytes)} = "
             f"{format_bytes(floor)}; lower the batch size or raise {flag}"
         )
     tiers = {"embedding": "gpu", "head": "gpu"}
-    gpu_used, cpu_used, streamed, from_disk = fixed, 0, 0, 0
+    device_used, pinned_used, streamed, from_disk = fixed, 0, 0, 0
     for part in layers:
         size = part_bytes[part]
-        if policy.weights_on == "auto" and (
-            gpu_budget is None or floor + (gpu_used - fixed) + size <= gpu_budget
+        if weights_on == "auto" and (
+            device_budget is None or floor + (device_used - fixed) + size <= device_budget
         ):
             tiers[part] = "gpu"
-            gpu_used += size
+            device_used += size
         elif (
             pinned_tier
-            and policy.weights_on != "disk"
-            and (cpu_budget is None or cpu_used + size <= cpu_budget)
+            and weights_on != "disk"
+            and (pinned_budget is None or pinned_used + size <= pinned_budget)
         ):
             tiers[part] = "cpu"
-            cpu_used += size
+            pinned_used += size
             streamed += size
-        elif policy.weights_on == "cpu":
+        elif weights_on == "cpu":
             raise OffloadError(
-                f"--weights-on cpu needs {format_bytes(cpu_used + size)}+ of pinned RAM for "
-                f"{part} onwards, but the CPU budget is {format_bytes(cpu_budget or 0)}"
+                f"--weights-on cpu needs {format_bytes(pinned_used + size)}+ of pinned RAM for "
+                f"{part} onwards, but the CPU budget is {format_bytes(pinned_budget or 0)}"
             )
         else:
             tiers[part] = "disk"
             streamed += size
             from_disk += size
     return Placement(
-        tiers, gpu_used, buffers, kv_bytes, workspace_bytes, cpu_used, streamed, from_disk
+        tiers,
+        device_used,
+        buffers,
+        kv_bytes,
+        workspace_bytes,
+        pinned_used,
+        streamed,
+        from_disk,
+        memory,
     )
 
 

@@ -64,7 +64,11 @@ class MemoryPlan:
         return weights + kv
 
     def describe(self) -> str:
-        where = "GPU" if self.kv_on == "gpu" else f"pinned RAM ({self.kv_layout}, moved per layer)"
+        where = (
+            self.placement.device_memory
+            if self.kv_on == "gpu"
+            else f"pinned RAM ({self.kv_layout}, moved per layer)"
+        )
         chunks = f", prefill in groups of {self.prefill_rows} rows" if self.prefill_rows else ""
         return (
             f"batch {self.batch_size} rows x {self.max_context} positions{chunks}; KV "
@@ -115,26 +119,21 @@ def plan_memory(
     kv_row = max_context * config.kv_bytes_per_token(element)
     kv_layer_row = max_context * 2 * config.hidden_size * element
     host_row = max_context * kv_bytes_per_token(config, policy.kv_bits, element)
-    on_cpu_device = device.type == "cpu"
-    if on_cpu_device:
-        # RAM is the device memory: the CPU budget bounds what stays resident; no pinned tier,
-        # and the KV cache lives with the compute.
-        budgets = OffloadPolicy(
-            gpu_memory_bytes=policy.cpu_memory_bytes,
-            weights_on="disk" if policy.weights_on == "disk" else "auto",
-            overlap=policy.overlap,
-        )
+    # On a CPU-only machine RAM is the device memory (the CPU budget bounds what stays
+    # resident), there is no pinned tier, and the KV cache lives with the compute.
+    budgets = policy.budgets_on(device.type)
+    if device.type == "cpu":
         kv_choices = ["gpu"]
     else:
-        budgets = policy
         kv_choices = ["gpu", "cpu"] if policy.kv_on == "auto" else [policy.kv_on]
 
     # A compressed store dequantizes each matrix into one scratch buffer on the device. The
     # caching allocator keeps some memory reserved but unused (fragmentation): the workspace
     # counts that slack too, so that the real peak stays under the budget.
     scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
-    gpu = budgets.gpu_memory_bytes
-    scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
+    device_budget = budgets.device_bytes
+    if device_budget is not None:
+        scratch += min(ALLOCATOR_SLACK_BYTES, device_budget // 20)
 
     def attempt(kv_on: str, batch: int, layout: str, group_tokens: int) -> MemoryPlan:
         # A long prefill of a large batch runs in groups of rows: its activations, not the
@@ -148,19 +147,19 @@ def plan_memory(
         )
         group_rows = group if group < batch else 0
         if kv_on == "gpu":
-            placement = plan_placement(
-                parts, budgets, batch * kv_row, work, pinned_tier=not on_cpu_device
-            )
+            placement = plan_placement(parts, policy, batch * kv_row, work, budgets=budgets)
             return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, group_rows)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
-        cpu_budget = policy.cpu_memory_bytes
-        if cpu_budget is not None and host >= cpu_budget:
+        pinned_budget = budgets.pinned_bytes
+        if pinned_budget is not None and host >= pinned_budget:
             raise OffloadError(
                 f"KV in pinned RAM for {batch} rows needs {format_bytes(host)}, over the CPU "
-                f"budget {format_bytes(cpu_budget)}"
+                f"budget {format_bytes(pinned_budget)}"
             )
-        rest = replace(budgets, cpu_memory_bytes=None if cpu_budget is None else cpu_budget - host)
+        rest = replace(
+            budgets, pinned_bytes=None if pinned_budget is None else pinned_budget - host
+        )
         # Compressed KV also needs staging on the device (in and out, two slots each) and
         # room for the temporaries of expanding a group of rows at a time.
         layer_host = batch * host_row // config.num_layers
@@ -170,7 +169,9 @@ def plan_memory(
             staging = 4 * layer_host + 3 * DECODE_BYTES
         else:
             staging = 0
-        placement = plan_placement(parts, rest, 2 * batch * kv_layer_row + staging, work)
+        placement = plan_placement(
+            parts, policy, 2 * batch * kv_layer_row + staging, work, budgets=rest
+        )
         return MemoryPlan(
             batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout
         )

@@ -177,7 +177,7 @@ def generate_file(
     *,
     sampling: SamplingParams,
     max_new_tokens: int,
-    device: torch.device | str,
+    device: torch.device | str | Sequence[torch.device],
     dtype: torch.dtype | None = None,
     batch_size: int | None = None,
     policy: OffloadPolicy | None = None,
@@ -209,7 +209,7 @@ def generate_file(
     rows = read_prompts(input_path)
     store = ModelStore.open(store_path)
     tokenizer = Tokenizer(store.tokenizer_path)
-    devices = resolve_devices(device)
+    devices = resolve_devices(device)  # a list the caller resolved is taken as it is
     dtype = dtype or default_dtype(store, devices[0])
     fingerprint = JobFingerprint.for_job(
         store_manifest_sha256=store.manifest_sha256,
@@ -251,7 +251,7 @@ def generate_file(
         session = stack.enter_context(
             open_session(
                 store,  # opened above for the fingerprint: not opened and checked twice
-                device=",".join(str(each) for each in devices),
+                device=devices,
                 dtype=dtype,
                 policy=policy,
                 batch_size=batch_size,

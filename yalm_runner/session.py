@@ -11,7 +11,7 @@ the engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from yalm_runner.errors import ConfigError
 from yalm_runner.multigpu import MultiEngine
 from yalm_runner.offload import OffloadPolicy, Placement
 from yalm_runner.planning import MemoryPlan, plan_memory
+from yalm_runner.settings import check_setting
 from yalm_runner.streaming import StreamingWeights
 from yalm_runner.tokenizer import Tokenizer
 
@@ -45,23 +46,26 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_devices(names: str | torch.device) -> list[torch.device]:
-    """A device, or several separated by commas (``cuda:0,cuda:1``); ``cuda:all`` is every GPU."""
+def resolve_devices(
+    names: str | torch.device | Sequence[torch.device],
+) -> list[torch.device]:
+    """A device, or several separated by commas (``cuda:0,cuda:1``); ``cuda:all`` is every GPU.
+
+    The spelling is the settings' (``yalm_runner.settings``); this says whether those devices
+    are here. A front end resolves once and hands the list down: a list of ``torch.device`` is
+    taken as already resolved."""
+    if isinstance(names, (list, tuple)):
+        return list(names)
     text = str(names)
+    check_setting("device", text)
     if text == "cuda:all":
         if not torch.cuda.is_available():
             raise ConfigError("cuda:all asked for, but no CUDA device is available")
         return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
-    devices = [resolve_device(name.strip()) for name in text.split(",") if name.strip()]
-    if len(set(devices)) != len(devices):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if len(set(names)) != len(names):
         raise ConfigError(f"a device is named twice in {text!r}")
-    if (
-        len(devices) > 1
-        and any(device.type != "cuda" for device in devices[1:])
-        and (devices[0].type == "cuda")
-    ):
-        raise ConfigError(f"devices {text!r} mix CUDA and the CPU")
-    return devices
+    return [resolve_device(name) for name in names]
 
 
 def default_dtype(store: ModelStore, device: torch.device) -> torch.dtype:
@@ -108,7 +112,7 @@ class GenerationSession:
 def open_session(
     store_path: Path | str | ModelStore,
     *,
-    device: str | torch.device = "auto",
+    device: str | torch.device | Sequence[torch.device] = "auto",
     dtype: torch.dtype | None = None,
     policy: OffloadPolicy | None = None,
     batch_size: int | None = None,
@@ -126,9 +130,9 @@ def open_session(
     (the longest prefill) the activations. When ``batch_size`` is None the planner picks the
     batch (at most ``rows``) that the budgets make fastest. Over-budget plans raise
     ``OffloadError`` with the numbers before anything is loaded. ``device`` may name several
-    GPUs (``cuda:0,cuda:1``): each gets the budgets, they share one pinned copy of the weights,
-    and batches alternate between them (``multigpu``). A caller that already loaded the
-    store's ``tokenizer`` passes it.
+    GPUs (``cuda:0,cuda:1``, or be the list ``resolve_devices`` made of that): each gets the
+    budgets, they share one pinned copy of the weights, and batches alternate between them
+    (``multigpu``). A caller that already loaded the store's ``tokenizer`` passes it.
     """
     store = store_path if isinstance(store_path, ModelStore) else ModelStore.open(Path(store_path))
     devices = resolve_devices(device)

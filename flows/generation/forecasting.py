@@ -102,37 +102,6 @@ class GenerateReport:
         }
 
 
-def _sampling_params(sampling: dict):
-    from yalm_runner.config import SamplingParams
-
-    return SamplingParams(
-        greedy=bool(sampling.get("greedy", False)),
-        temperature=float(sampling.get("temperature", 1.0)),
-        top_k=int(sampling.get("top_k", 0)),
-        top_p=float(sampling.get("top_p", 0.9)),
-        seed=int(sampling.get("seed", 1234)),
-    )
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
-
-
-def _policy(config: PipelineConfig):
-    from yalm_runner.offload import OffloadPolicy, parse_bytes
-
-    settings = config.generation
-    return OffloadPolicy(
-        gpu_memory_bytes=parse_bytes(settings.gpu_memory) if settings.gpu_memory else None,
-        cpu_memory_bytes=parse_bytes(settings.cpu_memory) if settings.cpu_memory else None,
-        weights_on=settings.weights_on,
-        kv_on=settings.kv_on,
-        kv_bits=settings.kv_bits,
-    )
-
-
 def default_worker_id(config: PipelineConfig) -> str:
     """This host and device (``gpu-host-1:cuda:0``): a re-run here takes back its own claims."""
     return f"{socket.gethostname()}:{config.generation.device}"
@@ -199,11 +168,10 @@ def generate_pending(
 def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_progress) -> None:
     from yalm_runner.generation import GenerationJob, JobRow
     from yalm_runner.session import open_session
+    from yalm_runner.settings import sampling_params
 
     rows = [
-        JobRow(
-            prompt.key, prompt.text, prompt.max_new_tokens, _sampling_params(dict(prompt.sampling))
-        )
+        JobRow(prompt.key, prompt.text, prompt.max_new_tokens, sampling_params(prompt.sampling))
         for prompt in prompts
     ]
     job = GenerationJob(rows, tokenizer, model.config)
@@ -217,8 +185,8 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
         with open_session(
             model,  # the store opened above, not opened and checked again
             device=settings.device,
-            dtype=_torch_dtype(settings.dtype),
-            policy=_policy(config),
+            dtype=settings.torch_dtype(),
+            policy=settings.offload_policy(),
             batch_size=settings.batch_size,
             max_context=job.max_context,
             rows=len(job),  # a plan for 13 prompts is not a plan for 512

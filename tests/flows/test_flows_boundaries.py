@@ -1,7 +1,10 @@
 """The pipeline's library modules stay plain: no model, no torch, no Prefect inside them.
 
-Only the glue may reach out: the command line and the generation job to the model runner (the
-job through the session and the runner's job core only), and the flow module (alone) to Prefect.
+Only the glue may reach out: the command line and the generation job to the model runner,
+and the flow module (alone) to Prefect. One exception, by design: the config module imports
+``yalm_runner.settings`` (and nothing else of the runner), because the YAML's ``generation:``
+section is the runner's settings, defined once for both front ends; that module is pure Python
+and pydantic (no torch, no model), and a test below keeps it so.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ GLUE = {
     "generation/model.py": {"yalm_runner"},
     "pipeline.py": {"yalm_runner", "prefect"},
 }
+# Library modules that may import exactly these runner modules (not the whole runner).
+RUNNER_MODULES = {"config.py": {"yalm_runner.settings"}}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -35,7 +40,8 @@ def test_library_modules_import_no_model_torch_or_prefect():
     offenders = []
     for path in sorted(FLOWS.rglob("*.py")):
         allowed = GLUE.get(str(path.relative_to(FLOWS)), set())
-        for name in imported_modules(path):
+        light = RUNNER_MODULES.get(str(path.relative_to(FLOWS)), set())
+        for name in imported_modules(path) - light:
             if name.split(".")[0] in FORBIDDEN and name.split(".")[0] not in allowed:
                 offenders.append(f"{path.relative_to(FLOWS)} imports {name}")
     assert offenders == []
@@ -66,3 +72,18 @@ def test_every_module_opens_with_a_docstring():
         if ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) is None
     ]
     assert missing == []
+
+
+def test_the_settings_module_the_config_imports_loads_no_torch_or_engine():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, flows.config; "
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in "
+        "('torch', 'prefect') or name.startswith('yalm_runner.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "['yalm_runner.errors', 'yalm_runner.settings']"

@@ -130,18 +130,24 @@ def test_an_interrupt_keeps_the_rows_in_flight_and_a_rerun_finishes_them(job):
 
 
 def test_offload_settings_reach_the_runner(tmp_path, tiny_store):
-    from flows.generation.forecasting import _policy
-
     texts = []
-    offload = {"kv_bits": 4, "kv_on": "auto", "weights_on": "disk"}
+    offload = {
+        "kv_bits": 4,
+        "kv_on": "auto",
+        "weights_on": "disk",
+        "kv_layout": "slots",
+        "overlap": False,
+        "dtype": "float32",  # the long spelling, still read
+    }
     for name, extra in (("offload", offload), ("plain", {})):
         folder = tmp_path / name
         folder.mkdir()
         generation = {"device": "cpu", **extra}
         config = load_config(write_config(folder, model=str(tiny_store), generation=generation))
         if extra:
-            policy = _policy(config)
+            policy = config.generation.offload_policy()
             assert (policy.kv_bits, policy.kv_on, policy.weights_on) == (4, "auto", "disk")
+            assert (policy.kv_layout, policy.overlap) == ("slots", False)
         # On the CPU the KV cache stays with the compute (nothing to compress) and every layer
         # is read from the store's files each step: the forecasts are the plain run's.
         with open_store(config.database_url) as store:

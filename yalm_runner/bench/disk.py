@@ -125,8 +125,9 @@ def measure_disk_tier(
     before each) of the streaming source's schedule, in bytes read from disk per second."""
     device = torch.device(device)
     cuda = device.type == "cuda"
+    policy = OffloadPolicy(weights_on="disk")
     placement = plan_placement(
-        part_bytes_in(store, dtype), OffloadPolicy(weights_on="disk"), pinned_tier=cuda
+        part_bytes_in(store, dtype), policy, budgets=policy.budgets_on(device.type)
     )
     layer_files = [store.parts[f"layer_{idx}"].path for idx in range(store.config.num_layers)]
     best = None
