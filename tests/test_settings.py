@@ -17,6 +17,7 @@ import yaml
 from flows.config import load_config
 from flows.errors import PipelineConfigError
 from yalm_runner import cli
+from yalm_runner.config import SamplingParams
 from yalm_runner.errors import ConfigError
 from yalm_runner.offload import OffloadPolicy
 from yalm_runner.settings import (
@@ -24,7 +25,6 @@ from yalm_runner.settings import (
     SamplingSettings,
     flag_of,
     parse_bytes,
-    sampling_params,
 )
 
 
@@ -125,7 +125,7 @@ def test_settings_make_the_engines_records(tmp_path):
     }
     settings = load_config(write_config(tmp_path, generation)).generation
     assert settings.torch_dtype() is torch.float16
-    assert settings.offload_policy() == OffloadPolicy(
+    assert OffloadPolicy.from_settings(settings) == OffloadPolicy(
         gpu_memory_bytes=8 * 2**30,
         cpu_memory_bytes=48 * 2**30,
         weights_on="cpu",
@@ -133,15 +133,17 @@ def test_settings_make_the_engines_records(tmp_path):
         kv_layout="rows",
         overlap=False,
     )
-    params = settings.sampling_params()
+    params = SamplingParams.from_settings(settings)
     assert (params.temperature, params.top_k, params.top_p, params.seed) == (0.5, 40, 0.9, 9)
-    assert sampling_params(settings.sampling()) == params  # as a stored prompt carries it
+    assert (
+        SamplingParams.from_mapping(settings.sampling()) == params
+    )  # as a stored prompt carries it
     assert RunnerSettings().torch_dtype() is None  # auto: the session's choice for the device
 
 
 def test_a_stored_sampling_mapping_is_checked_by_name():
     with pytest.raises(ConfigError, match=r"^sampling\.top_p: must be in \[0, 1\], got 2.0$"):
-        sampling_params({**SamplingSettings().sampling(), "top_p": 2.0})
+        SamplingParams.from_mapping({**SamplingSettings().sampling(), "top_p": 2.0})
 
 
 def test_a_policy_built_in_code_is_refused_with_the_settings_words():
@@ -163,11 +165,11 @@ def test_on_a_cpu_the_ram_budget_is_the_device_memory_not_a_gpu_budget():
 
 
 def test_the_plan_on_a_cpu_speaks_of_ram(tiny_store):
-    from yalm_runner.checkpoint import Store
+    from yalm_runner.checkpoint import ModelStore
     from yalm_runner.errors import OffloadError
     from yalm_runner.planning import plan_memory
 
-    store = Store.open(tiny_store)
+    store = ModelStore.open(tiny_store)
     cpu = torch.device("cpu")
     plan = plan_memory(
         store, cpu, torch.float32, OffloadPolicy(weights_on="disk"), batch_size=2, max_context=32

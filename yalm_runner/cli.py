@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run ours at the planner's batch with the KV cache in pinned RAM at these "
         "widths (a comma list of 16, 8, 4; with --peers, 16 unless given)",
     )
-    _add_settings(bench, ("kv_layout",))
+    _add_settings(bench, ("kv_layout",), kv_layout=None)  # None: not given (refused if idle)
     _add(
         bench,
         "--peer-timeout",
@@ -310,6 +310,8 @@ def _stderr_console():
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from yalm_runner.config import SamplingParams
+    from yalm_runner.offload import OffloadPolicy
     from yalm_runner.runner import GenerationInterrupted, generate_file
     from yalm_runner.session import resolve_devices
 
@@ -325,12 +327,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             args.model,
             args.input,
             args.output,
-            sampling=chosen.sampling_params(),
+            sampling=SamplingParams.from_settings(chosen),
             max_new_tokens=chosen.max_new_tokens,
             device=devices,
             dtype=chosen.torch_dtype(),
             batch_size=chosen.batch_size,
-            policy=chosen.offload_policy(),
+            policy=OffloadPolicy.from_settings(chosen),
             verify=not args.no_verify,
             stop=tuple(args.stop or ()),
             checkpoint_every=chosen.checkpoint_every,
@@ -367,6 +369,7 @@ def _peak_rss_gib() -> float:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from yalm_runner.checkpoint import ModelStore
+    from yalm_runner.offload import OffloadPolicy
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
@@ -380,7 +383,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         store,
         device,
         dtype,
-        chosen.offload_policy(),
+        OffloadPolicy.from_settings(chosen),
         batch_size=chosen.batch_size,
         max_context=min(args.prompt_len + chosen.max_new_tokens, store.config.max_positions),
         prompt_tokens=args.prompt_len,

@@ -8,6 +8,7 @@ from the released checkpoint's tensor shapes by the converter. Validation raises
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,25 @@ class SamplingParams:
         from yalm_runner.settings import SamplingSettings, build
 
         build(SamplingSettings, dataclasses.asdict(self))
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SamplingParams:
+        """The record of checked settings (``yalm_runner.settings.SamplingSettings`` or any
+        settings that extend it)."""
+        return cls(
+            greedy=settings.greedy,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            seed=settings.seed,
+        )
+
+    @classmethod
+    def from_mapping(cls, sampling: Mapping[str, Any]) -> SamplingParams:
+        """A stored prompt's sampling mapping (``settings.SAMPLING_KEYS``), checked."""
+        from yalm_runner.settings import SamplingSettings, build
+
+        return cls.from_settings(build(SamplingSettings, sampling, "sampling"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -81,6 +81,19 @@ class OffloadPolicy:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> OffloadPolicy:
+        """The policy of checked runner settings (``yalm_runner.settings.RunnerSettings``)."""
+        return cls(
+            gpu_memory_bytes=settings.gpu_memory_bytes,
+            cpu_memory_bytes=settings.cpu_memory_bytes,
+            weights_on=settings.weights_on,
+            kv_on=settings.kv_on,
+            kv_bits=settings.kv_bits,
+            kv_layout=settings.kv_layout,
+            overlap=settings.overlap,
+        )
 
     def budgets_on(self, device_type: str) -> MemoryBudgets:
         """The budgets as they apply on a ``cuda`` or ``cpu`` device."""

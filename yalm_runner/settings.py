@@ -40,8 +40,6 @@ from yalm_runner.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from yalm_runner.config import SamplingParams
-    from yalm_runner.offload import OffloadPolicy
 
 ValidationError = _ValidationError  # what a refused value raises; ``explain`` reads it
 
@@ -268,17 +266,6 @@ class SamplingSettings:
         """The sampling settings as the plain mapping a stored prompt carries."""
         return {key: getattr(self, key) for key in SAMPLING_KEYS}
 
-    def sampling_params(self) -> SamplingParams:
-        from yalm_runner.config import SamplingParams
-
-        return SamplingParams(
-            greedy=self.greedy,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
-
 
 @dataclass(frozen=True, config=SETTINGS_CONFIG)
 class RunnerSettings(SamplingSettings):
@@ -309,19 +296,6 @@ class RunnerSettings(SamplingSettings):
     def cpu_memory_bytes(self) -> int | None:
         return None if self.cpu_memory is None else parse_bytes(self.cpu_memory)
 
-    def offload_policy(self) -> OffloadPolicy:
-        from yalm_runner.offload import OffloadPolicy
-
-        return OffloadPolicy(
-            gpu_memory_bytes=self.gpu_memory_bytes,
-            cpu_memory_bytes=self.cpu_memory_bytes,
-            weights_on=self.weights_on,
-            kv_on=self.kv_on,
-            kv_bits=self.kv_bits,
-            kv_layout=self.kv_layout,
-            overlap=self.overlap,
-        )
-
     def torch_dtype(self) -> torch.dtype | None:
         """The compute dtype; None for ``auto`` (the session picks it for the device)."""
         return None if self.dtype == "auto" else torch_dtype(self.dtype)
@@ -345,11 +319,6 @@ def torch_dtype(name: str) -> torch.dtype:
     except KeyError:
         choices = ", ".join(DTYPES)
         raise ConfigError(f"unknown dtype {name!r}; one of {choices} (or long names)") from None
-
-
-def sampling_params(sampling: Mapping[str, Any]) -> SamplingParams:
-    """A stored prompt's sampling mapping (``SAMPLING_KEYS``), checked, as ``SamplingParams``."""
-    return build(SamplingSettings, sampling, "sampling").sampling_params()
 
 
 def field_info(model: type, name: str) -> FieldInfo:

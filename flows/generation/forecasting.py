@@ -166,12 +166,18 @@ def generate_pending(
 
 
 def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_progress) -> None:
+    from yalm_runner.config import SamplingParams
     from yalm_runner.generation import GenerationJob, JobRow
+    from yalm_runner.offload import OffloadPolicy
     from yalm_runner.session import open_session
-    from yalm_runner.settings import sampling_params
 
     rows = [
-        JobRow(prompt.key, prompt.text, prompt.max_new_tokens, sampling_params(prompt.sampling))
+        JobRow(
+            prompt.key,
+            prompt.text,
+            prompt.max_new_tokens,
+            SamplingParams.from_mapping(prompt.sampling),
+        )
         for prompt in prompts
     ]
     job = GenerationJob(rows, tokenizer, model.config)
@@ -186,7 +192,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
             model,  # the store opened above, not opened and checked again
             device=settings.device,
             dtype=settings.torch_dtype(),
-            policy=settings.offload_policy(),
+            policy=OffloadPolicy.from_settings(settings),
             batch_size=settings.batch_size,
             max_context=job.max_context,
             rows=len(job),  # a plan for 13 prompts is not a plan for 512

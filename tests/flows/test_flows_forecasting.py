@@ -21,6 +21,7 @@ from flows.store.generations import (
     save_prompt,
 )
 from yalm_runner.checkpoint import ModelStore
+from yalm_runner.offload import OffloadPolicy
 
 
 def rendered(key: str, text: str, max_new_tokens: int = 8) -> RenderedPrompt:
@@ -145,7 +146,7 @@ def test_offload_settings_reach_the_runner(tmp_path, tiny_store):
         generation = {"device": "cpu", **extra}
         config = load_config(write_config(folder, model=str(tiny_store), generation=generation))
         if extra:
-            policy = config.generation.offload_policy()
+            policy = OffloadPolicy.from_settings(config.generation)
             assert (policy.kv_bits, policy.kv_on, policy.weights_on) == (4, "auto", "disk")
             assert (policy.kv_layout, policy.overlap) == ("slots", False)
         # On the CPU the KV cache stays with the compute (nothing to compress) and every layer
