@@ -38,7 +38,6 @@ from yalm_runner.fsutil import fsync_directory, write_text_atomic
 USER_AGENT = f"yalm-runner/{__version__}"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MISSING_STATUS = frozenset({403, 404, 410})  # S3 answers 403 for a missing key it may not list
-CHUNK_BYTES = 1 << 20
 HASH_CHUNK_BYTES = 8 << 20
 
 
@@ -294,7 +293,8 @@ class Downloader:
                 handle.seek(kept)
                 handle.truncate(kept)
                 try:
-                    for chunk in response.iter_raw(CHUNK_BYTES):
+                    # Unsized: a sized iterator holds back, and on a drop loses, a partial chunk.
+                    for chunk in response.iter_raw():
                         self.disk.write(handle, chunk)
                         digest.update(chunk)
                         received += len(chunk)

@@ -197,7 +197,7 @@ def _estimated_store_bytes(
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 100e6 else f"{nbytes / 1e6:.2f} MB"
 
 
 def _check_space(disk: Disk, needs: list[tuple[Path, int, str]]) -> None:

@@ -9,8 +9,8 @@ with ``fetch --keep-release`` to a second machine on a LAN::
 Each file's ``ETag`` is made of its size and modification time, so a file replaced on disk is
 a new version and an ``If-Range`` naming the old one gets the whole new file. Every request is
 logged (method, path, range asked, status, bytes sent) so tests can prove what was fetched.
-``ranges=False`` plays a server that ignores ``Range``. Subclasses may override ``send_body``
-to misbehave. It knows nothing of releases or tensors: it serves files.
+``ranges=False`` plays a server that ignores ``Range``. Subclasses may override ``locate``
+and ``send_body`` to misbehave. It knows nothing of releases or tensors: it serves files.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import email.utils
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +42,7 @@ class Served:
     status: int
     start: int
     sent_bytes: int
+    etag: str | None = None  # the version the answer named
 
 
 class MirrorServer:
@@ -65,7 +67,7 @@ class MirrorServer:
             def do_GET(self) -> None:
                 mirror._answer(self, head=False)
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd = _QuietServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -97,6 +99,11 @@ class MirrorServer:
                 if entry.method == "GET" and (name is None or entry.path.endswith(name))
             ]
 
+    def locate(self, relative: str) -> Path | None:
+        """The file that answers for ``relative``; None outside the root."""
+        path = (self.root / relative).resolve()
+        return path if path.is_relative_to(self.root) else None
+
     def send_body(self, handler: BaseHTTPRequestHandler, handle: BinaryIO, path: str, count: int):
         """Write ``count`` bytes of ``handle`` (already at the start); returns bytes sent."""
         sent = 0
@@ -110,11 +117,11 @@ class MirrorServer:
 
     def _answer(self, handler: BaseHTTPRequestHandler, *, head: bool) -> None:
         relative = unquote(urlparse(handler.path).path).lstrip("/")
-        path = (self.root / relative).resolve()
+        path = self.locate(relative)
         asked = handler.headers.get("Range")
         if_range = handler.headers.get("If-Range")
         method = "HEAD" if head else "GET"
-        if not path.is_file() or self.root not in path.parents:
+        if path is None or not path.is_file():
             handler.send_response(404)
             handler.send_header("Content-Length", "0")
             handler.end_headers()
@@ -136,7 +143,7 @@ class MirrorServer:
                 handler.send_header("Content-Range", f"bytes */{size}")
                 handler.send_header("Content-Length", "0")
                 handler.end_headers()
-                self.record(Served(method, handler.path, asked, if_range, 416, start, 0))
+                self.record(Served(method, handler.path, asked, if_range, 416, start, 0, etag))
                 return
             status = 206
         handler.send_response(status)
@@ -156,7 +163,17 @@ class MirrorServer:
                 sent = self.send_body(handler, handle, handler.path, end - start)
             if sent < end - start:
                 handler.close_connection = True
-        self.record(Served(method, handler.path, asked, if_range, status, start, sent))
+        self.record(Served(method, handler.path, asked, if_range, status, start, sent, etag))
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that goes away mid-answer (killed, say) is routine, not a traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def main(argv: list[str] | None = None) -> None:
