@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     with MirrorServer(args.root, host=args.host, port=args.port) as server:
-        print(f"serving {args.root} at {server.url}")
+        print(f"serving {args.root} at {server.url}", flush=True)
         threading.Event().wait()
 
 

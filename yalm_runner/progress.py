@@ -86,4 +86,6 @@ class FetchProgress(FetchMonitor):
         )
 
     def _line(self, message: str) -> None:
-        self.console.print(f"yalm-runner fetch: {message}", highlight=False, markup=False)
+        self.console.print(
+            f"yalm-runner fetch: {message}", highlight=False, markup=False, soft_wrap=True
+        )
