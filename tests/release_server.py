@@ -69,8 +69,8 @@ class FaultyMirror(MirrorServer):
 
 
 class FillingDisk(Disk):
-    """Reports ``free_bytes`` free (if given) and fails with ENOSPC once ``budget_bytes`` are
-    written; ``observe`` is called after every chunk written."""
+    """Reports ``free_bytes`` free (if given; a list answers in turn), fails with ENOSPC once
+    ``budget_bytes`` are written, and calls ``observe`` after every chunk written."""
 
     def __init__(self, free_bytes=None, budget_bytes=None, observe=None):
         self.free = free_bytes
@@ -80,6 +80,8 @@ class FillingDisk(Disk):
         self._lock = threading.Lock()
 
     def free_bytes(self, path):
+        if isinstance(self.free, list):  # one answer per question, in turn
+            return self.free.pop(0)
         return super().free_bytes(path) if self.free is None else self.free
 
     def write(self, handle, data):

@@ -262,6 +262,19 @@ def test_a_disk_too_small_is_refused_before_any_download(served, tmp_path):
         assert not server.gets()
 
 
+def test_space_is_checked_again_once_the_shape_is_known(served, tiny_store, tmp_path):
+    disk = FillingDisk(free_bytes=[10**12, 200_000])  # something else filled the drive meanwhile
+    with FaultyMirror(served) as server:
+        with pytest.raises(
+            DownloadError, match=r"needs [\d.]+ MB \([\d.]+ MB store still to write \+"
+        ):
+            fetch(server, tmp_path / "store", disk=disk)
+        progress = json.loads((tmp_path / "store" / PROGRESS_NAME).read_text())
+        assert progress["settings"]["model"]["num_layers"] == 3 and not progress["files"]
+        fetch(server, tmp_path / "store")
+    assert store_files(tmp_path / "store") == store_files(tiny_store)
+
+
 def test_a_disk_that_fills_up_midway_leaves_a_store_that_resumes(served, tiny_store, tmp_path):
     sizes = {name: (served / "tiny" / name).stat().st_size for name in _release_names(served)}
     # One file at a time, in need order: vocab, 00, 03, 01, 04, 05, 07; the disk is full halfway

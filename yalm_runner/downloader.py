@@ -182,7 +182,10 @@ class Downloader:
         """Fetch ``url`` into ``target``, continuing bytes an earlier attempt left."""
         partial = target.with_name(target.name + ".partial")
         sidecar = target.with_name(target.name + ".partial.json")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DownloadError(f"cannot create {target.parent}: {exc.strerror or exc}") from exc
         failures = 0
         while True:
             self._check_cancelled(url)

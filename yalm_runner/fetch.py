@@ -302,7 +302,10 @@ class _FetchJob:
         quantization: Quantization | None,
     ) -> Path:
         num_layers, num_ranks = discover_release(self._exists)
-        self.dst.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dst.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create {self.dst}: {exc.strerror or exc}") from exc
         writer = StoreWriter.resume(self.dst)
         if writer is not None:
             _check_same_options(writer, num_heads, dtype, max_positions, quantization)
