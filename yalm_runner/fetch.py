@@ -291,7 +291,7 @@ class _FetchJob:
             self.remote[name] = found
         return found is not None
 
-    def _size(self, name: str) -> int:
+    def size_of(self, name: str) -> int:
         return self.remote[name].size_bytes or 0
 
     def run(
@@ -334,14 +334,14 @@ class _FetchJob:
             self._remove_leftovers(set(order))
         weights = [name for name in self.remote if name != VOCAB_PATH]
         self.steps = steps
-        self.budget = self.parallel * max(self._size(name) for name in weights)
+        self.budget = self.parallel * max(self.size_of(name) for name in weights)
         self.layout = ReleaseLayout(
             self.release_dir, num_layers, num_ranks, self.release_dir / VOCAB_PATH
         )
         self.check_space(writer, dtype, quantization, pending)
         to_get = [name for name in order if name not in ready]
         kept = sum(_partial_bytes(self.release_dir / name) for name in to_get)
-        self.monitor.planned(len(to_get), sum(map(self._size, to_get)) - kept)
+        self.monitor.planned(len(to_get), sum(map(self.size_of, to_get)) - kept)
         scheduler = _Scheduler(self, order, ready, provenance, self.budget)
         return scheduler.run(pending, writer, num_heads, dtype, max_positions, quantization)
 
@@ -355,9 +355,9 @@ class _FetchJob:
 
     def _raw_allowance(self) -> int:
         if self.keep:
-            return sum(map(self._size, self.remote))
-        step_bytes = max(sum(map(self._size, step.files)) for step in self.steps[:3])
-        return self._size(VOCAB_PATH) + max(self.budget, step_bytes)
+            return sum(map(self.size_of, self.remote))
+        step_bytes = max(sum(map(self.size_of, step.files)) for step in self.steps[:3])
+        return self.size_of(VOCAB_PATH) + max(self.budget, step_bytes)
 
     def check_space(
         self,
@@ -372,12 +372,12 @@ class _FetchJob:
             store = _store_bytes(writer.config, writer.dtype, writer.quantization, left)
             how = "store still to write"
         else:
-            by_part = {step.name: sum(map(self._size, step.files)) for step in steps}
+            by_part = {step.name: sum(map(self.size_of, step.files)) for step in steps}
             store = _estimated_store_bytes(
                 {part: by_part[part] for part in left}, dtype, quantization
             )
             how = "store still to write, estimated from the file sizes"
-        store += self._size(VOCAB_PATH)
+        store += self.size_of(VOCAB_PATH)
         present = sum(
             path.stat().st_size
             for path in self.release_dir.rglob("*")
@@ -433,7 +433,7 @@ class _Scheduler:
         self.job, self.order, self.ready = job, order, set(ready)
         self.provenance, self.budget = provenance, budget
         self.queue = [name for name in order if name not in ready]
-        self.on_disk = {name: job._size(name) for name in ready}
+        self.on_disk = {name: job.size_of(name) for name in ready}
         self.in_flight: dict[Future, str] = {}
         self.damaged: dict[str, int] = {}
 
@@ -485,7 +485,7 @@ class _Scheduler:
         """Start downloads in order while the parallel limit and the disk budget allow."""
         while self.queue and len(self.in_flight) < self.job.parallel:
             name = self.queue[0]
-            size = self.job._size(name)
+            size = self.job.size_of(name)
             if name not in step.files and sum(self.on_disk.values()) + size > self.budget:
                 return
             self.queue.pop(0)
