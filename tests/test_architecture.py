@@ -84,6 +84,13 @@ FORBIDDEN = {
     "quality": {"kvcache"},
     # The shipped tokenizer file and its checksum: no encoding, no stores.
     "vocab": {"tokenizer", "checkpoint", "model", "engine", "release", "convert", "cli"},
+    # fetch: HTTP and files below, the release's layout beside, conversion above; only fetch
+    # puts them together.
+    "downloader": {"release", "checkpoint", "convert", "tensorfile", "model", "quant", "fetch"},
+    "mirror": {"release", "checkpoint", "convert", "tensorfile", "model", "downloader", "fetch"},
+    "release": {"downloader", "fetch", "mirror", "checkpoint", "convert"},
+    "convert": {"downloader", "fetch", "mirror"},
+    "fetch": {"mirror", "cli", "progress"},
 }
 
 
@@ -180,6 +187,13 @@ def test_module_does_not_import_what_it_must_not_know(module):
     imports = imported_modules(path if path.exists() else PACKAGE / module / "__init__.py")
     bad = {name for name in FORBIDDEN[module] if f"yalm_runner.{name}" in imports}
     assert not bad, f"yalm_runner.{module} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", ["downloader", "mirror"])
+def test_the_transport_knows_no_tensors(module):
+    assert "torch" not in {
+        name.split(".")[0] for name in imported_modules(PACKAGE / f"{module}.py")
+    }
 
 
 def test_the_runner_never_imports_the_pipeline():

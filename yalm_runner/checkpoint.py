@@ -14,7 +14,11 @@ linear matrices as ``X.weight.q`` plus ``X.weight.scale`` (and ``X.weight.zero``
 ``read_part`` returns them as stored. Uncompressed stores are still
 written as version 1, so older readers keep reading them; both versions open here.
 
-The manifest is written last, so a store without one is incomplete. Opening a store checks
+The manifest is written last, so a store without one is incomplete. Until then ``progress.json``
+records the settings and each part as it is finished (rewritten atomically after every part), so
+an interrupted conversion resumes: a writer opened on the same folder with the same settings
+keeps the parts already written whose files are intact, and the finished manifest equals the one
+an uninterrupted run writes. Opening a store checks
 everything that is cheap (manifest, file presence, sizes, headers, names, shapes, dtypes);
 reading a part also checks each tensor's sha256. Every failure is a ``CheckpointError`` naming
 the file and tensor at fault. This module knows the model's part names and shapes (from
@@ -34,7 +38,7 @@ import torch
 
 from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError, ConfigError
-from yalm_runner.fsutil import sha256_file, write_text_atomic
+from yalm_runner.fsutil import fsync_directory, sha256_file, write_text_atomic
 from yalm_runner.model import expected_shapes
 from yalm_runner.quant import QUANTIZED_MATRICES, Quantization
 from yalm_runner.tensorfile import (
@@ -52,6 +56,8 @@ FORMAT_NAME = "yalm-store"
 FORMAT_VERSION = 2  # 2 added compressed stores; the version written is the lowest that reads it
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "progress.json"
+PROGRESS_FORMAT = "yalm-store-progress"
 TOKENIZER_NAME = "tokenizer.sp"
 
 
@@ -116,6 +122,63 @@ class StoreWriter:
             (self.path / "layers").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+        recorded = _read_progress(self.path)
+        if recorded is not None:
+            theirs, ours = recorded["settings"], self._settings()
+            if theirs != ours:
+                differ = "; ".join(
+                    f"{key} {theirs.get(key)} there, {ours[key]} now"
+                    for key in ours
+                    if theirs.get(key) != ours[key]
+                )
+                raise CheckpointError(
+                    f"{self.path} holds an interrupted conversion with other settings "
+                    f"({differ}); re-run with the same settings or remove it"
+                )
+            self._files = {
+                part: entry
+                for part, entry in recorded["files"].items()
+                if _part_file_intact(self.path, entry)
+            }
+        self._record_progress()
+
+    @classmethod
+    def resume(cls, path: Path) -> StoreWriter | None:
+        """The writer of an interrupted conversion at ``path``, its settings as recorded."""
+        recorded = _read_progress(Path(path))
+        if recorded is None:
+            return None
+        settings = recorded["settings"]
+        try:
+            config = ModelConfig.from_dict(settings["model"])
+            quantization = (
+                Quantization.from_dict(settings["quantization"])
+                if settings["quantization"]
+                else None
+            )
+            dtype = DTYPES_BY_NAME[settings["dtype"]]
+        except (ConfigError, KeyError) as exc:
+            raise CheckpointError(f"{Path(path) / PROGRESS_NAME}: malformed ({exc})") from exc
+        return cls(Path(path), config, dtype, settings["source"], quantization)
+
+    @property
+    def parts_written(self) -> set[str]:
+        return set(self._files)
+
+    def _settings(self) -> dict[str, Any]:
+        settings = {
+            "model": self.config.to_dict(),
+            "dtype": DTYPE_NAMES[self.dtype],
+            "quantization": self.quantization.to_dict() if self.quantization else None,
+            "source": self.source,
+        }
+        return json.loads(json.dumps(settings))  # as it reads back from the file
+
+    def _record_progress(self) -> None:
+        progress = {"format": PROGRESS_FORMAT, "settings": self._settings(), "files": self._files}
+        write_text_atomic(
+            self.path / PROGRESS_NAME, json.dumps(progress, indent=1) + "\n", CheckpointError
+        )
 
     def write_part(
         self, part: str, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor]
@@ -150,6 +213,7 @@ class StoreWriter:
                 for record in records
             ],
         }
+        self._record_progress()
         return self._files[part]["bytes"]
 
     def finish(self, tokenizer_path: Path) -> Path:
@@ -174,7 +238,47 @@ class StoreWriter:
         write_text_atomic(
             self.path / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n", CheckpointError
         )
+        (self.path / PROGRESS_NAME).unlink(missing_ok=True)
+        fsync_directory(self.path)
         return self.path / MANIFEST_NAME
+
+
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    progress_path = path / PROGRESS_NAME
+    if not progress_path.is_file():
+        return None
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        if progress.get("format") != PROGRESS_FORMAT:
+            raise CheckpointError(f"{progress_path}: not a {PROGRESS_FORMAT} file")
+        if not isinstance(progress["settings"], dict) or not isinstance(progress["files"], dict):
+            raise TypeError("settings and files must be mappings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{progress_path}: malformed ({exc!r}); remove it to start over"
+        ) from exc
+    return progress
+
+
+def _part_file_intact(store_path: Path, entry: dict[str, Any]) -> bool:
+    """Does a recorded part's file still hold what was recorded (size and header)?
+
+    Each part file is fsynced and renamed into place before it is recorded, so this cheap check
+    catches a file removed or replaced since; the tensors' sha256 are checked when read.
+    """
+    file_path = store_path / entry["file"]
+    try:
+        if file_path.stat().st_size != entry["bytes"]:
+            return False
+        layout = read_layout(file_path)
+    except (OSError, CheckpointError):
+        return False
+    on_disk = {(r.name, r.shape, DTYPE_NAMES[r.dtype], r.begin, r.end) for r in layout.records}
+    recorded = {
+        (t["name"], tuple(t["shape"]), t["dtype"], t["offset"], t["offset"] + t["nbytes"])
+        for t in entry["tensors"]
+    }
+    return on_disk == recorded
 
 
 class ModelStore:

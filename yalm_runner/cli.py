@@ -21,6 +21,8 @@ from yalm_runner.errors import YalmError
 EXAMPLES = {
     "convert": "example: yalm-runner convert yalm100b_checkpoint/ yalm100b-int4/ --quantize int4 "
     "  (or --dtype bf16 for a 16-bit store)",
+    "fetch": "example: yalm-runner fetch yalm100b-int4/ --quantize int4   (after any interruption, "
+    "run the same command again to continue)",
     "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
     "-n 64 --stop $'\\n'   (after a crash, run the same command again to resume)",
     "inspect": "example: yalm-runner inspect store/",
@@ -129,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="compress the layers' matrices: int8 per output channel or 4-bit groups",
     )
     _add(convert, "--group-size", type=int, default=64, help="inputs per 4-bit group (int4)")
+
+    fetch = command(
+        "fetch",
+        "Download the release and convert it into a store part by part, deleting each raw file "
+        "once converted (disk: the store plus about two release files). Resumable.",
+    )
+    fetch.add_argument("dst", type=Path, help="store folder to create (or to continue)")
+    _add(fetch, "--source", default=None, help="release URL or mirror (default: Yandex's own)")
+    for action in convert._actions:
+        if action.dest in {"num_heads", "dtype", "max_positions", "quantize", "group_size"}:
+            fetch._add_action(action)
+    _add(fetch, "--keep-release", type=Path, metavar="DIR", help="keep the raw release files here")
+    _add(fetch, "--parallel", type=int, default=2, help="files downloading at once")
 
     generate = command("generate", "Continue the prefixes of a JSONL file.")
     _add(generate, "-m", "--model", type=Path, required=True, help="store folder")
@@ -303,6 +318,35 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from yalm_runner.convert import parse_dtype
+    from yalm_runner.fetch import fetch_release
+    from yalm_runner.quant import Quantization
+    from yalm_runner.release import PUBLIC_URL
+
+    with _fetch_monitor() as monitor:
+        manifest = fetch_release(
+            args.dst,
+            source=args.source or PUBLIC_URL,
+            num_heads=args.num_heads,
+            dtype=parse_dtype(args.dtype) if args.dtype else None,
+            max_positions=args.max_positions,
+            quantization=Quantization(args.quantize, args.group_size) if args.quantize else None,
+            keep_release=args.keep_release,
+            parallel=args.parallel,
+            monitor=monitor,
+        )
+    print(manifest.parent)
+    return 0
+
+
+def _fetch_monitor():
+    """A progress bar (bytes, rate, ETA) on a terminal, plain lines otherwise."""
+    from yalm_runner.progress import FetchProgress
+
+    return FetchProgress(_stderr_console())
+
+
 def _stderr_console():
     from rich.console import Console
 
@@ -456,6 +500,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "convert": _cmd_convert,
+    "fetch": _cmd_fetch,
     "generate": _cmd_generate,
     "inspect": _cmd_inspect,
     "make-tiny": _cmd_make_tiny,

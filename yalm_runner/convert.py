@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,6 +173,63 @@ def _checked_cast(
     return tensor.to(dtype)
 
 
+def release_dtype(layout: ReleaseLayout) -> torch.dtype:
+    """The dtype the release stores its weights in (the word embedding's)."""
+    first, _ = _load_slot(layout, 0)
+    return first["word_embeddings.weight"][0].dtype
+
+
+def release_source(name: str, layout: ReleaseLayout, num_heads: int) -> dict[str, Any]:
+    """The manifest's record of where a store came from (part of the model's identity)."""
+    return {
+        "kind": "yalm-release",
+        "path": name,
+        "tensor_parallel_ranks": layout.num_ranks,
+        "num_heads_given": num_heads,
+    }
+
+
+def convert_part(
+    writer: StoreWriter,
+    layout: ReleaseLayout,
+    part: str,
+    quantization: Quantization | None,
+) -> int:
+    """Convert one part from its release files into ``writer``'s store; returns its bytes."""
+    config, dtype = writer.config, writer.dtype
+    shards: dict[str, list[torch.Tensor]] = {}
+    origin: dict[str, Path] = {}
+    for slot in slots_for_parts(config.num_layers)[part]:
+        slot_shards, path = _load_slot(layout, slot)
+        for name, tensors in slot_shards.items():
+            if name in shards:
+                raise CheckpointError(f"{path}: tensor {name} appears twice in part {part}")
+            shards[name] = tensors
+            origin[name] = path
+    specs = _stored_specs(config, part, shards, dtype, quantization)
+    pending: dict[str, torch.Tensor] = {}
+
+    def produce(spec: TensorSpec) -> torch.Tensor:
+        if spec.name in pending:
+            return pending.pop(spec.name)
+        matrix = matrix_of(spec.name)
+        name = spec.name if matrix is None else matrix
+        # Pop each tensor's shards so its memory is released once it has been written.
+        merged = merge_shards(name, shards.pop(name), origin[name])
+        if matrix is None:
+            return _checked_cast(merged, dtype, name, origin[name])
+        assert quantization is not None
+        _check_finite(merged, name, origin[name])
+        pending.update(quantize_matrix(name, merged, quantization))
+        return pending.pop(spec.name)
+
+    try:
+        return writer.write_part(part, specs, produce)
+    except CheckpointError as exc:
+        sources = sorted({str(path) for path in origin.values()})
+        raise CheckpointError(f"{exc} (from {', '.join(sources)})") from exc
+
+
 def convert_release(
     src: str | Path,
     dst: str | Path,
@@ -184,64 +242,27 @@ def convert_release(
 ) -> Path:
     """Convert the release folder ``src`` into a store at ``dst``; returns the manifest path.
 
-    ``dtype`` None keeps the release's own dtype (for everything not compressed).
+    ``dtype`` None keeps the release's own dtype (for everything not compressed). An
+    interrupted conversion into ``dst`` resumes: the parts it finished are kept as they are.
     """
     layout = scan_release(src)
     config = infer_config(layout, num_heads, max_positions)
     if dtype is None:
-        first, _ = _load_slot(layout, 0)
-        dtype = first["word_embeddings.weight"][0].dtype
-        del first
+        dtype = release_dtype(layout)
     if not dtype.is_floating_point:
         raise ConfigError(f"store dtype must be floating point, got {dtype}")
     writer = StoreWriter(
         Path(dst),
         config,
         dtype,
-        source={
-            "kind": "yalm-release",
-            "path": Path(src).name,
-            "tensor_parallel_ranks": layout.num_ranks,
-            "num_heads_given": num_heads,
-        },
+        source=release_source(Path(src).name, layout, num_heads),
         quantization=quantization,
     )
-    slots = slots_for_parts(config.num_layers)
     parts = part_names(config)
     for index, part in enumerate(parts):
-        shards: dict[str, list[torch.Tensor]] = {}
-        origin: dict[str, Path] = {}
-        for slot in slots[part]:
-            slot_shards, path = _load_slot(layout, slot)
-            for name, tensors in slot_shards.items():
-                if name in shards:
-                    raise CheckpointError(f"{path}: tensor {name} appears twice in part {part}")
-                shards[name] = tensors
-                origin[name] = path
-        specs = _stored_specs(config, part, shards, dtype, quantization)
-        pending: dict[str, torch.Tensor] = {}
-
-        def produce(
-            spec: TensorSpec, shards=shards, origin=origin, pending=pending
-        ) -> torch.Tensor:
-            if spec.name in pending:
-                return pending.pop(spec.name)
-            matrix = matrix_of(spec.name)
-            name = spec.name if matrix is None else matrix
-            # Pop each tensor's shards so its memory is released once it has been written.
-            merged = merge_shards(name, shards.pop(name), origin[name])
-            if matrix is None:
-                return _checked_cast(merged, dtype, name, origin[name])
-            assert quantization is not None
-            _check_finite(merged, name, origin[name])
-            pending.update(quantize_matrix(name, merged, quantization))
-            return pending.pop(spec.name)
-
-        try:
-            bytes_written = writer.write_part(part, specs, produce)
-        except CheckpointError as exc:
-            sources = sorted({str(path) for path in origin.values()})
-            raise CheckpointError(f"{exc} (from {', '.join(sources)})") from exc
+        if part in writer.parts_written:
+            continue
+        bytes_written = convert_part(writer, layout, part, quantization)
         if on_part is not None:
             on_part(PartProgress(part, index, len(parts), bytes_written))
     return writer.finish(layout.vocab_path)

@@ -18,6 +18,10 @@ class CheckpointError(YalmError):
     """A checkpoint (released or our store) is missing, malformed, truncated or corrupt."""
 
 
+class DownloadError(YalmError):
+    """A file cannot be downloaded: the server, the network, or the local disk refused."""
+
+
 class OffloadError(YalmError):
     """The memory budgets cannot hold what the engine must place."""
 

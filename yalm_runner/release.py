@@ -7,24 +7,34 @@ slots XX; tensor-parallel rank RR) and ``vocab/voc_100b.sp``. Slot 00 holds the 
 01 the projector's LayerNorm, 03..L+2 the transformer layers, L+4 the head; 02 and L+3 do not
 exist. Every file is a flat dict of module-relative tensor names.
 
-This module is a table of those facts plus the rules that merge tensor-parallel shards; it does
-not decide dtypes or write our store.
+This module is a table of those facts plus the rules that merge tensor-parallel shards and check
+one release file against the table; it does not decide dtypes, write our store, or know how the
+files arrive (``fetch`` and ``downloader`` do).
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from yalm_runner.config import ModelConfig
 from yalm_runner.errors import CheckpointError
+from yalm_runner.model import expected_shapes
 
 WEIGHTS_DIR = "weights"
 VOCAB_DIR = "vocab"
 VOCAB_NAME = "voc_100b.sp"
 FILE_PATTERN = re.compile(r"^layer_(\d\d)-model_(\d\d)-model_states\.pt$")
+# Where the original repository's download/download.sh takes the release from, and the folder
+# it puts it in.
+PUBLIC_URL = "https://yalm-100b.s3.yandex.net/"
+DEFAULT_FOLDER_NAME = "yalm100b_checkpoint"
+FIRST_LAYER_SLOT = 3
 
 # Tensor-parallel split dimension per tensor name; names absent here are replicated
 # (docs/yalm.md §Tensor-parallel shards).
@@ -45,6 +55,14 @@ SPLIT_DIMS = {
 
 def release_file_name(slot: int, rank: int = 0) -> str:
     return f"layer_{slot:02d}-model_{rank:02d}-model_states.pt"
+
+
+def release_path(slot: int, rank: int = 0) -> str:
+    """A weights file's path relative to the release folder (and to its URL)."""
+    return f"{WEIGHTS_DIR}/{release_file_name(slot, rank)}"
+
+
+VOCAB_PATH = f"{VOCAB_DIR}/{VOCAB_NAME}"
 
 
 def slots_for_parts(num_layers: int) -> dict[str, list[int]]:
@@ -69,6 +87,55 @@ class ReleaseLayout:
             self.root / WEIGHTS_DIR / release_file_name(slot, rank)
             for rank in range(self.num_ranks)
         ]
+
+
+def slot_shapes(config: ModelConfig, slot: int, num_ranks: int = 1) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in one rank's file of ``slot`` (a shard when split)."""
+    if slot in (0, 1):
+        full = expected_shapes(config, "embedding")
+        names = ["word_embeddings.weight"] if slot == 0 else list(full)[1:]
+        full = {name: full[name] for name in names}
+    elif slot == config.num_layers + 4:
+        full = expected_shapes(config, "head")
+    elif FIRST_LAYER_SLOT <= slot < config.num_layers + FIRST_LAYER_SLOT:
+        full = expected_shapes(config, f"layer_{slot - FIRST_LAYER_SLOT}")
+    else:
+        raise CheckpointError(
+            f"slot {slot:02d} holds no tensors in a {config.num_layers}-layer release"
+        )
+    shards = {}
+    for name, shape in full.items():
+        dim = SPLIT_DIMS.get(name)
+        if dim is not None and num_ranks > 1:
+            shape = (*shape[:dim], shape[dim] // num_ranks, *shape[dim + 1 :])
+        shards[name] = shape
+    return shards
+
+
+def discover_release(exists: Callable[[str], bool]) -> tuple[int, int]:
+    """(layers, tensor-parallel ranks) of a release seen only through ``exists(relative path)``.
+
+    Reads the layout as ``scan_release`` does: layer files from slot 03 up to the first missing
+    slot N = L + 3, the head at N + 1; ranks from 00 up to the first missing one in slot 00.
+    """
+    for path in (VOCAB_PATH, release_path(0), release_path(1)):
+        if not exists(path):
+            raise CheckpointError(f"not a YaLM release: {path} is missing")
+    slot = FIRST_LAYER_SLOT
+    while exists(release_path(slot)):
+        slot += 1
+    num_layers = slot - FIRST_LAYER_SLOT
+    if num_layers < 1:
+        raise CheckpointError(f"not a YaLM release: {release_path(FIRST_LAYER_SLOT)} is missing")
+    if not exists(release_path(slot + 1)):
+        raise CheckpointError(
+            f"{release_path(slot + 1)} is missing: after {num_layers} layers "
+            f"(the first missing slot is {slot:02d}) the head must follow"
+        )
+    num_ranks = 1
+    while exists(release_path(0, num_ranks)):
+        num_ranks += 1
+    return num_layers, num_ranks
 
 
 def scan_release(root: str | Path) -> ReleaseLayout:
@@ -129,6 +196,61 @@ def load_release_file(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise CheckpointError(f"{path}: expected a flat dict of tensors")
     return data
+
+
+def check_release_file(path: Path, expected: dict[str, tuple[int, ...]] | set[str]) -> None:
+    """Is ``path`` a whole torch zip checkpoint holding the tensors ``expected``?
+
+    ``expected`` maps names to shapes, or is a set of names when the shapes are not known yet.
+    Every zip member's CRC is checked (a damaged or truncated download fails here), then the
+    tensors' names and shapes. Raises ``CheckpointError`` naming the file and what is wrong.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"missing file {path}") from exc
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a whole torch zip checkpoint ({exc})") from exc
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged (checksum mismatch in {damaged})")
+    tensors = load_release_file(path)
+    names = set(expected)
+    if set(tensors) != names:
+        raise CheckpointError(
+            f"{path}: missing tensors {sorted(names - set(tensors))}, "
+            f"extra tensors {sorted(set(tensors) - names)}"
+        )
+    if isinstance(expected, dict):
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                    f"expected {shape}"
+                )
+
+
+def check_vocab(path: Path) -> None:
+    """Is ``path`` a SentencePiece model that loads? Raises ``CheckpointError`` naming it."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a SentencePiece model ({exc})") from exc
+
+
+def slot_names(slot: int, num_layers: int) -> set[str]:
+    """The tensor names of ``slot``, which do not depend on the model's sizes."""
+    probe = ModelConfig(
+        vocab_size=2,
+        embedding_size=2,
+        hidden_size=2,
+        num_layers=num_layers,
+        num_heads=1,
+        ffn_size=2,
+    )
+    return set(slot_shapes(probe, slot))
 
 
 def merge_shards(name: str, shards: list[torch.Tensor], source: Path) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""A ``yalm-runner`` process that SIGKILLs itself at a chosen moment (for the kill tests).
+
+Usage: ``python runner_kill_child.py MOMENT ARGS...`` runs ``yalm-runner ARGS...`` and sends
+itself SIGKILL when MOMENT comes; nothing gets to clean up, exactly as when the machine loses
+power or the OOM killer strikes. The moment is placed by wrapping the function that marks it,
+so the kill lands where the test says by construction, not by timing:
+
+- ``download:NAME:BYTES``  once exactly BYTES of release file NAME are written
+- ``recorded:NAME``        right after NAME is recorded as downloaded and checked
+- ``converting:PART``      after the first tensor of store part PART is written (mid-file)
+- ``converted:PART``       right after PART is recorded in the store's progress
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from yalm_runner import checkpoint, downloader, fetch
+from yalm_runner.cli import main
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+kind, _, what = sys.argv[1].partition(":")
+
+if kind == "download":
+    name, limit = what.rsplit(":", 1)
+    plain_write = downloader.Disk.write
+    written: dict[str, int] = {}
+
+    def write_then_die(self, handle, data):
+        if not handle.name.endswith(name + ".partial"):
+            return plain_write(self, handle, data)
+        room = int(limit) - written.get(name, 0)
+        plain_write(self, handle, data[:room])
+        written[name] = written.get(name, 0) + min(room, len(data))
+        if written[name] >= int(limit):
+            handle.flush()
+            die()
+
+    downloader.Disk.write = write_then_die
+elif kind == "recorded":
+    plain_record = fetch._write_provenance
+
+    def record_then_die(dst, source, files):
+        plain_record(dst, source, files)
+        if what in files:
+            die()
+
+    fetch._write_provenance = record_then_die
+elif kind in ("converting", "converted"):
+    plain_write_file = checkpoint.write_tensor_file
+    plain_progress = checkpoint.StoreWriter._record_progress
+
+    def write_file_then_die(path, specs, produce, metadata=None):
+        if kind == "converting" and (metadata or {}).get("part") == what:
+
+            def produce_then_die(spec, calls=[]):  # noqa: B006 (a counter across calls)
+                calls.append(spec)
+                if len(calls) == 2:
+                    die()
+                return produce(spec)
+
+            return plain_write_file(path, specs, produce_then_die, metadata)
+        return plain_write_file(path, specs, produce, metadata)
+
+    def progress_then_die(self):
+        plain_progress(self)
+        if kind == "converted" and what in self.parts_written:
+            die()
+
+    checkpoint.write_tensor_file = write_file_then_die
+    checkpoint.StoreWriter._record_progress = progress_then_die
+else:
+    raise SystemExit(f"unknown moment {sys.argv[1]!r}")
+
+sys.exit(main(sys.argv[2:]))
