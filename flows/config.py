@@ -9,6 +9,7 @@ open databases or load templates; it only checks that the template files it name
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from collections.abc import Mapping
@@ -60,6 +61,7 @@ class FeedConfig:
     max_bytes: int = 5_000_000
     retries: int = 2
     backoff_s: float = 1.0
+    encoding: str | None = None  # read the bytes as this, whatever the feed declares
 
 
 @dataclass(frozen=True)
@@ -308,10 +310,24 @@ def _feeds(entries: list[tuple[str, Any]], defaults: dict[str, Any]) -> tuple[Fe
                 max_bytes=section.integer("max_bytes", defaults["max_bytes"], minimum=1),
                 retries=section.integer("retries", defaults["retries"]),
                 backoff_s=section.number("backoff_s", defaults["backoff_s"]),
+                encoding=_encoding(section),
             )
         )
         section.finish()
     return tuple(feeds)
+
+
+def _encoding(section: _Section) -> str | None:
+    value = section.text("encoding")
+    if value is not None:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise PipelineConfigError(
+                f"{section.key('encoding')}: unknown encoding {value!r} "
+                "(e.g. windows-1251, koi8-r, utf-8)"
+            ) from None
+    return value
 
 
 def _watchlist(entries: list[tuple[str, Any]]) -> tuple[WatchlistEntry, ...]:
