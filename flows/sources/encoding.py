@@ -70,7 +70,7 @@ MIN_LETTERS_FOR_VOWELS = 12
 _LOG_IMPLAUSIBLE_VOWELS = math.log(0.05)
 # Hebrew or Greek read as KOI8-R comes out all in capitals; a Russian feed rarely is.
 MIN_LETTERS_FOR_CAPITALS = 20
-MAX_CAPITAL_SHARE = 0.7
+MAX_CAPITALS = 0.7  # a share of the letters
 _LOG_ALL_CAPITALS = math.log(0.1)
 # Real Russian scores -2.6 to -3.3; a wrong Cyrillic reading -4.3 and below. A reading between
 # the two thresholds is taken only when the general detector has no coherent answer.
@@ -157,11 +157,14 @@ def decode_feed(body: bytes, *, content_type: str = "", override: str | None = N
     return DecodedFeed(text, "windows-1252", "detected", declared, problem)
 
 
-def russian_score(text: str) -> float | None:
+def russian_score(text: str, *, capitals_suspect: bool = True) -> float | None:
     """Mean log-likelihood per non-ASCII character of ``text`` read as Russian.
 
-    About -3.2 for real Russian, -6 and below for a wrong single-byte reading; None when the
-    text has fewer than ``MIN_CYRILLIC_LETTERS`` Cyrillic letters to judge by.
+    -2.6 to -3.3 for real Russian, -4.3 and below for a wrong single-byte reading; None when
+    the text has fewer than ``MIN_CYRILLIC_LETTERS`` Cyrillic letters to judge by. With
+    ``capitals_suspect`` a text almost all in capitals scores lower (it is what Hebrew or Greek
+    read as KOI8-R looks like): right when choosing between readings, too harsh when judging the
+    one reading left (a feed of capitalised headlines is rare, not wrong).
     """
     total, counted, letters, vowels, capitals, pairs_llr, pairs = 0.0, 0, 0, 0, 0, 0.0, 0
     previous = " "
@@ -197,7 +200,11 @@ def russian_score(text: str) -> float | None:
     low, high = VOWEL_SHARE_RANGE
     if letters >= MIN_LETTERS_FOR_VOWELS and not low <= vowels / letters <= high:
         score += _LOG_IMPLAUSIBLE_VOWELS
-    if letters >= MIN_LETTERS_FOR_CAPITALS and capitals / letters > MAX_CAPITAL_SHARE:
+    if (
+        capitals_suspect
+        and letters >= MIN_LETTERS_FOR_CAPITALS
+        and capitals > MAX_CAPITALS * letters
+    ):
         score += _LOG_ALL_CAPITALS
     return score
 
@@ -262,7 +269,7 @@ def _judged(text: str, encoding: str, how: str, declared: str | None) -> Decoded
     problem = None
     if not _single_byte(encoding):
         return DecodedFeed(text, encoding, how, declared, None)
-    score = russian_score(text)
+    score = russian_score(text, capitals_suspect=False)
     if score is not None and score < PLAUSIBLE_RUSSIAN:
         problem = f"text read as {encoding} ({how}) is not plausible Cyrillic; check the encoding"
     elif _garbled(text):
@@ -296,7 +303,7 @@ def _single_byte(encoding: str) -> bool:
 
 
 def _is_plausible(text: str) -> bool:
-    score = russian_score(text)
+    score = russian_score(text, capitals_suspect=False)
     if score is not None:
         return score >= PLAUSIBLE_RUSSIAN
     return not _garbled(text)
