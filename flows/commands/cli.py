@@ -200,7 +200,9 @@ def _news(args: argparse.Namespace) -> int:
         rows = list_news(
             store, since=args.since, source=args.source, ticker=args.ticker, limit=args.limit
         )
-    columns = ("published_at", "source", "tickers", "title", "summary", "link", "has_text")
+    columns = ("published_at", "source", "tickers", "title", "summary", "link")
+    if args.format != "table":  # a link-only item shows as an empty title in the table
+        columns += ("has_text", "text_status")
     write_rows(rows, columns, args.format, sys.stdout)
     return EXIT_OK
 
