@@ -88,6 +88,11 @@ class CorpusServer:
             def do_GET(self):
                 path = root / self.path.lstrip("/").split("?")[0]
                 server.requests[self.path] += 1
+                if self.path == "/-/return-304.xml":  # runtests' target of a redirect to a 304
+                    server.not_modified[self.path] += 1
+                    self.send_response(304)
+                    self.end_headers()
+                    return
                 if not path.is_file():
                     self.send_error(404)
                     return
