@@ -83,8 +83,8 @@ MIN_CYRILLIC_LETTERS = 3
 # charset-normalizer's mess ratio of the non-ASCII words: correct text of any script stays near 0,
 # Latin-1 mojibake of Cyrillic, Hebrew or Chinese is 0.5 and above.
 GARBLED_MESS = 0.3
+MIN_NON_ASCII_TO_JUDGE = 8  # fewer odd characters than this are no evidence either way
 CYRILLIC_SINGLE_BYTE = ("windows-1251", "koi8-r")
-# Only these encode everything as one byte per character (so any byte string decodes).
 _NON_ASCII_WORD = re.compile(r"\S*[^\x00-\x7f]\S*")
 _XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._:-]+)["']""")
 _CHARSET = re.compile(r"""charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.IGNORECASE)
@@ -333,6 +333,8 @@ def _detect(body: bytes) -> tuple[str, str, bool] | None:
 
 
 def _garbled(text: str) -> bool:
+    if len(text) - len(text.encode("ascii", errors="ignore")) < MIN_NON_ASCII_TO_JUDGE:
+        return False
     return garbled_ratio(text) >= GARBLED_MESS
 
 
@@ -350,7 +352,7 @@ def _decode_error(body: bytes, encoding: str) -> str:
         return f"byte 0x{body[exc.start]:02x} at offset {exc.start}"
     except LookupError:
         return "unknown encoding"
-    return "no error"
+    raise AssertionError("called only for bytes that did not decode")
 
 
 def _is_latin(char: str) -> bool:
