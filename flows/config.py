@@ -14,6 +14,7 @@ checks that the template files it names exist.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from collections.abc import Mapping
@@ -87,6 +88,14 @@ def _feed_url(value: str) -> str:
     return value
 
 
+def _encoding(value: str) -> str:
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise ValueError(f"unknown encoding {value!r} (e.g. windows-1251, koi8-r, utf-8)") from None
+    return value
+
+
 def _cron(value: str) -> str:
     if len(value.split()) != 5:
         raise ValueError(f"five fields, got {value!r}")
@@ -117,6 +126,7 @@ class FeedConfig:
     max_bytes: Annotated[int, Field(ge=1)] = 5_000_000
     retries: Annotated[int, Field(ge=0)] = 2
     backoff_s: Annotated[float, Field(ge=0.0)] = 1.0
+    encoding: Annotated[str, AfterValidator(_encoding)] | None = None  # read the bytes as this
 
 
 @settings_record(frozen=True, config=SETTINGS_CONFIG)

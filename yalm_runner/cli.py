@@ -329,7 +329,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
             args.dst,
             source=args.source or PUBLIC_URL,
             num_heads=args.num_heads,
-            dtype=parse_dtype(args.dtype) if args.dtype else None,
+            dtype=None if args.dtype in (None, "auto") else parse_dtype(args.dtype),
             max_positions=args.max_positions,
             quantization=Quantization(args.quantize, args.group_size) if args.quantize else None,
             keep_release=args.keep_release,

@@ -168,10 +168,11 @@ def _ingest(args: argparse.Namespace) -> int:
     new = sum(feed.items_new for feed in report.feeds)
     print(
         f"ingest run {report.run_id}: {len(report.feeds)} feeds, {new} new items, "
-        f"{len(report.failed)} failed",
+        f"{len(report.failed)} failed, {len(report.partial)} partial",
         file=sys.stderr,
     )
-    return EXIT_SOME_FEEDS_FAILED if report.failed else EXIT_OK
+    # A partial feed stored less than it holds (malformed XML, text in an unknown encoding).
+    return EXIT_SOME_FEEDS_FAILED if report.failed or report.partial else EXIT_OK
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -200,6 +201,8 @@ def _news(args: argparse.Namespace) -> int:
             store, since=args.since, source=args.source, ticker=args.ticker, limit=args.limit
         )
     columns = ("published_at", "source", "tickers", "title", "summary", "link")
+    if args.format != "table":  # a link-only item shows as an empty title in the table
+        columns += ("has_text", "text_status")
     write_rows(rows, columns, args.format, sys.stdout)
     return EXIT_OK
 

@@ -128,6 +128,7 @@ def render_one(
         source=list(selection.sources) or None,
         ticker=ticker,
         limit=selection.max_items,
+        text_only=True,
     )
     if not news:
         return RenderOutcome(template.name, ticker, "skipped", None, 0, 0, 0)

@@ -1,10 +1,13 @@
 """Turning a feed's bytes into normalised news items.
 
-Owns parsing (feedparser on the raw bytes, so any encoding it supports: UTF-8, cp1251, ...;
-RSS and Atom), normalisation (HTML stripped from summaries, times in UTC, the fetch time when a
-feed gives none), matching items to watchlist tickers, and the stable dedup key. A malformed
-feed that still yields items gives those items plus a ``problem``; one that yields nothing is a
-``FeedError``. It does not do HTTP and knows nothing of the store.
+Owns parsing (the bytes decoded by ``flows.sources.encoding``, then feedparser; RSS and Atom),
+normalisation (markup stripped from HTML fields while plain-text fields keep their literal
+``<`` and ``>``, links made absolute against ``xml:base`` and the feed's base URL, times in UTC,
+the fetch time when a feed gives none), matching items to watchlist tickers, and the stable
+dedup key. A malformed feed that still yields items gives those items plus a ``problem``; one
+that yields nothing is a ``FeedError``; one whose text cannot be trusted (no encoding reads it
+plausibly) gives no items and ``text_untrusted``. It does not do HTTP and knows nothing of the
+store.
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from html import unescape
 from html.parser import HTMLParser
+from urllib.parse import urlsplit
 
 import feedparser
 
 from flows.config import WatchlistEntry
 from flows.errors import FeedError
+from flows.sources.encoding import decode_feed
 
 MAX_SUMMARY_CHARS = 4000
-# feedparser flags these as "bozo" although the feed parsed correctly.
+# feedparser flags these as "bozo" although the feed parsed correctly. (It gets text already
+# decoded to UTF-8, so neither should appear; the encoding's own problems come from decode_feed.)
 _BENIGN_BOZO = (feedparser.CharacterEncodingOverride, feedparser.NonXMLContentType)
+# How feedparser marks a field that is plain text (Atom type="text", most RSS titles); every
+# other type (text/html, application/xhtml+xml) is markup.
+PLAIN_TEXT = "text/plain"
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class ParsedFeed:
     title: str
     items: tuple[NewsItem, ...]
     problem: str | None  # set when the feed was malformed but still readable
+    encoding: str = "utf-8"  # the codec its bytes were read with
+    text_untrusted: bool = False  # no encoding reads it plausibly: items held back, see problem
 
 
 class _TextExtractor(HTMLParser):
@@ -104,14 +115,26 @@ class TickerMatcher:
 
 
 def dedup_key(source: str, guid: str | None, link: str | None, title: str, summary: str) -> str:
-    """Stable identity of an item: its guid (within its feed), else its link, else its text."""
+    """Stable identity of an item: its guid (within its feed), else its link, else its text.
+
+    An absolute link is one story wherever it appears (a syndicated item is stored once); a
+    link still relative (the feed gave no base to resolve it) only identifies it within its feed.
+    """
     if guid:
         basis = f"guid\n{source}\n{guid.strip()}"
-    elif link:
+    elif link and is_absolute(link):
         basis = f"link\n{link.strip()}"
+    elif link:
+        basis = f"link\n{source}\n{link.strip()}"
     else:
         basis = f"text\n{source}\n{title}\n{summary}"
     return hashlib.sha256(basis.encode("utf-8")).hexdigest()
+
+
+def is_absolute(link: str) -> bool:
+    """True for a link with a scheme and a host (``https://x.ru/a``), or a ``mailto:``-like URI."""
+    parts = urlsplit(link.strip())
+    return bool(parts.scheme) and (bool(parts.netloc) or parts.scheme not in ("http", "https"))
 
 
 def parse_feed(
@@ -121,10 +144,20 @@ def parse_feed(
     fetched_at: datetime,
     content_type: str = "",
     matcher: TickerMatcher | None = None,
+    base_url: str | None = None,
+    encoding: str | None = None,
 ) -> ParsedFeed:
-    """Parse one feed's bytes into items; raise ``FeedError`` when nothing usable is in them."""
+    """Parse one feed's bytes into items; raise ``FeedError`` when nothing usable is in them.
+
+    ``base_url`` is what relative links resolve against when no ``xml:base`` says otherwise
+    (the fetcher's ``FetchResponse.base_url``); ``encoding`` is the config's override.
+    """
+    decoded = decode_feed(body, content_type=content_type, override=encoding)
+    headers = {"content-type": "application/xml; charset=utf-8"}
+    if base_url:
+        headers["content-location"] = base_url
     try:
-        parsed = feedparser.parse(body, response_headers={"content-type": content_type})
+        parsed = feedparser.parse(decoded.text.encode("utf-8"), response_headers=headers)
     except Exception as exc:
         raise FeedError(f"parser failed: {exc.__class__.__name__}: {exc}") from exc
     problem = None
@@ -142,8 +175,16 @@ def parse_feed(
             items.append(item)
     if parsed.entries and not items:
         problem = problem or "no entry had a title, summary or link"
-    title = strip_html(parsed.feed.get("title", "")) if parsed.get("feed") else ""
-    return ParsedFeed(title=title, items=tuple(items), problem=problem)
+    feed = parsed.get("feed") or {}
+    title = _field_text(feed.get("title", ""), feed.get("title_detail"))
+    if decoded.problem:
+        # Garbled text stored once stays garbled (its dedup key is "seen"): hold the items back
+        # until the encoding is fixed, and say how to fix it.
+        held = f"{len(items)} items not stored" if items else "no items"
+        reason = f"{decoded.problem} (set encoding: for this feed); {held}"
+        problem = f"{reason}; {problem}" if problem else reason
+        return ParsedFeed(title, (), problem, decoded.encoding, text_untrusted=True)
+    return ParsedFeed(title, tuple(items), problem, decoded.encoding)
 
 
 def _describe(exc: object) -> str:
@@ -152,12 +193,19 @@ def _describe(exc: object) -> str:
     return str(exc).strip() or exc.__class__.__name__
 
 
+def _field_text(value: str | None, detail) -> str:
+    """A field as plain text: markup stripped from HTML, plain text taken literally."""
+    if (detail or {}).get("type") == PLAIN_TEXT:
+        return " ".join((value or "").split())
+    return strip_html(value or "")
+
+
 def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatcher | None):
-    title = strip_html(entry.get("title", "") or "")
-    summary_html = entry.get("summary", "") or ""
-    if not summary_html and entry.get("content"):
-        summary_html = entry["content"][0].get("value", "")
-    summary = strip_html(summary_html)[:MAX_SUMMARY_CHARS]
+    title = _field_text(entry.get("title"), entry.get("title_detail"))
+    summary = _field_text(entry.get("summary"), entry.get("summary_detail"))
+    if not summary and entry.get("content"):
+        summary = _field_text(entry["content"][0].get("value"), entry["content"][0])
+    summary = summary[:MAX_SUMMARY_CHARS]
     link = (entry.get("link") or "").strip() or None
     guid = (entry.get("id") or "").strip() or None
     if not (title or summary or link):

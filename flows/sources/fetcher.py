@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 import httpx
 
@@ -38,10 +38,20 @@ class FetchResponse:
     last_modified: str | None
     attempts: int
     duration_s: float
+    content_location: str | None = None
 
     @property
     def not_modified(self) -> bool:
         return self.http_status == 304
+
+    @property
+    def base_url(self) -> str:
+        """What the feed's relative links resolve against (when no ``xml:base`` says otherwise).
+
+        ``Content-Location`` (itself resolved against the final URL), else the final URL after
+        redirects, never the configured one: a moved feed's links are relative to where it is.
+        """
+        return urljoin(self.url, self.content_location) if self.content_location else self.url
 
 
 class FetchError(FeedError):
@@ -106,6 +116,7 @@ def fetch(
                 last_modified=response_headers.get("last-modified") or last_modified,
                 attempts=attempt,
                 duration_s=time.monotonic() - started,
+                content_location=response_headers.get("content-location"),
             )
     raise AssertionError("unreachable: the loop returns or raises")
 

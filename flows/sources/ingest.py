@@ -46,6 +46,10 @@ class IngestReport:
     def failed(self) -> tuple[FeedReport, ...]:
         return tuple(report for report in self.feeds if report.status == "failed")
 
+    @property
+    def partial(self) -> tuple[FeedReport, ...]:
+        return tuple(report for report in self.feeds if report.status == "partial")
+
     def rows(self) -> list[dict]:
         return [asdict(report) for report in self.feeds]
 
@@ -106,12 +110,17 @@ def ingest_feed(
             fetched_at=fetched_at,
             content_type=response.content_type,
             matcher=matcher,
+            base_url=response.base_url,
+            encoding=feed.encoding,
         )
     except FeedError as error:
         # Keep the old validators: the next run must fetch this feed in full again.
         base.update(etag=None, last_modified=None)
         record = FetchRecord(feed.name, feed.url, "failed", str(error), **base)
         return _save(store, record, (), fetched_at, run_id)
+    if parsed.text_untrusted:
+        # Nothing was stored: the next run must fetch in full again (after the config is fixed).
+        base.update(etag=None, last_modified=None)
     status = "partial" if parsed.problem else "ok"
     record = FetchRecord(feed.name, feed.url, status, parsed.problem, **base)
     return _save(store, record, parsed.items, fetched_at, run_id)

@@ -27,7 +27,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, or_, select
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -353,9 +353,19 @@ def list_news(
     source: str | Sequence[str] | None = None,
     ticker: str | None = None,
     limit: int | None = None,
+    text_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Stored news items, newest first, as plain dicts (tickers as a sorted list)."""
+    """Stored news items, newest first, as plain dicts (tickers as a sorted list).
+
+    ``text_only`` keeps only what a prompt may use: items with a title or summary whose text is
+    not flagged garbled (link-only items are stored for provenance, ``has_text`` false).
+    """
     query = select(NewsItem).order_by(NewsItem.published_at.desc(), NewsItem.id.desc())
+    if text_only:
+        query = query.where(
+            or_(NewsItem.title != "", NewsItem.summary != ""),
+            or_(NewsItem.text_status.is_(None), NewsItem.text_status != "garbled"),
+        )
     if since is not None:
         query = query.where(NewsItem.published_at >= since)
     if until is not None:
@@ -388,6 +398,8 @@ def list_news(
                 "tickers": sorted(tickers[row.id]),
                 "published_estimated": row.published_estimated,
                 "dedup_key": row.dedup_key,
+                "has_text": bool(row.title.strip() or row.summary.strip()),
+                "text_status": row.text_status,
             }
             for row in rows
         ]

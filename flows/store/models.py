@@ -97,6 +97,9 @@ class NewsItem(Base):
     published_at: Mapped[datetime] = mapped_column(UtcTimestamp, index=True)
     published_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     fetched_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    # None, or what migration 0003 found: "repaired" (mojibake undone) or "garbled" (kept as
+    # stored, out of prompts).
+    text_status: Mapped[str | None] = mapped_column(String(16))
 
 
 class NewsTicker(Base):

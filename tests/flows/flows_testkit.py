@@ -38,6 +38,8 @@ class Route:
     hang_s: float = 0.0
     send_length: bool = True
     fail_first: int = 0  # answer 503 to the first N requests
+    redirect_to: str | None = None  # answer 301 with this Location
+    headers: dict[str, str] = field(default_factory=dict)  # more response headers
     requests: int = 0
     not_modified: int = 0
     headers_seen: list[dict[str, str]] = field(default_factory=list)
@@ -66,6 +68,12 @@ class FeedServer:
                 if route.fail_first >= route.requests:
                     self.send_error(503, "Service Unavailable")
                     return
+                if route.redirect_to:
+                    self.send_response(301)
+                    self.send_header("Location", route.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if route.status != 200:
                     self.send_error(route.status)
                     return
@@ -87,6 +95,8 @@ class FeedServer:
                     self.send_header("Last-Modified", route.last_modified)
                 if route.send_length:
                     self.send_header("Content-Length", str(len(route.body)))
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(route.body)

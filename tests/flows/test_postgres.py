@@ -118,7 +118,7 @@ def test_migrations_upgrade_on_postgres_and_match_the_models(pg_url):
         with store.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
-            assert version.scalar() == "0002_prompt_claims"
+            assert version.scalar() == "0003_feed_text"
             columns = connection.exec_driver_sql(
                 "SELECT column_name FROM information_schema.columns"
                 f" WHERE table_name = '{VIEW}' ORDER BY ordinal_position"
