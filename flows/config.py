@@ -115,6 +115,13 @@ class ScheduleSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long news items are kept (None: for ever). Forecasts are never pruned."""
+
+    news_days: int | None = None
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     path: Path | None
     database_url: str
@@ -128,6 +135,7 @@ class PipelineConfig:
     generation: GenerationSettings = GenerationSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     log_file: Path | None = None
+    retention: RetentionSettings = RetentionSettings()
 
     @property
     def database_path(self) -> Path:
@@ -183,6 +191,7 @@ def parse_config(data: Any, *, base_dir: Path, path: Path | None = None) -> Pipe
         generation=_generation(top.section("generation"), "generation"),
         schedule=_schedule(top.section("schedule")),
         log_file=top.path("log_file", base_dir) or base_dir / DEFAULT_LOG_NAME,
+        retention=_retention(top.section("retention")),
     )
     top.finish()
     return config
@@ -460,6 +469,12 @@ def _schedule(section: _Section) -> ScheduleSettings:
             f"{section.key('timezone')}: unknown time zone {schedule.timezone!r}"
         ) from exc
     return schedule
+
+
+def _retention(section: _Section) -> RetentionSettings:
+    retention = RetentionSettings(news_days=section.integer("news_days", None, minimum=1))
+    section.finish()
+    return retention
 
 
 def write_starter_config(path: str | os.PathLike) -> Path:

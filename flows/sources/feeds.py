@@ -12,8 +12,8 @@ from __future__ import annotations
 import calendar
 import hashlib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from html import unescape
 from html.parser import HTMLParser
@@ -82,25 +82,62 @@ def strip_html(text: str) -> str:
     return " ".join(unescape("".join(extractor.parts)).split())
 
 
+# A word as ``re`` sees it; and a word character outside ASCII, Latin-1 letters and the basic
+# Cyrillic block. Inside those, ``str.lower`` and ``re.IGNORECASE`` agree letter for letter;
+# outside them ``re`` has equivalences ``lower`` lacks (dotless i, long s, the Kelvin sign,
+# old Cyrillic letter forms), so such a text is matched by the plain scan.
+_WORD = re.compile(r"\w+")
+_EXOTIC = re.compile(r"[^\W\x00-\x7f\xc0-\xff\u0400-\u04ff]")
+_MAX_SUFFIX_CHARS = 3  # the inflection a Cyrillic alias may carry
+
+
 class TickerMatcher:
     """Finds watchlist tickers in text.
 
     A ticker matches as a whole word in capitals (``SBER``, ``$NVDA``); an alias matches as a
     whole word in any case, and a Cyrillic alias also with up to three more letters, so
     ``Сбербанк`` matches ``Сбербанка`` and ``Сбербанком``.
+
+    Each ticker keeps its one regular expression (the rules above), but a text is read once:
+    its words, lower-cased and with up to three end letters cut off, are looked up in a table
+    of the first word of every ticker and alias. Only the tickers found there (a superset of
+    the answer, usually none to three) run their expression. The answer is exactly that of
+    running every expression over the text, in watchlist order.
     """
 
     def __init__(self, watchlist: Sequence[WatchlistEntry]):
         self._patterns = []
-        for entry in watchlist:
+        self._by_word: dict[str, set[int]] = {}
+        self._always: set[int] = set()  # no plain first word: checked on every text
+        for index, entry in enumerate(watchlist):
             parts = [rf"(?<![\w$])\$?{re.escape(entry.ticker)}(?!\w)"]
             for alias in entry.aliases:
                 suffix = r"[а-яё]{0,3}" if re.search(r"[а-яё]", alias, re.IGNORECASE) else ""
                 parts.append(rf"(?i:(?<!\w){re.escape(alias)}{suffix}(?!\w))")
             self._patterns.append((entry.ticker, re.compile("|".join(parts))))
+            for name in (entry.ticker, *entry.aliases):
+                first = _WORD.search(name)
+                if first is None or _EXOTIC.search(name):
+                    self._always.add(index)
+                else:
+                    self._by_word.setdefault(first.group().lower(), set()).add(index)
 
     def match(self, text: str) -> tuple[str, ...]:
-        return tuple(ticker for ticker, pattern in self._patterns if pattern.search(text))
+        if _EXOTIC.search(text):
+            candidates = range(len(self._patterns))
+        else:
+            found = set(self._always)
+            for word in set(_WORD.findall(text.lower())):
+                for cut in range(min(_MAX_SUFFIX_CHARS, len(word) - 1) + 1):
+                    hits = self._by_word.get(word[: len(word) - cut])
+                    if hits:
+                        found |= hits
+            candidates = sorted(found)
+        return tuple(
+            ticker
+            for ticker, pattern in (self._patterns[index] for index in candidates)
+            if pattern.search(text)
+        )
 
 
 def dedup_key(source: str, guid: str | None, link: str | None, title: str, summary: str) -> str:
@@ -121,8 +158,14 @@ def parse_feed(
     fetched_at: datetime,
     content_type: str = "",
     matcher: TickerMatcher | None = None,
+    stored: Callable[[list[str]], Collection[str]] | None = None,
 ) -> ParsedFeed:
-    """Parse one feed's bytes into items; raise ``FeedError`` when nothing usable is in them."""
+    """Parse one feed's bytes into items; raise ``FeedError`` when nothing usable is in them.
+
+    ``stored`` answers which of the items' dedup keys are stored already (ingest passes the
+    store's): those items are returned unmatched (no tickers), since saving skips them anyway
+    and matching is most of the cost of an item.
+    """
     try:
         parsed = feedparser.parse(body, response_headers={"content-type": content_type})
     except Exception as exc:
@@ -135,11 +178,17 @@ def parse_feed(
             raise FeedError(problem)
         if not parsed.get("version"):
             raise FeedError("not an RSS or Atom feed")
-    items = []
-    for entry in parsed.entries:
-        item = _normalise(entry, source=source, fetched_at=fetched_at, matcher=matcher)
-        if item is not None:
-            items.append(item)
+    normalised = [
+        _normalise(entry, source=source, fetched_at=fetched_at) for entry in parsed.entries
+    ]
+    normalised = [pair for pair in normalised if pair is not None]
+    known = stored([item.dedup_key for item, _ in normalised]) if stored and normalised else ()
+    items = [
+        replace(item, tickers=matcher.match(text))
+        if matcher and item.dedup_key not in known
+        else item
+        for item, text in normalised
+    ]
     if parsed.entries and not items:
         problem = problem or "no entry had a title, summary or link"
     title = strip_html(parsed.feed.get("title", "")) if parsed.get("feed") else ""
@@ -152,7 +201,8 @@ def _describe(exc: object) -> str:
     return str(exc).strip() or exc.__class__.__name__
 
 
-def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatcher | None):
+def _normalise(entry, *, source: str, fetched_at: datetime) -> tuple[NewsItem, str] | None:
+    """The item (without tickers) and the text its tickers are matched in."""
     title = strip_html(entry.get("title", "") or "")
     summary_html = entry.get("summary", "") or ""
     if not summary_html and entry.get("content"):
@@ -169,8 +219,7 @@ def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatch
             published_at = datetime.fromtimestamp(calendar.timegm(moment), tz=timezone.utc)
             estimated = False
             break
-    tickers = matcher.match(f"{title}\n{summary}") if matcher else ()
-    return NewsItem(
+    item = NewsItem(
         source=source,
         title=title or summary[:120],
         summary=summary,
@@ -178,6 +227,7 @@ def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatch
         guid=guid,
         published_at=published_at,
         published_estimated=estimated,
-        tickers=tickers,
+        tickers=(),
         dedup_key=dedup_key(source, guid, link, title, summary),
     )
+    return item, f"{title}\n{summary}"

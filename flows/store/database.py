@@ -15,7 +15,9 @@ live in ``flows.store.generations`` and ``flows.store.claims``; the robot's read
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, delete, event, insert, select, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +43,17 @@ BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_S = 10
 # Any fixed number shared by every process that migrates the same PostgreSQL database.
 MIGRATION_LOCK_ID = 0x59414C4D  # "YALM"
+# How long the end-of-run checkpoint waits for a reader still on an old snapshot: a robot that
+# reads in short transactions (docs/database.md) is gone in milliseconds; one that is not gets
+# its WAL truncated by the next run instead of holding this one's writer back.
+CHECKPOINT_BUSY_TIMEOUT_MS = 1_000
+# ``PRAGMA optimize`` analyses at most this many rows per index: statistics stay cheap to keep
+# fresh on a store of any size (SQLite's recommended bound is 400 to 1000).
+ANALYSIS_LIMIT_ROWS = 1_000
+# Items deleted per transaction when pruning: short transactions, so the WAL stays small and a
+# reader's snapshot never holds a whole year of deletions.
+PRUNE_BATCH_ITEMS = 5_000
+log = logging.getLogger("flows.store")
 
 
 def utc_now() -> datetime:
@@ -250,6 +263,52 @@ def finish_run(store: Store, run_id: int, status: str, details: dict[str, Any] |
         run.status, run.finished_at = status, utc_now()
         if details is not None:
             run.details_json = json.dumps(details, ensure_ascii=False, sort_keys=True)
+    tidy_after_run(store)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What ``PRAGMA wal_checkpoint(TRUNCATE)`` did: ``busy`` when a reader kept it from
+    finishing (the WAL then stays until the next run's checkpoint)."""
+
+    busy: bool
+    wal_pages: int
+    checkpointed_pages: int
+
+
+def tidy_after_run(store: Store) -> Checkpoint | None:
+    """End of a run: refresh the planner's statistics, then move the WAL into the database
+    file and truncate it to zero bytes. SQLite only (PostgreSQL's autovacuum does both).
+
+    Read-only connections (the robot's) can never checkpoint, and a writer that closes while
+    one is connected leaves its WAL behind, however large; so every run truncates it here.
+    """
+    if store.dialect != "sqlite":
+        return None
+    connection = store.engine.raw_connection()  # autocommit: no transaction around PRAGMAs
+    try:
+        cursor = connection.cursor()
+        cursor.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT_ROWS}")
+        cursor.execute("PRAGMA optimize")
+        cursor.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+        try:
+            busy, wal_pages, moved = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{describe_url(store.engine.url)}: end-of-run checkpoint: {exc}") from exc
+    finally:
+        connection.close()
+    checkpoint = Checkpoint(bool(busy), wal_pages, moved)
+    if checkpoint.busy:
+        log.warning(
+            "%s: WAL not truncated (%d pages): a reader still holds an old snapshot; the next "
+            "run truncates it (readers: keep read transactions short, see docs/database.md)",
+            describe_url(store.engine.url),
+            wal_pages,
+        )
+    return checkpoint
 
 
 # ---- feeds and news --------------------------------------------------------------------------
@@ -285,8 +344,7 @@ def save_fetch(
     """Record one fetch and insert its new items (deduplicated); returns how many were new.
 
     ``items`` are ``flows.sources.feeds.NewsItem``. The feed's stored validators change only when
-    the
-    fetch produced a body, so a failed fetch never loses the ETag of the last good one.
+    the fetch produced a body, so a failed fetch never loses the ETag of the last good one.
     """
     fetched_at = record.fetched_at or utc_now()
     with store.transaction() as session:
@@ -300,31 +358,15 @@ def save_fetch(
             feed.last_ok_at = fetched_at
         if record.status in ("ok", "partial"):
             feed.etag, feed.last_modified = record.etag, record.last_modified
-        keys = [item.dedup_key for item in items]
-        existing = set(
-            session.scalars(select(NewsItem.dedup_key).where(NewsItem.dedup_key.in_(keys)))
-        )
-        new_count = 0
+        existing = _stored_keys(session, [item.dedup_key for item in items])
+        new_items = []
         for item in items:
-            if item.dedup_key in existing:
-                continue
-            existing.add(item.dedup_key)
-            row = NewsItem(
-                dedup_key=item.dedup_key,
-                feed_id=feed.id,
-                source=item.source,
-                guid=item.guid,
-                title=item.title,
-                summary=item.summary,
-                link=item.link,
-                published_at=item.published_at,
-                published_estimated=item.published_estimated,
-                fetched_at=fetched_at,
-            )
-            session.add(row)
-            session.flush()
-            session.add_all(NewsTicker(item_id=row.id, ticker=ticker) for ticker in item.tickers)
-            new_count += 1
+            if item.dedup_key not in existing:
+                existing.add(item.dedup_key)
+                new_items.append(item)
+        if new_items:
+            _insert_items(session, new_items, feed.id, fetched_at)
+        new_count = len(new_items)
         session.add(
             Fetch(
                 feed_id=feed.id,
@@ -345,6 +387,59 @@ def save_fetch(
         return new_count
 
 
+def _insert_items(session: Session, items: Sequence, feed_id: int, fetched_at: datetime) -> None:
+    """Insert new items and their tickers: two multi-row inserts and one query, not a round
+    trip per item."""
+    session.execute(
+        insert(NewsItem),
+        [
+            {
+                "dedup_key": item.dedup_key,
+                "feed_id": feed_id,
+                "source": item.source,
+                "guid": item.guid,
+                "title": item.title,
+                "summary": item.summary,
+                "link": item.link,
+                "published_at": item.published_at,
+                "published_estimated": item.published_estimated,
+                "fetched_at": fetched_at,
+            }
+            for item in items
+        ],
+    )
+    tagged = [item for item in items if item.tickers]
+    if not tagged:
+        return
+    ids = dict(
+        session.execute(
+            select(NewsItem.dedup_key, NewsItem.id).where(
+                NewsItem.dedup_key.in_([item.dedup_key for item in tagged])
+            )
+        ).all()
+    )
+    session.execute(
+        insert(NewsTicker),
+        [
+            {"item_id": ids[item.dedup_key], "ticker": ticker, "published_at": item.published_at}
+            for item in tagged
+            for ticker in item.tickers
+        ],
+    )
+
+
+def _stored_keys(session: Session, keys: Sequence[str]) -> set[str]:
+    if not keys:
+        return set()
+    return set(session.scalars(select(NewsItem.dedup_key).where(NewsItem.dedup_key.in_(keys))))
+
+
+def stored_keys(store: Store, keys: Sequence[str]) -> set[str]:
+    """Which of these dedup keys are already stored (ingest matches tickers only for the rest)."""
+    with store.reading() as session:
+        return _stored_keys(session, list(keys))
+
+
 def list_news(
     store: Store,
     *,
@@ -354,19 +449,27 @@ def list_news(
     ticker: str | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Stored news items, newest first, as plain dicts (tickers as a sorted list)."""
-    query = select(NewsItem).order_by(NewsItem.published_at.desc(), NewsItem.id.desc())
+    """Stored news items, newest first, as plain dicts (tickers as a sorted list).
+
+    With ``ticker`` the time window and the order are read from ``news_item_tickers`` (which
+    repeats each item's time), so the cost follows the window's items of that ticker, not
+    every item ever tagged with it.
+    """
+    query = select(NewsItem)
+    published_at, item_id = NewsItem.published_at, NewsItem.id
+    if ticker:
+        published_at, item_id = NewsTicker.published_at, NewsTicker.item_id
+        query = query.join(NewsTicker, NewsTicker.item_id == NewsItem.id).where(
+            NewsTicker.ticker == ticker
+        )
+    query = query.order_by(published_at.desc(), item_id.desc())
     if since is not None:
-        query = query.where(NewsItem.published_at >= since)
+        query = query.where(published_at >= since)
     if until is not None:
-        query = query.where(NewsItem.published_at <= until)
+        query = query.where(published_at <= until)
     if source:
         sources = [source] if isinstance(source, str) else list(source)
         query = query.where(NewsItem.source.in_(sources))
-    if ticker:
-        query = query.where(
-            NewsItem.id.in_(select(NewsTicker.item_id).where(NewsTicker.ticker == ticker))
-        )
     if limit is not None:
         query = query.limit(limit)
     with store.reading() as session:
@@ -391,6 +494,71 @@ def list_news(
             }
             for row in rows
         ]
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What pruning removed: items, their ticker rows, and the bytes it freed (SQLite: pages
+    now free inside the file, which new rows reuse; the file itself shrinks only by
+    ``VACUUM``. PostgreSQL: the size of the deleted rows, reclaimed by autovacuum)."""
+
+    older_than: datetime
+    items: int
+    tickers: int
+    bytes_freed: int
+
+
+def prune_news(store: Store, older_than: datetime) -> PruneReport:
+    """Delete news items published before ``older_than`` (with their ticker rows), a batch per
+    transaction. Nothing else is touched: forecasts, prompts and signals are never pruned.
+
+    Prompts name their items by dedup key inside ``item_keys_json`` (no foreign key): a pruned
+    key no longer resolves to an item, while the prompt keeps the news as it was rendered.
+    """
+    items = tickers = row_bytes = 0
+    free_before = _free_bytes(store)
+    while True:
+        with store.transaction() as session:
+            batch = list(
+                session.scalars(
+                    select(NewsItem.id)
+                    .where(NewsItem.published_at < older_than)
+                    .order_by(NewsItem.published_at)
+                    .limit(PRUNE_BATCH_ITEMS)
+                )
+            )
+            if not batch:
+                break
+            if store.dialect == "postgresql":
+                row_bytes += _postgres_row_bytes(session, batch)
+            tickers += session.execute(
+                delete(NewsTicker).where(NewsTicker.item_id.in_(batch))
+            ).rowcount
+            items += session.execute(delete(NewsItem).where(NewsItem.id.in_(batch))).rowcount
+    freed = row_bytes if store.dialect == "postgresql" else _free_bytes(store) - free_before
+    return PruneReport(older_than, items, tickers, max(freed, 0))
+
+
+def _free_bytes(store: Store) -> int:
+    if store.dialect != "sqlite":
+        return 0
+    with store.reading() as session:
+        connection = session.connection()
+        pages = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+        return pages * connection.exec_driver_sql("PRAGMA page_size").scalar()
+
+
+def _postgres_row_bytes(session: Session, item_ids: list[int]) -> int:
+    size = 0
+    for table, column in (("news_items", "id"), ("news_item_tickers", "item_id")):
+        size += session.execute(
+            text(
+                f"SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM {table} AS t "
+                f"WHERE t.{column} = ANY(:ids)"
+            ),
+            {"ids": item_ids},
+        ).scalar()
+    return int(size)
 
 
 def fetch_history(store: Store, feed_name: str | None = None) -> list[dict[str, Any]]:
