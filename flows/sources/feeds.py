@@ -88,6 +88,7 @@ def strip_html(text: str) -> str:
 # old Cyrillic letter forms), so such a text is matched by the plain scan.
 _WORD = re.compile(r"\w+")
 _EXOTIC = re.compile(r"[^\W\x00-\x7f\xc0-\xff\u0400-\u04ff]")
+_SUFFIX_LETTERS = frozenset("абвгдеёжзийклмнопрстуфхцчшщъыьэюя")  # [а-яё], lower-cased
 _MAX_SUFFIX_CHARS = 3  # the inflection a Cyrillic alias may carry
 
 
@@ -99,21 +100,27 @@ class TickerMatcher:
     ``Сбербанк`` matches ``Сбербанка`` and ``Сбербанком``.
 
     Each ticker keeps its one regular expression (the rules above), but a text is read once:
-    its words, lower-cased and with up to three end letters cut off, are looked up in a table
-    of the first word of every ticker and alias. Only the tickers found there (a superset of
-    the answer, usually none to three) run their expression. The answer is exactly that of
-    running every expression over the text, in watchlist order.
+    its lower-cased words are looked up in a table of the first word of every ticker and alias
+    (and, for a one-word Cyrillic alias, the word less up to three final Cyrillic letters, its
+    inflection). Only the tickers found there (a superset of the answer, usually none to
+    three) run their expression. The answer is exactly that of running every expression over
+    the text, in watchlist order.
     """
 
     def __init__(self, watchlist: Sequence[WatchlistEntry]):
         self._patterns = []
-        self._by_word: dict[str, set[int]] = {}
+        self._by_word: dict[str, set[int]] = {}  # a name's first word, lower-cased
+        self._by_stem: dict[str, set[int]] = {}  # a one-word Cyrillic alias, lower-cased
         self._always: set[int] = set()  # no plain first word: checked on every text
         for index, entry in enumerate(watchlist):
             parts = [rf"(?<![\w$])\$?{re.escape(entry.ticker)}(?!\w)"]
             for alias in entry.aliases:
-                suffix = r"[а-яё]{0,3}" if re.search(r"[а-яё]", alias, re.IGNORECASE) else ""
+                inflected = bool(re.search(r"[а-яё]", alias, re.IGNORECASE))
+                suffix = r"[а-яё]{0,3}" if inflected else ""
                 parts.append(rf"(?i:(?<!\w){re.escape(alias)}{suffix}(?!\w))")
+                first = _WORD.search(alias)
+                if inflected and first is not None and first.end() == len(alias):
+                    self._by_stem.setdefault(first.group().lower(), set()).add(index)
             self._patterns.append((entry.ticker, re.compile("|".join(parts))))
             for name in (entry.ticker, *entry.aliases):
                 first = _WORD.search(name)
@@ -126,18 +133,26 @@ class TickerMatcher:
         if _EXOTIC.search(text):
             candidates = range(len(self._patterns))
         else:
-            found = set(self._always)
-            for word in set(_WORD.findall(text.lower())):
-                for cut in range(min(_MAX_SUFFIX_CHARS, len(word) - 1) + 1):
-                    hits = self._by_word.get(word[: len(word) - cut])
-                    if hits:
-                        found |= hits
-            candidates = sorted(found)
+            candidates = sorted(self._candidates(set(_WORD.findall(text.lower()))))
         return tuple(
             ticker
             for ticker, pattern in (self._patterns[index] for index in candidates)
             if pattern.search(text)
         )
+
+    def _candidates(self, words: set[str]) -> set[int]:
+        found = set(self._always)
+        for word in words:
+            hits = self._by_word.get(word)
+            if hits:
+                found |= hits
+            for cut in range(1, min(_MAX_SUFFIX_CHARS, len(word) - 1) + 1):
+                if word[-cut] not in _SUFFIX_LETTERS:
+                    break
+                hits = self._by_stem.get(word[:-cut])
+                if hits:
+                    found |= hits
+        return found
 
 
 def dedup_key(source: str, guid: str | None, link: str | None, title: str, summary: str) -> str:
