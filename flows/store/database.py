@@ -47,8 +47,9 @@ MIGRATION_LOCK_ID = 0x59414C4D  # "YALM"
 # reads in short transactions (docs/database.md) is gone in milliseconds; one that is not gets
 # its WAL truncated by the next run instead of holding this one's writer back.
 CHECKPOINT_BUSY_TIMEOUT_MS = 1_000
-# ``PRAGMA optimize`` analyses at most this many rows per index: statistics stay cheap to keep
-# fresh on a store of any size (SQLite's recommended bound is 400 to 1000).
+# ANALYZE reads at most this many entries of each index (SQLite's advice: 400 to 1000): the
+# statistics it writes are estimates, enough for the planner, and keeping them fresh after
+# every run costs tens of milliseconds on a store of any size.
 ANALYSIS_LIMIT_ROWS = 1_000
 # Items deleted per transaction when pruning: short transactions, so the WAL stays small and a
 # reader's snapshot never holds a whole year of deletions.
@@ -280,6 +281,10 @@ def tidy_after_run(store: Store) -> Checkpoint | None:
     """End of a run: refresh the planner's statistics, then move the WAL into the database
     file and truncate it to zero bytes. SQLite only (PostgreSQL's autovacuum does both).
 
+    The statistics come from a bounded ``ANALYZE`` rather than ``PRAGMA optimize``: SQLite
+    3.40's optimize analyses only tables this connection has queried, so a store could go
+    without statistics for good, and one ticker's read needs them to pick its covering index.
+
     Read-only connections (the robot's) can never checkpoint, and a writer that closes while
     one is connected leaves its WAL behind, however large; so every run truncates it here.
     """
@@ -289,7 +294,7 @@ def tidy_after_run(store: Store) -> Checkpoint | None:
     try:
         cursor = connection.cursor()
         cursor.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT_ROWS}")
-        cursor.execute("PRAGMA optimize")
+        cursor.execute("ANALYZE")
         cursor.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
         try:
             busy, wal_pages, moved = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()

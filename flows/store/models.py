@@ -128,7 +128,8 @@ class Prompt(Base):
             sqlite_where=text(PENDING),
             postgresql_where=text(PENDING),
         ),
-        Index("ix_prompts_ticker_as_of", "ticker", "as_of"),
+        # One ticker's done prompts, and the key that finds their forecasts, without a row read.
+        Index("ix_prompts_ticker", "ticker", "status", "as_of", "key"),
     )
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     template_name: Mapped[str] = mapped_column(String(128))
@@ -159,6 +160,9 @@ class Generation(Base):
     """A finished forecast with everything needed to say how it was made."""
 
     __tablename__ = "generations"
+    # With the unique key's own index this looks redundant; it is what lets one ticker's
+    # forecasts be ordered by time from index entries alone (flows.store.robot).
+    __table_args__ = (Index("ix_generations_prompt_created", "prompt_key", "created_at"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), unique=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))

@@ -148,8 +148,11 @@ def forecasts_query(
 ) -> tuple[str, list]:
     """The SQL ``read_forecasts`` sends and its parameters (``mark``: the driver's placeholder).
 
-    Every filter is a column the store indexes (README, docs/database.md): a read costs the
-    rows it returns, not the forecasts stored.
+    Every filter is a column the store indexes (docs/database.md), so a read costs about the
+    rows it returns, not the forecasts stored. One ticker's forecasts are chosen first by
+    their ids alone (an inner query the store answers from two covering indexes, without
+    reading a forecast's text), then only the chosen rows are read: a ticker's whole history
+    is sorted as index entries, never as rows.
     """
     clauses, params = [], []
     for column, value in (
@@ -163,11 +166,14 @@ def forecasts_query(
             params.append(value)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     order = " ORDER BY generated_at DESC, forecast_id DESC"
-    query = f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}"
+    cut = ""
     if limit is not None:
-        query += f" LIMIT {mark}"
+        cut = f" LIMIT {mark}"
         params.append(int(limit))
-    return query, params
+    if ticker is not None:
+        chosen = f"SELECT forecast_id FROM {VIEW}{where}{order}{cut}"
+        where, cut = f" WHERE forecast_id IN ({chosen})", ""
+    return f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}{cut}", params
 
 
 def _sqlite_rows(connection: sqlite3.Connection, query: str, params: list) -> list[tuple]:

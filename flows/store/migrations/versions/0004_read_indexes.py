@@ -3,7 +3,8 @@
 - ``prompts``: the index on ``status`` goes (nearly every row is ``done``, so it matched almost
   everything, yet the planner read ``forecasts_v1`` through it and sorted the result); in its
   place a partial index holds only the pending prompts, in the order claims take them. A new
-  index on ``(ticker, as_of)`` finds one ticker's forecasts.
+  index on ``(ticker, status, as_of, key)`` and one on ``generations(prompt_key, created_at)``
+  order one ticker's forecasts by time from index entries alone (``flows.store.robot``).
 - ``news_item_tickers`` gets the item's ``published_at`` (filled in here from ``news_items``) and
   an index on ``(ticker, published_at, item_id)``, which replaces the one on ``ticker``: one
   ticker's news of a time window, newest first, is then a walk down one index instead of every
@@ -50,7 +51,8 @@ def upgrade() -> None:
         sqlite_where=sa.text(PENDING),
         postgresql_where=sa.text(PENDING),
     )
-    op.create_index("ix_prompts_ticker_as_of", "prompts", ["ticker", "as_of"])
+    op.create_index("ix_prompts_ticker", "prompts", ["ticker", "status", "as_of", "key"])
+    op.create_index("ix_generations_prompt_created", "generations", ["prompt_key", "created_at"])
 
     # Added nullable, filled, then made NOT NULL: SQLite rebuilds this table for the last step
     # (no view reads it, so the rebuild is safe; see 0002 for the table that must not be).
@@ -64,6 +66,8 @@ def upgrade() -> None:
         "news_item_tickers",
         ["ticker", "published_at", "item_id"],
     )
+    if dialect == "sqlite":  # estimates from 1000 entries per index: seconds, not minutes
+        op.execute("PRAGMA analysis_limit = 1000")
     op.execute("ANALYZE")
 
 
@@ -72,6 +76,7 @@ def downgrade() -> None:
     with op.batch_alter_table("news_item_tickers") as batch:
         batch.drop_column("published_at")
     op.create_index("ix_news_item_tickers_ticker", "news_item_tickers", ["ticker"])
-    op.drop_index("ix_prompts_ticker_as_of", table_name="prompts")
+    op.drop_index("ix_generations_prompt_created", table_name="generations")
+    op.drop_index("ix_prompts_ticker", table_name="prompts")
     op.drop_index("ix_prompts_pending", table_name="prompts")
     op.create_index("ix_prompts_status", "prompts", ["status"])
