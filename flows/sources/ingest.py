@@ -21,16 +21,15 @@ from flows.sources.feeds import TickerMatcher, parse_feed
 from flows.sources.fetcher import FetchError, fetch
 from flows.store.database import (
     FetchRecord,
-    PruneReport,
     Store,
     feed_validators,
     finish_run,
-    prune_news,
     save_fetch,
     start_run,
     stored_keys,
     utc_now,
 )
+from flows.store.retention import PruneReport, prune_news
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ the write lock up front. PostgreSQL (``postgresql+psycopg://``): plain READ COMM
 transactions (row locks do the rest, see ``flows.store.claims``), read transactions that are
 ``READ ONLY`` and ``REPEATABLE READ`` (one snapshot, never a write), and migrations serialized
 by an advisory lock so hosts starting at once do not race. It also runs the Alembic migrations
-on open and holds the feed/news/run writes and reads. Every write happens in one explicit
+on open, holds the feed/news/run writes and reads, and ends every run with fresh planner
+statistics and a truncated WAL (SQLite). Every write happens in one explicit
 transaction: a failure leaves what was stored before untouched. Prompt and generation writes
 live in ``flows.store.generations`` and ``flows.store.claims``; the robot's read-only side in
 ``flows.store.robot``. This module does not fetch, parse or render anything.
@@ -29,7 +30,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, delete, event, insert, select, text
+from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,9 +52,6 @@ CHECKPOINT_BUSY_TIMEOUT_MS = 1_000
 # statistics it writes are estimates, enough for the planner, and keeping them fresh after
 # every run costs tens of milliseconds on a store of any size.
 ANALYSIS_LIMIT_ROWS = 1_000
-# Items deleted per transaction when pruning: short transactions, so the WAL stays small and a
-# reader's snapshot never holds a whole year of deletions.
-PRUNE_BATCH_ITEMS = 5_000
 log = logging.getLogger("flows.store")
 
 
@@ -499,71 +497,6 @@ def list_news(
             }
             for row in rows
         ]
-
-
-@dataclass(frozen=True)
-class PruneReport:
-    """What pruning removed: items, their ticker rows, and the bytes it freed (SQLite: pages
-    now free inside the file, which new rows reuse; the file itself shrinks only by
-    ``VACUUM``. PostgreSQL: the size of the deleted rows, reclaimed by autovacuum)."""
-
-    older_than: datetime
-    items: int
-    tickers: int
-    bytes_freed: int
-
-
-def prune_news(store: Store, older_than: datetime) -> PruneReport:
-    """Delete news items published before ``older_than`` (with their ticker rows), a batch per
-    transaction. Nothing else is touched: forecasts, prompts and signals are never pruned.
-
-    Prompts name their items by dedup key inside ``item_keys_json`` (no foreign key): a pruned
-    key no longer resolves to an item, while the prompt keeps the news as it was rendered.
-    """
-    items = tickers = row_bytes = 0
-    free_before = _free_bytes(store)
-    while True:
-        with store.transaction() as session:
-            batch = list(
-                session.scalars(
-                    select(NewsItem.id)
-                    .where(NewsItem.published_at < older_than)
-                    .order_by(NewsItem.published_at)
-                    .limit(PRUNE_BATCH_ITEMS)
-                )
-            )
-            if not batch:
-                break
-            if store.dialect == "postgresql":
-                row_bytes += _postgres_row_bytes(session, batch)
-            tickers += session.execute(
-                delete(NewsTicker).where(NewsTicker.item_id.in_(batch))
-            ).rowcount
-            items += session.execute(delete(NewsItem).where(NewsItem.id.in_(batch))).rowcount
-    freed = row_bytes if store.dialect == "postgresql" else _free_bytes(store) - free_before
-    return PruneReport(older_than, items, tickers, max(freed, 0))
-
-
-def _free_bytes(store: Store) -> int:
-    if store.dialect != "sqlite":
-        return 0
-    with store.reading() as session:
-        connection = session.connection()
-        pages = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
-        return pages * connection.exec_driver_sql("PRAGMA page_size").scalar()
-
-
-def _postgres_row_bytes(session: Session, item_ids: list[int]) -> int:
-    size = 0
-    for table, column in (("news_items", "id"), ("news_item_tickers", "item_id")):
-        size += session.execute(
-            text(
-                f"SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM {table} AS t "
-                f"WHERE t.{column} = ANY(:ids)"
-            ),
-            {"ids": item_ids},
-        ).scalar()
-    return int(size)
 
 
 def fetch_history(store: Store, feed_name: str | None = None) -> list[dict[str, Any]]:
