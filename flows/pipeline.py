@@ -148,20 +148,21 @@ def ingest(config_path: str) -> dict[str, Any]:
     log.info("ingest: %d feeds, %d new items, %d failed", len(report.feeds), new_items, len(failed))
     for item in failed:
         log.warning("ingest: feed %s failed: %s", item["feed"], item["reason"])
-    if report.pruned is not None:
+    summary = {
+        "run_id": report.run_id,
+        "feeds": len(report.feeds),
+        "new_items": new_items,
+        "failed": failed,
+    }
+    if report.pruned is not None:  # retention is configured
+        summary["pruned_items"] = report.pruned.items
         log.info(
             "ingest: pruned %d news items older than %s (%.1f MB freed)",
             report.pruned.items,
             report.pruned.older_than.date(),
             report.pruned.bytes_freed / 1e6,
         )
-    return {
-        "run_id": report.run_id,
-        "feeds": len(report.feeds),
-        "new_items": new_items,
-        "failed": failed,
-        "pruned_items": report.pruned.items if report.pruned else 0,
-    }
+    return summary
 
 
 @task(name="render", **TRANSIENT_RETRIES)
