@@ -34,7 +34,7 @@ from flows.store.robot import connect_readonly, forecasts_query, read_forecasts
 TICKERS = ("SBER", "GAZP", "LKOH", "YDEX", "AAPL", "NVDA", "ROSN", "MTSS", "MOEX", "ALRS")
 TEMPLATES = ("ticker_outlook_ru", "ticker_outlook_en")
 LAST_NIGHT = datetime(2024, 5, 14, 3, 0, tzinfo=timezone.utc)
-NIGHTS = 40
+NIGHTS = 120  # 2,520 prompts: more than ANALYZE's bounded sample of 1000 entries
 ITEMS_PER_NIGHT = 30
 
 
