@@ -186,6 +186,13 @@ class ScheduleSettings:
     timezone: Annotated[str, AfterValidator(_timezone)] = "Europe/Moscow"
 
 
+@settings_record(frozen=True, config=SETTINGS_CONFIG)
+class RetentionSettings:
+    """How long news items are kept (None: for ever). Forecasts are never pruned."""
+
+    news_days: Annotated[int, Field(ge=1)] | None = None
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     path: Path | None
@@ -200,6 +207,7 @@ class PipelineConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     log_file: Path | None = None
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def database_path(self) -> Path:
@@ -226,6 +234,7 @@ class _Document:
     templates: list = Field(default_factory=list)
     generation: dict = Field(default_factory=dict)
     schedule: dict = Field(default_factory=dict)
+    retention: dict = Field(default_factory=dict)
 
 
 def resolve_config_path(cli_value: str | os.PathLike | None, environ=None) -> Path:
@@ -287,6 +296,7 @@ def _parse(data: Any, base_dir: Path, path: Path | None) -> PipelineConfig:
         generation=_record(GenerationSettings, top.generation, "generation"),
         schedule=_record(ScheduleSettings, top.schedule, "schedule"),
         log_file=resolve(top.log_file) or base_dir / DEFAULT_LOG_NAME,
+        retention=_record(RetentionSettings, top.retention, "retention"),
     )
 
 

@@ -60,7 +60,7 @@ from flows.generation.shards import (
 )
 from flows.prompting.rendering import render_run
 from flows.sources.ingest import ingest_feeds
-from flows.store.database import open_store
+from flows.store.database import open_store, tidy_after_run
 from flows.store.generations import pending_prompts
 
 FLOW_NAME = "news-to-forecast"
@@ -148,12 +148,21 @@ def ingest(config_path: str) -> dict[str, Any]:
     log.info("ingest: %d feeds, %d new items, %d failed", len(report.feeds), new_items, len(failed))
     for item in failed:
         log.warning("ingest: feed %s failed: %s", item["feed"], item["reason"])
-    return {
+    summary = {
         "run_id": report.run_id,
         "feeds": len(report.feeds),
         "new_items": new_items,
         "failed": failed,
     }
+    if report.pruned is not None:  # retention is configured
+        summary["pruned_items"] = report.pruned.items
+        log.info(
+            "ingest: pruned %d news items older than %s (%.1f MB freed)",
+            report.pruned.items,
+            report.pruned.older_than.date(),
+            report.pruned.bytes_freed / 1e6,
+        )
+    return summary
 
 
 @task(name="render", **TRANSIENT_RETRIES)
@@ -254,10 +263,14 @@ def generate(
 
 @task(name="publish", **TRANSIENT_RETRIES)
 def publish(config_path: str, summary: dict[str, Any]) -> str:
-    """Check the run's forecasts are in the robot's view; leave the summary table behind."""
+    """Check the run's forecasts are in the robot's view; leave the summary table behind; end
+    with the store's statistics fresh and its WAL truncated (each step's run did too; this
+    covers a generate step that stopped before recording its run)."""
     from flows.store.robot import read_forecasts
 
     config = load_config(config_path)
+    with open_store(config.database_url) as store:
+        tidy_after_run(store)
     generated = summary.get("generate") or {}
     run_ids = set(generated.get("run_ids") or [generated.get("run_id")]) - {None}
     if run_ids:

@@ -26,6 +26,9 @@ from flows.errors import PipelineError
 
 EXIT_OK, EXIT_ERROR, EXIT_SOME_FEEDS_FAILED = 0, 1, 3
 EXIT_SOME_FAILED = EXIT_SOME_FEEDS_FAILED  # a run in which some feeds or prompts failed
+# Rows `news` and `results` print unless --limit says otherwise: a year of forecasts is 100k
+# rows (hundreds of MB as a table); --limit 0 still prints them all.
+DEFAULT_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,24 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def cut_to_limit(rows: list, limit: int, what: str) -> list:
+    """The first ``limit`` rows (0: all); says on stderr when more matched (``limit + 1`` were
+    read to know)."""
+    if limit and len(rows) > limit:
+        print(
+            f"showing the newest {limit} {what}; more match (--limit N for N, --limit 0 for all)",
+            file=sys.stderr,
+        )
+        return rows[:limit]
+    return rows
+
+
+def non_negative(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
+
+
 def add_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-f", "--format", choices=FORMATS, default="table", help="output format (default table)"
@@ -171,6 +192,13 @@ def _ingest(args: argparse.Namespace) -> int:
         f"{len(report.failed)} failed, {len(report.partial)} partial",
         file=sys.stderr,
     )
+    if report.pruned is not None:
+        print(
+            f"retention: pruned {report.pruned.items} news items published before "
+            f"{report.pruned.older_than:%Y-%m-%d %H:%M}Z "
+            f"({report.pruned.bytes_freed / 1e6:.1f} MB freed)",
+            file=sys.stderr,
+        )
     # A partial feed stored less than it holds (malformed XML, text in an unknown encoding).
     return EXIT_SOME_FEEDS_FAILED if report.failed or report.partial else EXIT_OK
 
@@ -198,12 +226,16 @@ def _news(args: argparse.Namespace) -> int:
     config = load(args)
     with open_store(config.database_url) as store:
         rows = list_news(
-            store, since=args.since, source=args.source, ticker=args.ticker, limit=args.limit
+            store,
+            since=args.since,
+            source=args.source,
+            ticker=args.ticker,
+            limit=args.limit + 1 if args.limit else None,
         )
     columns = ("published_at", "source", "tickers", "title", "summary", "link")
     if args.format != "table":  # a link-only item shows as an empty title in the table
         columns += ("has_text", "text_status")
-    write_rows(rows, columns, args.format, sys.stdout)
+    write_rows(cut_to_limit(rows, args.limit, "news items"), columns, args.format, sys.stdout)
     return EXIT_OK
 
 
@@ -216,9 +248,9 @@ def _results(args: argparse.Namespace) -> int:
         since=args.since,
         ticker=args.ticker,
         template=args.template,
-        limit=args.limit,
+        limit=args.limit + 1 if args.limit else None,
     )
-    rows = [vars(forecast) for forecast in forecasts]
+    rows = cut_to_limit([vars(forecast) for forecast in forecasts], args.limit, "forecasts")
     columns = (
         COLUMNS if args.format != "table" else ("generated_at", "ticker", "template", "forecast")
     )
@@ -356,7 +388,10 @@ def _configure_filters(parser: argparse.ArgumentParser, *extra: str) -> None:
     parser.add_argument("--ticker", metavar="TICKER", help="only this ticker, e.g. SBER")
     for name in extra:
         parser.add_argument(f"--{name}", metavar=name.upper(), help=f"only this {name}")
-    parser.add_argument("--limit", type=int, metavar="N", help="at most N rows")
+    parser.add_argument(
+        "--limit", type=non_negative, default=DEFAULT_LIMIT, metavar="N",
+        help=f"at most N rows, newest first (default {DEFAULT_LIMIT}; 0 = all)",
+    )  # fmt: skip
     add_format(parser)
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import calendar
 import hashlib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from html import unescape
 from html.parser import HTMLParser
@@ -93,25 +93,77 @@ def strip_html(text: str) -> str:
     return " ".join(unescape("".join(extractor.parts)).split())
 
 
+# A word as ``re`` sees it; and a word character outside ASCII, Latin-1 letters and the basic
+# Cyrillic block. Inside those, ``str.lower`` and ``re.IGNORECASE`` agree letter for letter;
+# outside them ``re`` has equivalences ``lower`` lacks (dotless i, long s, the Kelvin sign,
+# old Cyrillic letter forms), so such a text is matched by the plain scan.
+_WORD = re.compile(r"\w+")
+_EXOTIC = re.compile(r"[^\W\x00-\x7f\xc0-\xff\u0400-\u04ff]")
+_SUFFIX_LETTERS = frozenset("абвгдеёжзийклмнопрстуфхцчшщъыьэюя")  # [а-яё], lower-cased
+_MAX_SUFFIX_CHARS = 3  # the inflection a Cyrillic alias may carry
+
+
 class TickerMatcher:
     """Finds watchlist tickers in text.
 
     A ticker matches as a whole word in capitals (``SBER``, ``$NVDA``); an alias matches as a
     whole word in any case, and a Cyrillic alias also with up to three more letters, so
     ``Сбербанк`` matches ``Сбербанка`` and ``Сбербанком``.
+
+    Each ticker keeps its one regular expression (the rules above), but a text is read once:
+    its lower-cased words are looked up in a table of the first word of every ticker and alias
+    (and, for a one-word Cyrillic alias, the word less up to three final Cyrillic letters, its
+    inflection). Only the tickers found there (a superset of the answer, usually none to
+    three) run their expression. The answer is exactly that of running every expression over
+    the text, in watchlist order.
     """
 
     def __init__(self, watchlist: Sequence[WatchlistEntry]):
         self._patterns = []
-        for entry in watchlist:
+        self._by_word: dict[str, set[int]] = {}  # a name's first word, lower-cased
+        self._by_stem: dict[str, set[int]] = {}  # a one-word Cyrillic alias, lower-cased
+        self._always: set[int] = set()  # no plain first word: checked on every text
+        for index, entry in enumerate(watchlist):
             parts = [rf"(?<![\w$])\$?{re.escape(entry.ticker)}(?!\w)"]
             for alias in entry.aliases:
-                suffix = r"[а-яё]{0,3}" if re.search(r"[а-яё]", alias, re.IGNORECASE) else ""
+                inflected = bool(re.search(r"[а-яё]", alias, re.IGNORECASE))
+                suffix = r"[а-яё]{0,3}" if inflected else ""
                 parts.append(rf"(?i:(?<!\w){re.escape(alias)}{suffix}(?!\w))")
+                first = _WORD.search(alias)
+                if inflected and first is not None and first.end() == len(alias):
+                    self._by_stem.setdefault(first.group().lower(), set()).add(index)
             self._patterns.append((entry.ticker, re.compile("|".join(parts))))
+            for name in (entry.ticker, *entry.aliases):
+                first = _WORD.search(name)
+                if first is None or _EXOTIC.search(name):
+                    self._always.add(index)
+                else:
+                    self._by_word.setdefault(first.group().lower(), set()).add(index)
 
     def match(self, text: str) -> tuple[str, ...]:
-        return tuple(ticker for ticker, pattern in self._patterns if pattern.search(text))
+        if _EXOTIC.search(text):
+            candidates = range(len(self._patterns))
+        else:
+            candidates = sorted(self._candidates(set(_WORD.findall(text.lower()))))
+        return tuple(
+            ticker
+            for ticker, pattern in (self._patterns[index] for index in candidates)
+            if pattern.search(text)
+        )
+
+    def _candidates(self, words: set[str]) -> set[int]:
+        found = set(self._always)
+        for word in words:
+            hits = self._by_word.get(word)
+            if hits:
+                found |= hits
+            for cut in range(1, min(_MAX_SUFFIX_CHARS, len(word) - 1) + 1):
+                if word[-cut] not in _SUFFIX_LETTERS:
+                    break
+                hits = self._by_stem.get(word[:-cut])
+                if hits:
+                    found |= hits
+        return found
 
 
 def dedup_key(source: str, guid: str | None, link: str | None, title: str, summary: str) -> str:
@@ -146,11 +198,15 @@ def parse_feed(
     matcher: TickerMatcher | None = None,
     base_url: str | None = None,
     encoding: str | None = None,
+    stored: Callable[[list[str]], Collection[str]] | None = None,
 ) -> ParsedFeed:
     """Parse one feed's bytes into items; raise ``FeedError`` when nothing usable is in them.
 
     ``base_url`` is what relative links resolve against when no ``xml:base`` says otherwise
     (the fetcher's ``FetchResponse.base_url``); ``encoding`` is the config's override.
+    ``stored`` answers which of the items' dedup keys are stored already (ingest passes the
+    store's): those items are returned unmatched (no tickers), since saving skips them anyway
+    and matching is most of the cost of an item.
     """
     decoded = decode_feed(body, content_type=content_type, override=encoding)
     headers = {"content-type": "application/xml; charset=utf-8"}
@@ -168,11 +224,17 @@ def parse_feed(
             raise FeedError(problem)
         if not parsed.get("version"):
             raise FeedError("not an RSS or Atom feed")
-    items = []
-    for entry in parsed.entries:
-        item = _normalise(entry, source=source, fetched_at=fetched_at, matcher=matcher)
-        if item is not None:
-            items.append(item)
+    normalised = [
+        _normalise(entry, source=source, fetched_at=fetched_at) for entry in parsed.entries
+    ]
+    normalised = [pair for pair in normalised if pair is not None]
+    known = stored([item.dedup_key for item, _ in normalised]) if stored and normalised else ()
+    items = [
+        replace(item, tickers=matcher.match(text))
+        if matcher and item.dedup_key not in known
+        else item
+        for item, text in normalised
+    ]
     if parsed.entries and not items:
         problem = problem or "no entry had a title, summary or link"
     feed = parsed.get("feed") or {}
@@ -200,7 +262,8 @@ def _field_text(value: str | None, detail) -> str:
     return strip_html(value or "")
 
 
-def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatcher | None):
+def _normalise(entry, *, source: str, fetched_at: datetime) -> tuple[NewsItem, str] | None:
+    """The item (without tickers) and the text its tickers are matched in."""
     title = _field_text(entry.get("title"), entry.get("title_detail"))
     summary = _field_text(entry.get("summary"), entry.get("summary_detail"))
     if not summary and entry.get("content"):
@@ -217,8 +280,7 @@ def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatch
             published_at = datetime.fromtimestamp(calendar.timegm(moment), tz=timezone.utc)
             estimated = False
             break
-    tickers = matcher.match(f"{title}\n{summary}") if matcher else ()
-    return NewsItem(
+    item = NewsItem(
         source=source,
         title=title or summary[:120],
         summary=summary,
@@ -226,6 +288,7 @@ def _normalise(entry, *, source: str, fetched_at: datetime, matcher: TickerMatch
         guid=guid,
         published_at=published_at,
         published_estimated=estimated,
-        tickers=tickers,
+        tickers=(),
         dedup_key=dedup_key(source, guid, link, title, summary),
     )
+    return item, f"{title}\n{summary}"

@@ -3,14 +3,17 @@
 Glue between ``flows.sources.fetcher``, ``flows.sources.feeds`` and ``flows.store.database``.
 Owns the per-feed outcome
 (ok, partial, not_modified, failed) and the rule that one bad feed is recorded with its reason
-and never stops the others. Each feed is saved in its own transaction. It does not schedule or
-retry whole runs; the caller (CLI, a Prefect flow) does.
+and never stops the others. Each feed is saved in its own transaction, its stored items
+recognised before any ticker matching. With ``retention.news_days`` set, the run ends by
+pruning older news. It does not schedule or retry whole runs; the caller (CLI, a Prefect
+flow) does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 from flows.config import FeedConfig, PipelineConfig
 from flows.errors import FeedError
@@ -23,8 +26,10 @@ from flows.store.database import (
     finish_run,
     save_fetch,
     start_run,
+    stored_keys,
     utc_now,
 )
+from flows.store.retention import PruneReport, prune_news
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class FeedReport:
 class IngestReport:
     run_id: int
     feeds: tuple[FeedReport, ...]
+    pruned: PruneReport | None = None  # with ``retention.news_days`` set
 
     @property
     def failed(self) -> tuple[FeedReport, ...]:
@@ -65,10 +71,16 @@ def ingest_feeds(
     matcher = TickerMatcher(config.watchlist)
     run_id = start_run(store, "ingest", {"feeds": [feed.name for feed in feeds]})
     reports = tuple(ingest_feed(feed, store, matcher, run_id=run_id) for feed in feeds)
+    pruned = None
+    if config.retention.news_days is not None:
+        pruned = prune_news(store, utc_now() - timedelta(days=config.retention.news_days))
     failed = sum(report.status == "failed" for report in reports)
     status = "ok" if not failed else ("failed" if failed == len(reports) else "partial")
-    finish_run(store, run_id, status, {"feeds": [asdict(report) for report in reports]})
-    return IngestReport(run_id=run_id, feeds=reports)
+    details = {"feeds": [asdict(report) for report in reports]}
+    if pruned is not None:
+        details["pruned"] = {**asdict(pruned), "older_than": pruned.older_than.isoformat()}
+    finish_run(store, run_id, status, details)
+    return IngestReport(run_id=run_id, feeds=reports, pruned=pruned)
 
 
 def ingest_feed(
@@ -112,6 +124,7 @@ def ingest_feed(
             matcher=matcher,
             base_url=response.base_url,
             encoding=feed.encoding,
+            stored=lambda keys: stored_keys(store, keys),  # duplicates are never matched
         )
     except FeedError as error:
         # Keep the old validators: the next run must fetch this feed in full again.

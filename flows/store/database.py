@@ -6,7 +6,8 @@ the write lock up front. PostgreSQL (``postgresql+psycopg://``): plain READ COMM
 transactions (row locks do the rest, see ``flows.store.claims``), read transactions that are
 ``READ ONLY`` and ``REPEATABLE READ`` (one snapshot, never a write), and migrations serialized
 by an advisory lock so hosts starting at once do not race. It also runs the Alembic migrations
-on open and holds the feed/news/run writes and reads. Every write happens in one explicit
+on open, holds the feed/news/run writes and reads, and ends every run with fresh planner
+statistics and a truncated WAL (SQLite). Every write happens in one explicit
 transaction: a failure leaves what was stored before untouched. Prompt and generation writes
 live in ``flows.store.generations`` and ``flows.store.claims``; the robot's read-only side in
 ``flows.store.robot``. This module does not fetch, parse or render anything.
@@ -15,7 +16,9 @@ live in ``flows.store.generations`` and ``flows.store.claims``; the robot's read
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, or_, select
+from sqlalchemy import create_engine, event, insert, or_, select
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +44,20 @@ BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_S = 10
 # Any fixed number shared by every process that migrates the same PostgreSQL database.
 MIGRATION_LOCK_ID = 0x59414C4D  # "YALM"
+# How long the end-of-run checkpoint waits for a reader still on an old snapshot: a robot that
+# reads in short transactions (docs/database.md) is gone in milliseconds; one that is not gets
+# its WAL truncated by the next run instead of holding this one's writer back.
+CHECKPOINT_BUSY_TIMEOUT_MS = 1_000
+# ANALYZE reads at most this many entries of each index (SQLite's advice: 400 to 1000): the
+# statistics it writes are estimates, enough for the planner, and keeping them fresh after
+# every run costs tens of milliseconds on a store of any size...
+ANALYSIS_LIMIT_ROWS = 1_000
+# ... except for the tables behind forecasts_v1, analysed exactly: estimated row counts that
+# disagree between prompts and generations (each taken from another index's first entries)
+# made the planner read the newest forecasts by scanning every prompt and sorting. Exact
+# statistics for them cost ~0.1 s per 100k forecasts.
+EXACT_STATISTICS_TABLES = ("prompts", "generations")
+log = logging.getLogger("flows.store")
 
 
 def utc_now() -> datetime:
@@ -250,6 +267,60 @@ def finish_run(store: Store, run_id: int, status: str, details: dict[str, Any] |
         run.status, run.finished_at = status, utc_now()
         if details is not None:
             run.details_json = json.dumps(details, ensure_ascii=False, sort_keys=True)
+    tidy_after_run(store)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What ``PRAGMA wal_checkpoint(TRUNCATE)`` did: ``busy`` when a reader kept it from
+    finishing (the WAL then stays until the next run's checkpoint)."""
+
+    busy: bool
+    wal_pages: int
+    checkpointed_pages: int
+
+
+def tidy_after_run(store: Store) -> Checkpoint | None:
+    """End of a run: refresh the planner's statistics, then move the WAL into the database
+    file and truncate it to zero bytes. SQLite only (PostgreSQL's autovacuum does both).
+
+    The statistics come from ``ANALYZE`` (bounded, but exact for ``forecasts_v1``'s tables)
+    rather than ``PRAGMA optimize``: SQLite 3.40's optimize analyses only tables this
+    connection has queried, so a store could go without statistics for good, and one ticker's
+    read needs them to pick its covering index.
+
+    Read-only connections (the robot's) can never checkpoint, and a writer that closes while
+    one is connected leaves its WAL behind, however large; so every run truncates it here.
+    """
+    if store.dialect != "sqlite":
+        return None
+    connection = store.engine.raw_connection()  # autocommit: no transaction around PRAGMAs
+    try:
+        cursor = connection.cursor()
+        cursor.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT_ROWS}")
+        cursor.execute("ANALYZE")
+        cursor.execute("PRAGMA analysis_limit = 0")
+        for table in EXACT_STATISTICS_TABLES:
+            cursor.execute(f"ANALYZE {table}")
+        cursor.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+        try:
+            busy, wal_pages, moved = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{describe_url(store.engine.url)}: end-of-run checkpoint: {exc}") from exc
+    finally:
+        connection.close()
+    checkpoint = Checkpoint(bool(busy), wal_pages, moved)
+    if checkpoint.busy:
+        log.warning(
+            "%s: WAL not truncated (%d pages): a reader still holds an old snapshot; the next "
+            "run truncates it (readers: keep read transactions short, see docs/database.md)",
+            describe_url(store.engine.url),
+            wal_pages,
+        )
+    return checkpoint
 
 
 # ---- feeds and news --------------------------------------------------------------------------
@@ -285,8 +356,7 @@ def save_fetch(
     """Record one fetch and insert its new items (deduplicated); returns how many were new.
 
     ``items`` are ``flows.sources.feeds.NewsItem``. The feed's stored validators change only when
-    the
-    fetch produced a body, so a failed fetch never loses the ETag of the last good one.
+    the fetch produced a body, so a failed fetch never loses the ETag of the last good one.
     """
     fetched_at = record.fetched_at or utc_now()
     with store.transaction() as session:
@@ -300,31 +370,15 @@ def save_fetch(
             feed.last_ok_at = fetched_at
         if record.status in ("ok", "partial"):
             feed.etag, feed.last_modified = record.etag, record.last_modified
-        keys = [item.dedup_key for item in items]
-        existing = set(
-            session.scalars(select(NewsItem.dedup_key).where(NewsItem.dedup_key.in_(keys)))
-        )
-        new_count = 0
+        existing = _stored_keys(session, [item.dedup_key for item in items])
+        new_items = []
         for item in items:
-            if item.dedup_key in existing:
-                continue
-            existing.add(item.dedup_key)
-            row = NewsItem(
-                dedup_key=item.dedup_key,
-                feed_id=feed.id,
-                source=item.source,
-                guid=item.guid,
-                title=item.title,
-                summary=item.summary,
-                link=item.link,
-                published_at=item.published_at,
-                published_estimated=item.published_estimated,
-                fetched_at=fetched_at,
-            )
-            session.add(row)
-            session.flush()
-            session.add_all(NewsTicker(item_id=row.id, ticker=ticker) for ticker in item.tickers)
-            new_count += 1
+            if item.dedup_key not in existing:
+                existing.add(item.dedup_key)
+                new_items.append(item)
+        if new_items:
+            _insert_items(session, new_items, feed.id, fetched_at)
+        new_count = len(new_items)
         session.add(
             Fetch(
                 feed_id=feed.id,
@@ -345,6 +399,59 @@ def save_fetch(
         return new_count
 
 
+def _insert_items(session: Session, items: Sequence, feed_id: int, fetched_at: datetime) -> None:
+    """Insert new items and their tickers: two multi-row inserts and one query, not a round
+    trip per item."""
+    session.execute(
+        insert(NewsItem),
+        [
+            {
+                "dedup_key": item.dedup_key,
+                "feed_id": feed_id,
+                "source": item.source,
+                "guid": item.guid,
+                "title": item.title,
+                "summary": item.summary,
+                "link": item.link,
+                "published_at": item.published_at,
+                "published_estimated": item.published_estimated,
+                "fetched_at": fetched_at,
+            }
+            for item in items
+        ],
+    )
+    tagged = [item for item in items if item.tickers]
+    if not tagged:
+        return
+    ids = dict(
+        session.execute(
+            select(NewsItem.dedup_key, NewsItem.id).where(
+                NewsItem.dedup_key.in_([item.dedup_key for item in tagged])
+            )
+        ).all()
+    )
+    session.execute(
+        insert(NewsTicker),
+        [
+            {"item_id": ids[item.dedup_key], "ticker": ticker, "published_at": item.published_at}
+            for item in tagged
+            for ticker in item.tickers
+        ],
+    )
+
+
+def _stored_keys(session: Session, keys: Sequence[str]) -> set[str]:
+    if not keys:
+        return set()
+    return set(session.scalars(select(NewsItem.dedup_key).where(NewsItem.dedup_key.in_(keys))))
+
+
+def stored_keys(store: Store, keys: Sequence[str]) -> set[str]:
+    """Which of these dedup keys are already stored (ingest matches tickers only for the rest)."""
+    with store.reading() as session:
+        return _stored_keys(session, list(keys))
+
+
 def list_news(
     store: Store,
     *,
@@ -359,24 +466,30 @@ def list_news(
 
     ``text_only`` keeps only what a prompt may use: items with a title or summary whose text is
     not flagged garbled (link-only items are stored for provenance, ``has_text`` false).
+    With ``ticker`` the time window and the order are read from ``news_item_tickers`` (which
+    repeats each item's time), so the cost follows the window's items of that ticker, not
+    every item ever tagged with it.
     """
-    query = select(NewsItem).order_by(NewsItem.published_at.desc(), NewsItem.id.desc())
+    query = select(NewsItem)
+    published_at, item_id = NewsItem.published_at, NewsItem.id
+    if ticker:
+        published_at, item_id = NewsTicker.published_at, NewsTicker.item_id
+        query = query.join(NewsTicker, NewsTicker.item_id == NewsItem.id).where(
+            NewsTicker.ticker == ticker
+        )
+    query = query.order_by(published_at.desc(), item_id.desc())
     if text_only:
         query = query.where(
             or_(NewsItem.title != "", NewsItem.summary != ""),
             or_(NewsItem.text_status.is_(None), NewsItem.text_status != "garbled"),
         )
     if since is not None:
-        query = query.where(NewsItem.published_at >= since)
+        query = query.where(published_at >= since)
     if until is not None:
-        query = query.where(NewsItem.published_at <= until)
+        query = query.where(published_at <= until)
     if source:
         sources = [source] if isinstance(source, str) else list(source)
         query = query.where(NewsItem.source.in_(sources))
-    if ticker:
-        query = query.where(
-            NewsItem.id.in_(select(NewsTicker.item_id).where(NewsTicker.ticker == ticker))
-        )
     if limit is not None:
         query = query.limit(limit)
     with store.reading() as session:

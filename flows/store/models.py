@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -103,13 +103,37 @@ class NewsItem(Base):
 
 
 class NewsTicker(Base):
+    """A ticker an item names. ``published_at`` repeats the item's, so that one index walks a
+    ticker's news of a time window, newest first, however long the history behind it."""
+
     __tablename__ = "news_item_tickers"
+    __table_args__ = (
+        Index("ix_news_item_tickers_ticker_published", "ticker", "published_at", "item_id"),
+    )
     item_id: Mapped[int] = mapped_column(ForeignKey("news_items.id"), primary_key=True)
-    ticker: Mapped[str] = mapped_column(String(16), primary_key=True, index=True)
+    ticker: Mapped[str] = mapped_column(String(16), primary_key=True)
+    published_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+
+
+# The queue's index holds only pending prompts: the few a night's work still needs, in the
+# order claims take them. An index on status for every row would match nearly all of them
+# ("done") and lure the planner into reading forecasts_v1 through it.
+PENDING = "status = 'pending'"
 
 
 class Prompt(Base):
     __tablename__ = "prompts"
+    __table_args__ = (
+        Index(
+            "ix_prompts_pending",
+            "created_at",
+            "key",
+            sqlite_where=text(PENDING),
+            postgresql_where=text(PENDING),
+        ),
+        # One ticker's done prompts, and the key that finds their forecasts, without a row read.
+        Index("ix_prompts_ticker", "ticker", "status", "as_of", "key"),
+    )
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     template_name: Mapped[str] = mapped_column(String(128))
     template_version: Mapped[int] = mapped_column(Integer)
@@ -124,7 +148,7 @@ class Prompt(Base):
     sampling_json: Mapped[str] = mapped_column(Text)
     item_keys_json: Mapped[str] = mapped_column(Text)
     items_dropped: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | done | failed
+    status: Mapped[str] = mapped_column(String(16))  # pending | done | failed
     error: Mapped[str | None] = mapped_column(Text)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
     created_at: Mapped[datetime] = mapped_column(UtcTimestamp)
@@ -139,6 +163,9 @@ class Generation(Base):
     """A finished forecast with everything needed to say how it was made."""
 
     __tablename__ = "generations"
+    # With the unique key's own index this looks redundant; it is what lets one ticker's
+    # forecasts be ordered by time from index entries alone (flows.store.robot).
+    __table_args__ = (Index("ix_generations_prompt_created", "prompt_key", "created_at"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), unique=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))

@@ -106,33 +106,26 @@ def read_forecasts(
     since: datetime | str | None = None,
     ticker: str | None = None,
     template: str | None = None,
+    forecast_id: int | None = None,
     limit: int | None = None,
 ) -> list[Forecast]:
     """Finished forecasts, newest first; ``since`` filters on ``generated_at`` (inclusive).
 
     ``database``: a SQLite path or ``sqlite:///`` URL, a ``postgresql://`` URL, or a connection
-    from ``connect_readonly`` (kept open for the caller).
+    from ``connect_readonly`` (kept open for the caller). Each call is one short read
+    transaction, so a robot that polls on one connection never holds the writer back.
     """
     owned = isinstance(database, (str, Path))
     connection = connect_readonly(database) if owned else database
     postgres = not isinstance(connection, sqlite3.Connection)
-    mark = "%s" if postgres else "?"
-    clauses, params = [], []
-    if since is not None:
-        clauses.append(f"generated_at >= {mark}")
-        params.append(_utc_text(since))
-    if ticker is not None:
-        clauses.append(f"ticker = {mark}")
-        params.append(ticker)
-    if template is not None:
-        clauses.append(f"template = {mark}")
-        params.append(template)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    order = " ORDER BY generated_at DESC, forecast_id DESC"
-    query = f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}"
-    if limit is not None:
-        query += f" LIMIT {mark}"
-        params.append(int(limit))
+    query, params = forecasts_query(
+        since=since,
+        ticker=ticker,
+        template=template,
+        forecast_id=forecast_id,
+        limit=limit,
+        mark="%s" if postgres else "?",
+    )
     try:
         rows = (
             _postgres_rows(connection, query, params)
@@ -143,6 +136,45 @@ def read_forecasts(
         if owned:
             connection.close()
     return [Forecast(*row) for row in rows]
+
+
+def forecasts_query(
+    *,
+    since: datetime | str | None = None,
+    ticker: str | None = None,
+    template: str | None = None,
+    forecast_id: int | None = None,
+    limit: int | None = None,
+    mark: str = "?",
+) -> tuple[str, list]:
+    """The SQL ``read_forecasts`` sends and its parameters (``mark``: the driver's placeholder).
+
+    Every filter is a column the store indexes (docs/database.md), so a read costs about the
+    rows it returns, not the forecasts stored. One ticker's forecasts are chosen first by
+    their ids alone (an inner query the store answers from two covering indexes, without
+    reading a forecast's text), then only the chosen rows are read: a ticker's whole history
+    is sorted as index entries, never as rows.
+    """
+    clauses, params = [], []
+    for column, value in (
+        ("generated_at >=", None if since is None else _utc_text(since)),
+        ("ticker =", ticker),
+        ("template =", template),
+        ("forecast_id =", None if forecast_id is None else int(forecast_id)),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {mark}")
+            params.append(value)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    order = " ORDER BY generated_at DESC, forecast_id DESC"
+    cut = ""
+    if limit is not None:
+        cut = f" LIMIT {mark}"
+        params.append(int(limit))
+    if ticker is not None:
+        chosen = f"SELECT forecast_id FROM {VIEW}{where}{order}{cut}"
+        where, cut = f" WHERE forecast_id IN ({chosen})", ""
+    return f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}{cut}", params
 
 
 def _sqlite_rows(connection: sqlite3.Connection, query: str, params: list) -> list[tuple]:

@@ -127,6 +127,17 @@ def test_ingest_news_render_results(served_config: Path, capsys):
     assert len(lines) == 2 + 7  # header, rule, one line per forecast (newlines folded)
     assert "Прогноз для SBER: рост. Риски: ставка." in out
 
+    # A limit that cuts the list says so on stderr; one that does not, says nothing.
+    code, out, err = run(["results", *config, "--format", "json", "--limit", "3"], capsys)
+    assert code == 0 and len(json.loads(out)) == 3
+    assert "showing the newest 3 forecasts; more match" in err
+    code, out, err = run(["results", *config, "--format", "json", "--limit", "7"], capsys)
+    assert len(json.loads(out)) == 7 and "showing" not in err
+    code, out, err = run(["results", *config, "--format", "json", "--limit", "0"], capsys)
+    assert len(json.loads(out)) == 7 and "showing" not in err
+    code, out, err = run(["news", *config, "--format", "json", "--limit", "2"], capsys)
+    assert len(json.loads(out)) == 2 and "showing the newest 2 news items" in err
+
 
 def test_ingest_exit_code_says_some_feeds_failed(feed_server, tmp_path: Path, capsys):
     feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
@@ -195,6 +206,10 @@ def test_bad_arguments_are_usage_errors(capsys):
     assert "expected 24h, 7d, 30m or an ISO date" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["news", "--no-such-flag"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["results", "--limit", "-1"])
+    assert exit_info.value.code == 2
+    assert "'-1': expected a whole number >= 0" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs(tmp_path: Path):
