@@ -57,7 +57,7 @@ class Night(Base):
 
     __tablename__ = "nights"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    as_of: Mapped[datetime] = mapped_column(UtcTimestamp)
+    as_of: Mapped[datetime] = mapped_column(UtcTimestamp, index=True)
     started_at: Mapped[datetime] = mapped_column(UtcTimestamp)
     finished_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
     # running | done | partial | interrupted | failed
@@ -73,7 +73,7 @@ class NightFailure(Base):
 
     __tablename__ = "night_failures"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    night_id: Mapped[int] = mapped_column(ForeignKey("nights.id"))
+    night_id: Mapped[int] = mapped_column(ForeignKey("nights.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # feed | template | prompt
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int | None] = mapped_column(Integer)

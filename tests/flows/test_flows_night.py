@@ -176,7 +176,7 @@ def test_a_signal_mid_generation_stops_the_night_fast_and_the_rerun_finishes_it(
         [*command, "--as-of", AS_OF], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
-    out, err = child.communicate(timeout=600)
+    _, err = child.communicate(timeout=600)
     ended_at = time.time()
     assert child.returncode == code, err[-3000:]
     assert ended_at - float(stamp.read_text()) < 10.0
