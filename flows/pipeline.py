@@ -58,7 +58,7 @@ from flows.generation.shards import (
 )
 from flows.night.runner import publish_summary, run_night
 from flows.night.steps import NightRef, Step, generate_step, ingest_step, render_step
-from flows.night.summaries import Failure, GenerateSummary, NightSummary
+from flows.night.summaries import Failure, GenerateSummary, NightSummary, Outcome
 from flows.store.database import open_store
 from flows.store.generations import pending_prompts
 
@@ -220,12 +220,31 @@ def _night_run_name() -> str:
     return f"night of {as_of}"
 
 
+def night_state(summary: NightSummary):
+    """The flow run's final state for how the night ended (docs/night.md): ``Completed`` when
+    done; ``Failed`` named ``Partial`` for a partial night (red in the UI and counted, the cause
+    as its message); ``Cancelled`` when interrupted; ``Failed`` when nothing could run. The
+    summary is the state's data either way (``state.result(raise_on_failure=False)``)."""
+    from prefect.states import Cancelled, Completed, Failed
+
+    cause = summary.cause()
+    outcome = summary.outcome
+    if outcome is Outcome.DONE:
+        return Completed(data=summary, message=f"done: {summary.stored} forecasts stored")
+    if outcome is Outcome.PARTIAL:
+        return Failed(data=summary, name="Partial", message=f"partial: {cause}")
+    if outcome is Outcome.INTERRUPTED:
+        return Cancelled(data=summary, message=f"interrupted: {cause}")
+    return Failed(data=summary, message=f"failed: {cause}")
+
+
 @flow(name=FLOW_NAME, log_prints=True, flow_run_name=_night_run_name)
-def news_to_forecast(config_path: str, as_of: str | None = None) -> NightSummary:
+def news_to_forecast(config_path: str, as_of: str | None = None):
     """Fetch the feeds, render the prompts, generate the forecasts, publish the night's summary.
 
     ``as_of`` (ISO time) renders as if it were then; default now. A failed step stops the night
-    with its cause (``summary.stopped``), a failed feed, template or prompt only itself.
+    with its cause (``summary.stopped``), a failed feed, template or prompt only itself. The
+    run ends in the state ``night_state`` maps the outcome to; its data is the ``NightSummary``.
     """
     attach_log_file(load_config(config_path).log_file)
     moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
@@ -235,7 +254,7 @@ def news_to_forecast(config_path: str, as_of: str | None = None) -> NightSummary
     except Exception as exc:  # the forecasts are stored: the table is only a copy of the news
         log.error("publish failed: %s", exc, exc_info=exc)
         summary.markdown = run_markdown(summary)
-    return summary
+    return night_state(summary)
 
 
 def generate_all(config_path: str, night: NightRef) -> GenerateSummary:

@@ -254,7 +254,11 @@ def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
         logging.getLogger("flows.preflight").error("preflight: %s", failure.line())
     path = str(config_file.resolve())
     if _prefect_server_configured():
-        summary = _start_prefect().news_to_forecast(config_path=path, as_of=as_of)
+        flow = _start_prefect().news_to_forecast
+        state = flow(config_path=path, as_of=as_of, return_state=True)
+        summary = state.result(raise_on_failure=False)
+        if isinstance(summary, BaseException):  # the flow itself crashed: not one of ours
+            raise summary
     else:
         summary = _night_here(path, as_of)
     sys.stdout.write(summary.markdown)

@@ -164,6 +164,18 @@ def test_run_command_refuses_a_bad_model_before_fetching_then_ends_partial_on_a_
     log_text = load_config(fixed).log_file.read_text(encoding="utf-8")
     assert "ingest: feed atom failed: HTTP 404" in log_text
 
+    # The UI shows the partial night as such, named after its night, with the cause.
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    assert run.name.startswith("night of 2024-05-14T06:00:00")
+    assert (run.state.name, run.state.message) == (
+        "Partial",
+        "partial: 1 failed: feed atom: HTTP 404 Not Found",
+    )
+
 
 def test_demo_then_results_in_the_same_folder(prefect_harness, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
