@@ -196,3 +196,19 @@ def test_a_signal_mid_generation_stops_the_night_fast_and_the_rerun_finishes_it(
     assert table(config, FORECASTS) == expected
     outcomes = [night.outcome for night in read_runs(load_config(config).database_url)]
     assert outcomes == ["done", "interrupted"]
+
+
+def test_the_preflight_passes_without_importing_prefect(feed_server, tiny_store, tmp_path):
+    config = night_config(tmp_path / "night", feed_server, tiny_store)
+    code = (
+        "import sys\n"
+        "from flows.night.preflight import preflight\n"
+        f"report = preflight({str(config)!r})\n"
+        "assert not report.template_failures, report.template_failures\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'prefect', 'httpx'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "[]\n"

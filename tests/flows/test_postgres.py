@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from claim_worker import forecast_text, target_ids
 from flows_testkit import wait_for
 from sqlalchemy import text
@@ -36,7 +37,7 @@ from flows.store.claims import (
     release_claims,
     renew_claims,
 )
-from flows.store.database import open_store
+from flows.store.database import _alembic_config, open_store
 from flows.store.generations import (
     load_generation_state,
     mark_prompt_failed,
@@ -118,7 +119,10 @@ def test_migrations_upgrade_on_postgres_and_match_the_models(pg_url):
         with store.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
-            assert version.scalar() == "0002_prompt_claims"
+            assert (
+                version.scalar()
+                == ScriptDirectory.from_config(_alembic_config()).get_current_head()
+            )
             columns = connection.exec_driver_sql(
                 "SELECT column_name FROM information_schema.columns"
                 f" WHERE table_name = '{VIEW}' ORDER BY ordinal_position"
@@ -159,6 +163,27 @@ def test_robot_view_returns_the_same_rows_on_postgres_as_on_sqlite(pg_store, tmp
         assert [row.prompt_key for row in everything] == ["k3", "k2", "k1", "k0"]
         assert [row.news_count for row in everything] == [1, 5, 0, 2]
         assert everything[1].ticker is None
+
+
+def test_runs_v1_reads_the_same_nights_on_sqlite_and_postgres(any_store, tmp_path):
+    from flows.store.nights import finish_night, record_failures, start_night
+    from flows.store.robot import read_runs
+
+    as_of = datetime(2024, 5, 14, 6, 0, tzinfo=timezone.utc)
+    night = start_night(any_store, as_of)
+    record_failures(any_store, night, as_of, [("template", "broken", 2, "'tickr' is undefined")])
+    finish_night(any_store, night, "partial", stored=6, failed=0, cause="1 failed: template")
+    running = start_night(any_store, as_of)
+    url = any_store.engine.url.render_as_string(False)
+    if any_store.dialect == "sqlite":
+        url = url.removeprefix("sqlite:///")
+    rows = read_runs(url)
+    assert [(row.night_id, row.outcome, row.forecasts_stored) for row in rows] == [
+        (running, "running", 0),
+        (night, "partial", 6),
+    ]
+    assert rows[1].as_of == "2024-05-14T06:00:00Z" and rows[1].cause == "1 failed: template"
+    assert rows[0].finished_at is None and rows[1].finished_at is not None
 
 
 # ---- read-only access ------------------------------------------------------------------------
