@@ -25,3 +25,28 @@ class TemplateError(PipelineError):
 
 class StoreError(PipelineError):
     """The database cannot be opened, migrated, read or written as asked."""
+
+
+class NightInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a night (``signum`` says which); what was stored stays."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt_signal(exc: BaseException) -> int | None:
+    """The signal's number when ``exc`` means a signal stopped the work (Ctrl-C, SIGTERM, the
+    job core's ``GenerationInterrupted``, Prefect's ``TerminationSignal``), else None."""
+    import signal
+
+    signum = getattr(exc, "signum", None) or getattr(exc, "signal", None)
+    if isinstance(exc, KeyboardInterrupt):
+        return int(signum or signal.SIGINT)
+    if type(exc).__name__ in ("GenerationInterrupted", "TerminationSignal") and signum:
+        return int(signum)
+    return None
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    return interrupt_signal(exc) is not None

@@ -39,18 +39,16 @@ import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.commands.console import attach_log_file, progress, run_markdown
+from flows.commands.console import attach_log_file, run_markdown
 from flows.config import load_config
 from flows.errors import PipelineError
-from flows.generation.devicelock import device_locks
-from flows.generation.forecasting import generate_pending
 from flows.generation.shards import (
     check_shard,
     in_shard,
@@ -58,9 +56,10 @@ from flows.generation.shards import (
     shard_worker_id,
     split_round_robin,
 )
-from flows.prompting.rendering import render_run
-from flows.sources.ingest import ingest_feeds
-from flows.store.database import open_store, tidy_after_run
+from flows.night.runner import publish_summary, run_night
+from flows.night.steps import NightRef, Step, generate_step, ingest_step, render_step
+from flows.night.summaries import Failure, GenerateSummary, NightSummary, Outcome
+from flows.store.database import open_store
 from flows.store.generations import pending_prompts
 
 FLOW_NAME = "news-to-forecast"
@@ -68,7 +67,8 @@ SHARD_FLOW_NAME = "generate-shard"
 GPU_LIMIT = "yalm-forecast-gpu"
 GPU_LEASE_S = 120.0  # renewed while generating; a dead holder's slot returns after this
 ARTIFACT_KEY = "news-to-forecast-run"
-RETRY_DELAYS_S = [10, 60]
+RETRY_DELAY_S = 30  # one number: the UI shows a list of delays as "NaNs"
+RETRIES = 2
 log = logging.getLogger("flows.pipeline")
 
 _NOT_TRANSIENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -131,87 +131,35 @@ def _retry_if_transient(task_, task_run, state) -> bool:
 
 
 TRANSIENT_RETRIES = dict(
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
     retry_condition_fn=_retry_if_transient,
 )
 
 
-@task(name="ingest", **TRANSIENT_RETRIES)
-def ingest(config_path: str) -> dict[str, Any]:
-    """Fetch every enabled feed and store the new items."""
-    config = load_config(config_path)
-    with open_store(config.database_url) as store:
-        report = ingest_feeds(config, store)
-    failed = [{"feed": feed.feed, "reason": feed.reason} for feed in report.failed]
-    new_items = sum(feed.items_new for feed in report.feeds)
-    log.info("ingest: %d feeds, %d new items, %d failed", len(report.feeds), new_items, len(failed))
-    for item in failed:
-        log.warning("ingest: feed %s failed: %s", item["feed"], item["reason"])
-    summary = {
-        "run_id": report.run_id,
-        "feeds": len(report.feeds),
-        "new_items": new_items,
-        "failed": failed,
-    }
-    if report.pruned is not None:  # retention is configured
-        summary["pruned_items"] = report.pruned.items
-        log.info(
-            "ingest: pruned %d news items older than %s (%.1f MB freed)",
-            report.pruned.items,
-            report.pruned.older_than.date(),
-            report.pruned.bytes_freed / 1e6,
-        )
-    return summary
-
-
-@task(name="render", **TRANSIENT_RETRIES)
-def render(config_path: str, as_of: str | None = None) -> dict[str, Any]:
-    """Render the configured templates over stored news into pending prompts."""
-    from flows.generation.model import resolve_tokenizer_path
-    from yalm_runner.tokenizer import Tokenizer
-
-    config = load_config(config_path)
-    tokenizer = Tokenizer(resolve_tokenizer_path(config))
-    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
-    with open_store(config.database_url) as store:
-        outcomes = render_run(
-            config, store, count_tokens=lambda text: len(tokenizer.encode(text)), as_of=moment
-        )
-    counts = {status: 0 for status in ("new", "existing", "skipped")}
-    for outcome in outcomes:
-        counts[outcome.status] += 1
-    log.info(
-        "render: %d new prompts, %d already queued, %d skipped for lack of news",
-        counts["new"],
-        counts["existing"],
-        counts["skipped"],
-    )
-    return counts
+ingest = task(name="ingest", **TRANSIENT_RETRIES)(ingest_step)
+render = task(name="render", **TRANSIENT_RETRIES)(render_step)
+_TASKS = {"ingest": ingest, "render": render}
 
 
 @contextmanager
-def gpu_slot(device: str) -> Iterator[None]:
-    """Hold the device lock (every GPU's, for a list), and the Prefect limit's slot when a
-    server is configured."""
+def gpu_slot() -> Iterator[None]:
+    """A slot of the global concurrency limit when a server is configured (the device lock is
+    taken by the step itself, ``flows.night.steps.generate_step``)."""
     from prefect.settings import get_current_settings
 
-    from yalm_runner.session import resolve_devices
+    if not get_current_settings().api.url:
+        log.info(
+            "generate: no Prefect server configured; one generation at a time is enforced by "
+            "the device lock only (no global concurrency limit in ephemeral mode)"
+        )
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
 
-    with device_locks([str(each) for each in resolve_devices(device)]) as path:
-        if not get_current_settings().api.url:
-            log.info(
-                "generate: no Prefect server configured; one generation at a time is enforced "
-                "by the device lock %s only (no global concurrency limit in ephemeral mode)",
-                path,
-            )
-            yield
-            return
-        from prefect.concurrency.sync import concurrency
-
-        _ensure_gpu_limit()
-        with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S, strict=True):
-            yield
+    _ensure_gpu_limit()
+    with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S, strict=True):
+        yield
 
 
 def _ensure_gpu_limit() -> None:
@@ -230,87 +178,86 @@ def _ensure_gpu_limit() -> None:
             log.info("generate: created the global concurrency limit %s (1 slot)", GPU_LIMIT)
 
 
-@task(name="generate", tags=["gpu"], **TRANSIENT_RETRIES)
+@task(name="generate", **TRANSIENT_RETRIES)
 def generate(
-    config_path: str, keys: list[str] | None = None, worker_id: str | None = None
-) -> dict[str, Any]:
+    config_path: str,
+    night: NightRef | None = None,
+    keys: list[str] | None = None,
+    worker_id: str | None = None,
+) -> GenerateSummary:
     """Claim and generate the pending prompts (only ``keys``, if given), one forecast committed
     at a time (resumable); ``worker_id`` defaults to this host and device."""
-    config = load_config(config_path)
-    with (
-        gpu_slot(config.generation.device),
-        open_store(config.database_url) as store,
-        progress("generating forecasts") as on_progress,
-    ):
-        report = generate_pending(
-            config, store, on_progress=on_progress, keys=keys, worker_id=worker_id
-        )
-    log.info(
-        "generate (%s): %d forecasts stored, %d failed, %d resumed, %d held by other workers; "
-        "%d new tokens at %.1f tokens/s",
-        report.worker_id,
-        report.generated,
-        report.failed,
-        report.resumed,
-        report.held,
-        report.new_tokens,
-        report.tokens_per_s,
-    )
-    for key, reason in report.failures:
-        log.warning("generate: prompt %s failed: %s", key[:12], reason)
-    return report.as_dict()
+    with gpu_slot():
+        return generate_step(config_path, night or NightRef(None, ""), keys, worker_id)
 
 
 @task(name="publish", **TRANSIENT_RETRIES)
-def publish(config_path: str, summary: dict[str, Any]) -> str:
-    """Check the run's forecasts are in the robot's view; leave the summary table behind; end
-    with the store's statistics fresh and its WAL truncated (each step's run did too; this
-    covers a generate step that stopped before recording its run)."""
-    from flows.store.robot import read_forecasts
-
-    config = load_config(config_path)
-    with open_store(config.database_url) as store:
-        tidy_after_run(store)
-    generated = summary.get("generate") or {}
-    run_ids = set(generated.get("run_ids") or [generated.get("run_id")]) - {None}
-    if run_ids:
-        since = datetime.now(timezone.utc) - timedelta(days=2)
-        rows = read_forecasts(config.database_url, since=since)
-        visible = sum(row.run_id in run_ids for row in rows)
-        summary = {**summary, "visible": visible}
-        log.info("publish: %d forecasts of this run are in forecasts_v1", visible)
-    markdown = run_markdown(summary)
-    create_markdown_artifact(
-        markdown, key=ARTIFACT_KEY, description="What one news-to-forecast run did"
-    )
-    for line in markdown.splitlines():
-        if line.startswith("| ") and not line.startswith(("| step", "| ---")):
-            log.info("summary %s", line)
+def publish(config_path: str, summary: NightSummary) -> str:
+    """Check the night's forecasts are in the robot's view; leave the summary table behind."""
+    markdown = publish_summary(config_path, summary)
+    with suppress(Exception):  # best-effort: the UI's copy never fails the night
+        create_markdown_artifact(
+            markdown, key=ARTIFACT_KEY, description="What one news-to-forecast night did"
+        )
     return markdown
 
 
-@flow(name=FLOW_NAME, log_prints=True)
-def news_to_forecast(config_path: str, as_of: str | None = None) -> dict[str, Any]:
-    """Fetch the feeds, render the prompts, generate the forecasts, publish the run's summary.
+def _call_as_task(step: Step, config_path: str, night: NightRef) -> object:
+    """Each step a Prefect task (retried for transient faults); generate through
+    ``generate_all`` (shards when configured), tagged ``gpu`` only when it runs on one."""
+    if step.name == "generate":
+        return generate_all(config_path, night)
+    wrapped = _TASKS.get(step.name) or task(name=step.name, **TRANSIENT_RETRIES)(step.run)
+    return wrapped(config_path, night)
 
-    ``as_of`` (ISO time) renders as if it were then; default now.
+
+def _night_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    as_of = flow_run.parameters.get("as_of") or datetime.now(timezone.utc).strftime(
+        "%Y-%m-%dT%H:%MZ"
+    )
+    return f"night of {as_of}"
+
+
+def night_state(summary: NightSummary):
+    """The flow run's final state for how the night ended (docs/night.md): ``Completed`` when
+    done; ``Failed`` named ``Partial`` for a partial night (red in the UI and counted, the cause
+    as its message); ``Cancelled`` when interrupted; ``Failed`` when nothing could run. The
+    summary is the state's data either way (``state.result(raise_on_failure=False)``)."""
+    from prefect.states import Cancelled, Completed, Failed
+
+    cause = summary.cause()
+    outcome = summary.outcome
+    if outcome is Outcome.DONE:
+        return Completed(data=summary, message=f"done: {summary.stored} forecasts stored")
+    if outcome is Outcome.PARTIAL:
+        return Failed(data=summary, name="Partial", message=f"partial: {cause}")
+    if outcome is Outcome.INTERRUPTED:
+        return Cancelled(data=summary, message=f"interrupted: {cause}")
+    return Failed(data=summary, message=f"failed: {cause}")
+
+
+@flow(name=FLOW_NAME, log_prints=True, flow_run_name=_night_run_name)
+def news_to_forecast(config_path: str, as_of: str | None = None):
+    """Fetch the feeds, render the prompts, generate the forecasts, publish the night's summary.
+
+    ``as_of`` (ISO time) renders as if it were then; default now. A failed step stops the night
+    with its cause (``summary.stopped``), a failed feed, template or prompt only itself. The
+    run ends in the state ``night_state`` maps the outcome to; its data is the ``NightSummary``.
     """
     attach_log_file(load_config(config_path).log_file)
-    summary: dict[str, Any] = {"as_of": as_of}
-    summary["ingest"] = ingest(config_path)
-    summary["render"] = render(config_path, as_of)
+    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
+    summary = run_night(config_path, moment, call=_call_as_task)
     try:
-        summary["generate"] = generate_all(config_path)
-    except Exception as exc:
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-        log.error("generate: %s", summary["error"])
         publish(config_path, summary)
-        raise
-    summary["markdown"] = publish(config_path, summary)
-    return summary
+    except Exception as exc:  # the forecasts are stored: the table is only a copy of the news
+        log.error("publish failed: %s", exc, exc_info=exc)
+        summary.markdown = run_markdown(summary)
+    return night_state(summary)
 
 
-def generate_all(config_path: str) -> dict[str, Any]:
+def generate_all(config_path: str, night: NightRef) -> GenerateSummary:
     """Every pending prompt: in shard runs on the workers when configured, else in-process."""
     from prefect.settings import get_current_settings
 
@@ -323,7 +270,8 @@ def generate_all(config_path: str) -> dict[str, Any]:
             "the workers through; generating every shard in this process",
             settings.shards,
         )
-    return generate(config_path)
+    on_gpu = not str(settings.device).startswith("cpu")
+    return generate.with_options(tags=["gpu"] if on_gpu else [])(config_path, night)
 
 
 @task(name="run-shard")
@@ -350,7 +298,7 @@ def run_shard(
             "completed": bool(state and state.is_completed())}  # fmt: skip
 
 
-def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> dict[str, Any]:
+def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> GenerateSummary:
     """Cut the pending prompts into shards, run each through ``deployment``, sum them up."""
     config = load_config(config_path)
     with open_store(config.database_url) as store:
@@ -368,7 +316,7 @@ def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> d
     ]
     runs = [future.result() for future in futures]
     with open_store(config.database_url) as store:
-        report = {**shard_report(store, keys), "shards": runs}
+        report = shard_report(store, keys)
     unfinished = [run for run in runs if not run["completed"]]
     if unfinished:
         raise PipelineError(
@@ -376,7 +324,21 @@ def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> d
             + ", ".join(f"{run['flow_run_id']}: {run['state']}" for run in unfinished)
             + f"); {report['pending']} prompts are still pending: run those shard runs again"
         )
-    return report
+    return GenerateSummary(
+        run_id=(report["run_ids"] or [None])[0],
+        run_ids=tuple(report["run_ids"]),
+        pending=report["pending"],
+        generated=report["generated"],
+        resumed=report["resumed"],
+        batch_size=report["batch_size"],
+        device=report["device"],
+        new_tokens=report.get("new_tokens", 0),
+        tokens_per_s=report.get("tokens_per_s", 0.0),
+        failures=tuple(
+            Failure("prompt", key, reason) for key, reason in report.get("failures", [])
+        ),
+        shards=tuple(runs),
+    )
 
 
 @flow(name=SHARD_FLOW_NAME, log_prints=True)
@@ -385,7 +347,7 @@ def generate_shard(
     shard_index: int = 0,
     shard_count: int = 1,
     keys: Sequence[str] | None = None,
-) -> dict[str, Any]:
+) -> GenerateSummary:
     """Generate one shard of the pending prompts, resumable on its own.
 
     The shard is ``keys`` when given (the nightly flow's cut), else the pending prompts whose

@@ -37,6 +37,7 @@ def test_the_wheel_carries_templates_feeds_config_and_migrations(wheel):
         "flows/starter_config.yaml",
         "flows/store/migrations/script.py.mako",
         "flows/store/migrations/versions/0002_prompt_claims.py",
+        "flows/store/migrations/versions/0005_nights.py",
         "yalm_runner/engine.py",
         "yalm_runner/bench/comparison.py",
         "yalm_runner/bench/peers.py",

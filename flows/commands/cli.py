@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
         print(f"yalm-forecast: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
         print("yalm-forecast: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signum
 
 
 def _runner_errors() -> type[Exception]:
@@ -258,11 +259,13 @@ def _results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _start_prefect(config: PipelineConfig, verbose: bool):
-    """Logging for a long command (stderr and the log file), then the flow module."""
+def _start_prefect(config: PipelineConfig | None = None, verbose: bool = False):
+    """The flow module, with Prefect set up for a command; logging too when ``config`` is given
+    (stderr and the log file)."""
     from flows.commands.console import configure_logging
 
-    configure_logging(config.log_file, verbose=verbose)
+    if config is not None:
+        configure_logging(config.log_file, verbose=verbose)
     # The pipeline's own log lines also go to the Prefect UI with each run.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flows")
     # Offline by default: no usage reports from a temporary server (set it to true to allow).
@@ -273,19 +276,62 @@ def _start_prefect(config: PipelineConfig, verbose: bool):
     return pipeline
 
 
-def _run_flow(config: PipelineConfig, config_file: Path, as_of: str | None, verbose: bool) -> int:
-    pipeline = _start_prefect(config, verbose)
-    summary = pipeline.news_to_forecast(config_path=str(config_file.resolve()), as_of=as_of)
-    sys.stdout.write(summary["markdown"])
-    failed = summary["ingest"]["failed"] or summary["generate"]["failures"]
-    return EXIT_SOME_FAILED if failed else EXIT_OK
+def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
+    """The preflight, then one night: in this process, or as a Prefect flow run when a Prefect
+    server is configured. Ends with one line on stderr when the night is not ``done``."""
+    from flows.commands.console import configure_logging
+    from flows.night.preflight import preflight
+    from flows.night.summaries import Outcome
+
+    report = preflight(config_file)  # refuses the night before anything is fetched or written
+    configure_logging(report.config.log_file, verbose=verbose)
+    for failure in report.template_failures:
+        logging.getLogger("flows.preflight").error("preflight: %s", failure.line())
+    path = str(config_file.resolve())
+    if _prefect_server_configured():
+        flow = _start_prefect().news_to_forecast
+        state = flow(config_path=path, as_of=as_of, return_state=True)
+        summary = state.result(raise_on_failure=False)
+        if isinstance(summary, BaseException):  # the flow itself crashed: not one of ours
+            raise summary
+    else:
+        summary = _night_here(path, as_of)
+    sys.stdout.write(summary.markdown)
+    if summary.outcome is not Outcome.DONE:
+        print(f"yalm-forecast: {summary.outcome.word}: {summary.cause()}", file=sys.stderr)
+    return summary.exit_code
+
+
+def _night_here(config_path: str, as_of: str | None):
+    """The night in this process, without Prefect: no temporary server to wait for or to lose
+    to a Ctrl-C; the first signal stops the night (recorded), a second exits at once."""
+    from flows.night.runner import publish_summary, run_night, signals_interrupt
+
+    def again(signum: int) -> None:
+        print("yalm-forecast: interrupted again: exiting now", file=sys.stderr)
+
+    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
+    with signals_interrupt(on_second=again):
+        summary = run_night(config_path, moment)
+        try:
+            publish_summary(config_path, summary)
+        except PipelineError as exc:  # the forecasts are stored; the table is a copy
+            logging.getLogger("flows.pipeline").error("publish failed: %s", exc, exc_info=exc)
+    return summary
+
+
+def _prefect_server_configured() -> bool:
+    """A Prefect server to report to: ``PREFECT_API_URL``, in the environment or a profile."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = config_path(args)
-    config = load_config(path)
     as_of = args.as_of.isoformat() if args.as_of else None
-    return _run_flow(config, path, as_of, getattr(args, "verbose", False))
+    return _run_flow(config_path(args), as_of, getattr(args, "verbose", False))
 
 
 def _generate_shard(args: argparse.Namespace) -> int:
@@ -297,12 +343,12 @@ def _generate_shard(args: argparse.Namespace) -> int:
         config_path=str(path.resolve()), shard_index=index, shard_count=count, keys=args.key
     )
     print(
-        f"shard {index}/{count} ({report['worker_id']}): {report['generated']} forecasts stored, "
-        f"{report['failed']} failed, {report['resumed']} resumed, "
-        f"{report['held']} held by other workers",
+        f"shard {index}/{count} ({report.worker_id}): {report.generated} forecasts stored, "
+        f"{len(report.failures)} failed, {report.resumed} resumed, "
+        f"{report.held} held by other workers",
         file=sys.stderr,
     )
-    return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
+    return EXIT_SOME_FAILED if report.failures else EXIT_OK
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -338,7 +384,7 @@ def _demo(args: argparse.Namespace) -> int:
     configure_logging(None, verbose=getattr(args, "verbose", False))
     setup = prepare_demo(Path(args.dir), Path.cwd())
     config = load_config(setup.config_path)
-    code = _run_flow(config, setup.config_path, DEMO_AS_OF, getattr(args, "verbose", False))
+    code = _run_flow(setup.config_path, DEMO_AS_OF, getattr(args, "verbose", False))
     flag = "" if setup.config_written else f" --config {setup.config_path}"
     print(
         f"\nThe demo's forecasts are in {setup.database.resolve()} (view forecasts_v1).\n"
@@ -350,6 +396,21 @@ def _demo(args: argparse.Namespace) -> int:
         f"Config: {setup.config_path}; log: {config.log_file}",
     )
     return code
+
+
+def _check(args: argparse.Namespace) -> int:
+    from flows.night.preflight import preflight
+
+    report = preflight(config_path(args))
+    for line in report.lines():
+        print(line)
+    if report.template_failures:
+        failure = report.template_failures[0]
+        more = len(report.template_failures) - 1
+        print(f"yalm-forecast: error: {failure.line()}" + (f" (and {more} more)" if more else ""),
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _configure_run(parser: argparse.ArgumentParser) -> None:
@@ -419,7 +480,11 @@ register(Command(
 ))  # fmt: skip
 
 register(Command(
-    "run", "Run the whole news-to-forecast flow once now (exit 3 if some feeds/prompts failed).",
+    "check", "Run the preflight alone: config, model, tokenizer, device, memory plan, templates.",
+    "yalm-forecast check --config ~/forecast/yalm-forecast.yaml", lambda parser: None, _check,
+))  # fmt: skip
+register(Command(
+    "run", "Run the whole news-to-forecast night once now (exit codes: docs/night.md).",
     "yalm-forecast run --config ~/forecast/yalm-forecast.yaml", _configure_run, _run,
 ))  # fmt: skip
 register(Command(

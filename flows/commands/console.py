@@ -3,17 +3,19 @@
 Owns presentation only: a rich progress bar when stderr is a terminal (plain log lines every
 tenth of the way otherwise, so a cron log stays readable), the logging set-up of the long
 commands (timestamped lines to stderr and to the config's ``log_file``), and the markdown
-summary of one pipeline run. It knows nothing of Prefect or the model.
+summary of one night (read from its typed summary). It knows nothing of Prefect or the model.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from flows.night.summaries import GenerateSummary, IngestSummary, NightSummary, RenderSummary
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -27,13 +29,31 @@ def configure_logging(log_file: Path | None, *, verbose: bool = False) -> None:
             log.removeHandler(handler)
             handler.close()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    formatter = logging.Formatter if verbose else _OneLineFormatter
+    handler.setFormatter(formatter(LOG_FORMAT, LOG_DATE_FORMAT))
     handler._yalm_forecast = "stderr"
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
     if log_file is not None:
         attach_log_file(log_file)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Without --verbose a terminal gets the message, never the traceback (the log file does)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(_message_only(record, self))
+
+    def formatException(self, ei) -> str:
+        return ""
+
+
+def _message_only(record: logging.LogRecord, formatter: logging.Formatter) -> logging.LogRecord:
+    record.message = record.getMessage()
+    if formatter.usesTime():
+        record.asctime = formatter.formatTime(record, formatter.datefmt)
+    return record
 
 
 def attach_log_file(log_file: Path) -> None:
@@ -94,53 +114,57 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def run_markdown(summary: Mapping[str, Any]) -> str:
-    """The per-run table: ingested, rendered, generated, failed, tokens/s (and any error)."""
-    ingest = summary.get("ingest") or {}
-    render = summary.get("render") or {}
-    generate = summary.get("generate") or {}
-    failed_feeds = ingest.get("failed", [])
-    failed_prompts = generate.get("failures", [])
+def run_markdown(summary: NightSummary) -> str:
+    """The per-night table: ingested, rendered, generated, failed, tokens/s; then every failure
+    with its cause, and how the night ended."""
+    ingest = summary.ingest or IngestSummary()
+    render = summary.render or RenderSummary()
+    generate = summary.generate or GenerateSummary()
+    failures = summary.failures
+    kinds = {
+        kind: sum(each.kind == kind for each in failures) for kind in ("feed", "template", "prompt")
+    }
     rows = [
         (
             "ingested",
-            ingest.get("new_items", "-"),
-            f"new items from {ingest.get('feeds', 0)} feeds",
+            ingest.new_items if summary.ingest else "-",
+            f"new items from {ingest.feeds} feeds",
         ),
         (
             "rendered",
-            render.get("new", "-"),
-            f"new prompts ({render.get('existing', 0)} already queued, "
-            f"{render.get('skipped', 0)} skipped for lack of news)",
+            render.new if summary.render else "-",
+            f"new prompts ({render.existing} still queued, {render.done} done before, "
+            f"{render.skipped} skipped for lack of news)",
         ),
         (
             "generated",
-            generate.get("generated", "-"),
-            f"forecasts stored ({generate.get('resumed', 0)} resumed from saved ids, "
-            f"{generate.get('new_tokens', 0)} new tokens)",
+            generate.generated if summary.generate else "-",
+            f"forecasts stored ({generate.resumed} resumed from saved ids, "
+            f"{generate.new_tokens} new tokens)",
         ),
         (
             "failed",
-            len(failed_feeds) + len(failed_prompts),
-            f"{len(failed_feeds)} feeds, {len(failed_prompts)} prompts",
+            len(failures),
+            f"{kinds['feed']} feeds, {kinds['template']} templates, {kinds['prompt']} prompts",
         ),
         (
             "tokens/s",
-            generate.get("tokens_per_s", "-"),
-            f"batch size {generate.get('batch_size') or '-'} on {generate.get('device') or '-'}",
+            generate.tokens_per_s if summary.generate else "-",
+            f"batch size {generate.batch_size or '-'} on {generate.device or '-'}",
         ),
     ]
     lines = [
-        f"# news-to-forecast run, as of {summary.get('as_of') or 'now'}",
+        f"# news-to-forecast night, as of {summary.as_of or 'now'}: {summary.outcome.word}",
         "",
         "| step | count | detail |",
         "| --- | ---: | --- |",
         *(f"| {step} | {_cell(count)} | {_cell(detail)} |" for step, count, detail in rows),
     ]
-    problems = [f"- feed `{item['feed']}`: {item['reason']}" for item in failed_feeds]
-    problems += [f"- prompt `{key[:12]}`: {reason}" for key, reason in failed_prompts]
-    if summary.get("error"):
-        problems.append(f"- run stopped: {summary['error']}")
+    problems = [f"- {each.kind} `{_cell(each.label)}`: {_cell(each.cause)}" for each in failures]
+    if summary.stopped is not None:
+        problems.append(
+            f"- night stopped at {summary.stopped.step}: {_cell(summary.stopped.cause)}"
+        )
     if problems:
         lines += ["", "Problems:", "", *problems]
     return "\n".join(lines) + "\n"

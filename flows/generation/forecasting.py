@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flows.config import PipelineConfig
-from flows.errors import PipelineConfigError, StoreError
+from flows.errors import PipelineConfigError, StoreError, is_interrupt
 from flows.store.claims import (
     claim_prompts,
     record_claimed_generation,
@@ -53,6 +53,7 @@ from flows.store.generations import (
 )
 
 if TYPE_CHECKING:
+    from flows.night.summaries import GenerateSummary
     from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob
     from yalm_runner.session import GenerationSession
 
@@ -83,6 +84,25 @@ class GenerateReport:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.compute_s if self.compute_s > 0 else 0.0
+
+    def summary(self) -> GenerateSummary:
+        from flows.night.summaries import Failure, GenerateSummary
+
+        return GenerateSummary(
+            run_id=self.run_id,
+            run_ids=(self.run_id,) if self.run_id is not None else (),
+            worker_id=self.worker_id,
+            pending=self.pending,
+            held=self.held,
+            generated=self.generated,
+            resumed=self.resumed,
+            new_tokens=self.new_tokens,
+            tokens_per_s=round(self.tokens_per_s, 2),
+            wall_s=round(self.wall_s, 2),
+            batch_size=self.batch_size,
+            device=self.device,
+            failures=tuple(Failure("prompt", key, reason) for key, reason in self.failures),
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -204,8 +224,10 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
             _generate(session, job, sink, report, settings.checkpoint_every)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began
+        status = "interrupted" if is_interrupt(exc) else "failed"
+        cause = str(exc) or type(exc).__name__
         with suppress(StoreError):
-            finish_run(store, report.run_id, "failed", {**report.as_dict(), "error": str(exc)})
+            finish_run(store, report.run_id, status, {**report.as_dict(), "error": cause})
         raise
     _finish(store, report, began)
 

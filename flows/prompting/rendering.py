@@ -20,10 +20,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from flows.config import PipelineConfig, TemplateSelection, WatchlistEntry
-from flows.errors import PipelineConfigError, PipelineError
+from flows.errors import PipelineConfigError, PipelineError, TemplateError
 from flows.prompting.templates import PromptTemplate, RenderedPrompt, fit_to_budget, load_template
 from flows.store.database import Store, finish_run, list_news, start_run, utc_now
-from flows.store.generations import save_prompt
+from flows.store.generations import prompt_status, save_prompt
 
 _CYRILLIC = re.compile(r"[а-яё]", re.IGNORECASE)
 
@@ -32,11 +32,48 @@ _CYRILLIC = re.compile(r"[а-яё]", re.IGNORECASE)
 class RenderOutcome:
     template: str
     ticker: str | None
-    status: str  # new | existing | skipped
+    status: str  # new | existing (still pending) | done (generated before) | skipped | failed
     prompt_key: str | None
     token_count: int
     items_used: int
     items_dropped: int
+    template_version: int | None = None
+    error: str | None = None  # why it failed: the template, the variable, the line
+
+
+# A news item for checking a template before any news is stored (preflight, an empty night).
+SAMPLE_ITEM = {
+    "key": "sample",
+    "title": "Sample headline",
+    "summary": "A sample news item, used to check that the template renders.",
+    "source": "sample",
+    "link": "https://example.invalid/sample",
+    "published_at": "2024-05-01T06:00:00Z",
+    "tickers": [],
+}
+
+
+def sample_context(
+    config: PipelineConfig, template: PromptTemplate, as_of: datetime | None = None
+) -> dict[str, Any]:
+    """What a template is rendered with, built from the watchlist and one sample item."""
+    as_of = as_of or utc_now()
+    entry = config.watchlist[0] if config.watchlist and template.scope == "ticker" else None
+    context = _context(config, template, entry, as_of=as_of, theses="")
+    return {**context, "items": [{**SAMPLE_ITEM, "tickers": [entry.ticker] if entry else []}]}
+
+
+def check_template(config: PipelineConfig, selection: TemplateSelection) -> PromptTemplate:
+    """Load the template ``selection`` names and render it against a sample context; raises
+    ``TemplateError`` naming the template (and the variable, the line) when it cannot."""
+    template = load_template(config.prompts_dir / f"{selection.name}.yaml")
+    effective_sampling(config, template, selection)
+    template.render(sample_context(config, template))
+    return template
+
+
+def _failed(name: str, version: int | None, ticker: str | None, error: str) -> RenderOutcome:
+    return RenderOutcome(name, ticker, "failed", None, 0, 0, 0, version, error)
 
 
 def read_theses(config: PipelineConfig) -> str:
@@ -56,26 +93,42 @@ def render_prompts(
     as_of: datetime | None = None,
     run_id: int | None = None,
 ) -> list[RenderOutcome]:
-    """Render every configured template (per ticker or market-wide) and queue the prompts."""
+    """Render every configured template (per ticker or market-wide) and queue the prompts.
+
+    A template that cannot be loaded or rendered fails alone: its prompts come back as
+    ``failed`` outcomes with the cause (checked against a sample context first, so that a
+    broken template is found even on a night without news), and the others are rendered.
+    """
     as_of = as_of or utc_now()
     theses = read_theses(config)
     outcomes = []
     for selection in config.templates:
-        template = load_template(config.prompts_dir / f"{selection.name}.yaml")
+        template = None
+        try:
+            template = load_template(config.prompts_dir / f"{selection.name}.yaml")
+            template.render(sample_context(config, template, as_of))
+        except TemplateError as exc:
+            version = template.version if template is not None else None
+            outcomes.append(_failed(selection.name, version, None, str(exc)))
+            continue
         sampling = effective_sampling(config, template, selection)
         targets = config.watchlist if template.scope == "ticker" else (None,)
         for entry in targets:
-            outcome = render_one(
-                config,
-                store,
-                template,
-                sampling,
-                entry,
-                as_of=as_of,
-                theses=theses,
-                count_tokens=count_tokens,
-                run_id=run_id,
-            )
+            try:
+                outcome = render_one(
+                    config,
+                    store,
+                    template,
+                    sampling,
+                    entry,
+                    as_of=as_of,
+                    theses=theses,
+                    count_tokens=count_tokens,
+                    run_id=run_id,
+                )
+            except TemplateError as exc:
+                ticker = entry.ticker if entry else None
+                outcome = _failed(template.name, template.version, ticker, str(exc))
             outcomes.append(outcome)
     return outcomes
 
@@ -96,7 +149,9 @@ def render_run(
     except PipelineError as exc:
         finish_run(store, run_id, "failed", {"error": str(exc)})
         raise
-    finish_run(store, run_id, "ok", {"prompts": len(outcomes)})
+    failed = [asdict(outcome) for outcome in outcomes if outcome.status == "failed"]
+    details = {"prompts": len(outcomes), "failed": failed}
+    finish_run(store, run_id, "partial" if failed else "ok", details)
     return outcomes
 
 
@@ -133,13 +188,7 @@ def render_one(
     if not news:
         return RenderOutcome(template.name, ticker, "skipped", None, 0, 0, 0)
     items = [_item_context(row, selection.max_summary_chars) for row in reversed(news)]
-    context = {
-        "as_of": as_of.astimezone(ZoneInfo(config.schedule.timezone)).date().isoformat(),
-        "language": template.language,
-        "theses": theses,
-        "watchlist": [_ticker_context(item, template.language) for item in config.watchlist],
-        **({"ticker": _ticker_context(entry, template.language)} if entry else {}),
-    }
+    context = _context(config, template, entry, as_of=as_of, theses=theses)
     max_new_tokens = int(sampling["max_new_tokens"])
     fitted = fit_to_budget(
         template,
@@ -173,15 +222,36 @@ def render_one(
         items_dropped=fitted.items_dropped,
     )
     is_new = save_prompt(store, prompt, run_id=run_id)
+    status = (
+        "new" if is_new else ("done" if prompt_status(store, prompt.key) == "done" else "existing")
+    )
     return RenderOutcome(
         template.name,
         ticker,
-        "new" if is_new else "existing",
+        status,
         prompt.key,
         fitted.token_count,
         len(fitted.items_used),
         fitted.items_dropped,
+        template.version,
     )
+
+
+def _context(
+    config: PipelineConfig,
+    template: PromptTemplate,
+    entry: WatchlistEntry | None,
+    *,
+    as_of: datetime,
+    theses: str,
+) -> dict[str, Any]:
+    return {
+        "as_of": as_of.astimezone(ZoneInfo(config.schedule.timezone)).date().isoformat(),
+        "language": template.language,
+        "theses": theses,
+        "watchlist": [_ticker_context(item, template.language) for item in config.watchlist],
+        **({"ticker": _ticker_context(entry, template.language)} if entry else {}),
+    }
 
 
 def _ticker_context(entry: WatchlistEntry, language: str) -> dict[str, Any]:

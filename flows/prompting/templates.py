@@ -75,11 +75,22 @@ class PromptTemplate:
         try:
             return self._compiled.render(**context).strip() + "\n"
         except jinja2.UndefinedError as exc:
-            raise TemplateError(f"template {self.name!r}: {exc.message}") from exc
+            raise TemplateError(f"template {self.name!r}{_body_line(exc)}: {exc.message}") from exc
         except jinja2.exceptions.SecurityError as exc:
             raise TemplateError(f"template {self.name!r}: unsafe operation: {exc}") from exc
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {self.name!r}: {exc}") from exc
+
+
+def _body_line(exc: BaseException) -> str:
+    """`` line N`` of the body where rendering failed (Jinja puts the template's own frames in
+    the traceback under the name ``<template>``), or nothing when it cannot tell."""
+    line, frame = None, exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename == "<template>":
+            line = frame.tb_lineno
+        frame = frame.tb_next
+    return f" body line {line}" if line else ""
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,40 @@ class Run(Base):
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # running | ok | partial | failed
+    status: Mapped[str] = mapped_column(String(16))  # running | ok | partial | failed | interrupted
     started_at: Mapped[datetime] = mapped_column(UtcTimestamp)
     finished_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
     details_json: Mapped[str] = mapped_column(Text, default="{}")
     code_version: Mapped[str] = mapped_column(String(64))
+
+
+class Night(Base):
+    """One run of the whole pipeline (migration 0005_nights; read by the robot as runs_v1)."""
+
+    __tablename__ = "nights"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    as_of: Mapped[datetime] = mapped_column(UtcTimestamp, index=True)
+    started_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcTimestamp)
+    # running | done | partial | interrupted | failed
+    outcome: Mapped[str] = mapped_column(String(16))
+    forecasts_stored: Mapped[int] = mapped_column(Integer, default=0)
+    forecasts_failed: Mapped[int] = mapped_column(Integer, default=0)
+    cause: Mapped[str | None] = mapped_column(Text)
+    code_version: Mapped[str] = mapped_column(String(64))
+
+
+class NightFailure(Base):
+    """A feed, template or prompt that failed on its own in one night, with the cause."""
+
+    __tablename__ = "night_failures"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    night_id: Mapped[int] = mapped_column(ForeignKey("nights.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # feed | template | prompt
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int | None] = mapped_column(Integer)
+    as_of: Mapped[datetime] = mapped_column(UtcTimestamp)
+    cause: Mapped[str] = mapped_column(Text)
 
 
 class Feed(Base):

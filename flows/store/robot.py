@@ -1,4 +1,5 @@
-"""The trading robot's side of the store: the stable view ``forecasts_v1``, read-only.
+"""The trading robot's side of the store: the stable views ``forecasts_v1`` and ``runs_v1``,
+read-only.
 
 Owns the contract the robot relies on: the view's name and columns (documented in
 docs/robot.md) and a small Python read API. For SQLite it opens the file read-only
@@ -50,6 +51,26 @@ class Forecast:
 
 
 COLUMNS = tuple(field.name for field in fields(Forecast))
+
+RUNS_VIEW = "runs_v1"
+
+
+@dataclass(frozen=True)
+class NightRun:
+    """One row of ``runs_v1``: one night of the pipeline (docs/night.md). ``outcome`` is
+    running, done, partial, interrupted or failed; times are ISO 8601 UTC text."""
+
+    night_id: int
+    as_of: str
+    started_at: str
+    finished_at: str | None
+    outcome: str
+    forecasts_stored: int
+    forecasts_failed: int
+    cause: str | None
+
+
+RUN_COLUMNS = tuple(field.name for field in fields(NightRun))
 
 
 def is_postgres_url(database: object) -> bool:
@@ -177,14 +198,45 @@ def forecasts_query(
     return f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}{cut}", params
 
 
-def _sqlite_rows(connection: sqlite3.Connection, query: str, params: list) -> list[tuple]:
+def read_runs(
+    database: str | Path | Any, *, since: datetime | str | None = None, limit: int | None = None
+) -> list[NightRun]:
+    """The nights, newest first; ``since`` filters on ``started_at`` (inclusive). ``database``
+    as for ``read_forecasts``."""
+    owned = isinstance(database, (str, Path))
+    connection = connect_readonly(database) if owned else database
+    postgres = not isinstance(connection, sqlite3.Connection)
+    mark = "%s" if postgres else "?"
+    query, params = f"SELECT {', '.join(RUN_COLUMNS)} FROM {RUNS_VIEW}", []
+    if since is not None:
+        query += f" WHERE started_at >= {mark}"
+        params.append(_utc_text(since))
+    query += " ORDER BY started_at DESC, night_id DESC"
+    if limit is not None:
+        query += f" LIMIT {mark}"
+        params.append(int(limit))
+    try:
+        rows = (
+            _postgres_rows(connection, query, params, RUNS_VIEW)
+            if postgres
+            else _sqlite_rows(connection, query, params, RUNS_VIEW)
+        )
+    finally:
+        if owned:
+            connection.close()
+    return [NightRun(*row) for row in rows]
+
+
+def _sqlite_rows(
+    connection: sqlite3.Connection, query: str, params: list, view: str = VIEW
+) -> list[tuple]:
     try:
         return connection.execute(query, params).fetchall()
     except sqlite3.OperationalError as exc:
-        raise StoreError(f"cannot read {VIEW}: {exc} (is this a yalm-forecast database?)") from exc
+        raise StoreError(f"cannot read {view}: {exc} (is this a yalm-forecast database?)") from exc
 
 
-def _postgres_rows(connection: Any, query: str, params: list) -> list[tuple]:
+def _postgres_rows(connection: Any, query: str, params: list, view: str = VIEW) -> list[tuple]:
     import psycopg
 
     try:
@@ -196,5 +248,5 @@ def _postgres_rows(connection: Any, query: str, params: list) -> list[tuple]:
     except psycopg.Error as exc:
         detail = " ".join(str(exc).split())
         raise StoreError(
-            f"cannot read {VIEW}: {detail} (is this a yalm-forecast database?)"
+            f"cannot read {view}: {detail} (is this a yalm-forecast database?)"
         ) from exc

@@ -3,7 +3,9 @@
 Usage: ``python kill_child.py N ARGS...`` runs ``yalm-forecast ARGS...`` and, right after the
 generation task has committed its N-th checkpoint of the rows in flight to the store, sends
 itself SIGKILL: nothing gets to clean up, exactly as when the machine's OOM killer strikes.
-N = 0 runs to the end.
+N = 0 runs to the end. With ``KILL_SIGNAL=SIGINT`` (or ``SIGTERM``) it sends that signal to its
+whole process group instead, as a terminal's Ctrl-C does, and writes the moment it did so to
+``$KILL_STAMP``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from flows.commands.cli import main
 from flows.generation import forecasting
@@ -25,7 +29,11 @@ def save_then_die(*args, **kwargs):
     save_states(*args, **kwargs)
     saves += 1
     if saves == kill_after:
-        os.kill(os.getpid(), signal.SIGKILL)
+        name = os.environ.get("KILL_SIGNAL", "SIGKILL")
+        if name == "SIGKILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        Path(os.environ["KILL_STAMP"]).write_text(repr(time.time()))
+        os.killpg(os.getpgid(0), signal.Signals[name])
 
 
 forecasting.save_generation_states = save_then_die

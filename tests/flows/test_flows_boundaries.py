@@ -15,10 +15,13 @@ from pathlib import Path
 FLOWS = Path(__file__).resolve().parents[2] / "flows"
 FORBIDDEN = ("yalm_runner", "torch", "prefect")
 GLUE = {
-    "commands/cli.py": {"yalm_runner"},
+    # prefect.settings only: whether a Prefect server is configured (after the preflight)
+    "commands/cli.py": {"yalm_runner", "prefect"},
     "commands/demo.py": {"yalm_runner"},
     "generation/forecasting.py": {"yalm_runner", "torch"},
     "generation/model.py": {"yalm_runner"},
+    "night/preflight.py": {"yalm_runner"},
+    "night/steps.py": {"yalm_runner"},
     "pipeline.py": {"yalm_runner", "prefect"},
 }
 # Library modules that may import exactly these runner modules (not the whole runner).

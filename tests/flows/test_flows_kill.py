@@ -89,7 +89,7 @@ def test_a_flow_killed_mid_generation_resumes_to_the_uninterrupted_table(
     feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
     reference = kill_config(tmp_path / "reference", feed_server, tiny_store)
     summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
-    assert summary["generate"]["generated"] == 7
+    assert summary.generate.generated == 7
     expected = table(reference, FORECASTS)
 
     killed = kill_config(tmp_path / "killed", feed_server, tiny_store)

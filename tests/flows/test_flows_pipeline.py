@@ -21,8 +21,14 @@ from flows.commands.console import run_markdown
 from flows.config import load_config
 from flows.errors import PipelineConfigError, StoreError
 from flows.generation.devicelock import DeviceBusyError, device_lock
+from flows.night.summaries import (
+    Failure,
+    GenerateSummary,
+    IngestSummary,
+    NightSummary,
+    RenderSummary,
+)
 from flows.pipeline import GPU_LIMIT, is_transient
-from flows.store.database import open_store
 from yalm_runner.checkpoint import ModelStore
 
 AS_OF = "2024-05-14T06:00:00Z"
@@ -82,12 +88,12 @@ def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
     config = load_config(path)
 
     first = news_to_forecast(config_path=str(path), as_of=AS_OF)
-    assert first["ingest"] == {"run_id": 1, "feeds": 2, "new_items": 9, "failed": []}
-    assert first["render"] == {"new": 7, "existing": 0, "skipped": 0}  # 6 tickers + the brief
-    generated = first["generate"]
-    assert (generated["generated"], generated["failed"], generated["resumed"]) == (7, 0, 0)
-    assert generated["tokens_per_s"] > 0
-    assert "| generated | 7 |" in first["markdown"] and "| tokens/s |" in first["markdown"]
+    assert first.ingest == IngestSummary(run_id=1, feeds=2, new_items=9)
+    assert first.render == RenderSummary(new=7)  # 6 tickers + the brief
+    generated = first.generate
+    assert (generated.generated, generated.failures, generated.resumed) == (7, (), 0)
+    assert generated.tokens_per_s > 0 and first.outcome.word == "done"
+    assert "| generated | 7 |" in first.markdown and "| tokens/s |" in first.markdown
 
     results = results_json(path, capsys)
     assert len(results) == 7
@@ -95,7 +101,7 @@ def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
     for row in results:
         assert row["model_hash"] == manifest_hash
         assert row["as_of"] == "2024-05-14" and row["template_version"] == 1
-        assert row["run_id"] == generated["run_id"] and len(row["prompt_key"]) == 64
+        assert row["run_id"] == generated.run_id and len(row["prompt_key"]) == 64
         assert 1 <= row["new_tokens"] <= 14 and row["finish_reason"] in ("eos", "length")
     assert {row["ticker"] for row in results} == {None, "SBER", "GAZP", "LKOH", "YDEX", "AAPL"} | {
         "NVDA"
@@ -110,29 +116,29 @@ def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
     assert any(item.key == "news-to-forecast-run" for item in artifact)
 
     second = news_to_forecast(config_path=str(path), as_of=AS_OF)
-    assert second["ingest"]["new_items"] == 0 and second["render"]["new"] == 0
-    assert second["generate"]["generated"] == 0 and second["generate"]["pending"] == 0
+    assert second.ingest.new_items == 0 and second.render == RenderSummary(done=7)
+    assert second.generate.generated == 0 and second.generate.pending == 0
     assert forecasts_table(config.database_path) == before
 
     rss.body = sample("markets_ru.rss.xml").replace(b"  </channel>", NEW_ITEM.encode())
     rss.etag = '"2"'
     third = news_to_forecast(config_path=str(path), as_of=AS_OF)
-    assert third["ingest"]["new_items"] == 1
+    assert third.ingest.new_items == 1
     # The item is about SBER: its outlook and the market brief change; nothing else does.
-    assert third["render"] == {"new": 2, "existing": 5, "skipped": 0}
-    assert third["generate"]["generated"] == 2
+    assert third.render == RenderSummary(new=2, done=5)
+    assert third.generate.generated == 2
     after = forecasts_table(config.database_path)
     assert len(after) == 9 and set(before) <= set(after)
     newest = results_json(path, capsys)[:2]
     assert {row["ticker"] for row in newest} == {"SBER", None}
-    assert all(row["run_id"] == third["generate"]["run_id"] for row in newest)
+    assert all(row["run_id"] == third.generate.run_id for row in newest)
 
 
-def test_run_command_prints_the_summary_and_a_bad_model_loses_nothing(
+def test_run_command_refuses_a_bad_model_before_fetching_then_ends_partial_on_a_dead_feed(
     prefect_harness, feed_server, tiny_store, tmp_path, capsys
 ):
     feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
-    feed_server.add("/atom", body=b"", status=404)
+    atom = feed_server.add("/atom", body=b"", status=404)
     broken = tmp_path / "broken-store"
     broken.mkdir()
     path = pipeline_config(
@@ -141,22 +147,34 @@ def test_run_command_prints_the_summary_and_a_bad_model_loses_nothing(
     code = main(["run", "--config", str(path), "--as-of", AS_OF])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.splitlines()[-1].startswith("yalm-forecast: error: ")
-    assert str(broken) in err.splitlines()[-1]
-    config = load_config(path)
-    with open_store(config.database_url) as store:
-        from flows.store.generations import pending_prompts
-
-        assert len(pending_prompts(store)) == 5  # rendered, still queued for a good model
-    log_text = config.log_file.read_text(encoding="utf-8")
-    assert "ingest: feed atom failed: HTTP 404" in log_text
-    assert "render: 5 new prompts" in log_text
+    assert err.splitlines()[-1] == (
+        f"yalm-forecast: error: {path}: model: {broken} is not a store: manifest.json is "
+        "missing (no store); fix `model:` or convert the store again"
+    )
+    assert atom.requests == 0 and not load_config(path).database_path.exists()
 
     fixed = pipeline_config(tmp_path, feed_server, tiny_store)
     code = main(["run", "--config", str(fixed), "--as-of", AS_OF])
-    out = capsys.readouterr().out
-    assert code == 3  # the atom feed still fails
-    assert "| generated | 5 |" in out and "feed `atom`: HTTP 404" in out
+    captured = capsys.readouterr()
+    assert code == 3  # the atom feed fails
+    assert "| generated | 5 |" in captured.out and "feed `atom`: HTTP 404" in captured.out
+    assert captured.err.splitlines()[-1] == (
+        "yalm-forecast: partial: 1 failed: feed atom: HTTP 404 Not Found"
+    )
+    log_text = load_config(fixed).log_file.read_text(encoding="utf-8")
+    assert "ingest: feed atom failed: HTTP 404" in log_text
+
+    # The UI shows the partial night as such, named after its night, with the cause.
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    assert run.name.startswith("night of 2024-05-14T06:00:00")
+    assert (run.state.name, run.state.message) == (
+        "Partial",
+        "partial: 1 failed: feed atom: HTTP 404 Not Found",
+    )
 
 
 def test_demo_then_results_in_the_same_folder(prefect_harness, tmp_path, monkeypatch, capsys):
@@ -289,16 +307,19 @@ def test_the_device_lock_admits_one_holder(tmp_path):
 
 def test_summary_table_names_what_failed():
     markdown = run_markdown(
-        {
-            "as_of": AS_OF,
-            "ingest": {
-                "feeds": 3,
-                "new_items": 4,
-                "failed": [{"feed": "rbc", "reason": "HTTP 503"}],
-            },
-            "render": {"new": 2, "existing": 1, "skipped": 0},
-            "generate": {"generated": 1, "failures": [["ab" * 32, "too long"]], "tokens_per_s": 9},
-        }
-    )
-    assert "| failed | 2 | 1 feeds, 1 prompts |" in markdown
-    assert "- feed `rbc`: HTTP 503" in markdown and "too long" in markdown
+        NightSummary(
+            as_of=AS_OF,
+            ingest=IngestSummary(
+                feeds=3, new_items=4, failures=(Failure("feed", "rbc", "HTTP 503"),)
+            ),
+            render=RenderSummary(new=2, existing=1, done=3),
+            generate=GenerateSummary(
+                generated=1, tokens_per_s=9, batch_size=4, device="cpu",
+                failures=(Failure("prompt", "ab" * 32, "too long"),),
+            ),
+        )
+    )  # fmt: skip
+    assert markdown.startswith(f"# news-to-forecast night, as of {AS_OF}: partial\n")
+    assert "| failed | 2 | 1 feeds, 0 templates, 1 prompts |" in markdown
+    assert "1 still queued, 3 done before" in markdown and "batch size 4 on cpu" in markdown
+    assert "- feed `rbc`: HTTP 503" in markdown and "- prompt `abababababab`: too long" in markdown

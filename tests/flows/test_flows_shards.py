@@ -102,7 +102,7 @@ def test_two_shard_workers_on_postgres_each_forecast_once_and_a_killed_shard_rer
         tmp_path / "reference", feed_server, tiny_store, postgres_server.create_database()
     )
     summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
-    assert summary["generate"]["generated"] == 7
+    assert summary.generate.generated == 7
     expected = query(reference, FORECASTS)
 
     sharded = shard_config(
@@ -189,10 +189,10 @@ def test_the_nightly_flow_runs_its_shards_through_a_deployment_and_a_real_worker
             os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
         log.close()
-    generated = summary["generate"]
-    assert [run["completed"] for run in generated["shards"]] == [True, True]
-    assert (generated["generated"], generated["pending"], generated["failed"]) == (7, 0, 0)
-    assert len(generated["run_ids"]) == 2 and "| generated | 7 |" in summary["markdown"]
+    generated = summary.generate
+    assert [run["completed"] for run in generated.shards] == [True, True]
+    assert (generated.generated, generated.pending, generated.failures) == (7, 0, ())
+    assert len(generated.run_ids) == 2 and "| generated | 7 |" in summary.markdown
     assert query(config, "SELECT DISTINCT claimed_by FROM prompts ORDER BY 1") == [
         ("shard-0-of-2",),
         ("shard-1-of-2",),

@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from flows_testkit import sample
 
-from flows.errors import StoreError, TemplateError
+from flows.errors import StoreError
 from flows.prompting.rendering import render_prompts
 from flows.prompting.templates import RenderedPrompt
 from flows.sources.ingest import ingest_feeds
@@ -218,7 +218,7 @@ def test_rendering_is_idempotent_and_skips_tickers_without_news(
     assert len(list_news(store)) == 9
 
 
-def test_a_broken_template_is_named_and_loses_nothing_stored(
+def test_a_broken_template_fails_its_own_prompts_only_with_the_cause(
     feed_server, tmp_path, make_config, store, count_tokens
 ):
     prompts = tmp_path / "prompts"
@@ -235,7 +235,12 @@ def test_a_broken_template_is_named_and_loses_nothing_stored(
     )
     ingest_feeds(config, store)
     as_of = datetime(2024, 5, 14, 6, 0, tzinfo=timezone.utc)
-    with pytest.raises(TemplateError, match="template 'bad': 'foo' is undefined"):
-        render_prompts(config, store, count_tokens=count_tokens, as_of=as_of)
+    outcomes = render_prompts(config, store, count_tokens=count_tokens, as_of=as_of)
+    assert [(each.template, each.status) for each in outcomes] == [
+        ("good", "new"),
+        ("bad", "failed"),
+    ]
+    assert outcomes[1].error == "template 'bad' body line 1: 'foo' is undefined"
+    assert outcomes[1].template_version == 1
     assert [prompt.template_name for prompt in pending_prompts(store)] == ["good"]
     assert len(list_news(store)) == 5

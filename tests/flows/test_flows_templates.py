@@ -43,7 +43,7 @@ def test_rendering_is_deterministic():
 
 
 def test_missing_variable_is_a_clear_error():
-    with pytest.raises(TemplateError, match=r"template 't': 'as_of' is undefined"):
+    with pytest.raises(TemplateError, match=r"template 't' body line 1: 'as_of' is undefined"):
         make_template().render({"ticker": {"symbol": "SBER"}, "items": []})
 
 

@@ -165,6 +165,27 @@ def test_robot_view_returns_the_same_rows_on_postgres_as_on_sqlite(pg_store, tmp
         assert everything[1].ticker is None
 
 
+def test_runs_v1_reads_the_same_nights_on_sqlite_and_postgres(any_store, tmp_path):
+    from flows.store.nights import finish_night, record_failures, start_night
+    from flows.store.robot import read_runs
+
+    as_of = datetime(2024, 5, 14, 6, 0, tzinfo=timezone.utc)
+    night = start_night(any_store, as_of)
+    record_failures(any_store, night, as_of, [("template", "broken", 2, "'tickr' is undefined")])
+    finish_night(any_store, night, "partial", stored=6, failed=0, cause="1 failed: template")
+    running = start_night(any_store, as_of)
+    url = any_store.engine.url.render_as_string(False)
+    if any_store.dialect == "sqlite":
+        url = url.removeprefix("sqlite:///")
+    rows = read_runs(url)
+    assert [(row.night_id, row.outcome, row.forecasts_stored) for row in rows] == [
+        (running, "running", 0),
+        (night, "partial", 6),
+    ]
+    assert rows[1].as_of == "2024-05-14T06:00:00Z" and rows[1].cause == "1 failed: template"
+    assert rows[0].finished_at is None and rows[1].finished_at is not None
+
+
 # ---- read-only access ------------------------------------------------------------------------
 
 
