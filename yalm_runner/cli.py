@@ -23,6 +23,8 @@ EXAMPLES = {
     "  (or --dtype bf16 for a 16-bit store)",
     "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
     "-n 64 --stop $'\\n'   (after a crash, run the same command again to resume)",
+    "score": "example: yalm-runner score -m store/ --input answers.jsonl --output scores.jsonl "
+    '  (each line: {"prefix": ..., "candidates": [...]})',
     "inspect": "example: yalm-runner inspect store/",
     "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
     "bench": "example: yalm-runner bench --shape 13b --gpu-memory 8GiB --batch-sizes 8,32,64",
@@ -214,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard OUTPUT.state.json and OUTPUT from an earlier run and start over",
     )
+
+    score = command(
+        "score",
+        "Score candidate answers after each prefix of a JSONL file: their log-probabilities "
+        "(exit 3 if some lines could not be scored).",
+    )
+    _add(score, "-m", "--model", type=Path, required=True, help="store folder")
+    _add(score, "--input", type=Path, required=True, help="JSONL: 'prefix' and 'candidates'")
+    _add(score, "--output", type=Path, required=True, help="JSONL to write")
+    _add(score, "--device", default="auto", help="auto, cpu, cuda, cuda:N, or cuda:0,cuda:1")
+    _add(score, "--dtype", choices=["bf16", "fp16", "fp32"], help="compute dtype")
+    _add(score, "--batch-size", type=int, help="prompts per pass (default: the budgets' fastest)")
+    _add_budgets(score)
+    _add(score, "--no-verify", action="store_true", help="skip weight checksums")
 
     inspect = command(
         "inspect",
@@ -432,6 +448,41 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from yalm_runner.convert import parse_dtype
+    from yalm_runner.runner import GenerationInterrupted
+    from yalm_runner.scorefile import score_file
+
+    started = time.perf_counter()
+    try:
+        report = score_file(
+            args.model,
+            args.input,
+            args.output,
+            device=args.device,
+            dtype=parse_dtype(args.dtype) if args.dtype else None,
+            batch_size=args.batch_size,
+            policy=_policy(args),
+            verify=not args.no_verify,
+            notify=lambda message: print(f"yalm-runner score: {message}", file=sys.stderr),
+        )
+    except GenerationInterrupted as exc:
+        print(f"yalm-runner score: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    for line_no, reason in report.failed:
+        print(f"yalm-runner score: {args.input} line {line_no}: {reason}", file=sys.stderr)
+    elapsed = time.perf_counter() - started
+    stats = report.stats
+    print(
+        f"{report.scored} prompts scored, {len(report.failed)} failed in {elapsed:.1f} s; "
+        f"{stats.prompt_tokens} tokens in {stats.forward_passes} passes ({stats.prefill_s:.2f} s); "
+        f"moved {stats.bytes_moved / 1e9:.2f} GB over the host-device link; "
+        f"peak RSS {_peak_rss_gib():.2f} GiB",
+        file=sys.stderr,
+    )
+    return 3 if report.failed else 0
+
+
 def _peak_rss_gib() -> float:
     import resource
 
@@ -527,6 +578,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 COMMANDS = {
     "convert": _cmd_convert,
     "generate": _cmd_generate,
+    "score": _cmd_score,
     "inspect": _cmd_inspect,
     "make-tiny": _cmd_make_tiny,
     "bench": _cmd_bench,
