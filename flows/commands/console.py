@@ -95,12 +95,14 @@ def _cell(text: Any) -> str:
 
 
 def run_markdown(summary: Mapping[str, Any]) -> str:
-    """The per-run table: ingested, rendered, generated, failed, tokens/s (and any error)."""
+    """The per-run table: ingested, rendered, generated, signals, failed, tokens/s (and any
+    error)."""
     ingest = summary.get("ingest") or {}
     render = summary.get("render") or {}
     generate = summary.get("generate") or {}
     failed_feeds = ingest.get("failed", [])
     failed_prompts = generate.get("failures", [])
+    failed_signals = generate.get("signal_failures", [])
     rows = [
         (
             "ingested",
@@ -120,9 +122,16 @@ def run_markdown(summary: Mapping[str, Any]) -> str:
             f"{generate.get('new_tokens', 0)} new tokens)",
         ),
         (
+            "signals",
+            generate.get("signals", "-"),
+            f"answer probabilities stored in signals_v1, scored in "
+            f"{generate.get('scoring_s', 0)} s (batch {generate.get('score_batch_size') or '-'})",
+        ),
+        (
             "failed",
-            len(failed_feeds) + len(failed_prompts),
-            f"{len(failed_feeds)} feeds, {len(failed_prompts)} prompts",
+            len(failed_feeds) + len(failed_prompts) + len(failed_signals),
+            f"{len(failed_feeds)} feeds, {len(failed_prompts)} prompts, "
+            f"{len(failed_signals)} signals",
         ),
         (
             "tokens/s",
@@ -139,6 +148,7 @@ def run_markdown(summary: Mapping[str, Any]) -> str:
     ]
     problems = [f"- feed `{item['feed']}`: {item['reason']}" for item in failed_feeds]
     problems += [f"- prompt `{key[:12]}`: {reason}" for key, reason in failed_prompts]
+    problems += [f"- signal `{key[:12]}`: {reason}" for key, reason in failed_signals]
     if summary.get("error"):
         problems.append(f"- run stopped: {summary['error']}")
     if problems:

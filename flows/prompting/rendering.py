@@ -154,6 +154,15 @@ def render_one(
         "sampling": dict(sorted(sampling.items())),
         "max_positions": config.generation.max_positions,
     }
+    signal = None
+    if template.signal is not None:
+        used, empty = {**context, "items": list(fitted.items_used)}, {**context, "items": []}
+        signal = {
+            "prefix": template.signal_prefix(fitted.text, used),
+            # Calibration's content-free prompt: the same template with no news items.
+            "content_free_prefix": template.signal_prefix(template.render(empty), empty),
+            "answers": dict(template.signal.answers),
+        }
     encoded = json.dumps(key_inputs, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     prompt = RenderedPrompt(
         key=hashlib.sha256(encoded.encode("utf-8")).hexdigest(),
@@ -170,6 +179,7 @@ def render_one(
         sampling=dict(sampling),
         item_keys=tuple(item["key"] for item in fitted.items_used),
         items_dropped=fitted.items_dropped,
+        signal=signal,
     )
     is_new = save_prompt(store, prompt, run_id=run_id)
     return RenderOutcome(
