@@ -29,7 +29,7 @@ EXAMPLES = {
     "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
     "bench": "example: yalm-runner bench --shape 13b --gpu-memory 8GiB --batch-sizes 8,32,64",
     "quality": "example: yalm-runner quality --reference store-bf16/ --candidate store-int4/ "
-    "--prompts prompts.jsonl --text sample.txt",
+    "--prompts prompts.jsonl --text sample.txt --signals examples/signals.jsonl",
 }
 
 
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(quality, "-n", "--new-tokens", type=int, default=16, help="decode steps per prompt")
     _add(quality, "--prompts", type=Path, required=True, help="JSONL with a 'prefix' per line")
     _add(quality, "--text", type=Path, help="plain text for perplexity")
+    _add(quality, "--signals", type=Path, help="JSONL with 'prefix' and 'candidates': top answers")
     _add(quality, "--device", default="cpu", help="cpu, cuda or cuda:N")
     _add(quality, "--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
     _add(quality, "--format", choices=["table", "json"], default="table")
@@ -565,6 +566,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         args.candidate or args.reference,
         args.prompts,
         args.text,
+        args.signals,
         device=resolve_device(args.device),
         dtype=parse_dtype(args.dtype),
         verify=not args.no_verify,

@@ -66,6 +66,12 @@ class MemoryPlan:
     prefill_rows: int = 0  # rows per prefill group (0: the whole batch in one)
     kv_layout: str = "rows"  # of the pinned-RAM cache: rows or slots
 
+    @property
+    def score_room_bytes(self) -> int:
+        """GPU memory this plan keeps beside the weights (the batch's KV and workspace): the
+        room a scoring batch is sized in (no KV is kept while scoring)."""
+        return self.placement.kv_bytes + self.placement.workspace_bytes
+
     def predicted_step_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
         """Floor of one decode step: streamed weights (and KV) over their links."""
         weights = self.placement.predicted_pass_s(pinned_bytes_per_s, disk_bytes_per_s)

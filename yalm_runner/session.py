@@ -118,8 +118,7 @@ class GenerationSession:
     def score_plan(self, shape: ScoreShape, batch_size: int | None = None) -> ScorePlan:
         """The scoring batch that fits the room this plan keeps beside the weights (the
         generation batch's KV and workspace); ``OffloadError`` if not even one prompt fits."""
-        placement = self.plan.placement
-        room = placement.kv_bytes + placement.workspace_bytes
+        room = self.plan.score_room_bytes
         return fit_score_batch(self.store.config, self.dtype, room, shape, batch_size)
 
 
