@@ -124,14 +124,14 @@ def run_markdown(summary: Mapping[str, Any]) -> str:
         (
             "signals",
             generate.get("signals", "-"),
-            f"answer probabilities stored in signals_v1, scored in "
-            f"{generate.get('scoring_s', 0)} s (batch {generate.get('score_batch_size') or '-'})",
+            f"answer probabilities stored in signals_v1 ({len(failed_signals)} failed), scored "
+            f"in {generate.get('scoring_s', 0)} s "
+            f"(batch {generate.get('score_batch_size') or '-'})",
         ),
         (
             "failed",
-            len(failed_feeds) + len(failed_prompts) + len(failed_signals),
-            f"{len(failed_feeds)} feeds, {len(failed_prompts)} prompts, "
-            f"{len(failed_signals)} signals",
+            len(failed_feeds) + len(failed_prompts),
+            f"{len(failed_feeds)} feeds, {len(failed_prompts)} prompts",
         ),
         (
             "tokens/s",

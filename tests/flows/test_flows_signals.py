@@ -203,7 +203,8 @@ def test_a_signal_that_cannot_be_scored_fails_alone_and_the_night_is_partial(
     code = main(["run", "--config", str(path), "--as-of", AS_OF])
     assert code == 3
     out = capsys.readouterr().out
-    assert "| failed | 1 | 0 feeds, 0 prompts, 1 signals |" in out
+    assert "| failed | 0 | 0 feeds, 0 prompts |" in out
+    assert "| signals | 6 | answer probabilities stored in signals_v1 (1 failed)" in out
     assert "over the model's" in out  # the reason, in the summary's problems
     database = load_config(path).database_path
     failed = readonly_rows(database, "SELECT error FROM signal_prompts WHERE status = 'failed'")
