@@ -145,8 +145,8 @@ class ScoringJob:
                 kept.append(request)
         self.requests = kept
         self.problems = {}
-        order = list(self.rows)
-        return sorted(rejected, key=lambda pair: order.index(pair[0]))
+        order = {key: index for index, key in enumerate(self.rows)}
+        return sorted(rejected, key=lambda pair: order[pair[0]])
 
     def restore(self, sink: ScoringSink) -> int:
         """Take out the rows ``sink`` already stored; return how many."""

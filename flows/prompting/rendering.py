@@ -4,7 +4,9 @@ Glue between ``flows.prompting.templates`` and the store: picks each template's 
 window,
 sources, ticker, maximum count), builds the template context, fits it to the model's positions,
 keys the result by a hash of everything that went into it, and saves it as pending. Re-rendering
-the same inputs finds the same key and adds nothing. Token counting is a function the caller
+the same inputs finds the same key and adds nothing. A template's signal is rendered beside the
+prompt (the question after it, and after the content-free prompt: the body with no news items)
+and queued for scoring with it. Token counting is a function the caller
 passes in (the CLI gives the real YaLM tokenizer); this module never imports the model.
 """
 
