@@ -250,7 +250,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
             rows=len(job),  # a plan for 13 prompts is not a plan for 512
             score_only=None if generating else scoring.shape,
         ) as session:
-            report.batch_size = session.batch_size
+            report.batch_size = session.batch_size if generating else None
             report.device = str(session.device)
             log.info("generate: memory plan: %s", session.plan.describe())
             if scoring is not None:  # first: the robot's numbers before the long part
