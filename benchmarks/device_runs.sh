@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
-#   tests-and-kv-check | fused-check | envelope
+#   tests-and-kv-check | fused-check | envelope | signals
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -56,6 +56,12 @@ case "$1" in
     python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
       --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
+    ;;
+  signals)  # issue 15: signals per hour beside texts per hour, same prompts, same run
+    python3 -m yalm_runner.bench.signals --shape yalm-100b --quantize int4 --group-size 128 \
+      --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 800 \
+      --content-free-len 100 --answers 3 -n 128 --json "$OUT/signals.json" 2>&1 \
+      | tee "$OUT/signals.txt"
     ;;
   *) echo "usage: $0 MODE (see the top of this file)" >&2
      exit 2 ;;

@@ -1,7 +1,8 @@
 """The ``news-to-forecast`` Prefect flow: ingest, render, generate, publish.
 
 Each task is one library call on a config path (tasks take paths and keys, never the engine):
-``ingest_feeds``, ``render_prompts``, ``generate_pending``, and publishing the run's summary as
+``ingest_feeds``, ``render_prompts``, ``generate_pending`` (which scores the signals first, in
+the same model session), and publishing the run's summary as
 a markdown artifact and in the log. Correctness never depends on Prefect's state or result
 cache: a killed run leaves Prefect's record stuck in RUNNING, and the next run resumes from the
 store alone (``flows.generation.forecasting``).
@@ -185,8 +186,9 @@ def generate(
     keys: list[str] | None = None,
     worker_id: str | None = None,
 ) -> GenerateSummary:
-    """Claim and generate the pending prompts (only ``keys``, if given), one forecast committed
-    at a time (resumable); ``worker_id`` defaults to this host and device."""
+    """Score the pending signals, then claim and generate the pending prompts (only ``keys``, if
+    given), in one model session, each signal and forecast committed on its own (resumable);
+    ``worker_id`` defaults to this host and device."""
     with gpu_slot():
         return generate_step(config_path, night or NightRef(None, ""), keys, worker_id)
 
@@ -302,7 +304,7 @@ def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> G
     """Cut the pending prompts into shards, run each through ``deployment``, sum them up."""
     config = load_config(config_path)
     with open_store(config.database_url) as store:
-        keys = [prompt.key for prompt in pending_prompts(store)]
+        keys = _pending_keys(store)
     shards = [shard for shard in split_round_robin(keys, shard_count) if shard]
     log.info(
         "generate: %d pending prompts in %d shards through the deployment %s",
@@ -341,6 +343,14 @@ def generate_in_shards(config_path: str, shard_count: int, deployment: str) -> G
     )
 
 
+def _pending_keys(store) -> list[str]:
+    """The prompts with a forecast or a signal to make, oldest first: what shards are cut from."""
+    from flows.store.signals import pending_signals
+
+    keys = [prompt.key for prompt in pending_prompts(store)]
+    return keys + sorted({signal.key for signal in pending_signals(store)} - set(keys))
+
+
 @flow(name=SHARD_FLOW_NAME, log_prints=True)
 def generate_shard(
     config_path: str,
@@ -360,11 +370,7 @@ def generate_shard(
     if keys is None:
         check_shard(shard_index, shard_count)
         with open_store(config.database_url) as store:
-            keys = [
-                prompt.key
-                for prompt in pending_prompts(store)
-                if in_shard(prompt.key, shard_index, shard_count)
-            ]
+            keys = [key for key in _pending_keys(store) if in_shard(key, shard_index, shard_count)]
     return generate(config_path, keys=list(keys), worker_id=worker_id)
 
 

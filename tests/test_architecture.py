@@ -55,6 +55,26 @@ FORBIDDEN = {
         "kvcache",
         "model",
     },
+    # The second job on the core: the same rooms as generation's, and nothing of files.
+    "scoring": {
+        "checkpoint",
+        "convert",
+        "release",
+        "tensorfile",
+        "cli",
+        "runner",
+        "scorefile",
+        "resume",
+        "fsutil",
+        "streaming",
+        "offload",
+        "multigpu",
+        "kvcache",
+        "model",
+        "generation",
+    },
+    # How candidates are packed into rows: tensors only, nothing of weights or text.
+    "packing": {"model", "engine", "checkpoint", "offload", "streaming", "session", "tokenizer"},
     # What every job shares (signals, saving on the way out): nothing of engines or tokens.
     "job": {
         "model",

@@ -25,11 +25,13 @@ EXAMPLES = {
     "run the same command again to continue)",
     "generate": "example: yalm-runner generate -m store/ --input prompts.jsonl --output out.jsonl "
     "-n 64 --stop $'\\n'   (after a crash, run the same command again to resume)",
+    "score": "example: yalm-runner score -m store/ --input answers.jsonl --output scores.jsonl "
+    '  (each line: {"prefix": ..., "candidates": [...]})',
     "inspect": "example: yalm-runner inspect store/",
     "make-tiny": "example: yalm-runner make-tiny tiny-release/ --layers 2 --hidden 64 --heads 4",
     "bench": "example: yalm-runner bench --shape 13b --gpu-memory 8GiB --batch-sizes 8,32,64",
     "quality": "example: yalm-runner quality --reference store-bf16/ --candidate store-int4/ "
-    "--prompts prompts.jsonl --text sample.txt",
+    "--prompts prompts.jsonl --text sample.txt --signals examples/signals.jsonl",
 }
 
 
@@ -168,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard OUTPUT.state.json and OUTPUT from an earlier run and start over",
     )
 
+    score = command(
+        "score",
+        "Score candidate answers after each prefix of a JSONL file: their log-probabilities "
+        "(exit 3 if some lines could not be scored).",
+    )
+    _add(score, "-m", "--model", type=Path, required=True, help="store folder")
+    _add(score, "--input", type=Path, required=True, help="JSONL: 'prefix' and 'candidates'")
+    _add(score, "--output", type=Path, required=True, help="JSONL to write")
+    _add_settings(score, ("device", "dtype", "batch_size", *BUDGETS))
+    _add(score, "--no-verify", action="store_true", help="skip weight checksums")
+
     inspect = command(
         "inspect",
         "Show a store's shape and sizes; with budgets, the memory plan and predicted step time "
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(quality, "--prompts", type=Path, required=True, help="JSONL with a 'prefix' per line")
     _add(quality, "--text", type=Path, help="plain text for perplexity")
     _add_settings(quality, ("device", "dtype"), device="cpu", dtype="fp32")
+    _add(quality, "--signals", type=Path, help="JSONL with 'prefix' and 'candidates': top answers")
     _add(quality, "--format", choices=["table", "json"], default="table")
     _add(quality, "--no-verify", action="store_true", help="skip weight checksums")
 
@@ -405,6 +419,42 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from yalm_runner.offload import OffloadPolicy
+    from yalm_runner.runner import GenerationInterrupted
+    from yalm_runner.scorefile import score_file
+
+    chosen = settings.from_args(args)
+    started = time.perf_counter()
+    try:
+        report = score_file(
+            args.model,
+            args.input,
+            args.output,
+            device=chosen.device,
+            dtype=chosen.torch_dtype(),
+            batch_size=chosen.batch_size,
+            policy=OffloadPolicy.from_settings(chosen),
+            verify=not args.no_verify,
+            notify=lambda message: print(f"yalm-runner score: {message}", file=sys.stderr),
+        )
+    except GenerationInterrupted as exc:
+        print(f"yalm-runner score: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    for line_no, reason in report.failed:
+        print(f"yalm-runner score: {args.input} line {line_no}: {reason}", file=sys.stderr)
+    elapsed = time.perf_counter() - started
+    stats = report.stats
+    print(
+        f"{report.scored} prompts scored, {len(report.failed)} failed in {elapsed:.1f} s; "
+        f"{stats.prompt_tokens} tokens in {stats.forward_passes} passes ({stats.prefill_s:.2f} s); "
+        f"moved {stats.bytes_moved / 1e9:.2f} GB over the host-device link; "
+        f"peak RSS {_peak_rss_gib():.2f} GiB",
+        file=sys.stderr,
+    )
+    return 3 if report.failed else 0
+
+
 def _peak_rss_gib() -> float:
     import resource
 
@@ -488,6 +538,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         args.candidate or args.reference,
         args.prompts,
         args.text,
+        args.signals,
         device=resolve_device(args.device),
         dtype=parse_dtype(args.dtype),
         verify=not args.no_verify,
@@ -502,6 +553,7 @@ COMMANDS = {
     "convert": _cmd_convert,
     "fetch": _cmd_fetch,
     "generate": _cmd_generate,
+    "score": _cmd_score,
     "inspect": _cmd_inspect,
     "make-tiny": _cmd_make_tiny,
     "bench": _cmd_bench,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Finished, GenerationStats, Request
+from yalm_runner.packing import Scored, ScoreRequest
 
 
 class MultiEngine:
@@ -41,6 +42,9 @@ class MultiEngine:
 
     def check(self, request: Request) -> None:
         self.engines[0].check(request)
+
+    def check_score(self, request: ScoreRequest) -> None:
+        self.engines[0].check_score(request)
 
     def cancel(self) -> None:
         for engine in self.engines:
@@ -144,3 +148,60 @@ class MultiEngine:
         if errors:
             raise errors[0]
         return [finished[request.key] for request in pending]
+
+    def score(
+        self,
+        requests: Iterable[ScoreRequest],
+        *,
+        batch_size: int,
+        group_rows: int = 0,
+        on_scored: Callable[[Scored], None] | None = None,
+    ) -> list[Scored]:
+        """As ``Engine.score``: batch k on device k mod n; ``on_scored`` one call at a time."""
+        pending = list(requests)
+        for request in pending:
+            self.check_score(request)
+        batches = [
+            pending[start : start + batch_size] for start in range(0, len(pending), batch_size)
+        ]
+        count = len(self.engines)
+        shares = [
+            [row for batch in batches[index::count] for row in batch] for index in range(count)
+        ]
+        results: dict[str, Scored] = {}
+        errors: list[BaseException] = []
+
+        def scored(result: Scored) -> None:
+            with self._lock:
+                results[result.key] = result
+                if on_scored is not None:
+                    on_scored(result)
+
+        def work(engine: Engine, share: list[ScoreRequest]) -> None:
+            try:
+                engine.score(share, batch_size=batch_size, group_rows=group_rows, on_scored=scored)
+            except BaseException as exc:  # handed to the calling thread below
+                errors.append(exc)
+                self.cancel()
+
+        threads = [
+            threading.Thread(target=work, args=(engine, share), name=f"yalm-{engine.device}")
+            for engine, share in zip(self.engines, shares, strict=True)
+            if share
+        ]
+        began = time.perf_counter()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            self.cancel()
+            for thread in threads:
+                thread.join()
+            raise
+        finally:
+            self._wall_s += time.perf_counter() - began
+        if errors:
+            raise errors[0]
+        return [results[request.key] for request in pending]

@@ -15,6 +15,14 @@ With no batch size given, the planner tries batch sizes under both placements an
 that predicts the most tokens per second (pinned KV takes RAM that weights would otherwise use,
 pushing layers to disk, so the largest batch is not always the fastest). Workspace (activations
 of a prefill) is estimated from the model's shapes.
+
+Scoring (``engine.Engine.score``) keeps no KV cache across steps: one pass per batch, so its batch
+is bounded by activations alone. The big tensors are a group's attention scores (B, NH, T, T),
+the layer at hand's keys and values, the hidden states of every row waiting between layers, and
+the head's fp32 logits over the vocabulary at the scored positions (computed ``HEAD_CHUNK`` at a
+time). ``fit_score_batch`` sizes a scoring batch in the GPU memory a plan sets aside beside the
+weights (its KV and workspace: a generation session scores in the room its generation batch
+will use); ``plan_memory(score=...)`` with no generation plans that room for scoring alone.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from yalm_runner.config import ModelConfig
 from yalm_runner.errors import OffloadError
 from yalm_runner.kvformat import DECODE_BYTES, kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
+from yalm_runner.packing import HEAD_CHUNK
 from yalm_runner.quant import scratch_elements
 from yalm_runner.streaming import part_bytes_in
 
@@ -56,6 +65,12 @@ class MemoryPlan:
     placement: Placement
     prefill_rows: int = 0  # rows per prefill group (0: the whole batch in one)
     kv_layout: str = "rows"  # of the pinned-RAM cache: rows or slots
+
+    @property
+    def score_room_bytes(self) -> int:
+        """GPU memory this plan keeps beside the weights (the batch's KV and workspace): the
+        room a scoring batch is sized in (no KV is kept while scoring)."""
+        return self.placement.kv_bytes + self.placement.workspace_bytes
 
     def predicted_step_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
         """Floor of one decode step: streamed weights (and KV) over their links."""
@@ -231,3 +246,141 @@ def _rate(plan: MemoryPlan) -> float:
     """Predicted new tokens per second; only comparisons between plans use it."""
     step = plan.predicted_step_s(PLANNING_LINK_BYTES_PER_S, PLANNING_DISK_BYTES_PER_S)
     return plan.batch_size / (step + STEP_OVERHEAD_S)
+
+
+@dataclass(frozen=True)
+class ScoreShape:
+    """What a scoring job asks of the memory: its longest packed row, the most scored positions
+    of one prompt, and how many prompts there are."""
+
+    tokens: int
+    positions: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """Prompts per scoring pass, and rows per group going through a layer together."""
+
+    batch_size: int
+    group_rows: int  # 0: the whole batch in one group
+    workspace_bytes: int
+
+    def describe(self) -> str:
+        groups = f" in groups of {self.group_rows}" if self.group_rows else ""
+        return (
+            f"scoring {self.batch_size} prompts per pass{groups}, "
+            f"activations {format_bytes(self.workspace_bytes)}"
+        )
+
+
+def score_workspace_bytes(
+    config: ModelConfig, batch: int, group: int, shape: ScoreShape, element: int
+) -> int:
+    """Activation memory of one scoring pass over ``batch`` prompts, ``group`` rows at a time."""
+    tokens = shape.tokens
+    waiting = batch * tokens * config.hidden_size * element if group < batch else 0
+    layer = workspace_bytes(config, group, tokens, tokens, element)
+    kv = group * tokens * 2 * config.hidden_size * element  # the layer at hand's, reused
+    mask = group * tokens * tokens  # booleans
+    head = 2 * 4 * min(batch * shape.positions, HEAD_CHUNK) * config.vocab_size
+    return waiting + layer + kv + mask + head
+
+
+def _score_choice(
+    config: ModelConfig, batch: int, shape: ScoreShape, element: int, room: int | None
+) -> ScorePlan | None:
+    """The largest group (fewest passes of a layer's kernels) that lets ``batch`` fit."""
+    for group_tokens in PREFILL_TOKENS:
+        group = min(batch, max(1, group_tokens // shape.tokens))
+        work = score_workspace_bytes(config, batch, group, shape, element)
+        if room is None or work <= room:
+            return ScorePlan(batch, group if group < batch else 0, work)
+    return None
+
+
+def fit_score_batch(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    room_bytes: int | None,
+    shape: ScoreShape,
+    batch_size: int | None = None,
+) -> ScorePlan:
+    """The scoring batch that fits ``room_bytes`` of activations (None: no limit): the largest,
+    up to the prompts there are, or ``batch_size`` if it fits; ``OffloadError`` with the
+    numbers if not."""
+    element = _element(dtype)
+    if batch_size is not None:
+        found = _score_choice(config, batch_size, shape, element, room_bytes)
+        if found is None:
+            need = score_workspace_bytes(config, batch_size, 1, shape, element)
+            raise OffloadError(
+                f"scoring batch {batch_size} of {shape.tokens} tokens needs "
+                f"{format_bytes(need)} of activations, over the {format_bytes(room_bytes or 0)} "
+                "the plan leaves beside the weights"
+            )
+        return found
+    best = None
+    for batch in _candidates(max(1, min(MAX_BATCH, shape.rows))):
+        found = _score_choice(config, batch, shape, element, room_bytes)
+        if found is None:
+            break
+        best = found
+    if best is None:
+        need = score_workspace_bytes(config, 1, 1, shape, element)
+        raise OffloadError(
+            f"scoring one prompt of {shape.tokens} tokens needs {format_bytes(need)} of "
+            f"activations, over the {format_bytes(room_bytes or 0)} the plan leaves beside the "
+            "weights; raise --gpu-memory or shorten the prompts"
+        )
+    return best
+
+
+def plan_scoring(
+    store: ModelStore,
+    device: torch.device,
+    dtype: torch.dtype,
+    policy: OffloadPolicy,
+    shape: ScoreShape,
+    *,
+    batch_size: int | None = None,
+) -> MemoryPlan:
+    """A plan for scoring alone: no KV cache across steps, the batch's activations as the
+    workspace, the batch (at most the prompts there are) that predicts the most prompts per
+    second; ``OffloadError`` if none fits."""
+    config = store.config
+    element = _element(dtype)
+    parts = part_bytes_in(store, dtype)
+    budgets = policy.budgets_on(device.type)
+    scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
+    gpu = budgets.device_bytes
+    scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
+
+    def attempt(batch: int) -> MemoryPlan:
+        error = OffloadError("no prefill group to try")
+        for group_tokens in PREFILL_TOKENS:  # the largest group whose placement fits
+            group = min(batch, max(1, group_tokens // shape.tokens))
+            work = scratch + score_workspace_bytes(config, batch, group, shape, element)
+            try:
+                placement = plan_placement(parts, policy, 0, work, budgets=budgets)
+            except OffloadError as exc:
+                error = exc
+                continue
+            rows = group if group < batch else 0
+            return MemoryPlan(batch, shape.tokens, "gpu", 0, 0, work, placement, rows)
+        raise error
+
+    if batch_size is not None:
+        return attempt(batch_size)
+    best, failure = None, None
+    for batch in _candidates(max(1, min(MAX_BATCH, shape.rows))):
+        try:
+            candidate = attempt(batch)
+        except OffloadError as exc:
+            failure = failure or exc
+            continue
+        if best is None or _rate(candidate) >= _rate(best):
+            best = candidate
+    if best is None:
+        raise OffloadError(f"not even one prompt can be scored under the budgets: {failure}")
+    return best

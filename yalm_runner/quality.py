@@ -13,6 +13,12 @@ exactly as the engine's pinned-RAM cache keeps it: the slots a pass writes are e
 that pass and compressed for every later one. So the cost of an 8- or 4-bit KV cache (and of
 compressed weights while decoding) is measured on the same path.
 
+Answers are compared too (``signals``: prefixes with candidate answers, ``yalm-runner score``'s
+input): both stores score them with the scorer the pipeline uses, and the report says how often
+the candidate picks the same top answer as the reference and how far its answer probabilities
+move. For a trading robot that reads the top answer, that agreement is a better guard than the
+logit error.
+
 The stores are run one after the other (the reference's logits wait on the CPU), so only one
 model is loaded at a time. Each sequence runs alone from position 0, the same math as the
 engine's prefill. This module reads prompt and text files; it does not generate.
@@ -31,10 +37,13 @@ import torch
 
 from yalm_runner import model
 from yalm_runner.checkpoint import ModelStore
+from yalm_runner.engine import Engine
 from yalm_runner.errors import ConfigError
 from yalm_runner.kvformat import KV_BITS, decode_kv, encode_kv
 from yalm_runner.offload import QuantizedResidentWeights, ResidentWeights, WeightSource
 from yalm_runner.runner import read_prompts
+from yalm_runner.scorefile import read_score_rows
+from yalm_runner.scoring import ScoreRow, ScoringJob
 from yalm_runner.tokenizer import Tokenizer
 
 
@@ -60,6 +69,10 @@ class QualityReport:
     text_tokens: int
     reference_perplexity: float | None
     candidate_perplexity: float | None
+    signal_prompts: int = 0  # prefixes with candidate answers compared
+    signal_top_agreement: float | None = None  # fraction picking the same top answer
+    signal_mean_probability_shift: float | None = None  # mean |p_cand - p_ref| over answers
+    signal_worst_probability_shift: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -84,6 +97,13 @@ class QualityReport:
                 ("decode logit error", f"{self.decode_relative_logit_error:.5f}"),
                 ("decode top-1 agreement", f"{100 * self.decode_top1_agreement:.2f}%"),
                 ("decode mean KL (nats)", f"{self.decode_mean_kl_nats:.6f}"),
+            ]  # fmt: skip
+        if self.signal_prompts:
+            rows += [
+                ("signal prompts", str(self.signal_prompts)),
+                ("top-answer agreement", f"{100 * self.signal_top_agreement:.2f}%"),
+                ("answer probability shift", f"mean {self.signal_mean_probability_shift:.4f}, "
+                 f"worst {self.signal_worst_probability_shift:.4f}"),
             ]  # fmt: skip
         if self.reference_perplexity is not None and self.candidate_perplexity is not None:
             ratio = self.candidate_perplexity / self.reference_perplexity
@@ -232,10 +252,12 @@ def compare_stores(
     verify: bool = True,
     kv_bits: int = 16,
     new_tokens: int = 0,
+    signals: list[ScoreRow] | None = None,
 ) -> QualityReport:
     """Compare the candidate store's predictions with the reference store's: at every prompt
-    position, and over ``new_tokens`` decode steps with the candidate's KV cache at
-    ``kv_bits`` (the candidate may be the reference store itself, to judge the KV cache)."""
+    position, over ``new_tokens`` decode steps with the candidate's KV cache at ``kv_bits``
+    (the candidate may be the reference store itself, to judge the KV cache), and on the
+    answers of ``signals`` (top answer, answer probabilities)."""
     if kv_bits not in KV_BITS:
         raise ConfigError(f"KV bits must be one of {KV_BITS}, got {kv_bits}")
     reference, candidate = ModelStore.open(reference_path), ModelStore.open(candidate_path)
@@ -269,11 +291,17 @@ def compare_stores(
             nll = sum(
                 _negative_log_likelihood(sequence_logits(weights, ids), ids) for ids in windows
             )
-        return logits, decoded, nll
+            answers = _answer_probabilities(weights, scoring)
+        return logits, decoded, nll, answers
 
-    ref_logits, ref_decoded, ref_nll = run(reference, 16, None)
+    scoring = ScoringJob(signals or [], tokenizer, reference.config)
+    rejected = scoring.admit()
+    if rejected:
+        raise ConfigError(f"signal row {rejected[0][0]}: {rejected[0][1]}")
+    ref_logits, ref_decoded, ref_nll, ref_answers = run(reference, 16, None)
     continuations = [fed for _, fed in ref_decoded]
-    cand_logits, cand_decoded, cand_nll = run(candidate, kv_bits, continuations)
+    cand_logits, cand_decoded, cand_nll, cand_answers = run(candidate, kv_bits, continuations)
+    agreement_top, shift_mean, shift_worst = _compare_answers(ref_answers, cand_answers)
     error, worst, agreement, kl, positions = _compare(ref_logits, cand_logits)
     decode = _compare([r for r, _ in ref_decoded], [c for c, _ in cand_decoded])
     text_tokens = sum(len(window) - 1 for window in windows)
@@ -296,7 +324,33 @@ def compare_stores(
         text_tokens=text_tokens,
         reference_perplexity=math.exp(ref_nll / text_tokens) if text_tokens else None,
         candidate_perplexity=math.exp(cand_nll / text_tokens) if text_tokens else None,
+        signal_prompts=len(ref_answers),
+        signal_top_agreement=agreement_top,
+        signal_mean_probability_shift=shift_mean,
+        signal_worst_probability_shift=shift_worst,
     )
+
+
+def _answer_probabilities(weights: WeightSource, job: ScoringJob) -> list[torch.Tensor]:
+    """Each signal row's answer probabilities (softmax of the summed log-likelihoods), scored
+    by the engine's scorer as the pipeline scores them."""
+    if not len(job):
+        return []
+    scored = Engine(weights).score(job.requests, batch_size=len(job))
+    return [torch.softmax(torch.tensor(row.logprobs, dtype=torch.float64), 0) for row in scored]
+
+
+def _compare_answers(
+    references: list[torch.Tensor], candidates: list[torch.Tensor]
+) -> tuple[float | None, float | None, float | None]:
+    """Top-answer agreement, mean and worst absolute probability shift (None: no rows)."""
+    if not references:
+        return None, None, None
+    agree = sum(int(ref.argmax() == cand.argmax()) for ref, cand in zip(references, candidates,
+                                                                        strict=True))  # fmt: skip
+    shifts = torch.cat([(cand - ref).abs() for ref, cand in zip(references, candidates,
+                                                                strict=True)])  # fmt: skip
+    return agree / len(references), float(shifts.mean()), float(shifts.max())
 
 
 def _compare(
@@ -337,9 +391,20 @@ def compare_files(
     candidate_path: Path,
     prompts_path: Path,
     text_path: Path | None = None,
+    signals_path: Path | None = None,
     **options: object,
 ) -> QualityReport:
-    """``compare_stores`` with the prompts (JSONL) and the text read from files."""
+    """``compare_stores`` with the prompts (JSONL), the text and the signal rows (JSONL with
+    ``prefix`` and ``candidates``) read from files."""
     prompts = read_prompt_file(prompts_path)
     text = _read_text(text_path, "text") if text_path is not None else None
-    return compare_stores(reference_path, candidate_path, prompts, text, **options)  # type: ignore[arg-type]
+    signals = (
+        [
+            ScoreRow(row["__key__"], row["prefix"], tuple(row.get("candidates", [])))
+            for row in read_score_rows(signals_path)
+        ]
+        if signals_path is not None
+        else None
+    )
+    return compare_stores(reference_path, candidate_path, prompts, text, signals=signals,
+                          **options)  # type: ignore[arg-type]  # fmt: skip

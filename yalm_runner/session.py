@@ -7,6 +7,11 @@ asked for, checked against them). Everything heavy is released when the ``with``
 The session also says what generated ids depend on besides the model (device, dtype, the width
 the KV cache is kept in), so that a front end can fingerprint saved ids without reaching into
 the engine.
+
+A session scores too (``score_plan``): a scoring pass keeps no KV cache across steps, so its
+batch is sized in the GPU memory the plan set aside beside the weights for the generation batch
+(its KV cache and workspace). A session opened for scoring alone (``score_only``) plans that
+room for scoring instead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from yalm_runner.engine import Engine
 from yalm_runner.errors import ConfigError
 from yalm_runner.multigpu import MultiEngine
 from yalm_runner.offload import OffloadPolicy, Placement
-from yalm_runner.planning import MemoryPlan, plan_memory
+from yalm_runner.planning import (
+    MemoryPlan,
+    ScorePlan,
+    ScoreShape,
+    fit_score_batch,
+    plan_memory,
+    plan_scoring,
+)
 from yalm_runner.settings import check_setting
 from yalm_runner.streaming import StreamingWeights
 from yalm_runner.tokenizer import Tokenizer
@@ -107,6 +119,12 @@ class GenerationSession:
         """16, or 8/4 when the KV cache is kept compressed in pinned RAM (lossy)."""
         return self.engine.kv_stored_bits
 
+    def score_plan(self, shape: ScoreShape, batch_size: int | None = None) -> ScorePlan:
+        """The scoring batch that fits the room this plan keeps beside the weights (the
+        generation batch's KV and workspace); ``OffloadError`` if not even one prompt fits."""
+        room = self.plan.score_room_bytes
+        return fit_score_batch(self.store.config, self.dtype, room, shape, batch_size)
+
 
 @contextmanager
 def open_session(
@@ -121,6 +139,7 @@ def open_session(
     rows: int | None = None,
     verify: bool = True,
     tokenizer: Tokenizer | None = None,
+    score_only: ScoreShape | None = None,
 ) -> Iterator[GenerationSession]:
     """Open ``store_path`` (a folder, or a ``ModelStore`` already open) for generation under
     ``policy``'s budgets.
@@ -132,24 +151,30 @@ def open_session(
     ``OffloadError`` with the numbers before anything is loaded. ``device`` may name several
     GPUs (``cuda:0,cuda:1``, or be the list ``resolve_devices`` made of that): each gets the
     budgets, they share one pinned copy of the weights, and batches alternate between them
-    (``multigpu``). A caller that already loaded the store's ``tokenizer`` passes it.
+    (``multigpu``). A caller that already loaded the store's ``tokenizer`` passes it. With
+    ``score_only`` (the job's shape) the session is planned for scoring alone: no KV cache, the
+    room beside the weights for a scoring batch (``batch_size`` prompts, or the fastest the
+    budgets allow).
     """
     store = store_path if isinstance(store_path, ModelStore) else ModelStore.open(Path(store_path))
     devices = resolve_devices(device)
     device = devices[0]
     dtype = dtype or default_dtype(store, device)
     policy = policy or OffloadPolicy()
-    plan = plan_memory(
-        store,
-        device,
-        dtype,
-        policy,
-        batch_size=batch_size,
-        max_context=max_context or store.config.max_positions,
-        prompt_tokens=prompt_tokens,
-        rows=rows,
-        copies=len(devices),
-    )
+    if score_only is not None:
+        plan = plan_scoring(store, device, dtype, policy, score_only, batch_size=batch_size)
+    else:
+        plan = plan_memory(
+            store,
+            device,
+            dtype,
+            policy,
+            batch_size=batch_size,
+            max_context=max_context or store.config.max_positions,
+            prompt_tokens=prompt_tokens,
+            rows=rows,
+            copies=len(devices),
+        )
     tokenizer = tokenizer or Tokenizer(store.tokenizer_path)
     with ExitStack() as stack:
         sources: list[StreamingWeights] = []

@@ -9,6 +9,7 @@ Commands are entries in ``COMMANDS``; a later module adds its own with ``registe
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -251,10 +252,58 @@ def _results(args: argparse.Namespace) -> int:
         template=args.template,
         limit=args.limit + 1 if args.limit else None,
     )
-    rows = cut_to_limit([vars(forecast) for forecast in forecasts], args.limit, "forecasts")
-    columns = (
-        COLUMNS if args.format != "table" else ("generated_at", "ticker", "template", "forecast")
-    )
+    forecasts = cut_to_limit(forecasts, args.limit, "forecasts")
+    signals = _signals_by_prompt(config.database_url, forecasts)
+    rows = [
+        {**vars(forecast), "signal": signals.get(forecast.prompt_key)} for forecast in forecasts
+    ]
+    if args.format == "table":
+        columns = ("generated_at", "ticker", "template", "signal", "forecast")
+        for row in rows:
+            row["signal"] = " ".join(f"{k} {v:.2f}" for k, v in (row["signal"] or {}).items())
+    elif args.format == "csv":
+        columns = (*COLUMNS, "signal")
+        for row in rows:
+            row["signal"] = json.dumps(row["signal"]) if row["signal"] else ""
+    else:
+        columns = (*COLUMNS, "signal")
+    write_rows(rows, columns, args.format, sys.stdout)
+    return EXIT_OK
+
+
+def _signals_by_prompt(database_url: str, forecasts) -> dict[str, dict[str, float]]:
+    """Each forecast's signal (label -> calibrated probability), by prompt key."""
+    from flows.store.robot import connect_readonly, read_signals
+
+    if not forecasts:
+        return {}
+    connection = connect_readonly(database_url)
+    try:
+        return {
+            forecast.prompt_key: {
+                signal.label: signal.probability
+                for signal in read_signals(connection, prompt_key=forecast.prompt_key)
+            }
+            for forecast in forecasts
+        }
+    finally:
+        connection.close()
+
+
+def _signals(args: argparse.Namespace) -> int:
+    from flows.store.robot import SIGNAL_COLUMNS, read_signals
+
+    config = load(args)
+    signals = read_signals(
+        config.database_url, since=args.since, ticker=args.ticker, template=args.template,
+        limit=args.limit,
+    )  # fmt: skip
+    rows = [vars(signal) for signal in signals]
+    columns = SIGNAL_COLUMNS
+    if args.format == "table":
+        columns = ("scored_at", "ticker", "template", "label", "probability", "raw_probability",
+                   "content_free_probability")  # fmt: skip
+        rows = [{**row, **{name: f"{row[name]:.3f}" for name in columns[4:]}} for row in rows]
     write_rows(rows, columns, args.format, sys.stdout)
     return EXIT_OK
 
@@ -345,7 +394,7 @@ def _generate_shard(args: argparse.Namespace) -> int:
     print(
         f"shard {index}/{count} ({report.worker_id}): {report.generated} forecasts stored, "
         f"{len(report.failures)} failed, {report.resumed} resumed, "
-        f"{report.held} held by other workers",
+        f"{report.held} held by other workers; {report.signals} signals stored",
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if report.failures else EXIT_OK
@@ -391,8 +440,11 @@ def _demo(args: argparse.Namespace) -> int:
         f"The model is tiny and random: the text is noise, the pipeline around it is real.\n"
         f"  yalm-forecast results{flag}                 # the forecasts, newest first\n"
         f"  yalm-forecast results{flag} --format json   # with provenance\n"
+        f"  yalm-forecast signals{flag}                 # each answer's calibrated probability\n"
         f"  sqlite3 'file:{setup.database.resolve()}?mode=ro' "
         f"'SELECT ticker, template, forecast FROM forecasts_v1'\n"
+        f"  sqlite3 'file:{setup.database.resolve()}?mode=ro' "
+        f"'SELECT ticker, template, label, probability FROM signals_v1'\n"
         f"Config: {setup.config_path}; log: {config.log_file}",
     )
     return code
@@ -477,6 +529,11 @@ register(Command(
     "results", "List finished forecasts from the robot's view forecasts_v1, newest first.",
     "yalm-forecast results --since 2024-05-01 --ticker SBER --format json",
     lambda parser: _configure_filters(parser, "template"), _results,
+))  # fmt: skip
+register(Command(
+    "signals", "List the calibrated answer probabilities from the robot's view signals_v1.",
+    "yalm-forecast signals --ticker SBER --since 24h --format csv",
+    lambda parser: _configure_filters(parser, "template"), _signals,
 ))  # fmt: skip
 
 register(Command(

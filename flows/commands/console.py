@@ -115,14 +115,15 @@ def _cell(text: Any) -> str:
 
 
 def run_markdown(summary: NightSummary) -> str:
-    """The per-night table: ingested, rendered, generated, failed, tokens/s; then every failure
-    with its cause, and how the night ended."""
+    """The per-night table: ingested, rendered, generated, signals, failed, tokens/s; then every
+    failure with its cause, and how the night ended."""
     ingest = summary.ingest or IngestSummary()
     render = summary.render or RenderSummary()
     generate = summary.generate or GenerateSummary()
     failures = summary.failures
     kinds = {
-        kind: sum(each.kind == kind for each in failures) for kind in ("feed", "template", "prompt")
+        kind: sum(each.kind == kind for each in failures)
+        for kind in ("feed", "template", "prompt", "signal")
     }
     rows = [
         (
@@ -143,9 +144,16 @@ def run_markdown(summary: NightSummary) -> str:
             f"{generate.new_tokens} new tokens)",
         ),
         (
+            "signals",
+            generate.signals if summary.generate else "-",
+            f"answer probabilities stored in signals_v1 ({kinds['signal']} failed), scored "
+            f"in {generate.scoring_s} s (batch {generate.score_batch_size or '-'})",
+        ),
+        (
             "failed",
             len(failures),
-            f"{kinds['feed']} feeds, {kinds['template']} templates, {kinds['prompt']} prompts",
+            f"{kinds['feed']} feeds, {kinds['template']} templates, {kinds['prompt']} prompts, "
+            f"{kinds['signal']} signals",
         ),
         (
             "tokens/s",

@@ -22,6 +22,11 @@ through the same queue: each generates only what it claimed, and a prompt anothe
 holds is left to it. A re-run under the same worker id takes its own claims back at once. On one
 host with SQLite the worker id is the host and device, and the job claims the whole queue, as
 before. It knows nothing of Prefect, feeds, templates or how shards are cut.
+
+Signals go first: the pending signals of the same prompts (``flows.generation.signals``) are
+scored in the same model session before any forecast is generated, so the robot's numbers are
+ready before the long part of the night; with no forecast to generate the session is planned for
+scoring alone. A signal whose prompt another live worker holds is left to it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from flows.store.generations import (
     pending_prompts,
     save_generation_states,
 )
+from flows.store.signals import pending_signals
 
 if TYPE_CHECKING:
     from flows.night.summaries import GenerateSummary
@@ -80,6 +86,11 @@ class GenerateReport:
     batch_size: int | None = None  # the largest batch that ran
     device: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (prompt key, reason)
+    signals_pending: int = 0
+    signals: int = 0  # signals stored
+    scoring_s: float = 0.0
+    score_batch_size: int | None = None
+    signal_failures: list[tuple[str, str]] = field(default_factory=list)  # (prompt key, reason)
 
     @property
     def tokens_per_s(self) -> float:
@@ -101,7 +112,12 @@ class GenerateReport:
             wall_s=round(self.wall_s, 2),
             batch_size=self.batch_size,
             device=self.device,
-            failures=tuple(Failure("prompt", key, reason) for key, reason in self.failures),
+            failures=tuple(Failure("prompt", key, reason) for key, reason in self.failures)
+            + tuple(Failure("signal", key, reason) for key, reason in self.signal_failures),
+            signals_pending=self.signals_pending,
+            signals=self.signals,
+            scoring_s=round(self.scoring_s, 2),
+            score_batch_size=self.score_batch_size,
         )
 
     def as_dict(self) -> dict:
@@ -119,6 +135,11 @@ class GenerateReport:
             "batch_size": self.batch_size,
             "device": self.device,
             "failures": [list(failure) for failure in self.failures],
+            "signals_pending": self.signals_pending,
+            "signals": self.signals,
+            "scoring_s": round(self.scoring_s, 2),
+            "score_batch_size": self.score_batch_size,
+            "signal_failures": [list(failure) for failure in self.signal_failures],
         }
 
 
@@ -151,8 +172,10 @@ def generate_pending(
         prompts = [prompt for prompt in prompts if prompt.key in wanted]
     prompts = prompts[:limit] if limit is not None else prompts
     report.pending = len(prompts)
-    if not prompts:
-        log.info("generate: no pending prompts")
+    signals = pending_signals(store, keys=keys)
+    report.signals_pending = len(signals)
+    if not prompts and not signals:
+        log.info("generate: no pending prompts or signals")
         return report
     if config.model is None:
         raise PipelineConfigError("model: not set; generation needs a converted YaLM store")
@@ -170,12 +193,14 @@ def generate_pending(
     report.held = len(prompts) - len(claimed)
     if report.held:
         log.info("generate: %d pending prompts are held by other workers", report.held)
+    held = {prompt.key for prompt in prompts} - claimed
     prompts = [prompt for prompt in prompts if prompt.key in claimed]
-    if not prompts:
+    signals = [signal for signal in signals if signal.key not in held]
+    if not prompts and not signals:
         return report
     try:
-        _claimed_job(config, store, model, Tokenizer(model.tokenizer_path), prompts, report, began,
-                     on_progress)  # fmt: skip
+        _claimed_job(config, store, model, Tokenizer(model.tokenizer_path), prompts, signals,
+                     report, began, on_progress)  # fmt: skip
     except BaseException:
         # Out of memory, Ctrl-C, a cancelled run: the saved ids stay, the prompts go back to
         # the queue at once (not after the lease) for whichever worker runs next.
@@ -185,7 +210,8 @@ def generate_pending(
     return report
 
 
-def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_progress) -> None:
+def _claimed_job(config, store, model, tokenizer, prompts, signals, report, began, on_progress):
+    from flows.generation.signals import SignalScoring
     from yalm_runner.config import SamplingParams
     from yalm_runner.generation import GenerationJob, JobRow
     from yalm_runner.offload import OffloadPolicy
@@ -201,27 +227,36 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
         for prompt in prompts
     ]
     job = GenerationJob(rows, tokenizer, model.config)
-    report.run_id = start_run(store, "generate", {"pending": len(prompts)})
+    report.run_id = start_run(
+        store, "generate", {"pending": len(prompts), "signals_pending": len(signals)}
+    )
     _admit(store, job, {prompt.key: prompt for prompt in prompts}, report)
-    if len(job) == 0:  # every prompt failed admission
+    scoring = SignalScoring(store, tokenizer, model.config, signals) if signals else None
+    _take_scores(report, scoring)
+    if len(job) == 0 and (scoring is None or not scoring.runnable):  # nothing admitted
         _finish(store, report, began)
         return
     settings = config.generation
+    generating = len(job) > 0
     try:
         with open_session(
             model,  # the store opened above, not opened and checked again
             device=settings.device,
             dtype=settings.torch_dtype(),
             policy=OffloadPolicy.from_settings(settings),
-            batch_size=settings.batch_size,
+            batch_size=settings.batch_size if generating else None,
             max_context=job.max_context,
             rows=len(job),  # a plan for 13 prompts is not a plan for 512
+            score_only=None if generating else scoring.shape,
         ) as session:
-            report.batch_size = session.batch_size
+            report.batch_size = session.batch_size if generating else None
             report.device = str(session.device)
             log.info("generate: memory plan: %s", session.plan.describe())
-            sink = ForecastSink(store, session, prompts, report, settings.lease_s, on_progress)
-            _generate(session, job, sink, report, settings.checkpoint_every)
+            if scoring is not None:  # first: the robot's numbers before the long part
+                _take_scores(report, scoring.run(session, run_id=report.run_id))
+            if generating:
+                sink = ForecastSink(store, session, prompts, report, settings.lease_s, on_progress)
+                _generate(session, job, sink, report, settings.checkpoint_every)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began
         status = "interrupted" if is_interrupt(exc) else "failed"
@@ -232,9 +267,22 @@ def _claimed_job(config, store, model, tokenizer, prompts, report, began, on_pro
     _finish(store, report, began)
 
 
+def _take_scores(report: GenerateReport, scoring) -> None:
+    """Copy a scoring step's counts (a ``SignalScoring`` or its ``ScoreReport``) to ``report``."""
+    scores = getattr(scoring, "report", scoring)
+    if scores is None:
+        return
+    report.signals = scores.stored
+    report.scoring_s = scores.scoring_s
+    report.score_batch_size = scores.batch_size
+    report.signal_failures = list(scores.failures)
+
+
 def _finish(store: Store, report: GenerateReport, began: float) -> None:
     report.wall_s = time.perf_counter() - began
-    status = "ok" if not report.failed else ("failed" if not report.generated else "partial")
+    failed = report.failed + len(report.signal_failures)
+    done = report.generated + report.signals
+    status = "ok" if not failed else ("failed" if not done else "partial")
     finish_run(store, report.run_id, status, report.as_dict())
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from flows.errors import PipelineError
 from flows.store.database import Store
-from flows.store.models import Generation, Prompt, Run
+from flows.store.models import Generation, Prompt, Run, SignalPrompt
 
 
 def check_shard(index: int, count: int) -> None:
@@ -66,6 +66,11 @@ def shard_report(store: Store, keys: Sequence[str]) -> dict[str, Any]:
             json.loads(text or "{}")
             for text in session.scalars(select(Run.details_json).where(Run.id.in_(run_ids)))
         ]
+        signals = session.execute(
+            select(SignalPrompt.prompt_key, SignalPrompt.status, SignalPrompt.error).where(
+                SignalPrompt.prompt_key.in_(list(keys))
+            )
+        ).all()
     statuses = [status for _, status, _ in prompts]
     new_tokens = sum(int(detail.get("new_tokens") or 0) for detail in details)
     compute_s = sum(
@@ -84,4 +89,7 @@ def shard_report(store: Store, keys: Sequence[str]) -> dict[str, Any]:
         "batch_size": max((detail.get("batch_size") or 0 for detail in details), default=None),
         "device": ", ".join(sorted({d["device"] for d in details if d.get("device")})) or None,
         "failures": [[key, error] for key, status, error in prompts if status == "failed"],
+        "signals": sum(status == "done" for _, status, _ in signals),
+        "scoring_s": round(sum(float(detail.get("scoring_s") or 0) for detail in details), 2),
+        "signal_failures": [[key, error] for key, status, error in signals if status == "failed"],
     }

@@ -138,18 +138,25 @@ def generate_step(
 
 def log_generate(summary: GenerateSummary) -> GenerateSummary:
     log.info(
+        "score (%s): %d signals stored, %d failed in %.1f s",
+        summary.worker_id,
+        summary.signals,
+        sum(failure.kind == "signal" for failure in summary.failures),
+        summary.scoring_s,
+    )
+    log.info(
         "generate (%s): %d forecasts stored, %d failed, %d resumed, %d held by other workers; "
         "%d new tokens at %.1f tokens/s",
         summary.worker_id,
         summary.generated,
-        len(summary.failures),
+        sum(failure.kind == "prompt" for failure in summary.failures),
         summary.resumed,
         summary.held,
         summary.new_tokens,
         summary.tokens_per_s,
     )
     for failure in summary.failures:
-        log.warning("generate: prompt %s failed: %s", failure.name[:12], failure.cause)
+        log.warning("generate: %s %s failed: %s", failure.kind, failure.name[:12], failure.cause)
     return summary
 
 

@@ -30,7 +30,7 @@ class Outcome(enum.Enum):
 class Failure:
     """One thing that failed on its own while the night went on: a feed, a template, a prompt."""
 
-    kind: str  # feed | template | prompt
+    kind: str  # feed | template | prompt | signal
     name: str  # the feed's name, the template's name, the prompt's key
     cause: str
     version: int | None = None  # the template's version
@@ -76,8 +76,12 @@ class GenerateSummary:
     wall_s: float = 0.0
     batch_size: int | None = None
     device: str | None = None
-    failures: tuple[Failure, ...] = ()
+    failures: tuple[Failure, ...] = ()  # prompts and signals that failed alone
     shards: tuple[dict[str, object], ...] = ()  # a sharded night: each shard run's end
+    signals_pending: int = 0
+    signals: int = 0  # signals stored (scored first, in the same model session)
+    scoring_s: float = 0.0
+    score_batch_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Glue between ``flows.prompting.templates`` and the store: picks each template's 
 window,
 sources, ticker, maximum count), builds the template context, fits it to the model's positions,
 keys the result by a hash of everything that went into it, and saves it as pending. Re-rendering
-the same inputs finds the same key and adds nothing. Token counting is a function the caller
+the same inputs finds the same key and adds nothing. A template's signal is rendered beside the
+prompt (the question after it, and after the content-free prompt: the body with no news items)
+and queued for scoring with it. Token counting is a function the caller
 passes in (the CLI gives the real YaLM tokenizer); this module never imports the model.
 """
 
@@ -204,6 +206,15 @@ def render_one(
         "sampling": dict(sorted(sampling.items())),
         "max_positions": config.generation.max_positions,
     }
+    signal = None
+    if template.signal is not None:
+        used, empty = {**context, "items": list(fitted.items_used)}, {**context, "items": []}
+        signal = {
+            "prefix": template.signal_prefix(fitted.text, used),
+            # Calibration's content-free prompt: the same template with no news items.
+            "content_free_prefix": template.signal_prefix(template.render(empty), empty),
+            "answers": dict(template.signal.answers),
+        }
     encoded = json.dumps(key_inputs, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     prompt = RenderedPrompt(
         key=hashlib.sha256(encoded.encode("utf-8")).hexdigest(),
@@ -220,6 +231,7 @@ def render_one(
         sampling=dict(sampling),
         item_keys=tuple(item["key"] for item in fitted.items_used),
         items_dropped=fitted.items_dropped,
+        signal=signal,
     )
     is_new = save_prompt(store, prompt, run_id=run_id)
     status = (

@@ -6,6 +6,11 @@ Jinja2 body rendered in a sandbox with ``StrictUndefined``. Feed text only ever 
 the model's positions by dropping the oldest items first, counting tokens with a function the
 caller passes in: this module never imports the model or the tokenizer, and knows nothing of
 the database.
+
+A template may declare a ``signal``: a question (Jinja, the body's context) appended after the
+rendered body, and a mapping of labels to answer texts. The model's probability of each answer
+after the question is the robot's number (docs/signals.md); this module renders the question
+and, for calibration, the content-free prompt (the body rendered with no news items).
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ _TEMPLATE_KEYS = {
     "items",
     "generation",
     "body",
+    "signal",
 }
+_SIGNAL_KEYS = {"question", "answers"}
+LABEL_CHARS = 32  # signals.label
 _ITEM_KEYS = {"window_h", "max_items", "sources", "max_summary_chars"}
 
 _ENVIRONMENT = SandboxedEnvironment(
@@ -57,6 +65,15 @@ class ItemSelection:
 
 
 @dataclass(frozen=True)
+class SignalSpec:
+    """A template's signal: the question after the body, and label -> answer text (in order)."""
+
+    question: str
+    answers: Mapping[str, str]
+    _compiled: jinja2.Template | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class PromptTemplate:
     name: str
     version: int
@@ -68,12 +85,24 @@ class PromptTemplate:
     body: str
     template_hash: str
     path: Path | None = None
+    signal: SignalSpec | None = None
     _compiled: jinja2.Template | None = field(default=None, repr=False, compare=False)
 
     def render(self, context: Mapping[str, Any]) -> str:
         """Render with exactly ``context``; a variable it lacks is a ``TemplateError``."""
+        return self._render(self._compiled, context).strip() + "\n"
+
+    def signal_prefix(self, body: str, context: Mapping[str, Any]) -> str:
+        """The text the signal's answers are scored after: the rendered ``body``, then the
+        question rendered with the same ``context`` (no trailing whitespace: each answer starts
+        with its own space)."""
+        if self.signal is None:
+            raise TemplateError(f"template {self.name!r} declares no signal")
+        return body + self._render(self.signal._compiled, context).strip()
+
+    def _render(self, compiled: jinja2.Template, context: Mapping[str, Any]) -> str:
         try:
-            return self._compiled.render(**context).strip() + "\n"
+            return compiled.render(**context)
         except jinja2.UndefinedError as exc:
             raise TemplateError(f"template {self.name!r}{_body_line(exc)}: {exc.message}") from exc
         except jinja2.exceptions.SecurityError as exc:
@@ -119,6 +148,8 @@ class RenderedPrompt:
     sampling: Mapping[str, Any]
     item_keys: tuple[str, ...]
     items_dropped: int
+    # The template's signal: {"prefix", "content_free_prefix", "answers": {label: text}}.
+    signal: Mapping[str, Any] | None = None
 
 
 def load_template(path: str | Path) -> PromptTemplate:
@@ -164,6 +195,7 @@ def parse_template(data: Any, *, raw_text: str, path: Path | None = None) -> Pro
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{where}: body line {exc.lineno}: {exc.message}") from exc
     return PromptTemplate(
+        signal=_signal(data.get("signal"), where),
         name=name,
         version=version,
         language=language,
@@ -176,6 +208,31 @@ def parse_template(data: Any, *, raw_text: str, path: Path | None = None) -> Pro
         path=path,
         _compiled=compiled,
     )
+
+
+def _signal(data: Any, where: str) -> SignalSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or set(data) != _SIGNAL_KEYS:
+        raise TemplateError(f"{where}: signal: a mapping of question and answers")
+    question, answers = data["question"], data["answers"]
+    if not isinstance(question, str) or not question.strip():
+        raise TemplateError(f"{where}: signal.question: the Jinja2 text of the question")
+    if not isinstance(answers, Mapping) or len(answers) < 2:
+        raise TemplateError(f"{where}: signal.answers: at least two labels, each with its answer")
+    for label, answer in answers.items():
+        if not isinstance(label, str) or not label.strip() or len(label) > LABEL_CHARS:
+            raise TemplateError(
+                f"{where}: signal.answers: label {label!r} must be a name of 1 to {LABEL_CHARS} "
+                "characters"
+            )
+        if not isinstance(answer, str) or not answer.strip():
+            raise TemplateError(f"{where}: signal.answers.{label}: a non-empty answer text")
+    try:
+        compiled = _ENVIRONMENT.from_string(question)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{where}: signal.question line {exc.lineno}: {exc.message}") from exc
+    return SignalSpec(question, dict(answers), compiled)
 
 
 def _item_selection(data: Any, where: str) -> ItemSelection:

@@ -1,9 +1,11 @@
 """The prompt queue and its results: what the generation task reads and writes.
 
-Owns saving rendered prompts (idempotent by key), listing the pending ones, keeping partial
-generation state for resume, recording a finished forecast with its provenance (which marks the
-prompt done in the same transaction, and is idempotent), and marking a prompt failed. It knows
-nothing of the model, the tokenizer or Prefect: callers hand in ids, texts and numbers.
+Owns saving rendered prompts (idempotent by key; a prompt whose template declares a signal
+queues it for scoring in the same transaction, see ``flows.store.signals``), listing the pending
+ones, keeping partial generation state for resume, recording a finished forecast with its
+provenance (which marks the prompt done in the same transaction, and is idempotent), and marking
+a prompt failed. It knows nothing of the model, the tokenizer or Prefect: callers hand in ids,
+texts and numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import select
 from flows.errors import StoreError
 from flows.prompting.templates import RenderedPrompt
 from flows.store.database import Store, utc_now
-from flows.store.models import Generation, GenerationState, Prompt
+from flows.store.models import Generation, GenerationState, Prompt, SignalPrompt
 from flows.store.provenance import code_version as current_code_version
 
 
@@ -73,6 +75,18 @@ def save_prompt(store: Store, prompt: RenderedPrompt, *, run_id: int | None = No
                 updated_at=now,
             )
         )
+        if prompt.signal is not None:
+            session.flush()  # the prompt first: the signal's row refers to it
+            session.add(
+                SignalPrompt(
+                    prompt_key=prompt.key,
+                    prefix=prompt.signal["prefix"],
+                    content_free_prefix=prompt.signal["content_free_prefix"],
+                    answers_json=json.dumps(dict(prompt.signal["answers"]), ensure_ascii=False),
+                    status="pending",
+                    updated_at=now,
+                )
+            )
         return True
 
 

@@ -1,4 +1,5 @@
-"""The pipeline's tables as SQLAlchemy 2 models (internal: the robot reads ``forecasts_v1``).
+"""The pipeline's tables as SQLAlchemy 2 models (internal: the robot reads the views
+``forecasts_v1`` and ``signals_v1``).
 
 Owns the Python side of the schema; the schema itself is created and changed only by the Alembic
 migrations in ``flows/store/migrations`` (a test checks the two agree). Timestamps are stored as
@@ -10,7 +11,18 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator, text
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -221,3 +233,38 @@ class GenerationState(Base):
     prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), primary_key=True)
     token_ids_json: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+
+
+class SignalPrompt(Base):
+    """A prompt whose template declares a signal: what to score, and whether it was."""
+
+    __tablename__ = "signal_prompts"
+    prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), primary_key=True)
+    prefix: Mapped[str] = mapped_column(Text)  # the prompt, then the signal's question
+    content_free_prefix: Mapped[str] = mapped_column(Text)  # the same with no news items
+    answers_json: Mapped[str] = mapped_column(Text)  # {label: answer text}, in order
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | done | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UtcTimestamp)
+
+
+class Signal(Base):
+    """One answer of one scored prompt: its log-likelihood and probabilities, with provenance."""
+
+    __tablename__ = "signals"
+    __table_args__ = (UniqueConstraint("prompt_key", "label", name="uq_signals_prompt_label"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_key: Mapped[str] = mapped_column(ForeignKey("prompts.key"), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    answer: Mapped[str] = mapped_column(Text)
+    logprob: Mapped[float] = mapped_column(Float)  # summed over the answer's tokens
+    answer_tokens: Mapped[int] = mapped_column(Integer)
+    raw_probability: Mapped[float] = mapped_column(Float)
+    content_free_logprob: Mapped[float] = mapped_column(Float)
+    content_free_tokens: Mapped[int] = mapped_column(Integer)
+    content_free_probability: Mapped[float] = mapped_column(Float)
+    probability: Mapped[float] = mapped_column(Float)  # calibrated
+    model_manifest_hash: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    code_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcTimestamp, index=True)

@@ -1,8 +1,9 @@
-"""The trading robot's side of the store: the stable views ``forecasts_v1`` and ``runs_v1``,
-read-only.
+"""The trading robot's side of the store: the stable views ``forecasts_v1``, ``signals_v1`` and
+``runs_v1``, read-only.
 
-Owns the contract the robot relies on: the view's name and columns (documented in
-docs/robot.md) and a small Python read API. For SQLite it opens the file read-only
+Owns the contract the robot relies on: the views' names and columns (documented in
+docs/robot.md and docs/signals.md) and a small Python read API (``read_forecasts``,
+``read_signals``). For SQLite it opens the file read-only
 (``mode=ro``), so a reader can never write, and reads one consistent snapshot (WAL: it never
 waits for, nor blocks, the writer).
 For PostgreSQL (a ``postgresql://`` URL, best with a role that may only read the view, see
@@ -51,6 +52,33 @@ class Forecast:
 
 
 COLUMNS = tuple(field.name for field in fields(Forecast))
+SIGNALS_VIEW = "signals_v1"
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One row of ``signals_v1``: one answer label of one scored prompt. ``probability`` is the
+    calibrated one (the labels of one prompt sum to 1); ``ticker`` is empty for market-wide."""
+
+    signal_id: int
+    scored_at: str
+    as_of: str
+    ticker: str
+    template: str
+    template_version: int
+    language: str
+    label: str
+    probability: float
+    raw_probability: float
+    content_free_probability: float
+    logprob: float
+    answer_tokens: int
+    model_hash: str
+    prompt_key: str
+    run_id: int | None
+
+
+SIGNAL_COLUMNS = tuple(field.name for field in fields(Signal))
 
 RUNS_VIEW = "runs_v1"
 
@@ -196,6 +224,63 @@ def forecasts_query(
         chosen = f"SELECT forecast_id FROM {VIEW}{where}{order}{cut}"
         where, cut = f" WHERE forecast_id IN ({chosen})", ""
     return f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where}{order}{cut}", params
+
+
+def read_signals(
+    database: str | Path | Any,
+    *,
+    since: datetime | str | None = None,
+    ticker: str | None = None,
+    template: str | None = None,
+    prompt_key: str | None = None,
+    limit: int | None = None,
+) -> list[Signal]:
+    """Signals, newest first, one row per scored prompt and label; ``since`` filters on
+    ``scored_at`` (inclusive); ``ticker=""`` selects the market-wide ones. ``database`` as for
+    ``read_forecasts``."""
+    filters = {
+        "scored_at >=": since,
+        "ticker =": ticker,
+        "template =": template,
+        "prompt_key =": prompt_key,
+    }
+    order = "scored_at DESC, prompt_key, signal_id"
+    rows = _read_view(database, SIGNALS_VIEW, SIGNAL_COLUMNS, filters, order, limit)
+    return [Signal(*row) for row in rows]
+
+
+def _read_view(
+    database: str | Path | Any,
+    view: str,
+    columns: tuple[str, ...],
+    filters: dict[str, object],
+    order: str,
+    limit: int | None,
+) -> list[tuple]:
+    """``SELECT columns FROM view WHERE ... ORDER BY order`` through a read-only connection;
+    ``filters`` maps ``"column op"`` to a value (None: no filter; a datetime: UTC text)."""
+    owned = isinstance(database, (str, Path))
+    connection = connect_readonly(database) if owned else database
+    postgres = not isinstance(connection, sqlite3.Connection)
+    mark = "%s" if postgres else "?"
+    clauses, params = [], []
+    for condition, value in filters.items():
+        if value is None:
+            continue
+        clauses.append(f"{condition} {mark}")
+        params.append(_utc_text(value) if isinstance(value, datetime) else value)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    query = f"SELECT {', '.join(columns)} FROM {view}{where} ORDER BY {order}"
+    if limit is not None:
+        query += f" LIMIT {mark}"
+        params.append(int(limit))
+    try:
+        if postgres:
+            return _postgres_rows(connection, query, params, view)
+        return _sqlite_rows(connection, query, params, view)
+    finally:
+        if owned:
+            connection.close()
 
 
 def read_runs(

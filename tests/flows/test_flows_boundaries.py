@@ -1,7 +1,8 @@
 """The pipeline's library modules stay plain: no model, no torch, no Prefect inside them.
 
-Only the glue may reach out: the command line and the generation job to the model runner,
-and the flow module (alone) to Prefect. One exception, by design: the config module imports
+Only the glue may reach out: the command line and the generation and scoring jobs to the model
+runner (the jobs through the session and the runner's job cores only), and the flow module
+(alone) to Prefect. One exception, by design: the config module imports
 ``yalm_runner.settings`` (and nothing else of the runner), because the YAML's ``generation:``
 section is the runner's settings, defined once for both front ends; that module is pure Python
 and pydantic (no torch, no model), and a test below keeps it so.
@@ -19,6 +20,7 @@ GLUE = {
     "commands/cli.py": {"yalm_runner", "prefect"},
     "commands/demo.py": {"yalm_runner"},
     "generation/forecasting.py": {"yalm_runner", "torch"},
+    "generation/signals.py": {"yalm_runner"},
     "generation/model.py": {"yalm_runner"},
     "night/preflight.py": {"yalm_runner"},
     "night/steps.py": {"yalm_runner"},
@@ -50,9 +52,10 @@ def test_library_modules_import_no_model_torch_or_prefect():
     assert offenders == []
 
 
-# The engine's own rooms: the pipeline opens a session (``yalm_runner.session``) and runs a job
-# (``yalm_runner.generation``) in it, and reaches nothing behind them.
-ENGINE_INTERNALS = ("engine", "multigpu", "streaming", "kvcache", "model", "job", "runner")
+# The engine's own rooms: the pipeline opens a session (``yalm_runner.session``) and runs jobs
+# (``yalm_runner.generation``, ``yalm_runner.scoring``) in it, and reaches nothing behind them.
+ENGINE_INTERNALS = ("engine", "multigpu", "streaming", "kvcache", "model", "job", "runner",
+                    "packing", "scorefile")  # fmt: skip
 
 
 def test_flows_reach_the_engine_only_through_the_session_and_the_job():

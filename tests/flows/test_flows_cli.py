@@ -123,7 +123,7 @@ def test_ingest_news_render_results(served_config: Path, capsys):
     assert len(rows) == 1 and rows[0]["ticker"] == "" and "рынка" in rows[0]["forecast"]
     code, out, _ = run(["results", *config, "--since", "1d"], capsys)
     lines = out.splitlines()
-    assert lines[0].split() == ["generated_at", "ticker", "template", "forecast"]
+    assert lines[0].split() == ["generated_at", "ticker", "template", "signal", "forecast"]
     assert len(lines) == 2 + 7  # header, rule, one line per forecast (newlines folded)
     assert "Прогноз для SBER: рост. Риски: ставка." in out
 

@@ -100,7 +100,7 @@ def test_flow_end_to_end_then_nothing_new_then_exactly_the_new(
     manifest_hash = ModelStore.open(tiny_store).manifest_sha256
     for row in results:
         assert row["model_hash"] == manifest_hash
-        assert row["as_of"] == "2024-05-14" and row["template_version"] == 1
+        assert row["as_of"] == "2024-05-14" and row["template_version"] == 2
         assert row["run_id"] == generated.run_id and len(row["prompt_key"]) == 64
         assert 1 <= row["new_tokens"] <= 14 and row["finish_reason"] in ("eos", "length")
     assert {row["ticker"] for row in results} == {None, "SBER", "GAZP", "LKOH", "YDEX", "AAPL"} | {

@@ -448,3 +448,60 @@ def test_only_transient_postgres_faults_are_retried(postgres_server):
     assert is_transient(refused.value)  # the server is down or restarting: retry
     assert not is_transient(missing.value)  # a wrong database name: fail at once
     assert is_transient(psycopg.errors.SerializationFailure("could not serialize access"))
+
+
+# ---- signals ---------------------------------------------------------------------------------
+
+
+def test_signals_v1_reads_the_same_on_both_databases_and_the_robot_role_may_select_it(
+    postgres_server, pg_store, tmp_path
+):
+    from dataclasses import replace
+
+    from flows.store.robot import read_signals
+    from flows.store.signals import SignalAnswer, pending_signals, record_signal
+
+    signal = {"prefix": "Итог:", "content_free_prefix": "Итог:", "answers": {"up": " рост",
+              "down": " падение", "flat": " боковик"}}  # fmt: skip
+    answers = [
+        SignalAnswer(label, text, -1.0 - index, index + 1, p, -2.0, 1, 1 / 3, p)
+        for index, ((label, text), p) in enumerate(
+            zip(signal["answers"].items(), (0.5, 0.3, 0.2), strict=True)
+        )
+    ]
+    with open_store(f"sqlite:///{tmp_path / 'store.sqlite'}") as sqlite_store:
+        for store in (sqlite_store, pg_store):
+            save_prompt(store, replace(make_prompt("s1"), signal=signal))
+            save_prompt(store, replace(make_prompt("s2", ticker=None), signal=signal))
+            assert [queued.key for queued in pending_signals(store)] == ["s1", "s2"]
+            for key in ("s1", "s2"):
+                assert record_signal(store, key, answers, model_manifest_hash="m" * 64)
+            assert not record_signal(store, "s1", answers, model_manifest_hash="m" * 64)
+            assert pending_signals(store) == []
+        sqlite_rows = read_signals(sqlite_store.engine.url.database)
+    postgres_url = pg_store.engine.url.render_as_string(False)
+    strip = [(row.prompt_key, row.ticker, row.label, row.probability) for row in sqlite_rows]
+    assert [
+        (r.prompt_key, r.ticker, r.label, r.probability) for r in read_signals(postgres_url)
+    ] == (strip)
+    assert {row.ticker for row in sqlite_rows} == {"SBER", ""}  # market-wide: empty
+    database = pg_store.engine.url.database
+    postgres_server.execute(
+        "CREATE ROLE robot LOGIN",
+        f'GRANT CONNECT ON DATABASE "{database}" TO robot',
+        "GRANT USAGE ON SCHEMA public TO robot",
+        "GRANT SELECT ON forecasts_v1 TO robot",
+        "GRANT SELECT ON signals_v1 TO robot",
+        "ALTER ROLE robot SET default_transaction_read_only = on",
+        database=database,
+    )
+    robot_url = postgres_server.url(database, user="robot")
+    try:
+        rows = read_signals(robot_url, ticker="SBER")
+        assert [row.label for row in rows] == ["up", "down", "flat"]
+        assert sum(row.probability for row in rows) == pytest.approx(1.0)
+        connection = psycopg.connect(robot_url.replace("+psycopg", ""), autocommit=True)
+        with connection, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            connection.execute("SELECT * FROM signals")
+    finally:
+        postgres_server.execute("DROP OWNED BY robot", "DROP ROLE robot", database=database)
