@@ -132,11 +132,11 @@ def test_the_night_stores_signals_that_sum_to_one_and_the_robot_reads_them(
     database = load_config(path).database_path
 
     first = news_to_forecast(config_path=str(path), as_of=AS_OF)
-    generated = first["generate"]
-    prompts = first["render"]["new"]
-    assert generated["signals"] == generated["generated"] == prompts > 0
-    assert generated["signal_failures"] == [] and generated["scoring_s"] > 0
-    assert f"| signals | {prompts} |" in first["markdown"]
+    generated = first.generate
+    prompts = first.render.new
+    assert generated.signals == generated.generated == prompts > 0
+    assert generated.failures == () and generated.scoring_s > 0
+    assert f"| signals | {prompts} |" in first.markdown
 
     # The robot's side: the view through a read-only connection, and the reader.
     rows = readonly_rows(database, f"SELECT {', '.join(SIGNAL_COLUMNS)} FROM signals_v1")
@@ -152,7 +152,7 @@ def test_the_night_stores_signals_that_sum_to_one_and_the_robot_reads_them(
         for column in ("probability", "raw_probability", "content_free_probability"):
             assert sum(getattr(each, column) for each in labelled) == pytest.approx(1.0)
         assert all(each.logprob < 0 and each.answer_tokens >= 1 for each in labelled)
-        assert all(each.run_id == generated["run_id"] for each in labelled)
+        assert all(each.run_id == generated.run_id for each in labelled)
     assert {each.ticker for each in signals} >= {"", "SBER"}  # market-wide has an empty ticker
     readonly = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     with pytest.raises(sqlite3.OperationalError, match="readonly"), contextlib.closing(readonly):
@@ -177,7 +177,7 @@ def test_the_night_stores_signals_that_sum_to_one_and_the_robot_reads_them(
 
     # A second night has nothing to score.
     again = news_to_forecast(config_path=str(path), as_of=AS_OF)
-    assert again["generate"]["signals"] == 0 and again["generate"]["signals_pending"] == 0
+    assert again.generate.signals == 0 and again.generate.signals_pending == 0
     assert len(readonly_rows(database, "SELECT id FROM signals")) == 3 * prompts
 
 
@@ -203,7 +203,7 @@ def test_a_signal_that_cannot_be_scored_fails_alone_and_the_night_is_partial(
     code = main(["run", "--config", str(path), "--as-of", AS_OF])
     assert code == 3
     out = capsys.readouterr().out
-    assert "| failed | 0 | 0 feeds, 0 prompts |" in out
+    assert "| failed | 1 | 0 feeds, 0 templates, 0 prompts, 1 signals |" in out
     assert "| signals | 6 | answer probabilities stored in signals_v1 (1 failed)" in out
     assert "over the model's" in out  # the reason, in the summary's problems
     database = load_config(path).database_path
