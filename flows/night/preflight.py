@@ -121,6 +121,7 @@ def _devices(config: PipelineConfig, where: object) -> list:
 
 def _memory_plan(config: PipelineConfig, store, devices: list, where: object) -> str:
     from yalm_runner.errors import YalmError
+    from yalm_runner.offload import OffloadPolicy
     from yalm_runner.planning import plan_memory
     from yalm_runner.session import default_dtype
 
@@ -131,7 +132,7 @@ def _memory_plan(config: PipelineConfig, store, devices: list, where: object) ->
             store,
             device,
             settings.torch_dtype() or default_dtype(store, device),
-            settings.offload_policy(),
+            OffloadPolicy.from_settings(settings),
             batch_size=settings.batch_size,
             max_context=min(settings.max_positions, store.config.max_positions),
             rows=settings.batch_size,
