@@ -192,12 +192,19 @@ def render_one(
     items = [_item_context(row, selection.max_summary_chars) for row in reversed(news)]
     context = _context(config, template, entry, as_of=as_of, theses=theses)
     max_new_tokens = int(sampling["max_new_tokens"])
+    # The room after the body: the forecast's new tokens, or the signal's question and its
+    # longest answer when those are longer (a scored prompt must fit the positions too).
+    reserve = max_new_tokens
+    if template.signal is not None:
+        question = template.signal_prefix("", {**context, "items": []})
+        longest = max(count_tokens(answer) for answer in template.signal.answers.values())
+        reserve = max(reserve, count_tokens(question) + longest)
     fitted = fit_to_budget(
         template,
         context,
         items,
         count_tokens=count_tokens,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=reserve,
         max_positions=config.generation.max_positions,
     )
     key_inputs = {

@@ -320,6 +320,6 @@ def test_summary_table_names_what_failed():
         )
     )  # fmt: skip
     assert markdown.startswith(f"# news-to-forecast night, as of {AS_OF}: partial\n")
-    assert "| failed | 2 | 1 feeds, 0 templates, 1 prompts |" in markdown
+    assert "| failed | 2 | 1 feeds, 0 templates, 1 prompts, 0 signals |" in markdown
     assert "1 still queued, 3 done before" in markdown and "batch size 4 on cpu" in markdown
     assert "- feed `rbc`: HTTP 503" in markdown and "- prompt `abababababab`: too long" in markdown
