@@ -134,3 +134,22 @@ def test_an_installed_wheel_runs_the_demo_on_the_tokenizer_it_carries(wheel, tmp
     )
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == str(site / "yalm_runner" / "vocab" / "voc_100b.sp")
+
+
+def test_every_code_package_of_the_checkout_is_in_the_wheel_list():
+    # A subpackage missing from pyproject's explicit list works in an editable install and
+    # breaks a wheel: every folder of code must be named there.
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for top in ("yalm_runner", "flows")
+        for init in (root / top).rglob("__init__.py")
+    }
+    assert found - listed == set()
