@@ -1,6 +1,7 @@
 """The yalm-runner command line, run as a user runs it: a real subprocess per command."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -224,3 +225,22 @@ def test_inspect_prints_the_plan_and_the_predicted_step(tiny_store):
     assert "predicted decode step >= " in result.stdout
     refused = run("inspect", tiny_store, "--gpu-memory", "1KiB", check=False)
     assert refused.returncode == 1 and "GPU budget 1.00 KiB" in refused.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tiny_store):
+    # `yalm-runner inspect STORE | head -1` where the reader is gone before the output is: the
+    # pipe's read end is closed first, so every write meets a closed pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        writer = subprocess.run(
+            [sys.executable, "-m", "yalm_runner.cli", "inspect", str(tiny_store)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert writer.stderr == ""
+    assert writer.returncode == 141  # stopped by the closed pipe, as `cat` would be
