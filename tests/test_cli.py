@@ -244,3 +244,17 @@ def test_a_reader_that_stops_early_gets_no_traceback(tiny_store):
         os.close(write_end)
     assert writer.stderr == ""
     assert writer.returncode == 141  # stopped by the closed pipe, as `cat` would be
+
+
+def test_convert_takes_the_head_count_a_tiny_release_records(tmp_path):
+    run("make-tiny", tmp_path / "rel", "--layers", 1, "--heads", 8)
+    run("convert", tmp_path / "rel", tmp_path / "store")  # no --num-heads
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["model"]["num_heads"] == 8
+    (tmp_path / "rel" / "num_heads.json").unlink()  # a release as Yandex publishes it
+    refused = run("convert", tmp_path / "rel", tmp_path / "other", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().endswith(
+        "hidden size 64 is not divisible by --num-heads 128; the release does not record the "
+        "head count, pass the right one"
+    )

@@ -149,7 +149,7 @@ def test_a_tensor_missing_from_the_release_is_named(tmp_path):
 
 def test_head_count_must_divide_the_hidden_size(tiny_release, tmp_path):
     with pytest.raises(ConfigError, match="--num-heads 128"):
-        convert_release(tiny_release, tmp_path / "store")
+        convert_release(tiny_release, tmp_path / "store", num_heads=128)
 
 
 def test_an_existing_store_is_never_overwritten(tiny_release, tiny_store):

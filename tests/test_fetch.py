@@ -325,8 +325,14 @@ def test_peak_disk_stays_within_the_store_plus_two_release_files(served, tiny_st
 
 
 def _release_names(served: Path) -> list[str]:
+    """The files a release consists of (weights and vocabulary; not make-tiny's own records)."""
     root = served / "tiny"
-    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    return sorted(
+        str(path.relative_to(root))
+        for folder in ("weights", "vocab")
+        for path in (root / folder).rglob("*")
+        if path.is_file()
+    )
 
 
 def run_killed(moment: str, *args) -> subprocess.CompletedProcess:

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         convert,
         "--num-heads",
         type=int,
-        default=128,
-        help="attention heads (the release does not record them)",
+        default=None,
+        help="attention heads (default: what the release records, else YaLM-100B's 128)",
     )
     _add(
         convert,
@@ -337,13 +337,13 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     from yalm_runner.convert import parse_dtype
     from yalm_runner.fetch import fetch_release
     from yalm_runner.quant import Quantization
-    from yalm_runner.release import PUBLIC_URL
+    from yalm_runner.release import PUBLIC_URL, YALM_100B_HEADS
 
     with _fetch_monitor() as monitor:
         manifest = fetch_release(
             args.dst,
             source=args.source or PUBLIC_URL,
-            num_heads=args.num_heads,
+            num_heads=YALM_100B_HEADS if args.num_heads is None else args.num_heads,
             dtype=None if args.dtype in (None, "auto") else parse_dtype(args.dtype),
             max_positions=args.max_positions,
             quantization=Quantization(args.quantize, args.group_size) if args.quantize else None,
@@ -520,7 +520,8 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     print(args.dst)
     print(
         f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
-        f"convert with: yalm-runner convert {args.dst} STORE --num-heads {config.num_heads}",
+        f"{config.num_heads} heads (recorded in the release); convert with: yalm-runner convert "
+        f"{args.dst} STORE",
         file=sys.stderr,
     )
     return 0

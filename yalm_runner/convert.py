@@ -25,9 +25,11 @@ from yalm_runner.errors import CheckpointError, ConfigError
 from yalm_runner.quant import Quantization, matrix_of, quantize_matrix
 from yalm_runner.release import (
     SPLIT_DIMS,
+    YALM_100B_HEADS,
     ReleaseLayout,
     load_release_file,
     merge_shards,
+    recorded_num_heads,
     scan_release,
     slots_for_parts,
 )
@@ -234,7 +236,7 @@ def convert_release(
     src: str | Path,
     dst: str | Path,
     *,
-    num_heads: int = 128,
+    num_heads: int | None = None,
     dtype: torch.dtype | None = None,
     max_positions: int = 1024,
     quantization: Quantization | None = None,
@@ -242,9 +244,13 @@ def convert_release(
 ) -> Path:
     """Convert the release folder ``src`` into a store at ``dst``; returns the manifest path.
 
-    ``dtype`` None keeps the release's own dtype (for everything not compressed). An
-    interrupted conversion into ``dst`` resumes: the parts it finished are kept as they are.
+    ``num_heads`` None takes the head count the release records (``make-tiny`` records it),
+    else YaLM-100B's 128. ``dtype`` None keeps the release's own dtype (for everything not
+    compressed). An interrupted conversion into ``dst`` resumes: the parts it finished are kept
+    as they are.
     """
+    if num_heads is None:
+        num_heads = recorded_num_heads(src) or YALM_100B_HEADS
     layout = scan_release(src)
     config = infer_config(layout, num_heads, max_positions)
     if dtype is None:

@@ -14,6 +14,7 @@ files arrive (``fetch`` and ``downloader`` do).
 
 from __future__ import annotations
 
+import json
 import re
 import zipfile
 from collections.abc import Callable
@@ -29,6 +30,10 @@ from yalm_runner.model import expected_shapes
 WEIGHTS_DIR = "weights"
 VOCAB_DIR = "vocab"
 VOCAB_NAME = "voc_100b.sp"
+# The released checkpoint does not record its attention heads (YaLM-100B has 128). A release
+# made here (``make-tiny``) records its own in this file, so ``convert`` needs no flag for it.
+HEADS_RECORD = "num_heads.json"
+YALM_100B_HEADS = 128
 FILE_PATTERN = re.compile(r"^layer_(\d\d)-model_(\d\d)-model_states\.pt$")
 # Where the original repository's download/download.sh takes the release from, and the folder
 # it puts it in.
@@ -136,6 +141,20 @@ def discover_release(exists: Callable[[str], bool]) -> tuple[int, int]:
     while exists(release_path(0, num_ranks)):
         num_ranks += 1
     return num_layers, num_ranks
+
+
+def recorded_num_heads(root: str | Path) -> int | None:
+    """The head count a release records (``HEADS_RECORD``), or None when it records none."""
+    path = Path(root) / HEADS_RECORD
+    if not path.is_file():
+        return None
+    try:
+        heads = json.loads(path.read_text(encoding="utf-8"))["num_heads"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a head-count record ({exc!r})") from None
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise CheckpointError(f"{path}: num_heads must be a positive integer, got {heads!r}")
+    return heads
 
 
 def scan_release(root: str | Path) -> ReleaseLayout:

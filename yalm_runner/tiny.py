@@ -9,6 +9,7 @@ the same converter as the real release.
 from __future__ import annotations
 
 import io
+import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from yalm_runner.config import ModelConfig
 from yalm_runner.errors import ConfigError
 from yalm_runner.model import expected_shapes
 from yalm_runner.release import (
+    HEADS_RECORD,
     SPLIT_DIMS,
     VOCAB_DIR,
     VOCAB_NAME,
@@ -208,6 +210,9 @@ def make_tiny(
         ffn_size=spec.ffn_size,
         max_positions=spec.max_positions,
     )
+    # The released checkpoint does not say how many heads it has; ours does, so that
+    # ``convert`` needs no --num-heads for it (and cannot silently assume YaLM-100B's 128).
+    (dst / HEADS_RECORD).write_text(json.dumps({"num_heads": config.num_heads}) + "\n")
     generator = torch.Generator().manual_seed(spec.seed)
     slot_names = {
         0: ["word_embeddings.weight"],
