@@ -12,6 +12,7 @@ passes in (the CLI gives the real YaLM tokenizer); this module never imports the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -192,21 +193,28 @@ def render_one(
     items = [_item_context(row, selection.max_summary_chars) for row in reversed(news)]
     context = _context(config, template, entry, as_of=as_of, theses=theses)
     max_new_tokens = int(sampling["max_new_tokens"])
-    # The room after the body: the forecast's new tokens, or the signal's question and its
-    # longest answer when those are longer (a scored prompt must fit the positions too).
+    fit = functools.partial(
+        fit_to_budget,
+        template,
+        context,
+        items,
+        count_tokens=count_tokens,
+        max_positions=config.generation.max_positions,
+    )
+    # The scored prompt (body, question, longest answer) must fit the positions too: keep room
+    # for it when it is longer than the forecast's new tokens. A signal that cannot fit at all
+    # fails alone when it is scored; the forecast is still made.
     reserve = max_new_tokens
     if template.signal is not None:
         question = template.signal_prefix("", {**context, "items": []})
         longest = max(count_tokens(answer) for answer in template.signal.answers.values())
         reserve = max(reserve, count_tokens(question) + longest)
-    fitted = fit_to_budget(
-        template,
-        context,
-        items,
-        count_tokens=count_tokens,
-        max_new_tokens=reserve,
-        max_positions=config.generation.max_positions,
-    )
+    try:
+        fitted = fit(max_new_tokens=reserve)
+    except TemplateError:
+        if reserve == max_new_tokens:
+            raise
+        fitted = fit(max_new_tokens=max_new_tokens)
     key_inputs = {
         "template": [template.name, template.version, template.template_hash],
         "context": {**context, "items": list(fitted.items_used)},
