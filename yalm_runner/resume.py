@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +33,51 @@ STATE_FORMAT = "yalm-runner-generation-state"
 FORMAT_VERSION = 1
 KEY_FIELD = "__key__"  # tags a row in the output log; absent from the finished file
 NO_RESUME_HINT = "pass --no-resume to start over"
+
+
+def read_input(
+    path: Path,
+    check: Callable[[dict[str, Any]], str | None] = lambda row: None,
+    *,
+    with_line: bool = False,
+) -> list[dict[str, Any]]:
+    """The rows of a job's input JSONL (``generate``'s or ``score``'s), each keyed by its ``id``
+    or its line (``__key__``; with ``with_line`` also ``__line__``). A line that is not an
+    object with a ``prefix`` string, uses the reserved field, or that ``check`` finds a problem
+    with (returned as text) is a ``GenerationError`` naming the line; so is an empty file or a
+    repeated id."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GenerationError(f"input file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GenerationError(f"cannot read {path}: {exc}") from exc
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GenerationError(f"{path} line {line_no}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prefix"), str):
+            raise GenerationError(
+                f"{path} line {line_no}: expected an object with a 'prefix' string"
+            )
+        problem = check(row)
+        if problem:
+            raise GenerationError(f"{path} line {line_no}: {problem}")
+        if KEY_FIELD in row:
+            raise GenerationError(f"{path} line {line_no}: {KEY_FIELD!r} is a reserved field")
+        numbered = {"__line__": line_no} if with_line else {}
+        rows.append({KEY_FIELD: str(row.get("id", f"line-{line_no}")), **numbered, **row})
+    if not rows:
+        raise GenerationError(f"{path}: no prompts")
+    keys = [row[KEY_FIELD] for row in rows]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise GenerationError(f"{path}: duplicate ids {duplicates[:5]}")
+    return rows
 
 
 def sha256_file(path: Path) -> str:

@@ -15,7 +15,6 @@ files' formats are ``resume.py``'s.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,12 +30,12 @@ from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRo
 from yalm_runner.job import GenerationInterrupted
 from yalm_runner.offload import OffloadPolicy
 from yalm_runner.resume import (
-    KEY_FIELD,
     NO_RESUME_HINT,
     JobFingerprint,
     JobState,
     OutputLog,
     StateFile,
+    read_input,
 )
 from yalm_runner.session import default_dtype, open_session, resolve_devices
 from yalm_runner.tokenizer import Tokenizer
@@ -49,47 +48,20 @@ DEFAULT_CHECKPOINT_EVERY = 16  # decode steps between state saves
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """The input rows of ``path``; raises ``GenerationError`` naming the bad line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GenerationError(f"input file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GenerationError(f"cannot read {path}: {exc}") from exc
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GenerationError(f"{path} line {line_no}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prefix"), str):
-            raise GenerationError(
-                f"{path} line {line_no}: expected an object with a 'prefix' string"
-            )
-        limit = row.get("max_new_tokens")
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise GenerationError(
-                f"{path} line {line_no}: max_new_tokens must be a positive integer"
-            )
-        stop = row.get("stop")
-        if stop is not None and not (
-            (isinstance(stop, str) and stop)
-            or (isinstance(stop, list) and all(isinstance(text, str) and text for text in stop))
-        ):
-            raise GenerationError(
-                f"{path} line {line_no}: stop must be a non-empty string or a list of them"
-            )
-        if KEY_FIELD in row:
-            raise GenerationError(f"{path} line {line_no}: {KEY_FIELD!r} is a reserved field")
-        rows.append({"__key__": str(row.get("id", f"line-{line_no}")), **row})
-    if not rows:
-        raise GenerationError(f"{path}: no prompts")
-    keys = [row["__key__"] for row in rows]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise GenerationError(f"{path}: duplicate ids {duplicates[:5]}")
-    return rows
+    return read_input(path, _generation_problem)
+
+
+def _generation_problem(row: dict[str, Any]) -> str | None:
+    limit = row.get("max_new_tokens")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        return "max_new_tokens must be a positive integer"
+    stop = row.get("stop")
+    if stop is not None and not (
+        (isinstance(stop, str) and stop)
+        or (isinstance(stop, list) and all(isinstance(text, str) and text for text in stop))
+    ):
+        return "stop must be a non-empty string or a list of them"
+    return None
 
 
 class JsonlSink:

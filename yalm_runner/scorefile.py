@@ -17,7 +17,6 @@ The job itself is ``scoring.py``'s; this module owns only the files' side.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,9 +27,9 @@ import torch
 
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.engine import GenerationStats
-from yalm_runner.errors import ConfigError, GenerationError
+from yalm_runner.errors import ConfigError
 from yalm_runner.offload import OffloadPolicy
-from yalm_runner.resume import KEY_FIELD, OutputLog
+from yalm_runner.resume import OutputLog, read_input
 from yalm_runner.scoring import ScoredRow, ScoreRow, ScoringJob
 from yalm_runner.session import default_dtype, open_session, resolve_devices
 from yalm_runner.tokenizer import Tokenizer
@@ -49,37 +48,14 @@ class ScoreFileReport:
 def read_score_rows(path: Path) -> list[dict[str, Any]]:
     """The input rows of ``path`` with their line numbers; ``GenerationError`` names a line
     that is not an object with a ``prefix`` string and a ``candidates`` list of strings."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GenerationError(f"input file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GenerationError(f"cannot read {path}: {exc}") from exc
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GenerationError(f"{path} line {line_no}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prefix"), str):
-            raise GenerationError(
-                f"{path} line {line_no}: expected an object with a 'prefix' string"
-            )
-        candidates = row.get("candidates", [])
-        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
-            raise GenerationError(f"{path} line {line_no}: 'candidates' must be a list of strings")
-        if KEY_FIELD in row:
-            raise GenerationError(f"{path} line {line_no}: {KEY_FIELD!r} is a reserved field")
-        rows.append({"__key__": str(row.get("id", f"line-{line_no}")), "__line__": line_no, **row})
-    if not rows:
-        raise GenerationError(f"{path}: no prompts")
-    keys = [row["__key__"] for row in rows]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise GenerationError(f"{path}: duplicate ids {duplicates[:5]}")
-    return rows
+    return read_input(path, _candidates_problem, with_line=True)
+
+
+def _candidates_problem(row: dict[str, Any]) -> str | None:
+    candidates = row.get("candidates", [])
+    if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+        return "'candidates' must be a list of strings"
+    return None
 
 
 class JsonlScoreSink:
