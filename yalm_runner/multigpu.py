@@ -89,13 +89,7 @@ class MultiEngine:
         """As ``Engine.generate``; callbacks are called from the device threads, one at a time."""
         pending = list(requests)
         finished, runnable = self.engines[0].settle(pending, on_finished)
-        batches = [
-            runnable[start : start + batch_size] for start in range(0, len(runnable), batch_size)
-        ]
-        count = len(self.engines)
-        shares = [
-            [row for batch in batches[index::count] for row in batch] for index in range(count)
-        ]
+        shares = self._deal(runnable, batch_size)
 
         def locked(callback):
             if callback is None:
@@ -107,26 +101,41 @@ class MultiEngine:
 
             return call
 
+        def work(engine: Engine, share: list[Request]) -> None:
+            for done in engine.generate(
+                share,
+                sampling,
+                batch_size=batch_size,
+                on_finished=locked(on_finished),
+                checkpoint_every=checkpoint_every,
+                on_checkpoint=locked(on_checkpoint),
+                stop=locked(stop),
+            ):
+                finished[done.key] = done
+
+        self._on_every_device(shares, work)
+        return [finished[request.key] for request in pending]
+
+    def _deal(self, rows: list, batch_size: int) -> list[list]:
+        """Each device's rows: batch k goes to device k mod n."""
+        batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+        count = len(self.engines)
+        return [[row for batch in batches[index::count] for row in batch] for index in range(count)]
+
+    def _on_every_device(self, shares: list[list], work: Callable[[Engine, list], None]) -> None:
+        """``work(engine, share)`` for each device that has a share, each in its own thread;
+        the first error of any device stops the others and is raised here."""
         errors: list[BaseException] = []
 
-        def work(engine: Engine, share: list[Request]) -> None:
+        def guarded(engine: Engine, share: list) -> None:
             try:
-                for done in engine.generate(
-                    share,
-                    sampling,
-                    batch_size=batch_size,
-                    on_finished=locked(on_finished),
-                    checkpoint_every=checkpoint_every,
-                    on_checkpoint=locked(on_checkpoint),
-                    stop=locked(stop),
-                ):
-                    finished[done.key] = done
+                work(engine, share)
             except BaseException as exc:  # handed to the calling thread below
                 errors.append(exc)
                 self.cancel()
 
         threads = [
-            threading.Thread(target=work, args=(engine, share), name=f"yalm-{engine.device}")
+            threading.Thread(target=guarded, args=(engine, share), name=f"yalm-{engine.device}")
             for engine, share in zip(self.engines, shares, strict=True)
             if share
         ]
@@ -147,7 +156,6 @@ class MultiEngine:
             self._wall_s += time.perf_counter() - began
         if errors:
             raise errors[0]
-        return [finished[request.key] for request in pending]
 
     def score(
         self,
@@ -161,15 +169,8 @@ class MultiEngine:
         pending = list(requests)
         for request in pending:
             self.check_score(request)
-        batches = [
-            pending[start : start + batch_size] for start in range(0, len(pending), batch_size)
-        ]
-        count = len(self.engines)
-        shares = [
-            [row for batch in batches[index::count] for row in batch] for index in range(count)
-        ]
+        shares = self._deal(pending, batch_size)
         results: dict[str, Scored] = {}
-        errors: list[BaseException] = []
 
         def scored(result: Scored) -> None:
             with self._lock:
@@ -178,30 +179,7 @@ class MultiEngine:
                     on_scored(result)
 
         def work(engine: Engine, share: list[ScoreRequest]) -> None:
-            try:
-                engine.score(share, batch_size=batch_size, group_rows=group_rows, on_scored=scored)
-            except BaseException as exc:  # handed to the calling thread below
-                errors.append(exc)
-                self.cancel()
+            engine.score(share, batch_size=batch_size, group_rows=group_rows, on_scored=scored)
 
-        threads = [
-            threading.Thread(target=work, args=(engine, share), name=f"yalm-{engine.device}")
-            for engine, share in zip(self.engines, shares, strict=True)
-            if share
-        ]
-        began = time.perf_counter()
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        except BaseException:
-            self.cancel()
-            for thread in threads:
-                thread.join()
-            raise
-        finally:
-            self._wall_s += time.perf_counter() - began
-        if errors:
-            raise errors[0]
+        self._on_every_device(shares, work)
         return [results[request.key] for request in pending]
