@@ -122,7 +122,8 @@ def main() -> None:
         flush=True,
     )
     print(
-        "| KV kept as | compute | context | cache MB/layer | alone ms | with DMA ms | / layer time |"
+        "| KV kept as | compute | context | cache MB/layer | alone ms | with DMA ms "
+        "| / layer time |"
     )
     print("|---|---|---|---|---|---|---|")
     cases = [(16, torch.bfloat16), (16, torch.float32), (4, torch.bfloat16), (4, torch.float32)]
