@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
-#   tests-and-kv-check | fused-check | envelope | signals
+#   tests-and-kv-check | fused-check | envelope | signals | cpu-attention
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -62,6 +62,10 @@ case "$1" in
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 800 \
       --content-free-len 100 --answers 3 -n 128 --json "$OUT/signals.json" 2>&1 \
       | tee "$OUT/signals.txt"
+    ;;
+  cpu-attention)  # issue 17: can 16 cores attend over a RAM-resident KV cache in a layer's time?
+    python3 benchmarks/cpu_attention.py --rows 64 --contexts 128,256 2>&1 \
+      | tee "$OUT/cpu_attention.txt"
     ;;
   *) echo "usage: $0 MODE (see the top of this file)" >&2
      exit 2 ;;

@@ -101,7 +101,8 @@ def run_signals(
         cuda = device.type == "cuda"
         if cuda and policy.gpu_memory_bytes:  # a hard cap: going over is an out-of-memory error
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total, device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total, index)
         engine = Engine(
             weights,
             eos_id=NO_EOS,
