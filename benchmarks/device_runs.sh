@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
-#   tests-and-kv-check | fused-check | envelope | signals | cpu-attention
+#   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
+#   step-profile
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -66,6 +67,9 @@ case "$1" in
   cpu-attention)  # issue 17: can 16 cores attend over a RAM-resident KV cache in a layer's time?
     python3 benchmarks/cpu_attention.py --rows 64 --contexts 128,256 2>&1 \
       | tee "$OUT/cpu_attention.txt"
+    ;;
+  step-profile)  # issue 17: where the envelope's step goes above its floor (20-layer slice)
+    python3 benchmarks/step_profile.py --layers 20 --steps 8 2>&1 | tee "$OUT/step_profile.txt"
     ;;
   *) echo "usage: $0 MODE (see the top of this file)" >&2
      exit 2 ;;
