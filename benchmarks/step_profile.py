@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--kv-bits", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=64, help="the full envelope's batch")
     args = parser.parse_args()
     config = replace(SHAPES["yalm-100b"], num_layers=args.layers)
     dtype = torch.bfloat16
@@ -49,7 +50,13 @@ def main() -> None:
         kv_bits=args.kv_bits,
     )
     plan = plan_memory(
-        store, torch.device("cuda"), dtype, policy, max_context=256, prompt_tokens=128
+        store,
+        torch.device("cuda"),
+        dtype,
+        policy,
+        batch_size=args.rows,
+        max_context=256,
+        prompt_tokens=128,
     )
     print(f"link {link / 1e9:.1f} GB/s; plan: {plan.describe()}", flush=True)
     with StreamingWeights(store, "cuda", dtype, plan.placement, verify=False) as weights:
