@@ -15,7 +15,6 @@ on compute that the copies wait for.
 from __future__ import annotations
 
 import argparse
-import time
 from collections import defaultdict
 from dataclasses import replace
 
@@ -89,52 +88,66 @@ def main() -> None:
             f"({moved / passes / 1e9:.2f} GB a pass), step/floor {step_s / floor_s:.2f}",
             flush=True,
         )
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            began = time.perf_counter()
-            profiled_step_s, _, _ = run(args.steps)
-            wall = time.perf_counter() - began
-    events = prof.key_averages()
+        profiles = {}
+        for steps in (1, 1 + args.steps):  # their difference is decode steps alone
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run(steps)
+            profiles[steps] = _totals(prof.key_averages())
+    short, long = profiles[1], profiles[1 + args.steps]
+    per_step = {
+        key: ((long[key][0] - short.get(key, (0, 0))[0]) / args.steps,
+              (long[key][1] - short.get(key, (0, 0))[1]) / args.steps)
+        for key in long
+    }  # fmt: skip
     per_kind: dict[str, float] = defaultdict(float)
-    kernels = []
-    for event in events:
-        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if not device_us or event.device_type != torch.autograd.DeviceType.CUDA:
+    for (device_type, name), (us, _count) in per_step.items():
+        if device_type == "cpu":
             continue
-        name = event.key
         if "Memcpy HtoD" in name:
-            per_kind["copies host->device"] += device_us
+            per_kind["copies host->device"] += us
         elif "Memcpy DtoH" in name:
-            per_kind["copies device->host"] += device_us
+            per_kind["copies device->host"] += us
         elif "Memcpy" in name or "Memset" in name:
-            per_kind["other copies/sets"] += device_us
+            per_kind["other copies/sets"] += us
         else:
-            per_kind["compute kernels"] += device_us
-            kernels.append((device_us, event.count, name))
-    passes = args.steps + 1
-    print(
-        f"profiled: {args.steps} decode steps + prefill in {wall:.2f} s wall "
-        f"(step {profiled_step_s * 1e3:.1f} ms under the profiler)"
-    )
-    print("| device work | ms per pass | / floor |")
+            per_kind["compute kernels"] += us
+    floor_ms = floor_s * 1e3
+    print(f"per decode step (the difference of a {1 + args.steps}-step and a 1-step run):")
+    print("| device work | ms per step | / floor |")
     print("|---|---|---|")
-    for kind, total_us in sorted(per_kind.items(), key=lambda item: -item[1]):
-        per_pass_ms = total_us / 1e3 / passes
-        print(f"| {kind} | {per_pass_ms:.1f} | {per_pass_ms / (floor_s * 1e3):.2f} |")
-    print("| top kernel | ms per pass | calls per pass |")
-    print("|---|---|---|")
-    for device_us, count, name in sorted(kernels, reverse=True)[:15]:
-        print(f"| {name[:70]} | {device_us / 1e3 / passes:.2f} | {count / passes:.0f} |")
-    cpu = sorted(
-        (e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
-        key=lambda e: -e.self_cpu_time_total,
-    )[:12]
-    print("| host op (self CPU) | ms per pass | calls per pass |")
-    print("|---|---|---|")
-    for event in cpu:
-        print(
-            f"| {event.key[:70]} | {event.self_cpu_time_total / 1e3 / passes:.2f} | "
-            f"{event.count / passes:.0f} |"
-        )
+    for kind, us in sorted(per_kind.items(), key=lambda item: -item[1]):
+        print(f"| {kind} | {us / 1e3:.1f} | {us / 1e3 / floor_ms:.2f} |")
+    print(f"| (the step's wall time) | {step_s * 1e3:.1f} | {step_s * 1e3 / floor_ms:.2f} |")
+    for device_type, title in (("cuda", "kernel"), ("cpu", "host op (self CPU)")):
+        rows = sorted(
+            ((us, count, name) for (kind, name), (us, count) in per_step.items()
+             if kind == device_type and "Memcpy" not in name),
+            reverse=True,
+        )[:14]  # fmt: skip
+        print(f"| {title} | ms per step | calls per step |")
+        print("|---|---|---|")
+        for us, count, name in rows:
+            print(f"| {_short(name)} | {us / 1e3:.2f} | {count:.0f} |")
+
+
+def _short(name: str) -> str:
+    """A kernel's name cut to what tells kernels apart (torch's elementwise kernels differ only
+    in the functor at the end of a long template name)."""
+    if len(name) <= 90:
+        return name
+    return name[:40] + " ... " + name[-45:]
+
+
+def _totals(events) -> dict[tuple[str, str], tuple[float, int]]:
+    """(device or cpu, name) -> (microseconds, calls) of one profile."""
+    totals = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            totals[("cuda", event.key)] = (us, event.count)
+        else:
+            totals[("cpu", event.key)] = (event.self_cpu_time_total, event.count)
+    return totals
 
 
 if __name__ == "__main__":
