@@ -38,7 +38,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--kv-bits", type=int, default=4)
     parser.add_argument("--rows", type=int, default=64, help="the full envelope's batch")
+    parser.add_argument(
+        "--buffers", default="2,3,4", help="device buffers to compare; the first is profiled"
+    )
     args = parser.parse_args()
+    counts = [int(count) for count in args.buffers.split(",")]
     config = replace(SHAPES["yalm-100b"], num_layers=args.layers)
     dtype = torch.bfloat16
     link = measure_h2d()["pinned"]
@@ -47,6 +51,7 @@ def main() -> None:
         gpu_memory_bytes=parse_bytes("8GiB"),
         cpu_memory_bytes=parse_bytes("64GiB"),
         kv_bits=args.kv_bits,
+        weights_on="cpu",  # every layer streams, as in the full envelope
     )
     plan = plan_memory(
         store,
@@ -58,9 +63,16 @@ def main() -> None:
         prompt_tokens=128,
     )
     print(f"link {link / 1e9:.1f} GB/s; plan: {plan.describe()}", flush=True)
-    with StreamingWeights(store, "cuda", dtype, plan.placement, verify=False) as weights:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
+    greedy = SamplingParams(greedy=True)
+    profiles = {}
+    print("| device buffers | step | floor | step/floor | peak GPU |")
+    print("|---|---|---|---|---|")
+    for count in counts:
+        weights = StreamingWeights(
+            store, "cuda", dtype, plan.placement, verify=False, buffers=count
+        )
         engine = Engine(
             weights,
             eos_id=NO_EOS,
@@ -70,10 +82,10 @@ def main() -> None:
             prefill_rows=plan.prefill_rows,
         )
         engine.reserve(plan.batch_size, plan.max_context)
-        greedy = SamplingParams(greedy=True)
         engine.generate(_prompts(1, 8, 8, 2), greedy, batch_size=1)
+        torch.cuda.reset_peak_memory_stats()
 
-        def run(steps: int) -> tuple[float, int, int]:
+        def run(steps: int, engine: Engine = engine) -> tuple[float, int, int]:
             engine.stats = type(engine.stats)()
             requests = _prompts(plan.batch_size, 100, 128, steps + 1)
             engine.generate(requests, greedy, batch_size=plan.batch_size)
@@ -84,15 +96,19 @@ def main() -> None:
         step_s, moved, passes = run(args.steps)
         floor_s = moved / passes / link
         print(
-            f"plain: step {step_s * 1e3:.1f} ms, floor {floor_s * 1e3:.1f} ms "
-            f"({moved / passes / 1e9:.2f} GB a pass), step/floor {step_s / floor_s:.2f}",
+            f"| {count} | {step_s * 1e3:.1f} ms | {floor_s * 1e3:.1f} ms | "
+            f"{step_s / floor_s:.2f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |",
             flush=True,
         )
-        profiles = {}
-        for steps in (1, 1 + args.steps):  # their difference is decode steps alone
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                run(steps)
-            profiles[steps] = _totals(prof.key_averages())
+        if count == counts[0]:
+            for steps in (1, 1 + args.steps):  # their difference is decode steps alone
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run(steps)
+                profiles[steps] = _totals(prof.key_averages())
+            profiled_step_s = step_s
+        weights.close()
+        del engine, weights, run
+        torch.cuda.empty_cache()
     short, long = profiles[1], profiles[1 + args.steps]
     per_step = {
         key: ((long[key][0] - short.get(key, (0, 0))[0]) / args.steps,
@@ -112,12 +128,18 @@ def main() -> None:
         else:
             per_kind["compute kernels"] += us
     floor_ms = floor_s * 1e3
-    print(f"per decode step (the difference of a {1 + args.steps}-step and a 1-step run):")
+    print(
+        f"per decode step with {counts[0]} buffers (the difference of a {1 + args.steps}-step "
+        "and a 1-step run):"
+    )
     print("| device work | ms per step | / floor |")
     print("|---|---|---|")
     for kind, us in sorted(per_kind.items(), key=lambda item: -item[1]):
         print(f"| {kind} | {us / 1e3:.1f} | {us / 1e3 / floor_ms:.2f} |")
-    print(f"| (the step's wall time) | {step_s * 1e3:.1f} | {step_s * 1e3 / floor_ms:.2f} |")
+    print(
+        f"| (the step's wall time, {counts[0]} buffers) | {profiled_step_s * 1e3:.1f} | "
+        f"{profiled_step_s * 1e3 / floor_ms:.2f} |"
+    )
     for device_type, title in (("cuda", "kernel"), ("cpu", "host op (self CPU)")):
         rows = sorted(
             ((us, count, name) for (kind, name), (us, count) in per_step.items()

@@ -295,6 +295,28 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deeper_prefetch_on_gpu_gives_the_same_ids_as_double_buffering(tiny_release, tmp_path):
+    bf16 = ModelStore.open(
+        convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
+    )
+    expected = ids(ResidentWeights(bf16, "cuda", torch.bfloat16))
+    placement = plan_placement(part_bytes_in(bf16, torch.bfloat16), OffloadPolicy(weights_on="cpu"))
+    for buffers in (3, 4):
+        with StreamingWeights(bf16, "cuda", torch.bfloat16, placement, buffers=buffers) as weights:
+            assert len(weights._slots) == buffers
+            assert ids(weights) == expected
+            assert ids(weights, kv_on="cpu", kv_layout="slots") == expected
+
+
+def test_streaming_refuses_fewer_than_two_buffers(tiny_release, tmp_path):
+    bf16 = ModelStore.open(convert_release(tiny_release, tmp_path / "bf16", num_heads=4).parent)
+    placement = plan_placement(part_bytes_in(bf16, torch.float32), OffloadPolicy(weights_on="cpu"))
+    with pytest.raises(ValueError, match="at least 2 device buffers, got 1"):
+        StreamingWeights(bf16, "cpu", torch.float32, placement, buffers=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compressed_streaming_on_gpu_equals_resident_compressed(tiny_release, tmp_path):
     for scheme in ("int8", "int4"):
         compressed = ModelStore.open(

@@ -94,10 +94,15 @@ class StreamingWeights:
         overlap: bool = True,
         verify: bool = True,
         share_pinned: StreamingWeights | None = None,
+        buffers: int = 2,
     ):
         """``share_pinned``: another source over the same store, dtype and placement whose
         pinned-RAM layers this one streams too (one host copy for several GPUs: pinned memory
-        is visible to every device)."""
+        is visible to every device). ``buffers``: device buffers for streamed layers, so the
+        copy of layer j+buffers-1 may start once layer j-1's compute is done (2: double
+        buffering; a disk tier keeps 2, bound by its two relays)."""
+        if buffers < 2:
+            raise ValueError(f"streaming needs at least 2 device buffers, got {buffers}")
         self.store = store
         self.config = store.config
         self.device = torch.device(device)
@@ -147,11 +152,11 @@ class StreamingWeights:
                 self._verified.add(part)
         self._streamed = streamed
         buffer_bytes = max((self._layouts[idx][1] for idx in streamed), default=0)
+        disk = [idx for idx in streamed if placement.tiers[f"layer_{idx}"] == "disk"]
         self._slots = [
             torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device)
-            for _ in range(2 if streamed else 0)
+            for _ in range((2 if disk else buffers) if streamed else 0)
         ]
-        disk = [idx for idx in streamed if placement.tiers[f"layer_{idx}"] == "disk"]
         self._disk = disk
         # Same dtype on disk and in compute: a layer goes from the drive to the relay by direct
         # I/O, its file offset read once from the header.
@@ -248,7 +253,8 @@ class StreamingWeights:
     # -- the schedule --------------------------------------------------------------------------
 
     def layers(self) -> Iterator[tuple[int, Weights]]:
-        """Yield every layer in order; streamed ones arrive through the two device slots."""
+        """Yield every layer in order; streamed ones arrive through the device buffers, up to
+        ``buffers - 1`` layers ahead of the one computing."""
         streamed = self._streamed
         reads: dict[int, Future] = {}
         disk_order = {layer_idx: order for order, layer_idx in enumerate(self._disk)}
@@ -269,7 +275,7 @@ class StreamingWeights:
                 source = self._pinned[layer_idx]
             if not self._cuda:
                 return source  # RAM is the compute device's memory: use it where it lies
-            slot = order % 2
+            slot = order % depth
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(self._free[slot])
                 self._slots[slot][:size].copy_(source[:size], non_blocking=True)
@@ -280,9 +286,10 @@ class StreamingWeights:
 
         start_read(0)
         start_read(1)
+        depth = max(len(self._slots), 2)  # layers in flight: the one computing and the next
         buffers: dict[int, torch.Tensor] = {}
-        if streamed:
-            buffers[0] = load(0)
+        for ahead in range(min(depth - 1, len(streamed))):
+            buffers[ahead] = load(ahead)
         order = 0
         for layer_idx in range(self.config.num_layers):
             part = f"layer_{layer_idx}"
@@ -290,22 +297,22 @@ class StreamingWeights:
                 yield layer_idx, self._resident[part]
                 continue
             if not self.overlap and self._cuda:
-                torch.cuda.current_stream(self.device).wait_event(self._ready[order % 2])
+                torch.cuda.current_stream(self.device).wait_event(self._ready[order % depth])
                 torch.cuda.current_stream(self.device).synchronize()
             elif self._cuda:
-                torch.cuda.current_stream(self.device).wait_event(self._ready[order % 2])
+                torch.cuda.current_stream(self.device).wait_event(self._ready[order % depth])
             layout, _ = self._layouts[layer_idx]
             yield layer_idx, self._as_weights(unpack(buffers.pop(order), layout), layer_idx)
             # The compute of this layer is enqueued (or, on the CPU, done): release its buffers
             # and start the next move, which then overlaps that compute.
             if self._cuda:
-                self._free[order % 2].record(torch.cuda.current_stream(self.device))
+                self._free[order % depth].record(torch.cuda.current_stream(self.device))
                 if not self.overlap:
                     torch.cuda.current_stream(self.device).synchronize()
             if layer_idx in disk_order:
                 start_read(disk_order[layer_idx] + 2)
-            if order + 1 < len(streamed):
-                buffers[order + 1] = load(order + 1)
+            if order + depth - 1 < len(streamed):
+                buffers[order + depth - 1] = load(order + depth - 1)
             order += 1
 
 
