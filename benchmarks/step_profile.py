@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument(
         "--buffers", default="2,3,4", help="device buffers to compare; the first is profiled"
     )
+    parser.add_argument("--trace", help="write the long run's Chrome trace here (.json.gz)")
     args = parser.parse_args()
     counts = [int(count) for count in args.buffers.split(",")]
     config = replace(SHAPES["yalm-100b"], num_layers=args.layers)
@@ -105,6 +106,8 @@ def main() -> None:
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     run(steps)
                 profiles[steps] = _totals(prof.key_averages())
+            if args.trace:
+                prof.export_chrome_trace(args.trace)
             profiled_step_s = step_s
         weights.close()
         del engine, weights, run
