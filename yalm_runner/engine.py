@@ -281,7 +281,14 @@ class Engine:
         if self.kv_on == "cpu":
             host_type = SlotMajorHostKV if self.kv_layout == "slots" else HostKV
             kv = host_type(
-                config, batch, slots, device, self.dtype, bits=self.kv_bits, arena=self._arena
+                config,
+                batch,
+                slots,
+                device,
+                self.dtype,
+                bits=self.kv_bits,
+                arena=self._arena,
+                stream=getattr(self.weights, "copy_stream", None),
             )
         else:
             kv = DeviceKV(config, batch, slots, device, self.dtype)

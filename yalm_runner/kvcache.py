@@ -90,6 +90,7 @@ class _PinnedKV:
         dtype: torch.dtype,
         bits: int,
         arena: HostArena | None,
+        stream: torch.cuda.Stream | None = None,
     ):
         if bits not in KV_BITS:
             raise ValueError(f"KV bits must be one of {KV_BITS}, got {bits}")
@@ -115,7 +116,11 @@ class _PinnedKV:
         # fp32 temporaries of encoding or expanding one slot of one row (all heads).
         self._row_bytes = config.num_heads * config.head_dim * 4
         if self._cuda:
-            self._stream = torch.cuda.Stream(device)
+            # The weights' copy stream when the engine shares it: one queue puts a layer's KV
+            # on the link between its weights and the next layer's, in the order they are
+            # needed; on a stream of its own the copy engine may run the next weights first
+            # and the layer's compute waits for them (see ``StreamingWeights.copy_stream``).
+            self._stream = stream or torch.cuda.Stream(device)
             self._ready = [torch.cuda.Event() for _ in range(2)]
             self._computed = [torch.cuda.Event() for _ in range(2)]
             self._sent = [torch.cuda.Event() for _ in range(2)]
@@ -208,8 +213,9 @@ class HostKV(_PinnedKV):
         dtype: torch.dtype,
         bits: int = 16,
         arena: HostArena | None = None,
+        stream: torch.cuda.Stream | None = None,
     ):
-        super().__init__(config, batch, slots, device, dtype, bits, arena)
+        super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
         size, kind = self._record_shape, self._kind
         self._host = [[flat.view(size) for flat in pair] for pair in self._host]
         if bits == 16:
@@ -295,8 +301,9 @@ class SlotMajorHostKV(_PinnedKV):
         dtype: torch.dtype,
         bits: int = 16,
         arena: HostArena | None = None,
+        stream: torch.cuda.Stream | None = None,
     ):
-        super().__init__(config, batch, slots, device, dtype, bits, arena)
+        super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
         self._max_slots = slots
         self._record = self._record_shape[2:]  # (heads, record)
         count, kind = math.prod(self._record_shape), self._kind

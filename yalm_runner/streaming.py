@@ -216,6 +216,18 @@ class StreamingWeights:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def copy_stream(self) -> torch.cuda.Stream | None:
+        """The stream that moves pinned-RAM layers to the device, for a pinned KV cache to
+        share: on one queue each layer's KV travels right after the weights queued before it,
+        where on two streams the copy engine was seen to run the next layer's weights first
+        (a layer's compute then waited ~12 ms for a 1.7 ms copy). None when nothing streams
+        or a disk tier's moves wait for their reads (they are queued late; sharing would hold
+        the KV behind them)."""
+        if not self._cuda or not self._streamed or self._disk:
+            return None
+        return self._copy_stream
+
     def embedding(self) -> Weights:
         return self._resident["embedding"]
 
