@@ -313,12 +313,12 @@ class StreamingWeights:
                 torch.cuda.current_stream(self.device).synchronize()
             elif self._cuda:
                 torch.cuda.current_stream(self.device).wait_event(self._ready[order % depth])
-            # The next move from pinned RAM goes on the copy stream before this layer's compute
-            # is launched: launching ~150 kernels can block the host on a full command queue
-            # until the device has nearly run them, and a copy queued after that would leave
-            # the link idle for a layer's compute (measured: 5.3 ms of every 19 on YaLM-100B's
-            # layer). Its buffer is free once the layer before this one has computed, which is
-            # already queued. A disk layer's move waits for its read, so it still goes after.
+            # The next move from pinned RAM goes on the copy stream before this layer runs: a
+            # pinned KV cache shares the stream (``copy_stream``) and queues this layer's
+            # write-back, which waits for this layer's compute; a move queued after it would
+            # leave the link idle for that compute. Its buffer is free once the layer before
+            # this one has computed, which is already queued. A disk layer's move waits for its
+            # read (the host blocks on it), so it still goes after.
             ahead = order + depth - 1
             early = self.overlap and ahead < len(streamed) and streamed[ahead] not in disk_order
             if early:
