@@ -25,9 +25,11 @@ caches' code: it counts what the plan implies and applies rates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, field, fields, replace
 
 from yalm_runner.config import ModelConfig
+from yalm_runner.errors import ConfigError
 from yalm_runner.kvformat import kv_bytes_per_token
 
 # The KV record widths and host layouts whose device-side expansion costs time, named as
@@ -71,6 +73,41 @@ class StepRates:
 
     def codec_rate(self, key: str) -> float:
         return self.codec_elements_per_s[key]
+
+    def to_dict(self) -> dict[str, object]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["codec_elements_per_s"] = dict(self.codec_elements_per_s)
+        return values
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "rates") -> StepRates:
+        """Rates as ``to_dict`` writes them (a bench's JSON): missing ones keep their defaults;
+        an unknown name or a rate that is not a positive number is a ``ConfigError`` naming
+        it and ``source``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: rates must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown rates {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        codec = values.pop("codec_elements_per_s", {})
+        if not isinstance(codec, dict):
+            raise ConfigError(f"{source}: codec_elements_per_s must be a mapping of rates")
+        wrong = sorted(set(codec) - set(CODEC_KEYS))
+        if wrong:
+            raise ConfigError(
+                f"{source}: codec_elements_per_s: unknown widths/layouts {wrong}; known: "
+                f"{list(CODEC_KEYS)}"
+            )
+        for name, value in [*values.items(), *(("codec " + k, v) for k, v in codec.items())]:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+        rates = cls(**{name: float(value) for name, value in values.items()})
+        for key, value in codec.items():
+            rates = rates.with_codec(key, float(value))
+        return rates
 
     def with_codec(self, key: str, elements_per_s: float) -> StepRates:
         """These rates with one codec rate replaced (a calibrated one)."""
