@@ -463,11 +463,14 @@ def _peak_rss_gib() -> float:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from yalm_runner.checkpoint import ModelStore
     from yalm_runner.offload import OffloadPolicy
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
+    from yalm_runner.steptime import BatchTime, StepRates, machine_class
 
     store = ModelStore.open(args.store)
     print(describe_store(store))
@@ -484,16 +487,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_len,
         rows=args.rows,
     )
-    step = plan.predicted_step_s(args.link_gbps * 1e9, args.disk_gbps * 1e9)
     print(f"plan on {device.type} in {str(dtype).removeprefix('torch.')}: {plan.describe()}")
-    if step == 0:
-        print("predicted decode step: nothing streams, so compute sets the pace")
-    else:
-        print(
-            f"predicted decode step >= {step * 1e3:.1f} ms at {args.link_gbps:g} GB/s "
-            f"host-to-device and {args.disk_gbps:g} GB/s from disk: "
-            f"<= {plan.batch_size / step:.1f} tokens/s"
-        )
+    if device.type != "cuda":
+        print("no prediction for a CPU-only plan: the step-time model's rates are a GPU's")
+        return 0
+    rates = replace(
+        StepRates(), link_bytes_per_s=args.link_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9
+    )
+    step, prefill = plan.predict_step(rates), plan.predict_prefill(rates)
+    batch = BatchTime(plan.batch_size, chosen.max_new_tokens, step, prefill)
+    print(
+        f"PREDICTION (not a measurement) for {machine_class(rates)}, device-side rates as an "
+        "H200 measured them (docs/benchmarks.md):"
+    )
+    print("\n".join(batch.lines()))
     return 0
 
 

@@ -314,3 +314,48 @@ def prefill_work(
         device_bytes=0.0,
         dequant_elements=groups * _dequant_elements(config, compressed),
     )
+
+
+def machine_class(rates: StepRates) -> str:
+    """The machine ``rates`` describe, in words: the planner's default class by its name."""
+    link, disk = rates.link_bytes_per_s / 1e9, rates.disk_bytes_per_s / 1e9
+    named_link = "PCIe 4 x16 at 25 GB/s" if link == 25 else f"a {link:g} GB/s host-to-device link"
+    named_disk = "NVMe at 3 GB/s" if disk == 3 else f"a drive at {disk:g} GB/s"
+    return f"{named_link}, {named_disk}"
+
+
+@dataclass(frozen=True)
+class BatchTime:
+    """A batch of ``rows`` texts of ``new_tokens``, predicted: its prefill gives each row its
+    first token, then ``new_tokens - 1`` decode steps give the rest."""
+
+    rows: int
+    new_tokens: int
+    step: PassTime
+    prefill: PassTime
+
+    @property
+    def batch_s(self) -> float:
+        return self.prefill.total_s + (self.new_tokens - 1) * self.step.total_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.rows / self.step.total_s
+
+    @property
+    def texts_per_hour(self) -> float:
+        return self.rows * 3600 / self.batch_s
+
+    def lines(self) -> list[str]:
+        step, prefill = self.step, self.prefill
+        return [
+            f"  decode step   {step.total_s * 1e3:.1f} ms, bound by {step.bound} (busy: link "
+            f"{step.link_s * 1e3:.1f} ms, drive {step.disk_s * 1e3:.1f} ms, KV copy calls "
+            f"{step.copy_calls_s * 1e3:.1f} ms, device {(step.codec_s + step.compute_s) * 1e3:.1f}"
+            f" ms; overhead {step.overhead_s * 1e3:.1f} ms)",
+            f"  tokens/s      {self.decode_tokens_per_s:.1f} while decoding ({self.rows} rows a "
+            "step)",
+            f"  prefill       {prefill.total_s:.2f} s per batch, bound by {prefill.bound}",
+            f"  texts/hour    {self.texts_per_hour:.0f} of {self.new_tokens} new tokens (a batch "
+            f"of {self.rows} every {self.batch_s:.1f} s, prefill included)",
+        ]
