@@ -261,14 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
     _add(bench, "--disk-layers", type=int, help="layers in the disk-tier store (8)")
     _add(bench, "--disk-file", help="size of the drive's sequential-read file (4GiB)")
+    _add(
+        bench,
+        "--kv-batches",
+        help="also run each --kv-bits width at these batch sizes (a comma list), the KV cache "
+        "where the planner put it at its own batch",
+    )
+    _add(bench, "--quantize", choices=["int8", "int4"], help="ours on compressed weights")
+    _add(bench, "--group-size", type=int, help="int4 group size (64)")
+    _add(bench, "--device", default="cuda", help="cuda; cpu runs ours alone (a smoke run)")
     return parser
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from yalm_runner.bench.comparison import run_bench
+    from yalm_runner.errors import ConfigError
     from yalm_runner.offload import parse_bytes
+    from yalm_runner.quant import Quantization
 
     batches = [int(size) for size in str(args.batch_sizes).split(",") if size.strip()]
+    if args.group_size is not None and args.quantize != "int4":
+        raise ConfigError("--group-size does nothing without --quantize int4")
+    quantization = (
+        Quantization(args.quantize, args.group_size or 64) if args.quantize is not None else None
+    )
+    kv_batches = str(args.kv_batches or "").split(",")
+    if not all(size.strip().isdigit() for size in kv_batches if size.strip()):
+        raise ConfigError(f"--kv-batches takes batch sizes (a comma list), got {args.kv_batches!r}")
     run_bench(
         args.shape,
         batches,
@@ -290,6 +309,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         disk_dir=args.disk,
         disk_layers=args.disk_layers,
         disk_file_bytes=None if args.disk_file is None else parse_bytes(args.disk_file),
+        device=args.device,
+        kv_batches=tuple(int(size) for size in kv_batches if size.strip()),
+        quantization=quantization,
     )
     return 0
 
