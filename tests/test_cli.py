@@ -105,6 +105,8 @@ def test_bench_kv_widths_are_checked_before_anything_runs(capsys):
         (["--uncapped-batch", "8"], "--peers or --uncapped-peers"),
         (["--disk-layers", "2"], "--disk"),
         (["--disk-file", "1GiB"], "--disk"),
+        (["--kv-batches", "64,128"], "--kv-bits or --peers"),
+        (["--group-size", "32"], "--quantize int4"),
     ],
 )
 def test_bench_refuses_an_option_that_would_do_nothing(capsys, given, needs):
@@ -113,6 +115,26 @@ def test_bench_refuses_an_option_that_would_do_nothing(capsys, given, needs):
     assert cli.main(["bench", "--gpu-memory", "8GiB", *given]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"yalm-runner bench: error: {given[0]} does nothing without {needs}"
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        (
+            ["--device", "cpu", "--peers", "zero"],
+            "--peers needs CUDA: --device cpu runs ours alone",
+        ),
+        (["--device", "cpu", "--disk", "."], "--disk needs CUDA: --device cpu runs ours alone"),
+        (["--quantize", "int4", "--peers", "zero"], "--peers runs 16-bit weights: --quantize"),
+        (["--device", "tpu"], "--device is cuda or cpu, got 'tpu'"),
+        (["--kv-bits", "4", "--kv-batches", "8,x"], "--kv-batches takes batch sizes (a comma"),
+    ],
+)
+def test_bench_refuses_what_a_cpu_or_compressed_run_cannot_do(capsys, given, error):
+    from yalm_runner import cli
+
+    assert cli.main(["bench", "--gpu-memory", "8GiB", *given]) == 1
+    assert capsys.readouterr().err.startswith(f"yalm-runner bench: error: {error}")
 
 
 def test_bench_runs_the_planners_rows_without_peers_when_kv_widths_are_asked_for():
