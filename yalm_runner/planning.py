@@ -13,8 +13,11 @@ from the budgets alone (no allocation, no device needed), so ``inspect`` can pri
 
 With no batch size given, the planner tries batch sizes under both placements and takes the plan
 that predicts the most tokens per second (pinned KV takes RAM that weights would otherwise use,
-pushing layers to disk, so the largest batch is not always the fastest). Workspace (activations
-of a prefill) is estimated from the model's shapes.
+pushing layers to disk, so the largest batch is not always the fastest). The prediction is the
+step-time model's (``steptime``: the link, the drive, the KV copy calls and the device's work,
+pipelined over the layers) at ``PLANNING_RATES``; every plan carries what its decode step and
+its prefill move and compute, so that ``inspect``, the bench and the GPU sweep can predict it
+at other rates. Workspace (activations of a prefill) is estimated from the model's shapes.
 
 Scoring (``engine.Engine.score``) keeps no KV cache across steps: one pass per batch, so its batch
 is bounded by activations alone. The big tensors are a group's attention scores (B, NH, T, T),
