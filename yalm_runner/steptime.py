@@ -54,12 +54,13 @@ class StepRates:
     """The rates the model multiplies by. The link and the drive default to the planner's
     machine class (PCIe 4 x16, an NVMe drive); the device-side rates default to what an H200
     measured, since none of them can be known without a device (a smaller GPU is slower at
-    every one of them). ``yalm_runner.bench.calibrate`` measures them all but the overheads."""
+    every one of them). Calibration measures all but the overheads (``bench.link`` the link,
+    ``bench.calibrate`` the rest)."""
 
     link_bytes_per_s: float = 25e9  # pinned host-to-device
     disk_bytes_per_s: float = 3e9  # the drive, read as the streamer reads it (reads in flight)
-    # One small copy issued from Python (slicing, the call, the bookkeeping): a device-bound
-    # cost of the host, fitted on the H200's host, measured by calibration.
+    # One small KV copy issued from Python: the slicing, the call and its bookkeeping, or the
+    # copy engine's own cost per copy, whichever is slower. Fitted on the H200's host.
     copy_call_s: float = 7.4e-6
     codec_elements_per_s: dict[str, float] = field(default_factory=_codec_defaults)
     matmul_flops_per_s: float = 400e12  # bf16 matmuls at decode batch sizes
@@ -132,7 +133,6 @@ class PassWork:
     flops: float  # per layer: matmul and attention arithmetic
     device_bytes: float  # per layer: the cache bytes attention reads on the device
     dequant_elements: float  # per layer: compressed weights dequantized (0: a 16-bit store)
-    overhead_passes: int = 1  # head + sampling: once a step
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
         arrived.append(arrival)
         done = [done[1], max(arrival, done[1]) + device_s]
     layers = len(work.tiers)
-    overhead_s = work.overhead_passes * (rates.step_overhead_s + rates.row_overhead_s * work.rows)
+    overhead_s = rates.step_overhead_s + rates.row_overhead_s * work.rows  # the head, sampling
     return PassTime(
         total_s=done[1] + overhead_s,
         link_s=totals["link"],
