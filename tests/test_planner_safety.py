@@ -171,12 +171,17 @@ def test_an_accepted_plan_runs_under_its_cap(case: Case, stores):
     codec_rate = f", codec {rates.codec_rate(codec) / 1e9:.0f} G/s" if codec else ""
     if plan.placement.disk_bytes_per_pass:
         codec_rate += f", disk tier {rates.disk_bytes_per_s / 1e9:.2f} GB/s"
+    terms = (
+        f"busy ms: link {predicted.link_s * 1e3:.1f}, drive {predicted.disk_s * 1e3:.1f}, "
+        f"copy calls {predicted.copy_calls_s * 1e3:.1f}, codec {predicted.codec_s * 1e3:.1f}, "
+        f"compute {predicted.compute_s * 1e3:.1f}, overhead {predicted.overhead_s * 1e3:.1f}"
+    )
     print(
         f"\n{case!s:40} reserved {format_bytes(reserved):>10} allocated "
         f"{format_bytes(allocated):>10}; step predicted {predicted.total_s * 1e3:6.1f} ms "
         f"measured {measured * 1e3:6.1f} ms ({ratio:.2f}x{'' if streams else ', not held'}; "
-        f"{predicted.bound}{codec_rate}); {time.perf_counter() - began:.0f} s, calibration "
-        f"{calibrated_s:.1f} s [{plan.describe()}]",
+        f"{predicted.bound}{codec_rate}; {terms}); {time.perf_counter() - began:.0f} s, "
+        f"calibration {calibrated_s:.1f} s [{plan.describe()}]",
         flush=True,
     )
     assert reserved <= cap, f"reserved {format_bytes(reserved)} over the {case.budget} cap"
