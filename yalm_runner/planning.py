@@ -90,8 +90,7 @@ class MemoryPlan:
 
     def predict_step(self, rates: StepRates = PLANNING_RATES) -> PassTime:
         """One average decode step at ``rates`` (``steptime.predict_pass``)."""
-        if self.decode is None:
-            raise OffloadError("a scoring plan has no decode step")
+        assert self.decode is not None, "a scoring plan has no decode step"
         return predict_pass(self.decode, rates)
 
     def predicted_step_s(self, rates: StepRates = PLANNING_RATES) -> float:
