@@ -2,7 +2,7 @@
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
-#   step-profile
+#   step-profile | perf-sweep
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -70,6 +70,26 @@ case "$1" in
     ;;
   step-profile)  # issue 17: where the envelope's step goes above its floor (20-layer slice)
     python3 benchmarks/step_profile.py --layers 20 --steps 8 2>&1 | tee "$OUT/step_profile.txt"
+    ;;
+  perf-sweep)  # issue 17: decode tokens/s against batch for the plot, with each row's
+    # predicted step (rates calibrated in the run). One weight placement per call, shared by
+    # every batch and KV width; one engine per width (its KV memory locked once, largest first).
+    echo "estimate ~7.5 min (the step model at 55 GB/s): 13B bf16 placed twice (~35 s each);"
+    echo "  KV on the GPU, B=8/32/128, overlap on and off: 6 rows x ~9 s;"
+    echo "  8 GiB, KV pinned slot-major 16/8/4 at the planner's batch (422/512/512) and 256, 128:"
+    echo "  9 rows, ~140 s + ~35 s locking KV; 13B int4 g64 placed (~15 s), 4-bit KV at 512,"
+    echo "  256, 128: ~30 s; ~1 s of calibration a row"
+    nvidia-smi -L
+    python3 -m yalm_runner.cli bench --shape 13b --batch-sizes 8,32,128 -n 16 \
+      --json "$OUT/perf-13b-kv-gpu.json" 2>&1 | tee "$OUT/perf-13b-kv-gpu.txt"
+    python3 -m yalm_runner.cli bench --shape 13b --batch-sizes "" --gpu-memory 8GiB \
+      --kv-bits 16,8,4 --kv-layout slots --kv-batches 128,256 --max-batch 512 -n 16 \
+      --json "$OUT/perf-13b-kv-pinned.json" 2>&1 | tee "$OUT/perf-13b-kv-pinned.txt"
+    python3 -m yalm_runner.cli bench --shape 13b --quantize int4 --group-size 64 \
+      --batch-sizes "" --gpu-memory 8GiB --kv-bits 4 --kv-layout slots --kv-batches 128,256 \
+      --max-batch 512 -n 16 --json "$OUT/perf-13b-int4.json" 2>&1 | tee "$OUT/perf-13b-int4.txt"
+    python3 benchmarks/plot.py "$OUT"/perf-13b-*.json -o "$OUT/throughput.svg" \
+      --title "13B shape on one H200: decode tokens/s against batch, and the link's bound"
     ;;
   *) echo "usage: $0 MODE (see the top of this file)" >&2
      exit 2 ;;

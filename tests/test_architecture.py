@@ -101,6 +101,8 @@ FORBIDDEN = {
     # planner and ``quality`` need only the format.
     "kvformat": {"kvcache", "pinned", "engine"},
     "planning": {"kvcache", "engine"},
+    # The step-time model counts and applies rates: nothing of devices, caches or the planner.
+    "steptime": {"kvcache", "engine", "streaming", "offload", "planning", "pinned", "directio"},
     "quality": {"kvcache"},
     # The shipped tokenizer file and its checksum: no encoding, no stores.
     "vocab": {"tokenizer", "checkpoint", "model", "engine", "release", "convert", "cli"},

@@ -105,6 +105,8 @@ def test_bench_kv_widths_are_checked_before_anything_runs(capsys):
         (["--uncapped-batch", "8"], "--peers or --uncapped-peers"),
         (["--disk-layers", "2"], "--disk"),
         (["--disk-file", "1GiB"], "--disk"),
+        (["--kv-batches", "64,128"], "--kv-bits or --peers"),
+        (["--group-size", "32"], "--quantize int4"),
     ],
 )
 def test_bench_refuses_an_option_that_would_do_nothing(capsys, given, needs):
@@ -113,6 +115,26 @@ def test_bench_refuses_an_option_that_would_do_nothing(capsys, given, needs):
     assert cli.main(["bench", "--gpu-memory", "8GiB", *given]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"yalm-runner bench: error: {given[0]} does nothing without {needs}"
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        (
+            ["--device", "cpu", "--peers", "zero"],
+            "--peers needs CUDA: --device cpu runs ours alone",
+        ),
+        (["--device", "cpu", "--disk", "."], "--disk needs CUDA: --device cpu runs ours alone"),
+        (["--quantize", "int4", "--peers", "zero"], "--peers runs 16-bit weights: --quantize"),
+        (["--device", "tpu"], "--device is cuda or cpu, got 'tpu'"),
+        (["--kv-bits", "4", "--kv-batches", "8,x"], "--kv-batches takes batch sizes (a comma"),
+    ],
+)
+def test_bench_refuses_what_a_cpu_or_compressed_run_cannot_do(capsys, given, error):
+    from yalm_runner import cli
+
+    assert cli.main(["bench", "--gpu-memory", "8GiB", *given]) == 1
+    assert capsys.readouterr().err.startswith(f"yalm-runner bench: error: {error}")
 
 
 def test_bench_runs_the_planners_rows_without_peers_when_kv_widths_are_asked_for():
@@ -222,9 +244,53 @@ def test_inspect_prints_the_plan_and_the_predicted_step(tiny_store):
     )
     assert "plan on cuda in bfloat16: batch 4 rows x 32 positions" in result.stdout
     assert "in pinned RAM" in result.stdout
-    assert "predicted decode step >= " in result.stdout
+    assert (
+        "PREDICTION (not a measurement) for PCIe 4 x16 at 25 GB/s, NVMe at 3 GB/s, device-side "
+        "rates as an H200 measured them" in result.stdout
+    )
     refused = run("inspect", tiny_store, "--gpu-memory", "1KiB", check=False)
     assert refused.returncode == 1 and "GPU budget 1.00 KiB" in refused.stderr
+    on_cpu = run("inspect", tiny_store, "--device", "cpu", "--cpu-memory", "64MiB")
+    assert on_cpu.stdout.splitlines()[-1] == (
+        "no prediction for a CPU-only plan: the step-time model's rates are a GPU's"
+    )
+
+
+def test_inspects_prediction_is_the_plans_bytes_at_the_named_rates(tiny_store):
+    import re
+
+    from yalm_runner.checkpoint import ModelStore
+    from yalm_runner.offload import OffloadPolicy, parse_bytes
+    from yalm_runner.planning import plan_memory
+
+    # A link of 1 MB/s makes the tiny store's bytes the step's largest term.
+    budgets = ["--gpu-memory", "1MiB", "--weights-on", "cpu", "--rows", 4]
+    shape = ["--prompt-len", 16, "-n", 16, "--link-gbps", 0.001, "--disk-gbps", 0.5]
+    lines = run("inspect", tiny_store, *budgets, *shape).stdout.splitlines()
+    header = lines.index(
+        "PREDICTION (not a measurement) for a 0.001 GB/s host-to-device link, a drive at 0.5 "
+        "GB/s, device-side rates as an H200 measured them (docs/benchmarks.md):"
+    )
+    step_line, tokens_line, prefill_line, texts_line = lines[header + 1 : header + 5]
+    plan = plan_memory(
+        ModelStore.open(tiny_store), torch.device("cuda"), torch.bfloat16,
+        OffloadPolicy(gpu_memory_bytes=parse_bytes("1MiB"), weights_on="cpu"), batch_size=None,
+        max_context=32, prompt_tokens=16, rows=4,
+    )  # fmt: skip
+    link_ms = plan.placement.streamed_bytes_per_pass / 1e6 * 1e3  # every layer, once a step
+    numbers = [float(x) for x in re.findall(r"(\d+\.\d+) ms", step_line)]
+    step_ms, busy_link_ms = numbers[0], numbers[1]
+    assert busy_link_ms == pytest.approx(link_ms, abs=0.05)
+    assert step_line.startswith(f"  decode step   {step_ms:.1f} ms, bound by the link")
+    assert link_ms < step_ms < link_ms + 10  # plus the last layer's work and the overhead
+    tokens = float(re.search(r"tokens/s +(\d+\.\d) while decoding \(4 rows", tokens_line)[1])
+    assert tokens == pytest.approx(4 / (step_ms / 1e3), rel=0.01)
+    prefill_s = float(re.search(r"prefill +(\d+\.\d+) s per batch", prefill_line).group(1))
+    assert prefill_s == pytest.approx(link_ms / 1e3, rel=0.05)  # one pass of the weights
+    batch_s = prefill_s + 15 * step_ms / 1e3  # 16 new tokens: the prefill's, then 15 steps
+    texts = float(re.search(r"texts/hour +(\d+) of 16 new tokens", texts_line).group(1))
+    assert texts == pytest.approx(4 * 3600 / batch_s, rel=0.01)
+    assert f"a batch of 4 every {batch_s:.1f} s, prefill included" in texts_line
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tiny_store):

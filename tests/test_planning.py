@@ -9,6 +9,7 @@ from yalm_runner.bench.synthetic import SHAPES, SyntheticStore
 from yalm_runner.errors import OffloadError
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.planning import plan_memory
+from yalm_runner.steptime import StepRates
 
 GPU = torch.device("cuda")  # planning allocates nothing: no CUDA device is needed
 BUDGETS = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), cpu_memory_bytes=parse_bytes("64GiB"))
@@ -48,8 +49,8 @@ def test_the_chosen_batch_beats_the_largest_batch_with_kv_on_the_gpu(store_13b):
     # each weight transfer, which the planner predicts to be faster.
     assert on_gpu.batch_size < 64 <= chosen.batch_size
     assert chosen.kv_on == "cpu"
-    link = 25e9
-    rate = lambda p: p.batch_size / p.predicted_step_s(link, link)  # noqa: E731
+    link = StepRates(link_bytes_per_s=25e9, disk_bytes_per_s=25e9)
+    rate = lambda p: p.batch_size / p.predicted_step_s(link)  # noqa: E731
     assert rate(chosen) > rate(on_gpu)
 
 
@@ -112,9 +113,10 @@ def test_kv_settings_that_cannot_work_are_refused_by_name():
 
 def test_the_planner_picks_the_host_layout_that_predicts_more_tokens(store_13b):
     # As measured on the H200 (benchmarks/RESULTS.md): at 16 bits the slot-major staging area
-    # costs rows, and row-major's larger batch wins; compressed, slot-major holds more rows.
-    link = 55e9
-    rate = lambda p: p.batch_size / p.predicted_step_s(link, link)  # noqa: E731
+    # costs rows, and row-major's larger batch wins; compressed, slot-major holds more rows and
+    # spares the per-row copy calls. The planner compares at its own rates (PCIe 4); on the
+    # H200's 55 GB/s link the 16-bit layouts are within 2% of each other, as measured.
+    rate = lambda p: p.batch_size / p.predicted_step_s()  # noqa: E731
     for bits, expected in ((16, "rows"), (8, "slots"), (4, "slots")):
         policy = replace(BUDGETS, kv_on="cpu", kv_bits=bits, cpu_memory_bytes=None)
         chosen = plan(store_13b, policy=policy, rows=512)

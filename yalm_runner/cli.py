@@ -261,14 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--disk", type=Path, help="also measure the drive and our disk tier in this dir")
     _add(bench, "--disk-layers", type=int, help="layers in the disk-tier store (8)")
     _add(bench, "--disk-file", help="size of the drive's sequential-read file (4GiB)")
+    _add(
+        bench,
+        "--kv-batches",
+        help="also run each --kv-bits width at these batch sizes (a comma list), the KV cache "
+        "where the planner put it at its own batch",
+    )
+    _add(bench, "--quantize", choices=["int8", "int4"], help="ours on compressed weights")
+    _add(bench, "--group-size", type=int, help="int4 group size (64)")
+    _add(bench, "--device", default="cuda", help="cuda; cpu runs ours alone (a smoke run)")
     return parser
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from yalm_runner.bench.comparison import run_bench
+    from yalm_runner.errors import ConfigError
     from yalm_runner.offload import parse_bytes
+    from yalm_runner.quant import Quantization
 
     batches = [int(size) for size in str(args.batch_sizes).split(",") if size.strip()]
+    if args.group_size is not None and args.quantize != "int4":
+        raise ConfigError("--group-size does nothing without --quantize int4")
+    quantization = (
+        Quantization(args.quantize, args.group_size or 64) if args.quantize is not None else None
+    )
+    kv_batches = str(args.kv_batches or "").split(",")
+    if not all(size.strip().isdigit() for size in kv_batches if size.strip()):
+        raise ConfigError(f"--kv-batches takes batch sizes (a comma list), got {args.kv_batches!r}")
     run_bench(
         args.shape,
         batches,
@@ -290,6 +309,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         disk_dir=args.disk,
         disk_layers=args.disk_layers,
         disk_file_bytes=None if args.disk_file is None else parse_bytes(args.disk_file),
+        device=args.device,
+        kv_batches=tuple(int(size) for size in kv_batches if size.strip()),
+        quantization=quantization,
     )
     return 0
 
@@ -463,11 +485,14 @@ def _peak_rss_gib() -> float:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from yalm_runner.checkpoint import ModelStore
     from yalm_runner.offload import OffloadPolicy
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
+    from yalm_runner.steptime import BatchTime, StepRates, machine_class
 
     store = ModelStore.open(args.store)
     print(describe_store(store))
@@ -484,16 +509,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_len,
         rows=args.rows,
     )
-    step = plan.predicted_step_s(args.link_gbps * 1e9, args.disk_gbps * 1e9)
     print(f"plan on {device.type} in {str(dtype).removeprefix('torch.')}: {plan.describe()}")
-    if step == 0:
-        print("predicted decode step: nothing streams, so compute sets the pace")
-    else:
-        print(
-            f"predicted decode step >= {step * 1e3:.1f} ms at {args.link_gbps:g} GB/s "
-            f"host-to-device and {args.disk_gbps:g} GB/s from disk: "
-            f"<= {plan.batch_size / step:.1f} tokens/s"
-        )
+    if device.type != "cuda":
+        print("no prediction for a CPU-only plan: the step-time model's rates are a GPU's")
+        return 0
+    rates = replace(
+        StepRates(), link_bytes_per_s=args.link_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9
+    )
+    step, prefill = plan.predict_step(rates), plan.predict_prefill(rates)
+    batch = BatchTime(plan.batch_size, chosen.max_new_tokens, step, prefill)
+    print(
+        f"PREDICTION (not a measurement) for {machine_class(rates)}, device-side rates as an "
+        "H200 measured them (docs/benchmarks.md):"
+    )
+    print("\n".join(batch.lines()))
     return 0
 
 

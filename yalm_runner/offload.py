@@ -128,14 +128,6 @@ class Placement:
             1 for part, where in self.tiers.items() if where == tier and part.startswith("layer_")
         )
 
-    def predicted_pass_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
-        """Lower bound on one forward pass: the streamed bytes over their links."""
-        # Disk-tier bytes cross both the drive and the host-to-device link.
-        return max(
-            self.streamed_bytes_per_pass / pinned_bytes_per_s,
-            self.disk_bytes_per_pass / disk_bytes_per_s,
-        )
-
     def describe(self) -> str:
         memory = self.device_memory
         resident = "on the GPU" if memory == "GPU" else f"resident in {memory}"

@@ -13,8 +13,11 @@ from the budgets alone (no allocation, no device needed), so ``inspect`` can pri
 
 With no batch size given, the planner tries batch sizes under both placements and takes the plan
 that predicts the most tokens per second (pinned KV takes RAM that weights would otherwise use,
-pushing layers to disk, so the largest batch is not always the fastest). Workspace (activations
-of a prefill) is estimated from the model's shapes.
+pushing layers to disk, so the largest batch is not always the fastest). The prediction is the
+step-time model's (``steptime``: the link, the drive, the KV copy calls and the device's work,
+pipelined over the layers) at ``PLANNING_RATES``; every plan carries what its decode step and
+its prefill move and compute, so that ``inspect``, the bench and the GPU sweep can predict it
+at other rates. Workspace (activations of a prefill) is estimated from the model's shapes.
 
 Scoring (``engine.Engine.score``) keeps no KV cache across steps: one pass per batch, so its batch
 is bounded by activations alone. The big tensors are a group's attention scores (B, NH, T, T),
@@ -38,17 +41,26 @@ from yalm_runner.kvformat import DECODE_BYTES, kv_bytes_per_token
 from yalm_runner.offload import OffloadPolicy, Placement, format_bytes, plan_placement
 from yalm_runner.packing import HEAD_CHUNK
 from yalm_runner.quant import scratch_elements
+from yalm_runner.steptime import (
+    CacheShape,
+    PassTime,
+    PassWork,
+    StepRates,
+    decode_work,
+    mean_decode_context,
+    predict_pass,
+    prefill_work,
+)
 from yalm_runner.streaming import part_bytes_in
 
 MAX_BATCH = 512  # beyond this the host-side bookkeeping, not the link, dominates
-# Only comparisons between plans use these: a PCIe 4 x16 link and an NVMe drive.
-PLANNING_LINK_BYTES_PER_S = 25e9
-PLANNING_DISK_BYTES_PER_S = 3e9
+# The rates plans are compared at, and ``inspect``'s machine class: a PCIe 4 x16 link, an NVMe
+# drive, and the device-side rates an H200 measured (``steptime.StepRates``).
+PLANNING_RATES = StepRates()
 # Tokens per prefill group, largest first. Every layer is loaded once whatever the groups, so a
 # smaller group costs only kernel efficiency (and, for a compressed store, one dequantization
 # of each matrix per group); the planner takes one only when it buys rows or resident layers.
 PREFILL_TOKENS = (4096, 2048, 1024)
-STEP_OVERHEAD_S = 2e-3  # launches and sampling: what a step costs when nothing streams
 ALLOCATOR_SLACK_BYTES = 256 << 20  # kept free of the plan; 5% of a smaller budget
 
 
@@ -65,6 +77,10 @@ class MemoryPlan:
     placement: Placement
     prefill_rows: int = 0  # rows per prefill group (0: the whole batch in one)
     kv_layout: str = "rows"  # of the pinned-RAM cache: rows or slots
+    # What a decode step and the batch's prefill move and compute (``steptime``); a scoring
+    # plan has no decode step, its pass is the prefill.
+    decode: PassWork | None = None
+    prefill: PassWork | None = None
 
     @property
     def score_room_bytes(self) -> int:
@@ -72,11 +88,18 @@ class MemoryPlan:
         room a scoring batch is sized in (no KV is kept while scoring)."""
         return self.placement.kv_bytes + self.placement.workspace_bytes
 
-    def predicted_step_s(self, pinned_bytes_per_s: float, disk_bytes_per_s: float) -> float:
-        """Floor of one decode step: streamed weights (and KV) over their links."""
-        weights = self.placement.predicted_pass_s(pinned_bytes_per_s, disk_bytes_per_s)
-        kv = self.kv_host_bytes / pinned_bytes_per_s if self.kv_on == "cpu" else 0.0
-        return weights + kv
+    def predict_step(self, rates: StepRates = PLANNING_RATES) -> PassTime:
+        """One average decode step at ``rates`` (``steptime.predict_pass``)."""
+        assert self.decode is not None, "a scoring plan has no decode step"
+        return predict_pass(self.decode, rates)
+
+    def predicted_step_s(self, rates: StepRates = PLANNING_RATES) -> float:
+        return self.predict_step(rates).total_s
+
+    def predict_prefill(self, rates: StepRates = PLANNING_RATES) -> PassTime:
+        """The batch's prefill (a scoring plan's pass) at ``rates``."""
+        assert self.prefill is not None, "every plan the planner makes counts its prefill"
+        return predict_pass(self.prefill, rates)
 
     def describe(self) -> str:
         where = (
@@ -145,7 +168,8 @@ def plan_memory(
     # A compressed store dequantizes each matrix into one scratch buffer on the device. The
     # caching allocator keeps some memory reserved but unused (fragmentation): the workspace
     # counts that slack too, so that the real peak stays under the budget.
-    scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
+    compressed = getattr(store, "quantization", None) is not None
+    scratch = scratch_elements(config) * element if compressed else 0
     device_budget = budgets.device_bytes
     if device_budget is not None:
         scratch += min(ALLOCATOR_SLACK_BYTES, device_budget // 20)
@@ -163,7 +187,8 @@ def plan_memory(
         group_rows = group if group < batch else 0
         if kv_on == "gpu":
             placement = plan_placement(parts, policy, batch * kv_row, work, budgets=budgets)
-            return MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, group_rows)
+            plan = MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, group_rows)
+            return _counted(plan, config, parts, element, compressed, prefill, 16)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
         pinned_budget = budgets.pinned_bytes
@@ -187,9 +212,10 @@ def plan_memory(
         placement = plan_placement(
             parts, policy, 2 * batch * kv_layer_row + staging, work, budgets=rest
         )
-        return MemoryPlan(
+        plan = MemoryPlan(
             batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout
         )
+        return _counted(plan, config, parts, element, compressed, prefill, policy.kv_bits)
 
     # The pinned cache's layouts to try. Slot-major moves a layer in one copy per cache (host
     # time per step stays flat as rows grow) but needs a staging area on the GPU, so at 16 bits
@@ -242,10 +268,44 @@ def _candidates(cap: int) -> list[int]:
     return sorted(sizes)
 
 
+def _streamed(
+    placement: Placement, config: ModelConfig, parts: dict[str, int]
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Each layer's tier, and the bytes it streams per pass (0 when resident)."""
+    tiers = tuple(placement.tiers[f"layer_{layer_idx}"] for layer_idx in range(config.num_layers))
+    sizes = tuple(
+        0 if tier == "gpu" else parts[f"layer_{layer_idx}"] for layer_idx, tier in enumerate(tiers)
+    )
+    return tiers, sizes
+
+
+def _counted(
+    plan: MemoryPlan,
+    config: ModelConfig,
+    parts: dict[str, int],
+    element: int,
+    compressed: bool,
+    prompt_tokens: int,
+    kv_bits: int,
+) -> MemoryPlan:
+    """``plan`` with what its decode step and its prefill move and compute counted."""
+    tiers, sizes = _streamed(plan.placement, config, parts)
+    cache = CacheShape(plan.kv_on, kv_bits if plan.kv_on == "cpu" else 16, plan.kv_layout)
+    context = mean_decode_context(prompt_tokens, plan.max_context)
+    batch = plan.batch_size
+    decode = decode_work(config, batch, context, tiers, sizes, cache, element, compressed)
+    prefill = prefill_work(
+        config, batch, prompt_tokens, plan.prefill_rows, tiers, sizes, cache, element, compressed
+    )
+    return replace(plan, decode=decode, prefill=prefill)
+
+
 def _rate(plan: MemoryPlan) -> float:
-    """Predicted new tokens per second; only comparisons between plans use it."""
-    step = plan.predicted_step_s(PLANNING_LINK_BYTES_PER_S, PLANNING_DISK_BYTES_PER_S)
-    return plan.batch_size / (step + STEP_OVERHEAD_S)
+    """Predicted new tokens (a scoring plan: prompts) per second at the planning rates; only
+    comparisons between plans use it."""
+    work = plan.decode if plan.decode is not None else plan.prefill
+    assert work is not None, "the planner counts every plan's work"
+    return plan.batch_size / predict_pass(work, PLANNING_RATES).total_s
 
 
 @dataclass(frozen=True)
@@ -352,7 +412,8 @@ def plan_scoring(
     element = _element(dtype)
     parts = part_bytes_in(store, dtype)
     budgets = policy.budgets_on(device.type)
-    scratch = scratch_elements(config) * element if getattr(store, "quantization", None) else 0
+    compressed = getattr(store, "quantization", None) is not None
+    scratch = scratch_elements(config) * element if compressed else 0
     gpu = budgets.device_bytes
     scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
 
@@ -367,7 +428,13 @@ def plan_scoring(
                 error = exc
                 continue
             rows = group if group < batch else 0
-            return MemoryPlan(batch, shape.tokens, "gpu", 0, 0, work, placement, rows)
+            plan = MemoryPlan(batch, shape.tokens, "gpu", 0, 0, work, placement, rows)
+            tiers, sizes = _streamed(placement, config, parts)
+            scored = prefill_work(
+                config, batch, shape.tokens, rows, tiers, sizes, CacheShape("gpu"), element,
+                compressed,
+            )  # fmt: skip
+            return replace(plan, prefill=scored)
         raise error
 
     if batch_size is not None:

@@ -7,8 +7,11 @@ and its fraction of the roofline (bytes streamed per decode step over the measur
 bandwidth). Peak device memory is read from the allocator and set against the budget. With
 peers, the same workload runs through each of them (``bench.peers``) and ours runs at the
 planner's batch; with a directory, the disk tier is set against the drive (``bench.disk``).
-This module is the top of ``yalm_runner.bench``: it composes the others and nothing imports it
-but the command line.
+Each of our rows also carries the step-time model's prediction of its decode step, at rates
+calibrated in the same run (``bench.calibrate``). ``--quantize`` runs ours on a compressed
+synthetic store (``bench.envelope``); ``--device cpu`` runs ours alone on a CPU, a RAM copy
+standing in for the link (a smoke run, not a measurement). This module is the top of
+``yalm_runner.bench``: it composes the others and nothing imports it but the command line.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from yalm_runner.bench.calibrate import calibrate, measure_copy_call
 from yalm_runner.bench.disk import run_disk_bench
-from yalm_runner.bench.link import measure_h2d
+from yalm_runner.bench.envelope import CompressedSyntheticStore
+from yalm_runner.bench.link import measure_h2d, measure_ram_copy
 from yalm_runner.bench.ours import try_ours
 from yalm_runner.bench.peers import SYSTEM_LABELS, SYSTEMS, largest_fitting, run_peer
-from yalm_runner.bench.synthetic import SHAPES, SyntheticStore, estimate_workspace
+from yalm_runner.bench.synthetic import NO_EOS, SHAPES, SyntheticStore, estimate_workspace
 from yalm_runner.bench.table import (
     BenchRow,
     compare_with_ours,
@@ -32,9 +37,12 @@ from yalm_runner.bench.table import (
     format_table,
     target_lines,
 )
+from yalm_runner.engine import Engine
 from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.offload import OffloadPolicy, format_bytes, plan_placement
-from yalm_runner.planning import plan_memory
+from yalm_runner.planning import MemoryPlan, plan_memory
+from yalm_runner.quant import Quantization
+from yalm_runner.steptime import StepRates
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
 
 PEER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -74,21 +82,38 @@ def check_options(
     disk_dir: Path | None,
     disk_layers: int | None,
     disk_file_bytes: int | None,
+    device: str = "cuda",
+    kv_batches: tuple[int, ...] = (),
+    quantization: Quantization | None = None,
 ) -> None:
     """Refuse, before anything runs, what the bench cannot do and any option (not None) that
     would change nothing in this run; the one-line error names the option."""
     if shape not in SHAPES:
         raise ConfigError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"--device is cuda or cpu, got {device!r}")
     uncapped = peers if uncapped_peers is None else uncapped_peers
     unknown = [name for name in (*peers, *uncapped) if name not in SYSTEMS]
     if unknown:
         raise ConfigError(f"unknown peers {unknown}; choose from {list(SYSTEMS)}")
     if peers and gpu_memory is None:
         raise ConfigError("--peers compares systems under a GPU budget: give --gpu-memory too")
+    alone = (
+        ("--peers", bool(peers or uncapped)),
+        ("--disk", disk_dir is not None),
+    )
+    for flag, given in alone:
+        if given and device == "cpu":
+            raise ConfigError(f"{flag} needs CUDA: --device cpu runs ours alone")
+        if given and quantization is not None:
+            raise ConfigError(f"{flag} runs 16-bit weights: --quantize runs ours alone")
+    if any(size < 1 for size in kv_batches):
+        raise ConfigError(f"--kv-batches takes batch sizes >= 1, got {list(kv_batches)}")
     planned = bool(planned_kv_widths(kv_bits, peers))
     any_peers = bool(peers or uncapped)
     idle = (
         ("--kv-layout", kv_layout, planned, "--kv-bits or --peers"),
+        ("--kv-batches", kv_batches or None, planned, "--kv-bits or --peers"),
         ("--max-batch", max_batch, planned or bool(peers), "--kv-bits or --peers"),
         ("--uncapped-batch", uncapped_batch, any_peers, "--peers or --uncapped-peers"),
         ("--peer-timeout", peer_timeout_s, any_peers, "--peers or --uncapped-peers"),
@@ -130,6 +155,62 @@ def _ours_within(store, peer: BenchRow, prompt_len, new_tokens, pinned_bps) -> l
         return []
     row.cap_bytes = None  # compared with the uncapped peer whose peak it stayed under
     return [row]
+
+
+def _weights_name(quantization: Quantization) -> str:
+    if quantization.scheme == "int4":
+        return f"int4 g{quantization.group_size}"
+    return quantization.scheme
+
+
+class _Predictions:
+    """Our rows' predicted decode steps: the step-time model at rates calibrated in this run
+    (the link measured with the table's, one copy call, each plan's KV codec and matmuls).
+    Nothing is predicted on a CPU: the model's rates are a GPU's."""
+
+    def __init__(self, store, device, quantization, link_bps, prompt_len, new_tokens):
+        self._store, self._device, self._quantization = store, device, quantization
+        self._prompt_len, self._new_tokens = prompt_len, new_tokens
+        self._base = StepRates(link_bytes_per_s=link_bps)
+        self._copy_call_s: float | None = None
+        self.rates_seen: list[dict] = []  # the calibrated rates of every predicted row
+
+    def plan(self, plan: MemoryPlan) -> float | None:
+        """The predicted step of ``plan`` (calibrated now, outside any GPU cap), or None."""
+        if self._device != "cuda":
+            return None
+        config = self._store.config
+        if self._copy_call_s is None:
+            self._copy_call_s = measure_copy_call(config, torch.device("cuda"), torch.bfloat16)
+        rates = calibrate(
+            plan, config, "cuda", torch.bfloat16, quantization=self._quantization,
+            base=self._base, copy_call_s=self._copy_call_s,
+        )  # fmt: skip
+        torch.cuda.empty_cache()
+        self.rates_seen.append({"batch": plan.batch_size, **rates.to_dict()})
+        return plan.predicted_step_s(rates)
+
+    def streaming_row(self, row: BenchRow, base: OffloadPolicy) -> None:
+        """Predict a ``--batch-sizes`` row: its KV cache on the GPU, every layer streamed."""
+        try:
+            plan = plan_memory(
+                self._store, torch.device(self._device), torch.bfloat16,
+                replace(base, kv_on="gpu", kv_bits=16), batch_size=row.batch,
+                max_context=self._prompt_len + self._new_tokens, prompt_tokens=self._prompt_len,
+            )  # fmt: skip
+        except OffloadError:
+            return  # the bench's own workspace estimate let it run where the planner would not
+        self.note(row, self.plan(plan))
+
+    @staticmethod
+    def note(row: BenchRow, predicted: float | None) -> None:
+        row.predicted_step_s = predicted
+        if predicted:
+            _log(
+                f"  {row.system} B={row.batch}: step predicted {predicted * 1e3:.1f} ms, "
+                f"measured {row.decode_step_s * 1e3:.1f} ms "
+                f"({row.decode_step_s / predicted:.2f}x)"
+            )
 
 
 def _largest_planned_batch(store, policy, prompt_len, new_tokens, limit) -> int | None:
@@ -184,9 +265,14 @@ def run_bench(
     disk_dir: Path | None = None,
     disk_layers: int | None = None,
     disk_file_bytes: int | None = None,
+    device: str = "cuda",
+    kv_batches: tuple[int, ...] = (),
+    quantization: Quantization | None = None,
 ) -> list[BenchRow]:
     """Ours at each of ``batches`` (overlap on and off) under the budgets; at the planner's
-    batch for each of ``kv_bits`` (KV in pinned RAM where the planner puts it there); with
+    batch for each of ``kv_bits`` (KV in pinned RAM where the planner puts it there), and at
+    each of ``kv_batches`` with the KV cache where the planner put it (one engine per width,
+    its locked KV memory kept from the largest batch to the smaller ones); with
     ``peers``, also ours and each peer at its largest batch under ``gpu_memory`` and at
     ``uncapped_batch`` with no cap (every layer offloaded to the CPU in all three); with
     ``disk_dir``, the disk tier against the drive. Prints one table, whatever a peer did;
@@ -198,10 +284,15 @@ def run_bench(
         shape, gpu_memory, peers=peers, uncapped_peers=uncapped_peers,
         uncapped_batch=uncapped_batch, max_batch=max_batch, kv_bits=kv_bits,
         kv_layout=kv_layout, peer_timeout_s=peer_timeout_s, disk_dir=disk_dir,
-        disk_layers=disk_layers, disk_file_bytes=disk_file_bytes,
+        disk_layers=disk_layers, disk_file_bytes=disk_file_bytes, device=device,
+        kv_batches=kv_batches, quantization=quantization,
     )  # fmt: skip
-    if not torch.cuda.is_available():
-        raise ConfigError("bench measures host-to-device streaming and needs a CUDA device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "bench measures host-to-device streaming and needs a CUDA device (--device cpu: a "
+            "smoke run of ours alone)"
+        )
+    cuda = device == "cuda"
     uncapped_peers = peers if uncapped_peers is None else uncapped_peers
     widths = planned_kv_widths(kv_bits, peers)
     uncapped_batch = DEFAULTS["uncapped_batch"] if uncapped_batch is None else uncapped_batch
@@ -213,13 +304,17 @@ def run_bench(
     config = SHAPES[shape]
     if num_layers:
         config = replace(config, num_layers=num_layers)
-    store = SyntheticStore(config, torch.bfloat16)
-    bandwidth = measure_h2d()
+    if quantization is None:
+        store = SyntheticStore(config, torch.bfloat16)
+    else:
+        store = CompressedSyntheticStore(config, quantization, torch.bfloat16)
+    bandwidth = measure_h2d() if cuda else measure_ram_copy()
     pinned = bandwidth["pinned"]
     base = OffloadPolicy(gpu_memory_bytes=gpu_memory, cpu_memory_bytes=cpu_memory, weights_on="cpu")
     placement = plan_placement(part_bytes_in(store, torch.bfloat16), base)
     rows: list[BenchRow] = []
-    with StreamingWeights(store, "cuda", torch.bfloat16, placement, verify=False) as weights:
+    predict = _Predictions(store, device, quantization, pinned, prompt_len, new_tokens)
+    with StreamingWeights(store, device, torch.bfloat16, placement, verify=False) as weights:
         for batch in batches:
             for overlap in (True, False):
                 row = try_ours(
@@ -227,6 +322,8 @@ def run_bench(
                 )
                 if row is None:
                     break
+                if overlap:  # the model's pipeline is the overlapped one
+                    predict.streaming_row(row, base)
                 rows.append(row)
         if peers:
             capped = _largest_planned_batch(store, base, prompt_len, new_tokens, max_batch)
@@ -242,7 +339,7 @@ def run_bench(
             try:
                 plan = plan_memory(
                     store,
-                    torch.device("cuda"),
+                    torch.device(device),
                     torch.bfloat16,
                     policy,
                     batch_size=None,
@@ -256,16 +353,37 @@ def run_bench(
             _log(f"planned ({bits}-bit KV): {plan.describe()}")
             label = "ours, KV in RAM" if bits == 16 else f"ours, {bits}-bit KV"
             label = label if plan.kv_on == "cpu" else "ours, planned"
-            row = try_ours(
-                weights, plan.batch_size, prompt_len, new_tokens, policy, pinned, plan, label
-            )
-            rows += [row] if row else []
+            # The same KV placement at the smaller batches asked for, on the same engine.
+            kept = bits if plan.kv_on == "cpu" else 16  # a cache on the device is 16-bit
+            same = replace(policy, kv_on=plan.kv_on, kv_layout=plan.kv_layout, kv_bits=kept)
+            engine = Engine(weights, eos_id=NO_EOS, kv_on=plan.kv_on, kv_bits=bits,
+                            kv_layout=plan.kv_layout)  # fmt: skip
+            for size in [None, *sorted(set(kv_batches) - {plan.batch_size}, reverse=True)]:
+                if size is not None:
+                    try:
+                        plan = plan_memory(
+                            store, torch.device(device), torch.bfloat16, same, batch_size=size,
+                            max_context=prompt_len + new_tokens, prompt_tokens=prompt_len,
+                        )  # fmt: skip
+                    except OffloadError as exc:
+                        _log(f"{label} B={size}: {exc}")
+                        continue
+                predicted = predict.plan(plan)
+                row = try_ours(
+                    weights, plan.batch_size, prompt_len, new_tokens, policy, pinned, plan, label,
+                    engine,
+                )  # fmt: skip
+                if row is not None:
+                    predict.note(row, predicted)
+                    rows.append(row)
+            del engine
         if peers:
             uncapped = replace(base, gpu_memory_bytes=None)
             row = try_ours(weights, uncapped_batch, prompt_len, new_tokens, uncapped, pinned)
             rows += [row] if row else []
     del weights  # its pinned copy of the model goes before the peers make theirs
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     disk = None
     if disk_dir is not None:
         disk_config = replace(config, num_layers=min(disk_layers, config.num_layers))
@@ -307,10 +425,12 @@ def run_bench(
         f"shape {shape}: {config.num_layers} layers x hidden {config.hidden_size}, "
         f"{config.param_count() / 1e9:.1f} B params; prompt {prompt_len}, {new_tokens} new tokens"
     )
+    link = "measured host-to-device" if cuda else "CPU run, RAM copies for the link"
+    weights_kind = "16-bit weights" if quantization is None else _weights_name(quantization)
     print(
-        f"measured host-to-device: pinned {pinned / 1e9:.1f} GB/s, "
+        f"{link}: pinned {pinned / 1e9:.1f} GB/s, "
         f"pageable {bandwidth['pageable'] / 1e9:.1f} GB/s; GPU budget "
-        f"{format_bytes(gpu_memory) if gpu_memory else 'none'}"
+        f"{format_bytes(gpu_memory) if gpu_memory else 'none'}; {weights_kind}"
     )
     print(format_table(rows))
     if peers or uncapped_peers:
@@ -322,6 +442,8 @@ def run_bench(
             json.dumps(
                 {
                     "shape": shape,
+                    "device": device,
+                    "weights": "bf16" if quantization is None else _weights_name(quantization),
                     "config": config.to_dict(),
                     "prompt_len": prompt_len,
                     "new_tokens": new_tokens,
@@ -332,6 +454,7 @@ def run_bench(
                     "peer_attempts": [result.__dict__ for result in peer_results],
                     "targets": target_lines(rows) if peers or uncapped_peers else [],
                     "disk": disk,
+                    "rates": predict.rates_seen,
                 },
                 indent=1,
             )

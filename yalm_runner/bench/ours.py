@@ -2,7 +2,8 @@
 weights already placed, under a hard GPU cap, read back as a table row.
 
 The bytes a decode step moves (the streamed weights, and the live rows' KV cache when it lives
-in pinned RAM) are set against the pinned bandwidth measured in the same run. Knows nothing of
+in pinned RAM) are set against the pinned bandwidth measured in the same run. On a CPU (a smoke
+run of the bench) the same generation runs with no cap and no peak to read. Knows nothing of
 the peers or of how the rows are compared.
 """
 
@@ -33,11 +34,15 @@ def run_ours(
     pinned_bps: float,
     plan: MemoryPlan | None = None,
     system: str | None = None,
+    engine: Engine | None = None,
 ) -> BenchRow:
     """One timed generate() at ``batch`` on already-placed weights; the budget is checked
     first with this batch's KV cache and workspace (``OffloadError`` if it does not fit).
-    With ``plan`` (the planner's), its KV placement and prefill chunks are used."""
+    With ``plan`` (the planner's), its KV placement and prefill chunks are used; ``engine``, one
+    made for the same KV placement before, keeps its locked KV memory (run the largest batch
+    first)."""
     config, dtype = weights.config, weights.dtype
+    cuda = weights.device.type == "cuda"
     element = torch.empty((), dtype=dtype).element_size()
     if plan is None:
         slots = prompt_len + new_tokens
@@ -47,17 +52,14 @@ def run_ours(
         engine = Engine(weights, eos_id=NO_EOS)
     else:
         placement = plan.placement
-        engine = Engine(
-            weights,
-            eos_id=NO_EOS,
-            kv_on=plan.kv_on,
-            kv_bits=policy.kv_bits,
-            kv_layout=plan.kv_layout,
-            prefill_rows=plan.prefill_rows,
-        )
+        if engine is None:
+            engine = Engine(weights, eos_id=NO_EOS, kv_on=plan.kv_on, kv_bits=policy.kv_bits,
+                            kv_layout=plan.kv_layout)  # fmt: skip
+        engine.prefill_rows = plan.prefill_rows
     weights.overlap = policy.overlap
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     requests = [
         Request(
             f"r{row}",
@@ -72,10 +74,10 @@ def run_ours(
     warm_up = Request("warm-up", requests[0].prompt_ids[:8], 2)
     engine.generate([warm_up], SamplingParams(greedy=True), batch_size=1)
     engine.stats = type(engine.stats)()
-    torch.cuda.synchronize()
+    _synchronize(cuda)
     began = time.perf_counter()
     engine.generate(requests, SamplingParams(greedy=True), batch_size=batch)
-    torch.cuda.synchronize()
+    _synchronize(cuda)
     elapsed = time.perf_counter() - began
     stats = engine.stats
     _log(
@@ -92,12 +94,11 @@ def run_ours(
         prompt_kv = sum(len(r.prompt_ids) for r in requests) * plan.kv_bytes_per_row
         kv_total -= prompt_kv // plan.max_context
     per_pass = placement.streamed_bytes_per_pass + max(kv_total, 0) / decode_steps
-    if policy.gpu_memory_bytes is not None and torch.cuda.max_memory_allocated() > (
-        policy.gpu_memory_bytes
-    ):
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    if policy.gpu_memory_bytes is not None and peak > policy.gpu_memory_bytes:
         raise OffloadError(
-            f"B={batch}: peak {format_bytes(torch.cuda.max_memory_allocated())} exceeds the "
-            f"budget {format_bytes(policy.gpu_memory_bytes)}"
+            f"B={batch}: peak {format_bytes(peak)} exceeds the budget "
+            f"{format_bytes(policy.gpu_memory_bytes)}"
         )
     system = system or ("ours (streaming)" if policy.overlap else "ours, overlap off")
     return BenchRow(
@@ -107,7 +108,7 @@ def run_ours(
         step_s,
         per_pass / step_s / 1e9 if per_pass else 0.0,
         (per_pass / pinned_bps) / step_s if per_pass else 0.0,
-        torch.cuda.max_memory_allocated(),
+        peak,
         placement.describe(),
         policy.gpu_memory_bytes,
     )
@@ -115,6 +116,11 @@ def run_ours(
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _synchronize(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
 
 
 def _cap_gpu(cap_bytes: int | None) -> None:
@@ -125,11 +131,16 @@ def _cap_gpu(cap_bytes: int | None) -> None:
 
 
 def try_ours(
-    weights, batch, prompt_len, new_tokens, policy, pinned_bps, plan=None, system=None
-) -> BenchRow | None:
-    _cap_gpu(policy.gpu_memory_bytes)
+    weights, batch, prompt_len, new_tokens, policy, pinned_bps, plan=None, system=None,
+    engine=None,
+) -> BenchRow | None:  # fmt: skip
+    cuda = weights.device.type == "cuda"
+    if cuda:
+        _cap_gpu(policy.gpu_memory_bytes)
     try:
-        row = run_ours(weights, batch, prompt_len, new_tokens, policy, pinned_bps, plan, system)
+        row = run_ours(
+            weights, batch, prompt_len, new_tokens, policy, pinned_bps, plan, system, engine
+        )
         _log(
             f"{row.system} B={batch}: {row.tokens_per_s:.1f} tok/s, "
             f"{row.decode_step_s * 1e3:.0f} ms/step"
@@ -139,5 +150,6 @@ def try_ours(
         _log(f"ours B={batch}: does not fit: {str(exc).splitlines()[0]}")
         return None
     finally:
-        torch.cuda.empty_cache()
-        _cap_gpu(None)
+        if cuda:
+            torch.cuda.empty_cache()
+            _cap_gpu(None)

@@ -24,6 +24,7 @@ class BenchRow:
     placement: str
     cap_bytes: int | None = None  # the GPU budget this row ran under (None: uncapped)
     ours_over_this: float | None = None  # our tokens/s at the same cap over this row's
+    predicted_step_s: float | None = None  # ours: the step-time model at calibrated rates
 
 
 TARGETS = (  # (system, capped?, the least ours/system the issue asks for)
