@@ -52,6 +52,9 @@ class MultiEngine:
     def check(self, request: Request) -> None:
         self.engines[0].check(request)
 
+    def settle(self, requests: list[Request], on_finished=None):
+        return self.engines[0].settle(requests, on_finished)
+
     def check_score(self, request: ScoreRequest) -> None:
         self.engines[0].check_score(request)
 
