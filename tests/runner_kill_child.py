@@ -14,6 +14,7 @@ so the kill lands where the test says by construction, not by timing:
 - ``saved:N``              right after the N-th state save at a checkpoint
 - ``kv:N``                 right after the N-th checkpoint that saved the KV cache
 - ``kv-written:N``         after the N-th KV frame is fsynced, before the state names it
+- ``sigterm:N``            not a kill: SIGTERM to itself as the N-th decode forward begins
 """
 
 from __future__ import annotations
@@ -80,13 +81,13 @@ elif kind in ("converting", "converted"):
 
     checkpoint.write_tensor_file = write_file_then_die
     checkpoint.StoreWriter._record_progress = progress_then_die
-elif kind in ("prefill", "decode", "saved", "kv", "kv-written"):
+elif kind in ("prefill", "decode", "saved", "kv", "kv-written", "sigterm"):
     count = {"seen": 0}
 
     def tick() -> None:
         count["seen"] += 1
         if count["seen"] == int(what):
-            die()
+            os.kill(os.getpid(), signal.SIGTERM) if kind == "sigterm" else die()
 
     if kind == "prefill":
         plain_block = model.block
@@ -97,7 +98,7 @@ elif kind in ("prefill", "decode", "saved", "kv", "kv-written"):
             return plain_block(h, *args)
 
         model.block = block_then_die
-    elif kind == "decode":
+    elif kind in ("decode", "sigterm"):
         plain_forward = engine.Engine._forward
 
         def forward_then_die(self, state, tokens):

@@ -463,6 +463,8 @@ class GenerationJob:
                 problem = f"batch {index}'s KV checkpoint does not match its plan; recomputing it"
             if problem:
                 lines.append(problem)
+            elif restore is not None:
+                lines.append(f"batch {index} goes on from its KV checkpoint at step {restore.step}")
             batches.append(PlannedBatch(index, requests, self.rows[keys[0]].sampling, restore))
             covered.update(keys)
         if lost:
