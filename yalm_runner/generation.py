@@ -274,18 +274,20 @@ class GenerationJob:
         """The plan an earlier run recorded (after ``restore``), or None."""
         return self._saved_plan
 
-    def sizing(self) -> Sizing:
-        """What to size the session for: the recorded plan's sizing when these rows fit it
-        (then the planner picks the batch it picked the first time), else these rows'."""
+    def sizing(self, plan: BatchPlan | None = None) -> Sizing:
+        """What to size the session for: the recorded plan's sizing (``plan``, else the one
+        ``restore`` found) when these rows fit it (then the planner picks the batch it picked
+        the first time), else these rows'."""
+        plan = plan or self._saved_plan
         starts = {}  # a planned row starts from its plan's ids, not from its latest saved ones
-        if self._saved_plan is not None:
-            starts = {key: start for batch in self._saved_plan.batches for key, start in batch}
+        if plan is not None:
+            starts = {key: start for batch in plan.batches for key, start in batch}
         prefill = max(
             (len(r.prompt_ids) + len(starts.get(r.key, r.generated)) for r in self.requests),
             default=1,
         )
         needed = Sizing(min(self.max_context, self.config.max_positions), prefill, len(self) or 1)
-        saved = self._saved_plan.sizing if self._saved_plan else None
+        saved = plan.sizing if plan else None
         fits = saved is not None and (
             saved.max_context >= needed.max_context and saved.prompt_tokens >= needed.prompt_tokens
         )
@@ -441,15 +443,16 @@ class GenerationJob:
             lines.append(
                 f"resume is not exact: {changes}; the unfinished rows go on from their saved ids"
             )
-        known = {**self._done_requests, **{r.key: r for r in self.requests}}
+        unfinished = {r.key: r for r in self.requests}
+        known = {**self._done_requests, **unfinished}
         batches: list[PlannedBatch] = []
         recorded = list(saved.batches) if replay else []
         covered: set[str] = set()
         lost = 0
         for index, members in enumerate(recorded):
             keys = [key for key, _ in members]
-            if all(key in self.finished for key in keys):
-                continue  # done: skipped
+            if not any(key in unfinished for key in keys):
+                continue  # done (or no longer this job's): skipped
             if any(key not in known for key in keys):
                 lost += 1  # a row left the job (failed, or another worker's now)
                 continue

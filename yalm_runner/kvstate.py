@@ -45,6 +45,8 @@ from yalm_runner.errors import GenerationError
 MAGIC = b"YKVF"
 META_LENGTH = struct.Struct("<I")
 CHUNK_BYTES = 16 << 20  # CRCs are computed over reads of this size
+STATE_NAME = "state.json"  # a folder's own record (``ExactState.in_folder``)
+STATE_FORMAT = "yalm-runner-exact-state"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,46 @@ class ExactState:
         self.batches: dict[str, dict[str, Any]] = dict(record.get("batches") or {})
         if self.plan is not None and not isinstance(self.plan, dict):
             raise ValueError("exact.plan must be a mapping")
+
+    @classmethod
+    def in_folder(cls, folder: Path, owner: str) -> tuple[ExactState, str | None]:
+        """A job's state kept in a folder of its own (``state.json`` beside the KV files), for a
+        front end that keeps its rows elsewhere (the pipeline's database). ``owner`` names what
+        it belongs to (a model, a worker); another owner's state, or a damaged one, is dropped
+        with its files, and the line returned says so (the rows still have their saved ids)."""
+        folder = Path(folder)
+        path = folder / STATE_NAME
+        problem, record = None, None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != STATE_FORMAT or data.get("owner") != owner:
+                problem = f"{path} belongs to another model or worker; dropped"
+            else:
+                record = data["exact"]
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, AttributeError) as exc:
+            problem = f"{path} is damaged ({exc}); dropped: rows go on from their saved ids"
+
+        def persist() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"format": STATE_FORMAT, "owner": owner, "exact": state.to_dict()})
+            fsutil.write_text_atomic(path, text, GenerationError)
+
+        try:
+            state = cls(folder, record, persist)
+        except ValueError as exc:
+            problem = f"{path} is damaged ({exc}); dropped: rows go on from their saved ids"
+            state = cls(folder, None, persist)
+        if problem:
+            state.remove()
+        return state, problem
+
+    def remove(self) -> None:
+        """A folder-kept state (``in_folder``) is done: its record, KV files and folder go."""
+        self.plan, self.batches = None, {}
+        self._unlink(self.folder / STATE_NAME)
+        self._remove_files()
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan, "batches": self.batches}
