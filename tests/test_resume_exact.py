@@ -281,3 +281,40 @@ def test_another_batch_size_resumes_from_ids_and_says_it_is_not_exact(
     expected = {row["id"]: row for row in rows_of_bytes(reference("device"))}
     assert before and all(row == expected[row["id"]] for row in rows if row["id"] in before)
     assert not StateFile.kv_folder_beside(output).exists()
+
+
+GPU_CONFIGS = {
+    "device": ("--kv-on", "gpu"),
+    **{name: flags for name, flags in KV_CONFIGS.items() if name.startswith("host-")},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", list(GPU_CONFIGS))
+def test_in_16_bits_on_a_gpu_every_kv_placement_resumes_to_the_same_bytes(
+    flat_store, prompts, tmp_path, config
+):
+    """bf16 compute on CUDA, the KV cache on the GPU or in pinned RAM at 16/8/4 bits in both
+    layouts (pinned write-backs are asynchronous: a checkpoint waits for them)."""
+    extra = ("--device", "cuda", "--dtype", "bf16", *GPU_CONFIGS[config], *EVERY_CHECKPOINT)
+    reference = tmp_path / "reference.jsonl"
+    status, stderr = generate(flat_store, prompts, reference, *extra)
+    assert status == 0, stderr
+    output = tmp_path / "out.jsonl"
+    errors = kill_and_rerun(flat_store, prompts, output, ["prefill:3", "kv:5", "decode:9"], *extra)
+    assert output.read_bytes() == reference.read_bytes()
+    told = "\n".join(errors)
+    assert "goes on from its KV checkpoint" in told and "not exact" not in told, told
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_on_two_gpus_each_live_batch_resumes_to_the_same_bytes(flat_store, prompts, tmp_path):
+    extra = ("--device", "cuda:0,cuda:1", "--dtype", "bf16", "--kv-on", "gpu", *EVERY_CHECKPOINT)
+    reference = tmp_path / "reference.jsonl"
+    status, stderr = generate(flat_store, prompts, reference, *extra)
+    assert status == 0, stderr
+    output = tmp_path / "out.jsonl"
+    kill_and_rerun(flat_store, prompts, output, ["kv:5", "decode:9"], *extra)
+    assert output.read_bytes() == reference.read_bytes()
