@@ -75,7 +75,8 @@ class BatchPlan:
     """A job's batches as recorded before its first one ran: each batch's rows in order with
     the ids each starts from (none, unless the row itself went on from saved ids), the
     arithmetic they ran under and the session's sizing. A re-run under the same arithmetic
-    replays it batch for batch."""
+    replays it batch for batch. A batch whose rows were all done when a re-run recorded the
+    plan again is kept as an empty place (batches are named by their place)."""
 
     arithmetic: Mapping[str, Any]
     sizing: Sizing
@@ -100,8 +101,6 @@ class BatchPlan:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a batch plan ({exc})") from None
-        if any(not batch for batch in batches):
-            raise ValueError("not a batch plan (an empty batch)")
         return cls(arithmetic, sizing, batches)
 
 
@@ -452,7 +451,8 @@ class GenerationJob:
         for index, members in enumerate(recorded):
             keys = [key for key, _ in members]
             if not any(key in unfinished for key in keys):
-                continue  # done (or no longer this job's): skipped
+                recorded[index] = ()  # done (or no longer this job's): forgotten
+                continue
             if any(key not in known for key in keys):
                 lost += 1  # a row left the job (failed, or another worker's now)
                 continue
@@ -464,12 +464,18 @@ class GenerationJob:
             if restore is not None and not _restore_fits(requests, restore):
                 restore = None
                 problem = f"batch {index}'s KV checkpoint does not match its plan; recomputing it"
+                sink.batch_done(index)  # its KV state is of no use: dropped
             if problem:
                 lines.append(problem)
             elif restore is not None:
                 lines.append(f"batch {index} goes on from its KV checkpoint at step {restore.step}")
             batches.append(PlannedBatch(index, requests, self.rows[keys[0]].sampling, restore))
             covered.update(keys)
+        if saved is None and any(request.generated for request in self.requests):
+            lines.append(
+                f"resume is not exact: {sum(bool(r.generated) for r in self.requests)} rows go on "
+                "from saved ids without the batch plan they began in"
+            )
         if lost:
             lines.append(
                 f"resume is not exact for the rows of {lost} planned batches that lost rows to "

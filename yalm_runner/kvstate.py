@@ -148,8 +148,10 @@ class ExactState:
         delta = live.kv_delta()
         entry = self.batches.get(str(live.index))
         current = entry["current"] if entry else None
-        end = current["end"] if current else 0
         path = self.path(live.index)
+        if not path.exists():  # gone under us: its frames with it
+            current = None
+        end = current["end"] if current else 0
         meta = {
             "rows": list(delta.rows),
             "length": delta.length,
