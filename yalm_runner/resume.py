@@ -96,8 +96,9 @@ def jsonl_line(row: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class JobFingerprint:
-    """What must be equal for a saved job to be continued. Batch size is not in it: a row's text
-    does not depend on its batch."""
+    """What must be equal for a saved job to be continued. Batch size is not in it: it belongs to
+    the arithmetic a batch plan records (``generation.BatchPlan``); under another, the job still
+    resumes, from the saved ids, and says it is not exact."""
 
     store_manifest_sha256: str
     input_sha256: str

@@ -39,7 +39,7 @@ def kill_config(directory: Path, feed_server, model: Path, **generation) -> Path
         ],
         model=str(model),
         # Small batches so that a kill finds forecasts committed, rows in flight and rows not
-        # started; the job's text does not depend on the batch size.
+        # started.
         generation={"device": "cpu", "batch_size": 2, "checkpoint_every": 2, **generation},
     )
 
