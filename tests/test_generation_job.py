@@ -357,3 +357,20 @@ def test_other_arithmetic_resumes_from_ids_in_one_line_and_records_a_new_plan(se
     assert sorted(sink.stored) == sorted(["short", *reference])
     starts = {key: start for batch in sink.plan.batches for key, start in batch}
     assert "short" not in starts and starts["row-0"] == reference["row-0"][:2]
+
+
+def test_a_planned_batch_that_lost_a_row_lets_the_others_go_on_and_says_so(session, reference):
+    sink = MemorySink(on_finished=stop_after(1))  # "short": batches 1-3 are not started
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
+    assert [key for key, _ in sink.plan.batches[2]] == ["row-3", "row-4"]
+    sink.on_finished, lines = None, []
+    # "row-4" is no longer this job's (failed, or another worker holds it).
+    others = [row for row in short_first() if row.key != "row-4"]
+    run(session, others, sink, checkpoint_every=2, lines=lines, finished=["short"])
+    assert lines[-1] == (
+        "resume is not exact for the rows of 1 planned batches that lost rows to failure or to "
+        "another worker; they go on from their saved ids"
+    )
+    assert sorted(sink.stored) == sorted(["short", *(key for key in reference if key != "row-4")])
+    assert sink.plan.batches[2] == () and [key for key, _ in sink.plan.batches[-1]] == ["row-3"]

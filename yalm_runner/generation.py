@@ -454,7 +454,9 @@ class GenerationJob:
                 recorded[index] = ()  # done (or no longer this job's): forgotten
                 continue
             if any(key not in known for key in keys):
-                lost += 1  # a row left the job (failed, or another worker's now)
+                lost += 1  # a row left the job (failed, or another worker's now): its rows go
+                recorded[index] = ()  # on in batches of their own, below
+                sink.batch_done(index)
                 continue
             requests = tuple(
                 Request(key, known[key].prompt_ids, known[key].max_new_tokens, start)
