@@ -12,8 +12,9 @@ over the real vocabulary (by default 8 layers, hidden 768, 12 heads, GeGLU 2048)
   checkpoint; the default, which in a job this short writes none), a run SIGKILLed by itself at
   that forward, then the re-run: its wall time against (1 - f) W + S, and whether its output is
   byte for byte the uninterrupted one's;
-- the overhead: tokens/s (the engine's, over prefill and decode) and KV bytes written with KV
-  checkpoints off, at the default interval and at every checkpoint.
+- the overhead: tokens/s (the engine's, over prefill and decode; the median of ``--repeats``
+  in-process runs, interleaved) and KV bytes written with KV checkpoints off, at the default
+  interval and at every checkpoint.
 
 With ``--envelope`` (a CUDA machine) it measures instead YaLM-100B's shape in the 8 GiB /
 64 GiB envelope (``yalm_runner.bench.envelope``'s synthetic int4 store and plan): one weight
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,8 +154,34 @@ def overhead(args, store: Path, prompts: Path, folder: Path, interval: str) -> d
 def bench(args: argparse.Namespace) -> None:
     folder = Path(args.dir or tempfile.mkdtemp(prefix="resume-exact-"))
     folder.mkdir(parents=True, exist_ok=True)
-    store = make_model(folder / "model", args) if args.model is None else Path(args.model)
+    model = folder / "model" / "store"
+    store = Path(args.model) if args.model else model if model.exists() else make_model(
+        folder / "model", args)  # fmt: skip
     prompts = write_prompts(folder / "in.jsonl", args.prompts)
+    print(f"{args.prompts} prompts, -n {args.new_tokens}, batch {args.batch_size}, "
+          f"--checkpoint-every {args.checkpoint_every}, {args.device}, model {args.layers} "
+          f"layers x hidden {args.hidden}, torch {torch.__version__}", flush=True)  # fmt: skip
+    if args.only in (None, "kills"):
+        kills(args, store, prompts, folder)
+    if args.only in (None, "overhead"):
+        costs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):  # interleaved: a busy moment of the machine hits all
+            for name, value in (("off (0)", "0"), ("default (600 s)", "600"),
+                                ("every checkpoint", EVERY)):  # fmt: skip
+                costs.setdefault(name, []).append(overhead(args, store, prompts, folder, value))
+        print()
+        print(f"| KV checkpoints | tokens/s (median of {args.repeats}) | KV frames | "
+              "KV bytes written | wall (median) |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        for name, runs in costs.items():
+            rate = statistics.median(run["tokens_per_s"] for run in runs)
+            wall = statistics.median(run["wall_s"] for run in runs)
+            print(f"| {name} | {rate:.1f} | {runs[0]['frames']} | "
+                  f"{runs[0]['bytes'] / 2**20:.1f} MiB | {wall:.1f} s |")  # fmt: skip
+
+
+def kills(args: argparse.Namespace, store: Path, prompts: Path, folder: Path) -> None:
+    """Kills at each fraction, each KV interval, and the re-runs' times; prints the table."""
     one = write_prompts(folder / "one.jsonl", 1)
     startup_s, status, err = run([*command(args, store, one, folder / "one.out", None), "-n", "1"])
     assert status == 0, err
@@ -178,13 +206,6 @@ def bench(args: argparse.Namespace) -> None:
             same = output.read_bytes() == reference.read_bytes()
             rows.append((fraction, label, rerun_s, expected_s, same))
             print(f"  killed at {fraction:.0%}, KV {label}: re-run {rerun_s:.1f} s", flush=True)
-    costs = {name: overhead(args, store, prompts, folder, value)
-             for name, value in (("off (0)", "0"), ("default (600 s)", "600"),
-                                 ("every checkpoint", EVERY))}  # fmt: skip
-    print()
-    print(f"{args.prompts} prompts, -n {args.new_tokens}, batch {args.batch_size}, "
-          f"--checkpoint-every {args.checkpoint_every}, {args.device}, model {args.layers} "
-          f"layers x hidden {args.hidden}, torch {torch.__version__}")  # fmt: skip
     print()
     print("| killed at | KV checkpoints | re-run | (1 - f) x work + start-up | ratio | output |")
     print("|---|---|---|---|---|---|")
@@ -192,13 +213,7 @@ def bench(args: argparse.Namespace) -> None:
     for fraction, label, rerun_s, expected_s, same in rows:
         verdict = "identical" if same else "DIFFERENT"
         print(f"| {fraction:.0%} | {label} | {rerun_s:.1f} s | {expected_s:.1f} s | "
-              f"{rerun_s / expected_s:.2f} | {verdict} |")  # fmt: skip
-    print()
-    print("| KV checkpoints | tokens/s | KV frames | KV bytes written | wall |")
-    print("|---|---|---|---|---|")
-    for name, cost in costs.items():
-        print(f"| {name} | {cost['tokens_per_s']:.1f} | {cost['frames']} | "
-              f"{cost['bytes'] / 2**20:.1f} MiB | {cost['wall_s']:.1f} s |")  # fmt: skip
+              f"{rerun_s / expected_s:.2f} | {verdict} |", flush=True)  # fmt: skip
 
 
 def _decode_forwards(args, store: Path, prompts: Path) -> int:
@@ -253,11 +268,11 @@ def envelope(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16
     policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), cpu_memory_bytes=parse_bytes(
         "64GiB"), weights_on="cpu", kv_on="auto", kv_bits=4)  # fmt: skip
-    store = CompressedSyntheticStore(config, Quantization("int4", 64), dtype)
+    store = CompressedSyntheticStore(config, Quantization("int4", 128), dtype)  # as recorded
     plan = plan_memory(store, torch.device("cuda"), dtype, policy, batch_size=None,
                        max_context=128 + args.new_tokens, prompt_tokens=128)  # fmt: skip
     print(f"plan: {plan.describe()}", file=sys.stderr)
-    kv_dir = Path(args.kv_dir or tempfile.mkdtemp(prefix="kvstate-"))
+    kv_dir = Path(args.kv_dir or tempfile.mkdtemp(prefix="kvstate-")) / "resume-exact-bench"
     results = {}
     with StreamingWeights(store, "cuda", dtype, plan.placement, verify=False) as weights:
         engine = Engine(weights, eos_id=NO_EOS, kv_on=plan.kv_on, kv_bits=4,
@@ -291,7 +306,7 @@ def envelope(args: argparse.Namespace) -> None:
             state.discard()
             new = plan.batch_size * args.new_tokens
             results[name] = (new / elapsed, elapsed, written["bytes"], written["s"])
-    print(f"YaLM-100B shape x {config.num_layers} layers, int4, 4-bit KV; batch "
+    print(f"YaLM-100B shape x {config.num_layers} layers, int4 g128, 4-bit KV; batch "
           f"{plan.batch_size}, -n {args.new_tokens}, --checkpoint-every {args.checkpoint_every}; "
           f"KV to {kv_dir}")  # fmt: skip
     print()
@@ -320,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=16)
     parser.add_argument("--fractions", type=lambda text: [float(f) for f in text.split(",")],
                         default=list(FRACTIONS))  # fmt: skip
+    parser.add_argument("--only", choices=["kills", "overhead"], help="one of the two tables")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each overhead setting")
     parser.add_argument("--envelope", action="store_true", help="YaLM-100B's envelope (CUDA)")
     parser.add_argument("--envelope-layers", type=int, help="fewer layers, for a smoke run")
     parser.add_argument("--kv-dir", help="where --envelope writes its KV files")
