@@ -125,10 +125,6 @@ class ExactState:
     def path(self, index: int) -> Path:
         return self.folder / f"batch-{index:05d}.kv"
 
-    def written_bytes(self) -> int:
-        """Bytes of KV the live batches' files hold now (for reports)."""
-        return sum(path.stat().st_size for path in self.folder.glob("batch-*.kv"))
-
     # Recording.
 
     def record_plan(self, plan: dict[str, Any], *, replay: bool) -> None:
