@@ -237,6 +237,11 @@ class Engine:
         }
         if self.device.type == "cpu":
             facts["CPU threads"] = torch.get_num_threads()  # they split some reductions
+        else:  # process-wide switches of cuBLAS's reduced-precision paths
+            reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            facts["matmul precision"] = f"fp32 {torch.get_float32_matmul_precision()}, " + (
+                "bf16 reduced-precision reductions" if reduced else "bf16 full reductions"
+            )
         return facts
 
     def check(self, request: Request) -> None:
