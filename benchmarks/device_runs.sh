@@ -2,7 +2,7 @@
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
-#   step-profile | perf-sweep
+#   step-profile | perf-sweep | resume
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -52,6 +52,13 @@ case "$1" in
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant.py tests/test_streaming.py \
       2>&1 | tail -5
     python3 benchmarks/fused_check.py 2>&1 | tee "$OUT/fused.txt"
+    ;;
+  resume)  # issue 16: exact resume's GPU kill tests, then the 100B envelope with KV checkpoints
+    # off and at every checkpoint on one weight placement (KV_DIR: put it on the NVMe drive)
+    nvidia-smi -L
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_resume_exact.py 2>&1 | tail -15
+    python3 benchmarks/resume_exact.py --envelope --kv-dir "${KV_DIR:-/tmp}" 2>&1 \
+      | tee "$OUT/resume_envelope.txt"
     ;;
   envelope)
     python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \

@@ -46,6 +46,7 @@ from yalm_runner.settings import ValidationError as SettingsValidationError
 ENV_VAR = "YALM_FORECAST_CONFIG"
 DEFAULT_CONFIG_NAME = "yalm-forecast.yaml"
 DEFAULT_LOG_NAME = "yalm-forecast.log"
+DEFAULT_STATE_NAME = "yalm-forecast.state"  # beside the config, for a PostgreSQL store
 FEED_URL_SCHEMES = ("http://", "https://", "file://")
 # The checkout's prompts/ (an editable install), else the copy a wheel carries.
 BUNDLED_PROMPTS_DIR = next(
@@ -208,6 +209,9 @@ class PipelineConfig:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     log_file: Path | None = None
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    # Where a generation job keeps its batch plan and the live batch's KV checkpoints (one
+    # folder per worker); removed as the job completes.
+    state_dir: Path | None = None
 
     @property
     def database_path(self) -> Path:
@@ -228,6 +232,7 @@ class _Document:
     prompts_dir: Text | None = None
     theses: Text | None = None
     log_file: Text | None = None
+    state_dir: Text | None = None
     feed_defaults: dict = Field(default_factory=dict)
     feeds: list = Field(default_factory=list)
     watchlist: list = Field(default_factory=list)
@@ -283,9 +288,10 @@ def _parse(data: Any, base_dir: Path, path: Path | None) -> PipelineConfig:
         return candidate if candidate.is_absolute() else base_dir / candidate
 
     prompts_dir = resolve(top.prompts_dir) or BUNDLED_PROMPTS_DIR
+    database_url = _database_url(top.database, base_dir)
     return PipelineConfig(
         path=path,
-        database_url=_database_url(top.database, base_dir),
+        database_url=database_url,
         model=resolve(top.model),
         tokenizer=resolve(top.tokenizer),
         prompts_dir=prompts_dir,
@@ -297,7 +303,16 @@ def _parse(data: Any, base_dir: Path, path: Path | None) -> PipelineConfig:
         schedule=_record(ScheduleSettings, top.schedule, "schedule"),
         log_file=resolve(top.log_file) or base_dir / DEFAULT_LOG_NAME,
         retention=_record(RetentionSettings, top.retention, "retention"),
+        state_dir=resolve(top.state_dir) or _default_state_dir(database_url, base_dir),
     )
+
+
+def _default_state_dir(database_url: str, base_dir: Path) -> Path:
+    """Beside the SQLite file (``<database>.state``), else beside the config file."""
+    if database_url.startswith("sqlite:///"):
+        database = Path(database_url.removeprefix("sqlite:///"))
+        return database.with_name(database.name + ".state")
+    return base_dir / DEFAULT_STATE_NAME
 
 
 def _record(kind: type, data: Any, where: str):

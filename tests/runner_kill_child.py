@@ -9,6 +9,12 @@ so the kill lands where the test says by construction, not by timing:
 - ``recorded:NAME``        right after NAME is recorded as downloaded and checked
 - ``converting:PART``      after the first tensor of store part PART is written (mid-file)
 - ``converted:PART``       right after PART is recorded in the store's progress
+- ``prefill:N``            inside a prefill, as the N-th layer call of a prefill begins
+- ``decode:N``             as the N-th decode forward begins (between two checkpoints)
+- ``saved:N``              right after the N-th state save at a checkpoint
+- ``kv:N``                 right after the N-th checkpoint that saved the KV cache
+- ``kv-written:N``         after the N-th KV frame is fsynced, before the state names it
+- ``sigterm:N``            not a kill: SIGTERM to itself as the N-th decode forward begins
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 import signal
 import sys
 
-from yalm_runner import checkpoint, downloader, fetch
+from yalm_runner import checkpoint, downloader, engine, fetch, kvstate, model, runner
 from yalm_runner.cli import main
 
 
@@ -75,6 +81,50 @@ elif kind in ("converting", "converted"):
 
     checkpoint.write_tensor_file = write_file_then_die
     checkpoint.StoreWriter._record_progress = progress_then_die
+elif kind in ("prefill", "decode", "saved", "kv", "kv-written", "sigterm"):
+    count = {"seen": 0}
+
+    def tick() -> None:
+        count["seen"] += 1
+        if count["seen"] == int(what):
+            os.kill(os.getpid(), signal.SIGTERM) if kind == "sigterm" else die()
+
+    if kind == "prefill":
+        plain_block = model.block
+
+        def block_then_die(h, *args):
+            if h.shape[1] > 1:
+                tick()
+            return plain_block(h, *args)
+
+        model.block = block_then_die
+    elif kind in ("decode", "sigterm"):
+        plain_forward = engine.Engine._forward
+
+        def forward_then_die(self, state, tokens):
+            if tokens.shape[1] == 1:
+                tick()
+            return plain_forward(self, state, tokens)
+
+        engine.Engine._forward = forward_then_die
+    elif kind in ("saved", "kv"):
+        plain_checkpoint = runner.JsonlSink.checkpoint
+
+        def checkpoint_then_die(self, state):
+            plain_checkpoint(self, state)
+            if kind == "saved" or state.kv is not None:
+                tick()
+
+        runner.JsonlSink.checkpoint = checkpoint_then_die
+    else:
+        plain_write_kv = kvstate.ExactState.write_kv
+
+        def write_kv_then_die(self, live):
+            frame = plain_write_kv(self, live)
+            tick()
+            return frame
+
+        kvstate.ExactState.write_kv = write_kv_then_die
 else:
     raise SystemExit(f"unknown moment {sys.argv[1]!r}")
 

@@ -36,6 +36,8 @@ FORBIDDEN = {
         "job",
         "generation",
         "session",
+        "kvstate",
+        "fsutil",
     },
     # The job core: the loop and its sinks' interface, nothing of where results are kept
     # (files are the runner's and resume's, the database the pipeline's).
@@ -54,6 +56,7 @@ FORBIDDEN = {
         "multigpu",
         "kvcache",
         "model",
+        "kvstate",
     },
     # The second job on the core: the same rooms as generation's, and nothing of files.
     "scoring": {
@@ -93,6 +96,10 @@ FORBIDDEN = {
         "kvcache",
     },
     "sampling": {"model", "checkpoint", "offload", "engine"},
+    # A batch in flight as data: nothing of files, caches or jobs.
+    "batchstate": {"engine", "kvcache", "kvstate", "fsutil", "generation", "runner", "resume"},
+    # Exact resume's files: the records of batchstate, nothing of the engine, caches or jobs.
+    "kvstate": {"engine", "kvcache", "model", "generation", "runner", "session", "multigpu"},
     "checkpoint": {"offload", "engine", "cli", "runner", "convert"},
     "tensorfile": {"model", "checkpoint", "config", "offload", "engine"},
     # The compressed format of one matrix; stores and weight sources build on it.

@@ -1,5 +1,6 @@
 """The generation job on its own: a tiny model on the CPU and a sink that keeps everything in
-memory (the two real sinks, the JSONL file and the database, have their own tests)."""
+memory, its KV checkpoints included (the two real sinks, the JSONL file and the database, have
+their own tests; exact resume of real processes is tests/test_resume_exact.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import signal
 
 import pytest
 
+from yalm_runner.batchstate import BatchRestore, KVDelta
 from yalm_runner.config import SamplingParams
-from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRow
+from yalm_runner.generation import BatchPlan, Checkpoint, FinishedRow, GenerationJob, JobRow
 from yalm_runner.job import GenerationInterrupted, SignalGuard
 from yalm_runner.session import open_session
 
@@ -19,7 +21,9 @@ TEXTS = ["The market", "Oil prices fell", "Analysts expect", "Gold", "Shares of"
 
 
 class MemorySink:
-    """Everything the job hands over, in order; ``saved`` is what ``load`` gives back."""
+    """Everything the job hands over, in order; ``saved`` is what ``load`` gives back. Its
+    plan and KV checkpoints are kept too (deltas copied out of the engine, headers per batch),
+    so that a second job over the same sink resumes as from files."""
 
     location = "memory"
 
@@ -28,24 +32,61 @@ class MemorySink:
         self.on_finished = on_finished
         self.loaded: list[str] = []
         self.rows: dict[str, FinishedRow] = {}
+        self.stored: list[str] = []  # every key handed to ``finished``, repeats included
         self.checkpoints: list[Checkpoint] = []
         self.saves: list[Checkpoint] = []
         self.completed = 0
+        self.plan: BatchPlan | None = None
+        self.replayed: bool | None = None
+        self.kv: dict[int, tuple[dict, list[KVDelta]]] = {}  # batch -> (header, its deltas)
+        self.done_batches: list[int] = []
 
     def load(self, keys):
         self.loaded = list(keys)
-        return Checkpoint({key: self.saved[key] for key in keys if key in self.saved})
+        ids = {key: self.saved[key] for key in keys if key in self.saved}
+        return Checkpoint(ids, self.plan)
 
     def finished(self, row: FinishedRow) -> None:
         self.rows[row.key] = row
+        self.stored.append(row.key)
         if self.on_finished is not None:
             self.on_finished(row)
 
     def checkpoint(self, state: Checkpoint) -> None:
         self.checkpoints.append(state)
+        self.saved.update(state.ids)
+        if state.kv is not None:
+            index, header, delta = state.kv
+            deltas = self.kv.get(index, ({}, []))[1]
+            self.kv[index] = (header, [*deltas, delta])
 
     def save(self, state: Checkpoint) -> None:
         self.saves.append(state)
+        self.saved.update(state.ids)
+
+    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
+        self.plan, self.replayed = plan, replay
+        if not replay:
+            self.kv = {}
+
+    def restore_point(self, index: int):
+        if index not in self.kv:
+            return None, None
+        header, deltas = self.kv[index]
+        return BatchRestore(deltas=lambda: iter(deltas), **header), None
+
+    def write_kv(self, live):
+        delta = live.kv_delta()
+        copies = [tuple(part.clone() for part in delta.read(n)) for n in range(len(delta.firsts))]
+        kept = KVDelta(delta.rows, delta.length, delta.firsts, delta.record_shape, delta.dtype,
+                       copies.__getitem__)  # fmt: skip
+        header = dict(step=live.step, length=live.length, rows=live.rows,
+                      generated=tuple(live.ids.values()), layout=live.layout)  # fmt: skip
+        return live.index, header, kept
+
+    def batch_done(self, index: int) -> None:
+        self.done_batches.append(index)
+        self.kv.pop(index, None)
 
     def complete(self) -> None:
         self.completed += 1
@@ -69,11 +110,13 @@ def session(tiny_store):
         yield session
 
 
-def run(session, job_rows, sink, *, checkpoint_every=0, **options):
+def run(session, job_rows, sink, *, checkpoint_every=0, kv_every_s=0.0, lines=None, **options):
     job = GenerationJob(job_rows, session.tokenizer, session.store.config, **options)
     assert job.admit() == []
     misfits = job.restore(sink)
-    job.run(session, sink, checkpoint_every=checkpoint_every)
+    notify = None if lines is None else lines.append
+    job.run(session, sink, checkpoint_every=checkpoint_every, kv_checkpoint_interval_s=kv_every_s,
+            notify=notify)  # fmt: skip
     return job, misfits
 
 
@@ -114,9 +157,13 @@ def test_rows_the_model_cannot_take_are_set_aside_with_the_reason(session):
 
 def test_a_row_restored_from_saved_ids_ends_as_an_uninterrupted_row(session, reference):
     saved = {"row-1": reference["row-1"][:4], "row-4": reference["row-4"][:1]}
-    sink = MemorySink(saved)
-    job, misfits = run(session, rows(), sink)
+    sink, lines = MemorySink(saved), []
+    job, misfits = run(session, rows(), sink, lines=lines)
     assert misfits == [] and job.resumed == 2
+    # Without the plan they began in (ids another worker left, or a state of an older version).
+    assert lines == [
+        "resume is not exact: 2 rows go on from saved ids without the batch plan they began in"
+    ]
     assert {key: row.new_ids for key, row in sink.rows.items()} == reference
 
 
@@ -229,3 +276,101 @@ def test_the_guard_defers_a_signal_until_the_critical_section_ends():
 def test_a_job_refuses_two_rows_with_one_key(session):
     with pytest.raises(ValueError, match="unique"):
         GenerationJob(rows(2) + rows(1), session.tokenizer, session.store.config)
+
+
+def stop_after(count: int):
+    """An ``on_finished`` that stops the job (as a kill would) once ``count`` rows are stored."""
+
+    def stop(row):
+        stop.seen += 1
+        if stop.seen == count:
+            raise RuntimeError("stopped (simulated)")
+
+    stop.seen = 0
+    return stop
+
+
+def test_a_rerun_replays_the_plan_from_its_kv_checkpoint_and_stores_each_row_once(
+    session, reference
+):
+    sink = MemorySink(on_finished=stop_after(3))
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
+    assert sink.plan is not None and sink.replayed is False and sink.kv
+    first_plan, live = sink.plan, sorted(sink.kv)
+    (index,) = live
+    finished = list(sink.rows)
+    sink.on_finished = None
+    lines: list[str] = []
+    run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9, lines=lines,
+        finished=finished)  # fmt: skip
+    assert sink.replayed is True and sink.plan.arithmetic == first_plan.arithmetic
+    # The same batches; those all done when the plan was recorded again are empty places.
+    for again, first in zip(sink.plan.batches, first_plan.batches, strict=True):
+        assert again == first or (not again and all(key in finished for key, _ in first))
+    assert f"batch {index} goes on from its KV checkpoint" in lines[0] and len(lines) == 1
+    assert sorted(sink.stored) == sorted(["short", *reference]), "a row was stored twice"
+    assert {key: sink.rows[key].new_ids for key in reference} == reference
+    assert sink.done_batches.count(index) == 1 and sink.kv == {}
+
+
+def test_a_batch_with_no_kv_checkpoint_is_recomputed_with_its_finished_rows(session, reference):
+    sink = MemorySink(on_finished=stop_after(2))  # "short" and one more of its batch-mates
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, short_first(), sink, checkpoint_every=2)
+    finished = list(sink.rows)
+    sink.on_finished = None
+    job, _ = run(session, short_first(), sink, checkpoint_every=2, finished=finished)
+    assert sorted(sink.stored) == sorted(["short", *reference])
+    assert {key: sink.rows[key].new_ids for key in reference} == reference
+    # The live batch ran again whole, its finished rows with it: its first batch is full.
+    assert job.stats.batch_sizes[0] == session.batch_size
+
+
+def test_rows_new_to_the_job_run_after_the_plan_in_batches_of_their_own(session, reference):
+    sink = MemorySink(on_finished=stop_after(2))
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, rows(4), sink)
+    planned = [key for batch in sink.plan.batches for key, _ in batch]
+    finished = list(sink.rows)
+    sink.on_finished = None
+    run(session, rows(), sink, finished=finished)
+    assert len(sink.plan.batches) == 3 and sink.plan.batches[0] == ()  # done: forgotten
+    assert [key for key, _ in sink.plan.batches[1]] == planned[2:]
+    new_batches = sink.plan.batches[2:]
+    assert {key for batch in new_batches for key, _ in batch} == {"row-4", "row-5"}
+    assert {key: row.new_ids for key, row in sink.rows.items()} == reference
+
+
+def test_other_arithmetic_resumes_from_ids_in_one_line_and_records_a_new_plan(session, reference):
+    sink = MemorySink(on_finished=stop_after(1))  # "short": its batch-mate is in flight
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
+    sink.plan = BatchPlan({**sink.plan.arithmetic, "batch size": 5}, sink.plan.sizing,
+                          sink.plan.batches)  # fmt: skip
+    sink.on_finished, finished, lines = None, list(sink.rows), []
+    run(session, short_first(), sink, checkpoint_every=2, lines=lines, finished=finished)
+    assert lines == [
+        "resume is not exact: batch size 5 -> 2; the unfinished rows go on from their saved ids"
+    ]
+    assert sink.replayed is False and sink.plan.arithmetic["batch size"] == 2
+    assert sorted(sink.stored) == sorted(["short", *reference])
+    starts = {key: start for batch in sink.plan.batches for key, start in batch}
+    assert "short" not in starts and starts["row-0"] == reference["row-0"][:2]
+
+
+def test_a_planned_batch_that_lost_a_row_lets_the_others_go_on_and_says_so(session, reference):
+    sink = MemorySink(on_finished=stop_after(1))  # "short": batches 1-3 are not started
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
+    assert [key for key, _ in sink.plan.batches[2]] == ["row-3", "row-4"]
+    sink.on_finished, lines = None, []
+    # "row-4" is no longer this job's (failed, or another worker holds it).
+    others = [row for row in short_first() if row.key != "row-4"]
+    run(session, others, sink, checkpoint_every=2, lines=lines, finished=["short"])
+    assert lines[-1] == (
+        "resume is not exact for the rows of 1 planned batches that lost rows to failure or to "
+        "another worker; they go on from their saved ids"
+    )
+    assert sorted(sink.stored) == sorted(["short", *(key for key in reference if key != "row-4")])
+    assert sink.plan.batches[2] == () and [key for key, _ in sink.plan.batches[-1]] == ["row-3"]

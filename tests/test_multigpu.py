@@ -120,3 +120,43 @@ def test_the_scaling_report_reads_as_a_table():
     assert "| 2 | 256 | 128 | 31.0 s | 264.2 | 7.00 GiB (8 GiB) | 1.94x |" in text
     assert "pinned GB/s per GPU link: 55.1, 54.9" in text
     assert "identical output, token for token: True" in text
+
+
+def test_a_plan_replayed_over_two_engines_resumes_each_live_batch_exactly(
+    store, placement, flat_store
+):
+    """Batches are dealt over the devices; each live batch checkpoints its own KV, and a re-run
+    restores every one of them. (Engines on the CPU stand in for two GPUs of one model.)"""
+    from test_generation_job import MemorySink, stop_after
+
+    from yalm_runner.generation import GenerationJob, JobRow
+    from yalm_runner.session import GenerationSession
+
+    flat = ModelStore.open(flat_store)
+    texts = ["The market", "Oil prices fell", "Analysts expect", "Gold", "Shares of", "Bonds"]
+    job_rows = [JobRow(f"row-{n}", f"{texts[n % 6]} {n}", 6 + 3 * n, SAMPLED) for n in range(8)]
+    flat_placement = plan_placement(part_bytes_in(flat, torch.float32), OffloadPolicy())
+
+    def run(sink, finished=(), lines=None):
+        first, second = two_sources(flat, flat_placement)
+        with first, second, open_session(flat, device="cpu", batch_size=2) as plain:
+            multi = MultiEngine([Engine(first), Engine(second)])
+            session = GenerationSession(flat, plain.tokenizer, multi, plain.plan)
+            job = GenerationJob(job_rows, plain.tokenizer, flat.config, finished=finished)
+            job.restore(sink)
+            job.run(session, sink, checkpoint_every=2, kv_checkpoint_interval_s=1e-9,
+                    notify=None if lines is None else lines.append)  # fmt: skip
+
+    reference = MemorySink()
+    run(reference)
+    sink = MemorySink(on_finished=stop_after(3))
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(sink)
+    assert len(sink.kv) == 2, "both devices had a batch in flight with a KV checkpoint"
+    sink.on_finished, lines = None, []
+    run(sink, finished=list(sink.rows), lines=lines)
+    assert sum("goes on from its KV checkpoint" in line for line in lines) == 2, lines
+    assert sorted(sink.stored) == sorted(reference.stored)
+    assert {k: r.new_ids for k, r in sink.rows.items()} == {
+        k: r.new_ids for k, r in reference.rows.items()
+    }

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="end a row once its new text contains STR (repeatable; a row's own 'stop' list "
         "adds to these) [env YALM_RUNNER_STOP, one string]",
     )
-    _add_settings(generate, ("checkpoint_every",))
+    _add_settings(generate, ("checkpoint_every", "kv_checkpoint_interval"))
     _add(
         generate,
         "--no-resume",
@@ -417,6 +417,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             stop=tuple(args.stop or ()),
             checkpoint_every=chosen.checkpoint_every,
+            kv_checkpoint_interval_s=chosen.kv_checkpoint_interval,
             resume=not args.no_resume,
             notify=lambda message: print(f"yalm-runner generate: {message}", file=sys.stderr),
         )

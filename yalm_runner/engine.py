@@ -10,6 +10,13 @@ Weights come from a ``WeightSource`` (resident or streamed); the math comes from
 unchanged. A request may carry ids it already generated (a resumed row): they are prefilled with
 the prompt in one pass and the row goes on from there.
 
+Batches can also be given as a plan (``run_batches``: ``batchstate.PlannedBatch``), each run
+exactly as given, and the live batch's state goes out at checkpoints and comes back
+(``batchstate``): a restored batch holds what the uninterrupted one held, bit for bit, and goes
+on with the same next forward. ``arithmetic`` names what else shapes the numbers (device,
+dtype, KV cache, prefill groups, weights' kernels, threads), so that a caller can tell whether a
+saved plan can be replayed exactly.
+
 Scoring (``score``) is the other use of a pass: no decoding, one prefill per batch over prompts
 packed with their candidate answers (``packing``), every layer streamed once per batch, the head
 computed only where a candidate token is predicted. It keeps no KV cache beyond the layer at
@@ -22,10 +29,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from yalm_runner import model
+from yalm_runner.batchstate import (
+    SLOT_RULE,
+    BatchCheckpoint,
+    BatchRestore,
+    KVDelta,
+    PlannedBatch,
+)
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.errors import GenerationError
 from yalm_runner.kvcache import DeviceKV, HostArena, HostKV, SlotMajorHostKV
@@ -111,9 +126,12 @@ class _Batch:
     key_valid: torch.Tensor  # (B, S_max)
     kv: DeviceKV | HostKV
     length: int
+    places: list[int]  # each row's place in the planned batch (rows only ever leave)
+    exported: int = 0  # slots whose records went out in the last KV export
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.pad.device, dtype=torch.long)
+        self.places = [self.places[row] for row in rows]
         self.requests = [self.requests[row] for row in rows]
         self.generated = [self.generated[row] for row in rows]
         self.pad = self.pad[index]
@@ -189,6 +207,43 @@ class Engine:
         cache is kept compressed (lossy: the ids depend on it)."""
         return self.kv_bits if self.kv_on == "cpu" else 16
 
+    @property
+    def arithmetic(self) -> dict[str, Any]:
+        """What shapes this engine's numbers besides the model and the batches, in words: the
+        same batches on an engine that says the same give the same bits."""
+        device = self.device.type
+        if device == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        if self.kv_on == "gpu":
+            kv = "on the device"
+        else:
+            kv = f"in host RAM, {self.kv_bits}-bit, {self.kv_layout}-major"
+        quantization = getattr(self.weights, "quantization", None)
+        weights = "as stored" if quantization is None else quantization.scheme
+        if quantization is not None and quantization.scheme == "int4":
+            from yalm_runner import quant  # the fused kernel's switch and its availability
+
+            fused = quant.USE_FUSED_KERNEL and device.startswith("cuda")
+            fused = fused and quant.fused_int4_available()
+            weights += f" g{quantization.group_size}, " + ("fused kernel" if fused else "torch")
+        facts: dict[str, Any] = {
+            "device": device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "KV cache": kv,
+            "prefill group rows": self.prefill_rows,
+            "weights": weights,
+            "slot rule": SLOT_RULE,
+            "torch": torch.__version__,
+        }
+        if self.device.type == "cpu":
+            facts["CPU threads"] = torch.get_num_threads()  # they split some reductions
+        else:  # process-wide switches of cuBLAS's reduced-precision paths
+            reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            facts["matmul precision"] = f"fp32 {torch.get_float32_matmul_precision()}, " + (
+                "bf16 reduced-precision reductions" if reduced else "bf16 full reductions"
+            )
+        return facts
+
     def check(self, request: Request) -> None:
         """Raise ``GenerationError`` if ``request`` cannot run on this model."""
         problem = request_problem(self.config, request)
@@ -216,13 +271,48 @@ class Engine:
         """
         pending = list(requests)
         finished, runnable = self.settle(pending, on_finished)
-        for start in range(0, len(runnable), batch_size):
-            batch = runnable[start : start + batch_size]
-            for done in self._run_batch(batch, sampling, checkpoint_every, on_checkpoint, stop):
-                finished[done.key] = done
+        batches = [
+            PlannedBatch(index, tuple(runnable[start : start + batch_size]), sampling)
+            for index, start in enumerate(range(0, len(runnable), batch_size))
+        ]
+
+        def keep(done: Finished) -> None:
+            finished[done.key] = done
+            if on_finished is not None:
+                on_finished(done)
+
+        self.run_batches(
+            batches,
+            on_finished=keep,
+            checkpoint_every=checkpoint_every,
+            on_checkpoint=None if on_checkpoint is None else lambda live: on_checkpoint(live.ids),
+            stop=stop,
+        )
+        return [finished[request.key] for request in pending]
+
+    def run_batches(
+        self,
+        batches: Iterable[PlannedBatch],
+        *,
+        on_finished: Callable[[Finished], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
+        on_batch_done: Callable[[int], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
+    ) -> None:
+        """Run each batch exactly as planned (its rows, their order, the ids each starts from),
+        from its start or from its ``restore`` state.
+
+        ``on_finished`` gets each row as it finishes; every ``checkpoint_every`` decode steps
+        ``on_checkpoint`` gets the live batch (``BatchCheckpoint``: its ids, and its KV records
+        on request); ``on_batch_done`` gets a batch's index once its last row has finished.
+        """
+        for planned in batches:
+            for done in self._run_batch(planned, checkpoint_every, on_checkpoint, stop):
                 if on_finished is not None:
                     on_finished(done)
-        return [finished[request.key] for request in pending]
+            if on_batch_done is not None:
+                on_batch_done(planned.index)
 
     def settle(
         self, requests: list[Request], on_finished: Callable[[Finished], None] | None = None
@@ -255,20 +345,18 @@ class Engine:
     @torch.inference_mode()
     def _run_batch(
         self,
-        requests: list[Request],
-        sampling: SamplingParams,
+        planned: PlannedBatch,
         checkpoint_every: int = 0,
-        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
+        on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
     ) -> Iterable[Finished]:
         config, device = self.config, self.device
+        requests, sampling, restore = list(planned.requests), planned.sampling, planned.restore
         contexts = [list(request.prompt_ids) + list(request.generated) for request in requests]
         lengths = [len(context) for context in contexts]
         prompt_len = max(lengths)
-        slots = prompt_len + max(request.remaining for request in requests)
+        slots = prompt_len + max(request.remaining for request in requests)  # SLOT_RULE
         batch = len(requests)
-        self.stats.rows += batch
-        self.stats.prompt_tokens += sum(lengths)
         self.stats.batch_sizes.append(batch)
 
         pad = torch.tensor([prompt_len - length for length in lengths], device=device)
@@ -293,18 +381,33 @@ class Engine:
         else:
             kv = DeviceKV(config, batch, slots, device, self.dtype)
         state = _Batch(
-            list(requests), [list(request.generated) for request in requests], pad, key_valid, kv, 0
+            list(requests),
+            [list(request.generated) for request in requests],
+            pad,
+            key_valid,
+            kv,
+            0,
+            list(range(batch)),
         )
         self._live = state
         streamed_before = getattr(self.weights, "bytes_streamed", 0)
 
-        began = time.perf_counter()
-        logits = self._forward(state, tokens.to(device))
-        _synchronize(device)
-        self.stats.prefill_s += time.perf_counter() - began
-
-        began = time.perf_counter()
-        step = 0
+        began = taken_up = time.perf_counter()
+        if restore is None:
+            self.stats.rows += batch
+            self.stats.prompt_tokens += sum(lengths)
+            logits = self._forward(state, tokens.to(device))
+            _synchronize(device)
+            self.stats.prefill_s += time.perf_counter() - began
+            began = time.perf_counter()
+            step = 0
+        else:
+            self._restore(state, restore, prompt_len)
+            self.stats.rows += len(restore.rows)
+            step = restore.step
+            # The forward the uninterrupted batch made right after this checkpoint.
+            last = [generated[-1] for generated in state.generated]
+            logits = self._forward(state, torch.tensor(last, device=device).unsqueeze(1))
         while True:
             steps = [len(generated) for generated in state.generated]
             next_ids = sample_next(
@@ -341,7 +444,7 @@ class Engine:
                 raise GenerationError("generation cancelled")
             step += 1
             if checkpoint_every and on_checkpoint is not None and step % checkpoint_every == 0:
-                on_checkpoint(self.snapshot())
+                on_checkpoint(self._checkpoint(planned.index, step, state, taken_up))
             step_tokens = torch.tensor(next_ids, device=device).unsqueeze(1)  # (B, 1)
             logits = self._forward(state, step_tokens)
         self._live = None
@@ -349,6 +452,62 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - began
         streamed = getattr(self.weights, "bytes_streamed", 0)
         self.stats.bytes_moved += state.kv.bytes_moved + streamed - streamed_before
+
+    def _checkpoint(self, index: int, step: int, state: _Batch, began_s: float) -> BatchCheckpoint:
+        """The live batch at the top of a step, with its KV export (see ``batchstate``)."""
+        ids = {
+            request.key: tuple(generated)
+            for request, generated in zip(state.requests, state.generated, strict=True)
+        }
+
+        def export() -> KVDelta:
+            kv, length = state.kv, state.length
+            firsts = tuple(
+                0 if kv.rewritten(layer_idx) else state.exported
+                for layer_idx in range(self.config.num_layers)
+            )
+            state.exported = length
+            kv.exported()
+            sample, _ = kv.records(0, length, length)  # no slots: its shape and width
+            return KVDelta(
+                tuple(state.places),
+                length,
+                firsts,
+                tuple(sample.shape[2:]),
+                sample.dtype,
+                lambda layer_idx: kv.records(layer_idx, firsts[layer_idx], length),
+            )
+
+        return BatchCheckpoint(
+            index, step, state.length, tuple(state.places), ids, state.kv.layout(), began_s, export
+        )
+
+    def _restore(self, state: _Batch, restore: BatchRestore, prompt_len: int) -> None:
+        """Make the freshly built ``state`` what the batch was at ``restore``'s checkpoint: its
+        live rows and their ids, the slots written, the cache's layout and records. The rows'
+        padding, masks and slot count come from the plan, as they did the first time."""
+        batch = len(state.requests)
+        assert restore.rows and all(0 <= row < batch for row in restore.rows), restore.rows
+        assert prompt_len <= restore.length <= state.key_valid.shape[1], restore.length
+        state.keep(list(restore.rows))
+        state.generated = [list(ids) for ids in restore.generated]
+        decoded = torch.arange(prompt_len, restore.length, device=self.device)
+        state.key_valid[:, prompt_len : restore.length] = (
+            decoded[None, :] >= state.pad[:, None]
+        )  # what each decode forward set
+        state.length = state.exported = restore.length
+        state.kv.set_layout(restore.layout)
+        place = {row: position for position, row in enumerate(restore.rows)}
+        for delta in restore.deltas():
+            picked = [index for index, row in enumerate(delta.rows) if row in place]
+            targets = [place[delta.rows[index]] for index in picked]
+            for layer_idx, first in enumerate(delta.firsts):
+                keys, values = delta.read(layer_idx)
+                if len(picked) < len(delta.rows):
+                    chosen = torch.tensor(picked, dtype=torch.long)
+                    keys, values = keys.index_select(0, chosen), values.index_select(0, chosen)
+                state.kv.load(layer_idx, targets, first, keys, values)
+        state.kv.exported()
 
     def _forward(self, state: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits.

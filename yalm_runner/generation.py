@@ -10,11 +10,21 @@ flight are saved on SIGINT/SIGTERM and on any error).
 
 What differs between the front ends is a ``GenerationSink`` (``job.JobSink`` plus saved state):
 where saved state is loaded from, where a finished row goes, what a checkpoint writes. State
-travels as a ``Checkpoint``, which today holds each row's ids; exact resume extends it (the
-rows' KV and their batch layout), and the sinks with it, not this loop. Generation is
-deterministic per row (``sampling``): saved ids are a prefix of the row's one output, so an old
-checkpoint costs recomputation, never text. Decoding is this module's alone: a job that only
-scores (one prefill per batch) belongs beside it, on ``job.py``'s sinks and signal handling.
+travels as a ``Checkpoint``: each row's ids, the job's ``BatchPlan`` and, now and then, the live
+batch's KV cache.
+
+Resume is exact by construction. Before its first batch a job records its plan (each batch's
+rows in order, with the ids each starts from) and the arithmetic it runs under (the session's
+``arithmetic``: batch size, device, dtype, KV cache, kernels...). A re-run under the same
+arithmetic replays the plan: batches whose rows are all done are skipped; the batch that was in
+flight is restored from its last sound KV checkpoint (``kv_checkpoint_interval_s``) or
+recomputed from its start, its finished rows included (the sink never sees them twice); the
+rest run as planned; rows new to the job run after, in batches of their own. So every row meets
+the same numbers as in an uninterrupted run. Under other arithmetic (another batch size, say),
+or with no plan, rows go on from their saved ids (re-prefilled in one pass): their text is the
+same except where floating point rounds a near tie differently; one line says so. Decoding is
+this module's alone: a job that only scores (one prefill per batch) belongs beside it, on
+``job.py``'s sinks and signal handling.
 
 This module knows nothing of files, SQL or the pipeline: only of its sinks, the session's engine
 and the tokenizer. The policy for bad rows stays with the front end (``admit`` and ``restore``
@@ -24,10 +34,12 @@ return what did not fit: the runner refuses the job, the pipeline fails or resta
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from yalm_runner.batchstate import BatchCheckpoint, BatchRestore, PlannedBatch
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Finished, GenerationStats, Request, request_problem
 from yalm_runner.job import GenerationInterrupted, JobSink, stopping_safely
@@ -48,14 +60,70 @@ class JobRow:
     stop: tuple[str, ...] = ()  # this row's own stop strings (the job's apply too)
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """What a session is sized for: the longest prompt plus new tokens, the longest prefill,
+    and how many rows there are (the planner's batch and groups depend on these alone)."""
+
+    max_context: int
+    prompt_tokens: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A job's batches as recorded before its first one ran: each batch's rows in order with
+    the ids each starts from (none, unless the row itself went on from saved ids), the
+    arithmetic they ran under and the session's sizing. A re-run under the same arithmetic
+    replays it batch for batch. A batch whose rows were all done when a re-run recorded the
+    plan again is kept as an empty place (batches are named by their place)."""
+
+    arithmetic: Mapping[str, Any]
+    sizing: Sizing
+    batches: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arithmetic": dict(self.arithmetic),
+            "sizing": [self.sizing.max_context, self.sizing.prompt_tokens, self.sizing.rows],
+            "batches": [[[key, list(start)] for key, start in batch] for batch in self.batches],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BatchPlan:
+        """The plan ``to_dict`` wrote; ``ValueError`` if ``data`` is not one."""
+        try:
+            arithmetic = dict(data["arithmetic"])
+            sizing = Sizing(*(int(value) for value in data["sizing"]))
+            batches = tuple(
+                tuple((str(key), tuple(int(token) for token in start)) for key, start in batch)
+                for batch in data["batches"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a batch plan ({exc})") from None
+        return cls(arithmetic, sizing, batches)
+
+
+def arithmetic_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between two ``arithmetic`` records, in words (``batch size 8 -> 4``)."""
+    return [
+        f"{name} {saved.get(name, 'unknown')} -> {now.get(name, 'unknown')}"
+        for name in dict.fromkeys([*saved, *now])
+        if saved.get(name) != now.get(name)
+    ]
+
+
 @dataclass
 class Checkpoint:
     """What a job saves of its rows in flight, and what a re-run restores.
 
-    Today: the ids each row has generated so far. Exact resume adds the rows' KV state and
-    their batches (membership, order, padding) here."""
+    ``ids``: the ids each row has generated so far. ``plan``: from ``load``, the plan an
+    earlier run recorded (None: none). ``kv``: at a checkpoint, the live batch's KV frame that
+    ``write_kv`` has written, for the sink to name in its state."""
 
     ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    plan: BatchPlan | None = None
+    kv: Any = None
 
 
 @dataclass(frozen=True)
@@ -80,11 +148,29 @@ class GenerationSink(JobSink[FinishedRow], Protocol):
 
     def checkpoint(self, state: Checkpoint) -> None:
         """The rows in flight at a checkpoint (only they: rows not started keep what they
-        had)."""
+        had), and the KV frame ``write_kv`` wrote for it, if any, made current."""
         ...
 
     def save(self, state: Checkpoint) -> None:
         """The rows in flight when the job stops early (a signal or an error)."""
+        ...
+
+    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
+        """Keep ``plan`` durably before its first batch; without ``replay`` the earlier plan's
+        KV state is dropped."""
+        ...
+
+    def restore_point(self, index: int) -> tuple[BatchRestore | None, str | None]:
+        """Batch ``index``'s last sound KV checkpoint (None: recompute it), and one line if
+        saved state for it was found unusable."""
+        ...
+
+    def write_kv(self, live: BatchCheckpoint) -> Any:
+        """Append ``live``'s KV delta durably; what it returns goes to ``checkpoint``."""
+        ...
+
+    def batch_done(self, index: int) -> None:
+        """Every row of batch ``index`` is stored: its KV state can go."""
         ...
 
 
@@ -127,9 +213,11 @@ class GenerationJob:
     """Rows to continue on one model: ``admit``, then ``restore``, then ``run`` in a session.
 
     The steps are separate because the front ends open their session at different moments
-    (the runner sizes it by the restored rows; the pipeline needs it for its fingerprint before
-    it can restore). ``done_before`` counts rows an earlier run finished (for the interrupt
-    message's "n/m rows done").
+    (the runner sizes it by the restored rows, ``sizing``; the pipeline needs it for its
+    fingerprint before it can restore). ``finished`` names rows of ``rows`` an earlier run
+    finished: they are not run again, but kept to recompute a planned batch they were part of
+    (the sink never gets them). ``done_before`` counts other rows an earlier run finished (for
+    the interrupt message's "n/m rows done").
     """
 
     def __init__(
@@ -140,20 +228,26 @@ class GenerationJob:
         *,
         stop: tuple[str, ...] = (),
         done_before: int = 0,
+        finished: Sequence[str] = (),
     ):
         self.rows = {row.key: row for row in rows}
         if len(self.rows) != len(rows):
             raise ValueError("a job's row keys must be unique")
+        self.finished = set(finished) & set(self.rows)
         self.tokenizer = tokenizer
         self.config = config
         self.stops = StopStrings(tokenizer, stop, {row.key: row.stop for row in rows})
-        self.requests = [
+        requests = [
             Request(row.key, tuple(tokenizer.encode(row.text)), row.max_new_tokens) for row in rows
         ]
-        self.done_before = done_before
+        self.requests = [request for request in requests if request.key not in self.finished]
+        self._done_requests = {r.key: r for r in requests if r.key in self.finished}
+        self.done_before = done_before + len(self.finished)
         self.finished_count = 0
         self._engine = None
         self._stats_before = GenerationStats()
+        self._saved_plan: BatchPlan | None = None
+        self._sizing: Sizing | None = None
 
     def __len__(self) -> int:
         """The rows to run (those ``admit`` took out no longer count)."""
@@ -173,6 +267,31 @@ class GenerationJob:
     def resumed(self) -> int:
         """Rows that go on from restored ids."""
         return sum(bool(request.generated) for request in self.requests)
+
+    @property
+    def saved_plan(self) -> BatchPlan | None:
+        """The plan an earlier run recorded (after ``restore``), or None."""
+        return self._saved_plan
+
+    def sizing(self, plan: BatchPlan | None = None) -> Sizing:
+        """What to size the session for: the recorded plan's sizing (``plan``, else the one
+        ``restore`` found) when these rows fit it (then the planner picks the batch it picked
+        the first time), else these rows'."""
+        plan = plan or self._saved_plan
+        starts = {}  # a planned row starts from its plan's ids, not from its latest saved ones
+        if plan is not None:
+            starts = {key: start for batch in plan.batches for key, start in batch}
+        prefill = max(
+            (len(r.prompt_ids) + len(starts.get(r.key, r.generated)) for r in self.requests),
+            default=1,
+        )
+        needed = Sizing(min(self.max_context, self.config.max_positions), prefill, len(self) or 1)
+        saved = plan.sizing if plan else None
+        fits = saved is not None and (
+            saved.max_context >= needed.max_context and saved.prompt_tokens >= needed.prompt_tokens
+        )
+        self._sizing = saved if fits else needed
+        return self._sizing
 
     @property
     def stats(self) -> GenerationStats:
@@ -196,8 +315,10 @@ class GenerationJob:
     def restore(self, sink: GenerationSink) -> list[str]:
         """Continue each row from the ids ``sink`` saved for it, when they fit the row (no more
         than its ``max_new_tokens``, all in the vocabulary); return the keys of rows whose
-        saved ids did not fit: they start over."""
-        saved = sink.load([request.key for request in self.requests]).ids
+        saved ids did not fit: they start over. The plan an earlier run recorded is kept for
+        ``run``."""
+        loaded = sink.load([request.key for request in self.requests])
+        saved, self._saved_plan = loaded.ids, loaded.plan
         misfits, restored = [], []
         for request in self.requests:
             ids = tuple(saved.get(request.key, ()))
@@ -216,34 +337,47 @@ class GenerationJob:
         sink: GenerationSink,
         *,
         checkpoint_every: int,
+        kv_checkpoint_interval_s: float = 0.0,
         longest_first: bool = False,
         catch_signals: bool = True,
+        notify: Callable[[str], None] | None = None,
     ) -> GenerationStats:
         """Generate every row into ``sink``; return what the engine did for it.
 
-        Rows are run in groups of equal sampling settings, in the order given (with
-        ``longest_first``, longest prompt first within a group: less padding; a row's text
-        does not depend on its batch). Every ``checkpoint_every`` decode steps the rows in
-        flight go to ``sink.checkpoint``. On SIGINT/SIGTERM (when ``catch_signals``) they go to
-        ``sink.save`` and ``GenerationInterrupted`` is raised; on any other error they go to
-        ``sink.save`` and the error is raised.
+        The batches are the recorded plan's when it can be replayed (see the module docstring),
+        else cut anew: rows in groups of equal sampling settings, in the order given (with
+        ``longest_first``, longest prompt first within a group: less padding). Every
+        ``checkpoint_every`` decode steps the rows in flight go to ``sink.checkpoint``, with
+        the live batch's KV cache when ``kv_checkpoint_interval_s`` (0: never) have passed since
+        the batch was taken up or last saved so. On SIGINT/SIGTERM (when ``catch_signals``)
+        the rows' ids go to ``sink.save`` (no KV: a signal must end the run in seconds) and
+        ``GenerationInterrupted`` is raised; on any other error they go to ``sink.save`` and
+        the error is raised. ``notify`` gets the lines a person should read (resume not exact,
+        saved state unusable).
         """
+        notify = notify or (lambda line: None)
         engine = self._engine = session.engine
         self._stats_before = copy.deepcopy(engine.stats)
         total = self.done_before + len(self.requests)
+        kv_saved_s: dict[int, float] = {}
+
+        def in_flight(ids: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+            return {key: ids[key] for key in ids if key not in self.finished}
 
         def save() -> None:
             try:
                 ids = engine.snapshot()
             except ValueError:  # the batch was being reshaped: the last checkpoint still holds
                 ids = {}
-            sink.save(Checkpoint(ids))
+            sink.save(Checkpoint(in_flight(ids)))
 
         def interrupted(signum: int) -> GenerationInterrupted:
             done = self.done_before + self.finished_count
             return GenerationInterrupted(signum, sink.location, done, total)
 
         def on_finished(finished: Finished) -> None:
+            if finished.key in self.finished:
+                return  # stored by an earlier run: it ran again only to recompute its batch
             text = self.tokenizer.continuation(list(finished.prompt_ids), list(finished.new_ids))
             row = FinishedRow(
                 finished.key,
@@ -257,32 +391,133 @@ class GenerationJob:
                 sink.finished(row)
                 self.finished_count += 1
 
-        def on_checkpoint(ids: dict[str, tuple[int, ...]]) -> None:
+        def on_checkpoint(live: BatchCheckpoint) -> None:
+            since = kv_saved_s.get(live.index, live.began_s)
+            due = kv_checkpoint_interval_s > 0
+            due = due and time.perf_counter() - since >= kv_checkpoint_interval_s
+            # Outside the critical section: a signal may cut the frame; nothing names it yet.
+            frame = sink.write_kv(live) if due else None
             with guard.critical():
-                sink.checkpoint(Checkpoint(ids))
+                sink.checkpoint(Checkpoint(in_flight(live.ids), kv=frame))
+            if due:
+                kv_saved_s[live.index] = time.perf_counter()
+
+        def on_batch_done(index: int) -> None:
+            with guard.critical():
+                sink.batch_done(index)
 
         with stopping_safely(save, interrupted, catch_signals=catch_signals) as guard:
-            groups: dict[SamplingParams, list[Request]] = {}
-            for request in self.requests:
-                # Saved ids may already end in a stop string: such a row is done.
-                if request.generated and self.stops(request, list(request.generated)):
-                    ids = request.generated
-                    on_finished(Finished(request.key, request.prompt_ids, ids, "stop"))
-                else:
-                    groups.setdefault(self.rows[request.key].sampling, []).append(request)
-            for sampling, group in groups.items():
-                if longest_first:
-                    group.sort(key=lambda r: -len(r.prompt_ids) - len(r.generated))
-                engine.generate(
-                    group,
-                    sampling,
-                    batch_size=session.batch_size,
-                    on_finished=on_finished,
-                    checkpoint_every=checkpoint_every,
-                    on_checkpoint=on_checkpoint,
-                    stop=self.stops if self.stops else None,
-                )
+            batches, plan, replay, lines = self._lay_out(session, sink, longest_first, on_finished)
+            for line in lines:
+                notify(line)
+            with guard.critical():
+                sink.record_plan(plan, replay=replay)
+            engine.run_batches(
+                batches,
+                on_finished=on_finished,
+                checkpoint_every=checkpoint_every,
+                on_checkpoint=on_checkpoint,
+                on_batch_done=on_batch_done,
+                stop=self.stops if self.stops else None,
+            )
             with guard.critical():
                 sink.complete()
                 guard.disarm()
         return self.stats
+
+    def _lay_out(
+        self,
+        session: GenerationSession,
+        sink: GenerationSink,
+        longest_first: bool,
+        on_finished: Callable[[Finished], None],
+    ) -> tuple[list[PlannedBatch], BatchPlan, bool, list[str]]:
+        """The batches to run, the plan to record, whether it replays the saved one, and the
+        lines to tell. Rows a resume left complete are finished here (``on_finished``)."""
+        arithmetic = dict(session.arithmetic)
+        saved, lines = self._saved_plan, []
+        replay = saved is not None and dict(saved.arithmetic) == arithmetic
+        if saved is not None and not replay:
+            changes = ", ".join(arithmetic_changes(saved.arithmetic, arithmetic))
+            lines.append(
+                f"resume is not exact: {changes}; the unfinished rows go on from their saved ids"
+            )
+        unfinished = {r.key: r for r in self.requests}
+        known = {**self._done_requests, **unfinished}
+        batches: list[PlannedBatch] = []
+        recorded = list(saved.batches) if replay else []
+        covered: set[str] = set()
+        lost = 0
+        for index, members in enumerate(recorded):
+            keys = [key for key, _ in members]
+            if not any(key in unfinished for key in keys):
+                recorded[index] = ()  # done (or no longer this job's): forgotten
+                continue
+            if any(key not in known for key in keys):
+                lost += 1  # a row left the job (failed, or another worker's now): its rows go
+                recorded[index] = ()  # on in batches of their own, below
+                sink.batch_done(index)
+                continue
+            requests = tuple(
+                Request(key, known[key].prompt_ids, known[key].max_new_tokens, start)
+                for key, start in members
+            )
+            restore, problem = sink.restore_point(index)
+            if restore is not None and not _restore_fits(requests, restore):
+                restore = None
+                problem = f"batch {index}'s KV checkpoint does not match its plan; recomputing it"
+                sink.batch_done(index)  # its KV state is of no use: dropped
+            if problem:
+                lines.append(problem)
+            elif restore is not None:
+                lines.append(f"batch {index} goes on from its KV checkpoint at step {restore.step}")
+            batches.append(PlannedBatch(index, requests, self.rows[keys[0]].sampling, restore))
+            covered.update(keys)
+        if saved is None and any(request.generated for request in self.requests):
+            lines.append(
+                f"resume is not exact: {sum(bool(r.generated) for r in self.requests)} rows go on "
+                "from saved ids without the batch plan they began in"
+            )
+        if lost:
+            lines.append(
+                f"resume is not exact for the rows of {lost} planned batches that lost rows to "
+                "failure or to another worker; they go on from their saved ids"
+            )
+        # Rows the plan does not hold (new, or their batch cannot be rebuilt): batches of their
+        # own, after the plan's, from whatever ids they have.
+        rest = [request for request in self.requests if request.key not in covered]
+        groups: dict[SamplingParams, list[Request]] = {}
+        for request in rest:
+            # Saved ids may already end in a stop string: such a row is done.
+            if request.generated and self.stops(request, list(request.generated)):
+                on_finished(Finished(request.key, request.prompt_ids, request.generated, "stop"))
+            else:
+                groups.setdefault(self.rows[request.key].sampling, []).append(request)
+        for sampling, group in groups.items():
+            _, runnable = session.engine.settle(group, on_finished)
+            if longest_first:
+                runnable.sort(key=lambda r: -len(r.prompt_ids) - len(r.generated))
+            for start in range(0, len(runnable), session.batch_size):
+                cut = tuple(runnable[start : start + session.batch_size])
+                batches.append(PlannedBatch(len(recorded), cut, sampling))
+                recorded.append(tuple((r.key, r.generated) for r in cut))
+        plan = BatchPlan(arithmetic, self._sizing or self.sizing(), tuple(recorded))
+        return batches, plan, replay, lines
+
+
+def _restore_fits(requests: tuple[Request, ...], restore: BatchRestore) -> bool:
+    """Whether a saved checkpoint can be this planned batch's: its rows are the batch's, in
+    order, and each row's ids extend its start by the decode steps its ``length`` implies."""
+    prompt_len = max(len(r.prompt_ids) + len(r.generated) for r in requests)
+    rows = restore.rows
+    if not rows or list(rows) != sorted(set(rows)) or rows[-1] >= len(requests):
+        return False
+    if len(restore.generated) != len(rows):
+        return False
+    for row, ids in zip(rows, restore.generated, strict=True):
+        start = requests[row].generated
+        if ids[: len(start)] != start or len(ids) - len(start) != restore.length - prompt_len + 1:
+            return False
+        if len(ids) >= requests[row].max_new_tokens:  # such a row had finished
+            return False
+    return True

@@ -13,6 +13,15 @@ device slot is refilled only after the compute that used it and the write-back o
 slots, both ordered on the one copy stream. The pinned host memory comes from a ``HostArena``
 that outlives the batch: locking tens of GB of RAM takes seconds, so an engine does it once.
 The records' format and sizes are ``kvformat``'s; this module moves them.
+
+Every cache also hands its state out and takes it back, for a checkpoint of the batch (the
+engine's ``export``/``restore``): ``records(j, first, end)`` copies the live rows' records of
+slots ``first .. end-1`` to the CPU in the width they are kept (the compute dtype, or 8/4-bit
+records exactly as ``kvformat`` stores them), ``load`` writes such records back,
+``rewritten(j)`` says whether older slots of layer j were re-encoded since the last
+``exported()`` (a slot-major compaction does that), and ``layout``/``set_layout`` carry the
+bookkeeping that decides future arithmetic (the slot-major layout's rows and pending
+compactions). Slots no batch wrote are never read, so they need no saving.
 """
 
 from __future__ import annotations
@@ -51,6 +60,32 @@ class DeviceKV:
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self._caches[0][0].device, dtype=torch.long)
         self._caches = [(keys[index], values[index]) for keys, values in self._caches]
+
+    # The state API (module docstring): the records are the values themselves.
+
+    def records(self, layer_idx: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._caches[layer_idx]
+        return keys[:, first:end].cpu(), values[:, first:end].cpu()
+
+    def load(
+        self, layer_idx: int, rows: list[int], first: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        end = first + keys.shape[1]
+        index = torch.tensor(rows, device=self._caches[0][0].device, dtype=torch.long)
+        for target, source in zip(self._caches[layer_idx], (keys, values), strict=True):
+            target[index, first:end] = source.to(target.device)
+
+    def rewritten(self, layer_idx: int) -> bool:
+        return False
+
+    def exported(self) -> None:
+        pass
+
+    def layout(self) -> dict:
+        return {}
+
+    def set_layout(self, layout: dict) -> None:
+        pass
 
 
 class HostArena:
@@ -179,6 +214,23 @@ class _PinnedKV:
         live = self._live(layer_idx)
         return keys[:live], values[:live]
 
+    def settle(self) -> None:
+        """Wait until every write-back queued on the copy stream has landed in host memory."""
+        if self._cuda:
+            self._stream.synchronize()
+
+    def rewritten(self, layer_idx: int) -> bool:
+        return False
+
+    def exported(self) -> None:
+        pass
+
+    def layout(self) -> dict:
+        return {}
+
+    def set_layout(self, layout: dict) -> None:
+        pass
+
     def _row_groups(self, live: int, slots: int) -> list[tuple[int, int]]:
         """Ranges of the ``live`` rows whose temporaries over ``slots`` slots fit DECODE_BYTES."""
         group = max(1, DECODE_BYTES // (slots * self._row_bytes))
@@ -278,6 +330,21 @@ class HostKV(_PinnedKV):
     def keep(self, rows: list[int]) -> None:
         self._rows = [self._rows[row] for row in rows]
 
+    def records(self, layer_idx: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.settle()
+        index = torch.tensor(self._rows, dtype=torch.long)
+        keys, values = (host[:, first:end].index_select(0, index) for host in self._host[layer_idx])
+        return keys, values
+
+    def load(
+        self, layer_idx: int, rows: list[int], first: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        self.settle()
+        end = first + keys.shape[1]
+        index = torch.tensor([self._rows[row] for row in rows], dtype=torch.long)
+        for host, source in zip(self._host[layer_idx], (keys, values), strict=True):
+            host[index, first:end] = source
+
 
 class SlotMajorHostKV(_PinnedKV):
     """``HostKV`` with the host cache laid out slot-major, (slots, rows, heads, record): a
@@ -315,6 +382,7 @@ class SlotMajorHostKV(_PinnedKV):
         self._host_rows = [batch] * config.num_layers  # rows in each layer's layout
         self._positions = [list(range(batch)) for _ in range(config.num_layers)]
         self._compact = [False] * config.num_layers
+        self._rewritten = [False] * config.num_layers  # re-encoded since the last export
 
     def _view(self, flat: torch.Tensor, rows: int, slots: int | None = None) -> torch.Tensor:
         heads, record = self._record
@@ -412,9 +480,50 @@ class SlotMajorHostKV(_PinnedKV):
         self._host_rows[layer_idx] = live
         self._positions[layer_idx] = list(range(live))
         self._compact[layer_idx] = False
+        # The old slots went through the device and back: re-encoded, maybe not to the same bits.
+        self._rewritten[layer_idx] = True
 
     def keep(self, rows: list[int]) -> None:
         for layer_idx in range(self._layers):
             self._positions[layer_idx] = [self._positions[layer_idx][row] for row in rows]
             if len(rows) < self.COMPACT_AT * self._host_rows[layer_idx]:
                 self._compact[layer_idx] = True
+
+    def records(self, layer_idx: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.settle()
+        rows = self._host_rows[layer_idx]
+        index = torch.tensor(self._positions[layer_idx], dtype=torch.long)
+        return tuple(
+            self._view(host, rows)[first:end].index_select(1, index).transpose(0, 1)
+            for host in self._host[layer_idx]
+        )
+
+    def load(
+        self, layer_idx: int, rows: list[int], first: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        self.settle()
+        end = first + keys.shape[1]
+        positions = self._positions[layer_idx]
+        index = torch.tensor([positions[row] for row in rows], dtype=torch.long)
+        for host, source in zip(self._host[layer_idx], (keys, values), strict=True):
+            self._view(host, self._host_rows[layer_idx])[first:end, index] = source.transpose(0, 1)
+
+    def rewritten(self, layer_idx: int) -> bool:
+        return self._rewritten[layer_idx]
+
+    def exported(self) -> None:
+        self._rewritten = [False] * self._layers
+
+    def layout(self) -> dict:
+        """Each layer's rows in the layout, the live rows' places in it, and whether its next
+        pass compacts it (a compaction re-encodes the old slots: it must come at the same step)."""
+        return {
+            "host_rows": list(self._host_rows),
+            "positions": [list(positions) for positions in self._positions],
+            "compact": list(self._compact),
+        }
+
+    def set_layout(self, layout: dict) -> None:
+        self._host_rows = [int(rows) for rows in layout["host_rows"]]
+        self._positions = [[int(p) for p in positions] for positions in layout["positions"]]
+        self._compact = [bool(flag) for flag in layout["compact"]]

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from yalm_runner.batchstate import BatchCheckpoint, PlannedBatch
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Finished, GenerationStats, Request
 from yalm_runner.packing import Scored, ScoreRequest
@@ -40,8 +41,19 @@ class MultiEngine:
     def kv_stored_bits(self) -> int:
         return self.engines[0].kv_stored_bits
 
+    @property
+    def arithmetic(self) -> dict:
+        """The first engine's, naming every device: a batch's bits are the same on any of
+        them only when they are GPUs of one model."""
+        facts = dict(self.engines[0].arithmetic)
+        facts["device"] = ", ".join(engine.arithmetic["device"] for engine in self.engines)
+        return facts
+
     def check(self, request: Request) -> None:
         self.engines[0].check(request)
+
+    def settle(self, requests: list[Request], on_finished=None):
+        return self.engines[0].settle(requests, on_finished)
 
     def check_score(self, request: ScoreRequest) -> None:
         self.engines[0].check_score(request)
@@ -90,16 +102,7 @@ class MultiEngine:
         pending = list(requests)
         finished, runnable = self.engines[0].settle(pending, on_finished)
         shares = self._deal(runnable, batch_size)
-
-        def locked(callback):
-            if callback is None:
-                return None
-
-            def call(*args):
-                with self._lock:
-                    return callback(*args)
-
-            return call
+        locked = self._locked
 
         def work(engine: Engine, share: list[Request]) -> None:
             for done in engine.generate(
@@ -115,6 +118,44 @@ class MultiEngine:
 
         self._on_every_device(shares, work)
         return [finished[request.key] for request in pending]
+
+    def run_batches(
+        self,
+        batches: Iterable[PlannedBatch],
+        *,
+        on_finished: Callable[[Finished], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
+        on_batch_done: Callable[[int], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
+    ) -> None:
+        """As ``Engine.run_batches``: the k-th batch given runs on device k mod n, each exactly
+        as planned (a batch is the same on any device), callbacks one at a time."""
+        planned = list(batches)
+        shares = [planned[index :: len(self.engines)] for index in range(len(self.engines))]
+
+        def work(engine: Engine, share: list[PlannedBatch]) -> None:
+            engine.run_batches(
+                share,
+                on_finished=self._locked(on_finished),
+                checkpoint_every=checkpoint_every,
+                on_checkpoint=self._locked(on_checkpoint),
+                on_batch_done=self._locked(on_batch_done),
+                stop=self._locked(stop),
+            )
+
+        self._on_every_device(shares, work)
+
+    def _locked(self, callback):
+        """``callback`` made to run one call at a time across the device threads."""
+        if callback is None:
+            return None
+
+        def call(*args):
+            with self._lock:
+                return callback(*args)
+
+        return call
 
     def _deal(self, rows: list, batch_size: int) -> list[list]:
         """Each device's rows: batch k goes to device k mod n."""

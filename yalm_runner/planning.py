@@ -158,10 +158,11 @@ def plan_memory(
     kv_layer_row = max_context * 2 * config.hidden_size * element
     host_row = max_context * kv_bytes_per_token(config, policy.kv_bits, element)
     # On a CPU-only machine RAM is the device memory (the CPU budget bounds what stays
-    # resident), there is no pinned tier, and the KV cache lives with the compute.
+    # resident), there is no pinned tier, and the KV cache lives with the compute, unless
+    # asked for in the host cache's own format (``kv_on=cpu``: plain RAM, 8/4-bit records).
     budgets = policy.budgets_on(device.type)
     if device.type == "cpu":
-        kv_choices = ["gpu"]
+        kv_choices = ["cpu"] if policy.kv_on == "cpu" else ["gpu"]
     else:
         kv_choices = ["gpu", "cpu"] if policy.kv_on == "auto" else [policy.kv_on]
 

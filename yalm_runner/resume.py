@@ -2,14 +2,16 @@
 
 - ``JobFingerprint``: everything that decides the output bytes (model, input file, sampling,
   limits, stop strings, numeric precision, this format's version). A resume must match it.
-- ``StateFile``: the fingerprint plus the ids generated so far by each unfinished row, written
-  atomically (temp file, flush, fsync, rename, fsync of the folder) beside the output.
+- ``StateFile``: the fingerprint plus the ids generated so far by each unfinished row and the
+  exact-resume record (``kvstate.ExactState``: the batch plan and the live batch's KV
+  checkpoint headers; its KV files sit in ``OUT.jsonl.kv/``), written atomically (temp file,
+  flush, fsync, rename, fsync of the folder) beside the output.
 - ``OutputLog``: the output file itself while the job runs, one finished row per line in
   finishing order, each tagged with its row key and fsynced as written; at the end it is
   rewritten in input order without the tags.
 
-Generation is deterministic per row (sampling.py), so any saved partial is a true prefix of the
-row's one possible output: an old state costs recomputation, never correctness. The log is the
+Generation is deterministic per row (sampling.py) and, with the recorded plan, per batch
+(generation.py): an old state costs recomputation, never correctness. The log is the
 authority on which rows are done. This module knows files only: not the engine, the model, the
 tokenizer or signals (the job core, generation.py, runs the rows; runner.py's ``JsonlSink`` hands
 it these files); the pipeline keeps the same state in its database.
@@ -94,8 +96,9 @@ def jsonl_line(row: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class JobFingerprint:
-    """What must be equal for a saved job to be continued. Batch size is not in it: a row's text
-    does not depend on its batch."""
+    """What must be equal for a saved job to be continued. Batch size is not in it: it belongs to
+    the arithmetic a batch plan records (``generation.BatchPlan``); under another, the job still
+    resumes, from the saved ids, and says it is not exact."""
 
     store_manifest_sha256: str
     input_sha256: str
@@ -166,16 +169,20 @@ class JobFingerprint:
 
 @dataclass
 class JobState:
-    """A job's resumable state: its fingerprint and the ids of rows begun but not finished."""
+    """A job's resumable state: its fingerprint, the ids of rows begun but not finished, and
+    the exact-resume record (``kvstate.ExactState.to_dict``; None in a state written before
+    it existed: such a job resumes from its ids)."""
 
     fingerprint: JobFingerprint
     partial: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    exact: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
             "fingerprint": self.fingerprint.to_dict(),
             "partial": {key: list(ids) for key, ids in self.partial.items()},
+            "exact": self.exact,
         }
 
     @classmethod
@@ -189,7 +196,10 @@ class JobState:
         ):
             raise ValueError("partial must map row keys to lists of token ids")
         fingerprint = JobFingerprint.from_dict(data["fingerprint"])
-        return cls(fingerprint, {str(key): tuple(ids) for key, ids in partial.items()})
+        exact = data.get("exact")
+        if exact is not None and not isinstance(exact, dict):
+            raise ValueError("exact must be a mapping")
+        return cls(fingerprint, {str(key): tuple(ids) for key, ids in partial.items()}, exact)
 
 
 class StateFile:
@@ -202,6 +212,12 @@ class StateFile:
     def beside(cls, output_path: Path) -> StateFile:
         output_path = Path(output_path)
         return cls(output_path.with_name(output_path.name + ".state.json"))
+
+    @staticmethod
+    def kv_folder_beside(output_path: Path) -> Path:
+        """Where the live batches' KV files go: ``OUT.jsonl.kv/``."""
+        output_path = Path(output_path)
+        return output_path.with_name(output_path.name + ".kv")
 
     def load(self) -> JobState | None:
         """The saved state, or None when there is none; a damaged file is an error naming it."""

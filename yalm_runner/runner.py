@@ -6,11 +6,13 @@ format is the original repo's conditional-generation format: one JSON object per
 tokens add) and ``token_ids`` (the new ids). A line may carry its own ``max_new_tokens`` and an
 ``id`` (the row's key for sampling; the line number otherwise) and its own ``stop`` strings.
 
-Jobs are resumable: finished rows are appended to the output as they finish, the unfinished
-rows' ids are checkpointed beside it, and a re-run continues. This module owns the files' side
-(``JsonlSink``: reading the input, refusing another job's state, the output's final order); the
-job itself (encoding, saved ids, stop strings, checkpoints, signals) is ``generation.py``'s, the
-files' formats are ``resume.py``'s.
+Jobs are resumable, exactly: finished rows are appended to the output as they finish, the batch
+plan and the unfinished rows' ids are checkpointed beside it (and, every so often, the live
+batch's KV cache, in ``OUT.jsonl.kv/``), and a re-run continues to the bytes an uninterrupted
+run writes. This module owns the files' side (``JsonlSink``: reading the input, refusing another
+job's state, the output's final order); the job itself (encoding, the plan, saved ids, stop
+strings, checkpoints, signals) is ``generation.py``'s, the files' formats are ``resume.py``'s
+and ``kvstate.py``'s.
 """
 
 from __future__ import annotations
@@ -22,12 +24,22 @@ from typing import Any
 
 import torch
 
+from yalm_runner import settings
+from yalm_runner.batchstate import BatchCheckpoint, BatchRestore
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import GenerationStats
 from yalm_runner.errors import ConfigError, GenerationError
-from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRow, StopStrings
+from yalm_runner.generation import (
+    BatchPlan,
+    Checkpoint,
+    FinishedRow,
+    GenerationJob,
+    JobRow,
+    StopStrings,
+)
 from yalm_runner.job import GenerationInterrupted
+from yalm_runner.kvstate import ExactState, WrittenFrame
 from yalm_runner.offload import OffloadPolicy
 from yalm_runner.resume import (
     NO_RESUME_HINT,
@@ -44,6 +56,9 @@ __all__ = ["GenerationInterrupted", "JsonlSink", "StopStrings", "generate_file",
 
 MEASURED_PINNED_GBPS = 55.0  # the lent H200's pinned host-to-device copies (PCIe 5)
 DEFAULT_CHECKPOINT_EVERY = 16  # decode steps between state saves
+DEFAULT_KV_CHECKPOINT_INTERVAL_S = settings.field_info(
+    settings.RunnerSettings, "kv_checkpoint_interval"
+).default
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
@@ -66,9 +81,10 @@ def _generation_problem(row: dict[str, Any]) -> str | None:
 
 class JsonlSink:
     """A generation job's sink in files: finished rows appended to the output (``OutputLog``),
-    the rows in flight checkpointed beside it (``StateFile``), the output rewritten in input
-    order at the end. Constructing it reads what an earlier run left (refusing another job's
-    state); nothing is changed on disk before ``begin``."""
+    the plan and the rows in flight checkpointed beside it (``StateFile``), the live batch's KV
+    in ``OUT.jsonl.kv/`` (``ExactState``), the output rewritten in input order at the end.
+    Constructing it reads what an earlier run left (refusing another job's state); nothing is
+    changed on disk before ``begin``."""
 
     def __init__(
         self,
@@ -89,6 +105,17 @@ class JsonlSink:
         self.log = OutputLog(output_path)
         self.done: dict[str, dict[str, Any]] = self.log.recover(self.keys) if self.saved else {}
         self.state = JobState(fingerprint)
+        try:
+            self.exact = ExactState(
+                StateFile.kv_folder_beside(output_path),
+                self.saved.exact if self.saved else None,
+                self._persist,
+            )
+            self.plan = BatchPlan.from_dict(self.exact.plan) if self.exact.plan else None
+        except ValueError as exc:
+            raise GenerationError(
+                f"{self.state_file.path}: not a valid generation state ({exc}); {NO_RESUME_HINT}"
+            ) from None
 
     def __enter__(self) -> JsonlSink:
         return self
@@ -99,7 +126,7 @@ class JsonlSink:
     def load(self, keys: Sequence[str]) -> Checkpoint:
         partial = self.saved.partial if self.saved else {}
         self.state.partial = {key: partial[key] for key in keys if key in partial}
-        return Checkpoint(dict(self.state.partial))
+        return Checkpoint(dict(self.state.partial), self.plan)
 
     def misfit_error(self, key: str) -> GenerationError:
         return GenerationError(
@@ -116,11 +143,16 @@ class JsonlSink:
             # beside output from another job.
             self.log.remove()
             self.state_file.remove()
+            self.exact.discard()
         elif self.done or self.state.partial:
             notify(
                 f"resuming: {len(self.done)}/{len(self.keys)} rows done, "
                 f"{len(self.state.partial)} partial"
             )
+        self._persist()
+
+    def _persist(self) -> None:
+        self.state.exact = self.exact.to_dict()
         self.state_file.save(self.state)
 
     def finished(self, finished: FinishedRow) -> None:
@@ -133,13 +165,28 @@ class JsonlSink:
 
     def checkpoint(self, state: Checkpoint) -> None:
         self.state.partial.update(state.ids)
-        self.state_file.save(self.state)
+        if state.kv is not None:
+            self.exact.commit(state.kv)
+        self._persist()
 
     save = checkpoint
+
+    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
+        self.exact.record_plan(plan.to_dict(), replay=replay)
+
+    def restore_point(self, index: int) -> tuple[BatchRestore | None, str | None]:
+        return self.exact.restore_point(index)
+
+    def write_kv(self, live: BatchCheckpoint) -> WrittenFrame:
+        return self.exact.write_kv(live)
+
+    def batch_done(self, index: int) -> None:
+        self.exact.batch_done(index)
 
     def complete(self) -> None:
         self.log.finish(self.done[key] for key in self.keys)
         self.state_file.remove()
+        self.exact.discard()
 
 
 def generate_file(
@@ -156,17 +203,21 @@ def generate_file(
     verify: bool = True,
     stop: tuple[str, ...] = (),
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    kv_checkpoint_interval_s: float = DEFAULT_KV_CHECKPOINT_INTERVAL_S,
     resume: bool = True,
     notify: Callable[[str], None] | None = None,
 ) -> GenerationStats:
-    """Continue every prefix of ``input_path`` into ``output_path``, resumably.
+    """Continue every prefix of ``input_path`` into ``output_path``, resumably and exactly.
 
-    Finished rows are appended to ``output_path`` as they finish; every ``checkpoint_every``
-    decode steps (0: only on signals) and on SIGINT/SIGTERM the unfinished rows' ids go to
-    ``OUTPUT.state.json``. A second call with the same job continues where the first stopped;
-    a different job is refused unless ``resume`` is False, which starts over. On completion the
-    output is rewritten in input order and the state file removed. ``notify`` gets progress
-    lines for a human.
+    Finished rows are appended to ``output_path`` as they finish; the batch plan, and every
+    ``checkpoint_every`` decode steps (0: only on signals) and on SIGINT/SIGTERM the
+    unfinished rows' ids, go to ``OUTPUT.state.json``; at such a checkpoint, once
+    ``kv_checkpoint_interval_s`` (0: never) have passed, the live batch's KV cache goes to
+    ``OUTPUT.kv/``. A second call with the same job continues where the first stopped, to the
+    bytes an uninterrupted run writes (under other arithmetic, a batch size say, from the saved
+    ids: one line says that is not exact); a different job is refused unless ``resume`` is
+    False, which starts over. On completion the output is rewritten in input order and the
+    state removed. ``notify`` gets progress lines for a human.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -174,6 +225,10 @@ def generate_file(
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if checkpoint_every < 0:
         raise ConfigError(f"checkpoint interval must be >= 0 steps, got {checkpoint_every}")
+    if not kv_checkpoint_interval_s >= 0:
+        raise ConfigError(
+            f"KV checkpoint interval must be >= 0 seconds, got {kv_checkpoint_interval_s}"
+        )
     if any(not isinstance(text, str) or not text for text in stop):
         raise ConfigError(f"stop strings must be non-empty, got {list(stop)!r}")
     notify = notify or (lambda message: None)
@@ -204,12 +259,11 @@ def generate_file(
                     _row_stops(row.get("stop")),
                 )
                 for row in rows
-                if row["__key__"] not in sink.done
             ],
             tokenizer,
             store.config,
             stop=stop,
-            done_before=len(sink.done),
+            finished=list(sink.done),  # kept to recompute a planned batch they were part of
         )
         # Before any file changes: bad input loses nothing. A row that cannot run, or saved
         # ids that do not fit their row, refuse the whole job.
@@ -220,6 +274,7 @@ def generate_file(
         misfits = job.restore(sink)
         if misfits:
             raise sink.misfit_error(misfits[0])
+        sizing = job.sizing()  # a recorded plan's, so that the planner picks what it picked
         session = stack.enter_context(
             open_session(
                 store,  # opened above for the fingerprint: not opened and checked twice
@@ -227,16 +282,22 @@ def generate_file(
                 dtype=dtype,
                 policy=policy,
                 batch_size=batch_size,
-                max_context=min(job.max_context, store.config.max_positions),
-                prompt_tokens=job.longest_prefill,
-                rows=len(job) or 1,
+                max_context=sizing.max_context,
+                prompt_tokens=sizing.prompt_tokens,
+                rows=sizing.rows,
                 verify=verify,
                 tokenizer=tokenizer,  # loaded above to count the prompts' tokens
             )
         )
         notify(f"plan: {session.plan.describe()}")
         sink.begin(notify)
-        return job.run(session, sink, checkpoint_every=checkpoint_every)
+        return job.run(
+            session,
+            sink,
+            checkpoint_every=checkpoint_every,
+            kv_checkpoint_interval_s=kv_checkpoint_interval_s,
+            notify=notify,
+        )
 
 
 def _row_stops(stop: str | list[str] | None) -> tuple[str, ...]:

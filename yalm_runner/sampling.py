@@ -3,9 +3,10 @@
 Filtering follows the original scripts (docs/yalm.md §Sampling): divide by the temperature,
 keep the top k (if k > 0), then the nucleus: sort, cumulative softmax, drop tokens past
 ``top_p`` but keep the first one that crosses it. The draw is an inverse-CDF lookup of one
-uniform number per row, taken from a generator seeded by (seed, row key, step): a row's text
-does not depend on which batch it ran in, its position there, or whether the run was
-interrupted and resumed.
+uniform number per row, taken from a generator seeded by (seed, row key, step): a row's draws
+do not depend on which batch it ran in, its position there, or whether the run was interrupted
+and resumed. (Its logits' last bits do depend on the batch's shapes; where a near tie lets them
+pick the token, exact resume replays the batch itself: ``generation``.)
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ and how much GPU and pinned RAM it may use; it gets back the tokenizer, an engin
 follow a placement planned for those budgets, and the batch size the budgets allow (or the one it
 asked for, checked against them). Everything heavy is released when the ``with`` block ends.
 The session also says what generated ids depend on besides the model (device, dtype, the width
-the KV cache is kept in), so that a front end can fingerprint saved ids without reaching into
-the engine.
+the KV cache is kept in; and, bit for bit, ``arithmetic``), so that a front end can fingerprint
+saved ids and batch plans without reaching into the engine.
 
 A session scores too (``score_plan``): a scoring pass keeps no KV cache across steps, so its
 batch is sized in the GPU memory the plan set aside beside the weights for the generation batch
@@ -118,6 +118,13 @@ class GenerationSession:
     def kv_stored_bits(self) -> int:
         """16, or 8/4 when the KV cache is kept compressed in pinned RAM (lossy)."""
         return self.engine.kv_stored_bits
+
+    @property
+    def arithmetic(self) -> dict:
+        """What shapes the bits of every row besides the model and the job: the batch size and
+        the engine's own (device, dtype, KV cache, prefill groups, kernels). A saved batch
+        plan is replayed exactly only under the same (``generation``)."""
+        return {"batch size": self.batch_size, **self.engine.arithmetic}
 
     def score_plan(self, shape: ScoreShape, batch_size: int | None = None) -> ScorePlan:
         """The scoring batch that fits the room this plan keeps beside the weights (the

@@ -240,6 +240,19 @@ CheckpointEvery = Annotated[
     ),
 ]
 
+KvCheckpointInterval = Annotated[
+    float,
+    _setting(
+        "at a state save, also save the live batch's KV cache once this many seconds passed since "
+        "the batch began or its last KV save, so a resume goes on from there (0 = never: a "
+        "resume recomputes the live batch)",
+        "--kv-checkpoint-interval",
+        metavar="SECONDS",
+        ge=0.0,
+        allow_inf_nan=False,
+    ),
+]
+
 # YAML and the command line both come through here: a YAML `16` must be an int, not "16", and
 # `yes` is no number (strict); the command line's text is parsed by each option (``cli_options``).
 SETTINGS_CONFIG = ConfigDict(extra="forbid", strict=True)
@@ -282,6 +295,8 @@ class RunnerSettings(SamplingSettings):
     kv_layout: KvLayout = "auto"
     overlap: Overlap = True
     checkpoint_every: CheckpointEvery = 16
+    # A kill costs at most this much work; YaLM-100B's batch (~200 s on an H200) writes none.
+    kv_checkpoint_interval: KvCheckpointInterval = 600.0
 
     @model_validator(mode="after")
     def _offload_rules(self) -> RunnerSettings:

@@ -160,15 +160,21 @@ class TinySpec:
     seed: int = 0
     dtype: torch.dtype = torch.bfloat16
     tensor_parallel: int = 1
+    # The word embeddings' spread. They are the head's output matrix too (tied), while the
+    # input side is layer-normed: a small value flattens the next-token distributions alone
+    # (a near tie at every step, as exact-resume tests need) and changes nothing else.
+    embedding_std: float = 1.0
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def _random_tensor(
+    name: str, shape: tuple[int, ...], generator: torch.Generator, embedding_std: float = 1.0
+) -> torch.Tensor:
     if name.endswith("layernorm.weight") or name.endswith("layer_norm.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
     if len(shape) == 1:
         return 0.1 * torch.randn(shape, generator=generator)
     fan_in = shape[1]
-    scale = 1.0 if name == "word_embeddings.weight" else fan_in**-0.5
+    scale = embedding_std if name == "word_embeddings.weight" else fan_in**-0.5
     return scale * torch.randn(shape, generator=generator)
 
 
@@ -222,7 +228,10 @@ def make_tiny(
         shapes = expected_shapes(config, part)
         for slot in slots:
             names = slot_names.get(slot, list(shapes))
-            full = {name: _random_tensor(name, shapes[name], generator) for name in names}
+            full = {
+                name: _random_tensor(name, shapes[name], generator, spec.embedding_std)
+                for name in names
+            }
             full = {name: _pad_ffn(name, tensor, ffn_size) for name, tensor in full.items()}
             for rank in range(spec.tensor_parallel):
                 shard = {

@@ -5,16 +5,19 @@ worker id, hand them to ``yalm_runner.generation.GenerationJob`` (one batch plan
 queue; the job groups by sampling settings, checkpoints, saves on errors), and be its sink
 (``ForecastSink``): commit each finished forecast on its own as it finishes, keep the ids of the
 rows in flight in the store at the job's checkpoints, report what happened. A killed job,
-re-run, resumes from the store alone: finished prompts are no longer pending, unfinished ones
-carry their saved ids, and because a row's random draws come from (seed, prompt key, step) the
-resumed text equals an uninterrupted run's. Of the model runner it uses the session
-(``open_session``) and the job, nothing of the engine.
+re-run, resumes: finished prompts are no longer pending, unfinished ones carry their saved ids.
+Of the model runner it uses the session (``open_session``), the job and its state files
+(``kvstate``), nothing of the engine.
 
-Saved ids are tagged with a fingerprint (model manifest, dtype, device type, compressed KV);
-ids saved under another fingerprint are not continued but started over, so a swapped model never
-finishes a half-written forecast of the old one. Everything is checked before the model is
-opened or any state is touched: a prompt that cannot fit the model is marked failed with the
-reason and the others go on.
+Resume is exact: the job's batch plan and, every ``kv_checkpoint_interval`` seconds, the live
+batch's KV cache are kept in files under the config's ``state_dir`` (one folder per worker,
+``yalm_runner.kvstate``), so that a re-run replays the plan; prompts already done that shared a
+batch with unfinished ones are read back to recompute it (never stored twice). The folder goes
+when the job completes. Saved ids are tagged with a fingerprint (model manifest, dtype, device
+type, compressed KV); ids saved under another fingerprint are not continued but started over,
+so a swapped model never finishes a half-written forecast of the old one. Everything is checked
+before the model is opened or any state is touched: a prompt that cannot fit the model is
+marked failed with the reason and the others go on.
 
 Prompts are taken through ``flows.store.claims`` under the worker id's lease (renewed at every
 checkpoint, given back when the job fails), so several workers, on several hosts, can work
@@ -31,7 +34,9 @@ scoring alone. A signal whose prompt another live worker holds is left to it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +56,7 @@ from flows.store.database import Store, finish_run, start_run
 from flows.store.generations import (
     PendingPrompt,
     discard_generation_state,
+    done_prompts,
     load_generation_state,
     mark_prompt_failed,
     pending_prompts,
@@ -59,8 +65,12 @@ from flows.store.generations import (
 from flows.store.signals import pending_signals
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from flows.night.summaries import GenerateSummary
-    from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob
+    from yalm_runner.batchstate import BatchCheckpoint, BatchRestore
+    from yalm_runner.generation import BatchPlan, Checkpoint, FinishedRow, GenerationJob
+    from yalm_runner.kvstate import ExactState, WrittenFrame
     from yalm_runner.session import GenerationSession
 
 log = logging.getLogger(__name__)
@@ -210,6 +220,36 @@ def generate_pending(
     return report
 
 
+def state_folder(config: PipelineConfig, worker_id: str) -> Path:
+    """Where ``worker_id``'s generation job keeps its plan and KV checkpoints."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", worker_id)[:64]
+    return config.state_dir / f"{readable}-{hashlib.sha256(worker_id.encode()).hexdigest()[:8]}"
+
+
+def _exact_state(config, model, worker_id, prompts, store):
+    """This worker's saved plan and KV state, and the done prompts that shared a planned batch
+    with the pending ones (to recompute that batch as it first ran)."""
+    from yalm_runner.generation import BatchPlan
+    from yalm_runner.kvstate import ExactState
+
+    exact, problem = ExactState.in_folder(state_folder(config, worker_id), model.manifest_sha256)
+    if problem:
+        log.warning("generate: %s", problem)
+    try:
+        plan = BatchPlan.from_dict(exact.plan) if exact.plan else None
+    except ValueError as exc:
+        log.warning("generate: %s: %s; dropped", exact.folder, exc)
+        exact.remove()
+        plan = None
+    pending = {prompt.key for prompt in prompts}
+    shared = set()
+    for batch in plan.batches if plan else ():
+        keys = {key for key, _ in batch}
+        if keys & pending:
+            shared |= keys - pending
+    return exact, plan, done_prompts(store, sorted(shared))
+
+
 def _claimed_job(config, store, model, tokenizer, prompts, signals, report, began, on_progress):
     from flows.generation.signals import SignalScoring
     from yalm_runner.config import SamplingParams
@@ -217,6 +257,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
     from yalm_runner.offload import OffloadPolicy
     from yalm_runner.session import open_session
 
+    exact, plan, done = _exact_state(config, model, report.worker_id, prompts, store)
     rows = [
         JobRow(
             prompt.key,
@@ -224,9 +265,9 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
             prompt.max_new_tokens,
             SamplingParams.from_mapping(prompt.sampling),
         )
-        for prompt in prompts
+        for prompt in [*prompts, *done]
     ]
-    job = GenerationJob(rows, tokenizer, model.config)
+    job = GenerationJob(rows, tokenizer, model.config, finished=[prompt.key for prompt in done])
     report.run_id = start_run(
         store, "generate", {"pending": len(prompts), "signals_pending": len(signals)}
     )
@@ -238,6 +279,7 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
         return
     settings = config.generation
     generating = len(job) > 0
+    sizing = job.sizing(plan)  # a saved plan's: the planner picks the batch it picked then
     try:
         with open_session(
             model,  # the store opened above, not opened and checked again
@@ -245,8 +287,8 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
             dtype=settings.torch_dtype(),
             policy=OffloadPolicy.from_settings(settings),
             batch_size=settings.batch_size if generating else None,
-            max_context=job.max_context,
-            rows=len(job),  # a plan for 13 prompts is not a plan for 512
+            max_context=sizing.max_context,
+            rows=sizing.rows,  # a plan for 13 prompts is not a plan for 512
             score_only=None if generating else scoring.shape,
         ) as session:
             report.batch_size = session.batch_size if generating else None
@@ -255,8 +297,9 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
             if scoring is not None:  # first: the robot's numbers before the long part
                 _take_scores(report, scoring.run(session, run_id=report.run_id))
             if generating:
-                sink = ForecastSink(store, session, prompts, report, settings.lease_s, on_progress)
-                _generate(session, job, sink, report, settings.checkpoint_every)
+                sink = ForecastSink(store, session, prompts, report, settings.lease_s, on_progress,
+                                    exact, plan)  # fmt: skip
+                _generate(session, job, sink, report, settings)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began
         status = "interrupted" if is_interrupt(exc) else "failed"
@@ -310,7 +353,7 @@ def _fingerprint(session: GenerationSession) -> str:
 class ForecastSink:
     """The generation job's sink in the store: saved ids under the session's fingerprint, each
     forecast committed on its own as it finishes, the worker's claims renewed at every
-    checkpoint."""
+    checkpoint; the plan and the KV checkpoints in the worker's state folder (``exact``)."""
 
     location = "the database"
 
@@ -322,7 +365,11 @@ class ForecastSink:
         report: GenerateReport,
         lease_s: float,
         on_progress: ProgressCallback | None,
+        exact: ExactState,
+        plan: BatchPlan | None,
     ) -> None:
+        self.exact = exact
+        self.plan = plan
         self.store = store
         self.fingerprint = _fingerprint(session)
         self.model_hash = session.store.manifest_sha256
@@ -339,7 +386,7 @@ class ForecastSink:
         self.unfinished, self.total = set(keys), len(keys)
         saved = {key: load_generation_state(self.store, key, fingerprint=self.fingerprint)
                  for key in keys}  # fmt: skip
-        return Checkpoint({key: tuple(ids) for key, ids in saved.items() if ids})
+        return Checkpoint({key: tuple(ids) for key, ids in saved.items() if ids}, self.plan)
 
     def renew(self) -> None:
         """Renew the lease on what is left to do; say so if some of it was taken over."""
@@ -375,6 +422,9 @@ class ForecastSink:
             self.on_progress(self.report.generated, self.total)
 
     def checkpoint(self, state: Checkpoint) -> None:
+        if state.kv is not None:  # its frame is fsynced: name it
+            self.exact.commit(state.kv)
+            self.exact.persist()
         save_generation_states(self.store, state.ids, fingerprint=self.fingerprint)
         self.renew()
 
@@ -383,8 +433,21 @@ class ForecastSink:
         if state.ids:
             save_generation_states(self.store, state.ids, fingerprint=self.fingerprint)
 
+    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
+        self.exact.record_plan(plan.to_dict(), replay=replay)
+
+    def restore_point(self, index: int) -> tuple[BatchRestore | None, str | None]:
+        return self.exact.restore_point(index)
+
+    def write_kv(self, live: BatchCheckpoint) -> WrittenFrame:
+        return self.exact.write_kv(live)
+
+    def batch_done(self, index: int) -> None:
+        self.exact.batch_done(index)
+
     def complete(self) -> None:
-        """Nothing to do: each forecast was committed as it finished."""
+        """Each forecast was committed as it finished: only the plan and KV state go."""
+        self.exact.remove()
 
 
 def _generate(
@@ -392,7 +455,7 @@ def _generate(
     job: GenerationJob,
     sink: ForecastSink,
     report: GenerateReport,
-    checkpoint_every: int,
+    settings,
 ) -> None:
     # Every row is checked before anything is generated; saved ids that cannot belong to the
     # row are dropped (that row starts over) rather than continued.
@@ -412,8 +475,15 @@ def _generate(
         # Longest prompts together: less padding. Signals stay with the caller (Prefect, the
         # command line): Ctrl-C arrives as KeyboardInterrupt, and the rows in flight are saved
         # on the way out as for any other error.
-        job.run(session, sink, checkpoint_every=checkpoint_every, longest_first=True,
-                catch_signals=False)  # fmt: skip
+        job.run(
+            session,
+            sink,
+            checkpoint_every=settings.checkpoint_every,
+            kv_checkpoint_interval_s=settings.kv_checkpoint_interval,
+            longest_first=True,
+            catch_signals=False,
+            notify=lambda line: log.info("generate: %s", line),
+        )
     finally:
         report.batch_size = max(job.stats.batch_sizes, default=0)
         report.new_tokens = job.stats.new_tokens

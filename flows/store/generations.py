@@ -100,23 +100,34 @@ def pending_prompts(
     if limit is not None:
         query = query.limit(limit)
     with store.reading() as session:
-        return [
-            PendingPrompt(
-                key=row.key,
-                text=row.text,
-                token_count=row.token_count,
-                max_new_tokens=row.max_new_tokens,
-                sampling=json.loads(row.sampling_json),
-                template_name=row.template_name,
-                template_version=row.template_version,
-                template_hash=row.template_hash,
-                language=row.language,
-                ticker=row.ticker,
-                as_of=row.as_of,
-                created_at=row.created_at,
-            )
-            for row in session.scalars(query)
-        ]
+        return [_pending(row) for row in session.scalars(query)]
+
+
+def done_prompts(store: Store, keys: Sequence[str]) -> list[PendingPrompt]:
+    """The prompts among ``keys`` that already have their forecast (a resumed job recomputes
+    the batch they shared with unfinished prompts, exactly as it first ran)."""
+    if not keys:
+        return []
+    query = select(Prompt).where(Prompt.key.in_(list(keys)), Prompt.status == "done")
+    with store.reading() as session:
+        return [_pending(row) for row in session.scalars(query.order_by(Prompt.key))]
+
+
+def _pending(row: Prompt) -> PendingPrompt:
+    return PendingPrompt(
+        key=row.key,
+        text=row.text,
+        token_count=row.token_count,
+        max_new_tokens=row.max_new_tokens,
+        sampling=json.loads(row.sampling_json),
+        template_name=row.template_name,
+        template_version=row.template_version,
+        template_hash=row.template_hash,
+        language=row.language,
+        ticker=row.ticker,
+        as_of=row.as_of,
+        created_at=row.created_at,
+    )
 
 
 def prompt_status(store: Store, prompt_key: str) -> str | None:

@@ -5,7 +5,9 @@ generation task has committed its N-th checkpoint of the rows in flight to the s
 itself SIGKILL: nothing gets to clean up, exactly as when the machine's OOM killer strikes.
 N = 0 runs to the end. With ``KILL_SIGNAL=SIGINT`` (or ``SIGTERM``) it sends that signal to its
 whole process group instead, as a terminal's Ctrl-C does, and writes the moment it did so to
-``$KILL_STAMP``.
+``$KILL_STAMP``. With ``KILL_MOMENT=prefill:K`` it dies instead as the K-th layer call of a
+prefill begins (mid-prefill), with ``KILL_MOMENT=decode:K`` as the K-th decode forward begins
+(between two checkpoints).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from flows.commands.cli import main
 from flows.generation import forecasting
+from yalm_runner import engine, model
 
 kill_after = int(sys.argv[1])
 saves = 0
@@ -37,4 +40,41 @@ def save_then_die(*args, **kwargs):
 
 
 forecasting.save_generation_states = save_then_die
+
+moment, _, count = os.environ.get("KILL_MOMENT", "").partition(":")
+calls = {"seen": 0}
+
+
+def tick() -> None:
+    calls["seen"] += 1
+    if calls["seen"] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if moment == "prefill":  # a generation batch's prefill (not a scoring pass)
+    plain_block, plain_prefill = model.block, engine.Engine._forward
+    prefilling = {"now": False}
+
+    def block_then_die(h, *args):
+        if prefilling["now"]:
+            tick()
+        return plain_block(h, *args)
+
+    def prefill(self, state, tokens):
+        prefilling["now"] = tokens.shape[1] > 1
+        try:
+            return plain_prefill(self, state, tokens)
+        finally:
+            prefilling["now"] = False
+
+    model.block, engine.Engine._forward = block_then_die, prefill
+elif moment == "decode":
+    plain_forward = engine.Engine._forward
+
+    def forward_then_die(self, state, tokens):
+        if tokens.shape[1] == 1:
+            tick()
+        return plain_forward(self, state, tokens)
+
+    engine.Engine._forward = forward_then_die
 sys.exit(main(sys.argv[2:]))

@@ -89,6 +89,14 @@ def test_defaults(tmp_path: Path):
     assert config.feeds[0].timeout_s == 0.5  # from feed_defaults
     assert config.feeds[0].max_bytes == 5_000_000
     assert config.schedule.timezone == "Europe/Moscow"
+    # Exact resume's files beside the database; its KV checkpoints every ten minutes.
+    assert config.state_dir == config.database_path.with_name(config.database_path.name + ".state")
+    assert config.generation.kv_checkpoint_interval == 600.0
+    postgres = load_config(write_config(tmp_path, database="postgresql://yalm@db/yalm"))
+    assert postgres.state_dir == tmp_path / "yalm-forecast.state"
+    assert load_config(write_config(tmp_path, state_dir="runs/state")).state_dir == (
+        tmp_path / "runs" / "state"
+    )
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda:1", "cuda:0,cuda:1", "cuda:all"])
@@ -140,6 +148,11 @@ def test_generation_devices_accept_several_gpus(tmp_path: Path, device: str):
          r"generation\.kv_bits: 4-bit KV is for a cache in pinned RAM"),
         ({"generation": {"kv_on": "ram"}}, r"generation\.kv_on: one of auto, gpu, cpu, got 'ram'"),
         ({"generation": {"weights_on": "nvme"}}, r"generation\.weights_on: one of auto, gpu"),
+        ({"generation": {"kv_checkpoint_interval": -5}},
+         r"generation\.kv_checkpoint_interval: must be >= 0\.0, got -5$"),
+        ({"generation": {"kv_checkpoint_interval": "10m"}},
+         r"generation\.kv_checkpoint_interval: expected a number, got '10m'$"),
+        ({"state_dir": 7}, r"state_dir: expected a string, got 7$"),
         ({"schedule": {"timezone": "Mars/Olympus"}}, r"schedule\.timezone: unknown time zone"),
         ({"schedule": {"cron": "every day"}}, r"schedule\.cron: five fields"),
     ],

@@ -2,8 +2,10 @@
 
 The killed runs are real ``yalm-forecast run`` processes on Prefect's ephemeral server (what a
 cron job or a person at a terminal gets), each SIGKILLed by itself right after a chosen
-checkpoint (``kill_child.py``), so the kill lands mid-generation by construction, not by timing.
-The reference is an uninterrupted run of the same config under ``prefect_test_harness``.
+checkpoint, inside a prefill or between two checkpoints (``kill_child.py``), so the kill lands
+mid-generation by construction, not by timing. The first test's reference is an uninterrupted
+run of the same config under ``prefect_test_harness``; the second's, on a model whose text the
+last bits decide (``flat_store``), an uninterrupted run of the same process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ AS_OF = "2024-05-14T06:00:00Z"
 KILL_CHILD = Path(__file__).resolve().parent / "kill_child.py"
 
 
-def kill_config(directory: Path, feed_server, model: Path) -> Path:
+def kill_config(directory: Path, feed_server, model: Path, **generation) -> Path:
     directory.mkdir()
     return write_config(
         directory,
@@ -37,8 +39,8 @@ def kill_config(directory: Path, feed_server, model: Path) -> Path:
         ],
         model=str(model),
         # Small batches so that a kill finds forecasts committed, rows in flight and rows not
-        # started; the job's text does not depend on the batch size.
-        generation={"device": "cpu", "batch_size": 2, "checkpoint_every": 2},
+        # started.
+        generation={"device": "cpu", "batch_size": 2, "checkpoint_every": 2, **generation},
     )
 
 
@@ -54,10 +56,13 @@ FORECASTS = (
 )
 
 
-def run_child(config_path: Path, kill_after: int, tmp_path: Path) -> tuple[int, str, str]:
+def run_child(
+    config_path: Path, kill_after: int, tmp_path: Path, moment: str = ""
+) -> tuple[int, str, str]:
     """Run the child in its own process group; returns (exit status, stdout, stderr)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     env.update(
+        KILL_MOMENT=moment,
         OMP_NUM_THREADS="1",
         PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own ephemeral server and database
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -111,3 +116,39 @@ def test_a_flow_killed_mid_generation_resumes_to_the_uninterrupted_table(
     assert table(killed, "SELECT * FROM generation_state") == []
     statuses = table(killed, "SELECT status, count(*) FROM prompts GROUP BY status")
     assert statuses == [("done", 7)]
+
+
+@pytest.mark.slow
+def test_a_flow_killed_anywhere_in_generation_resumes_exactly_on_a_flat_model(
+    feed_server, flat_store, tmp_path, monkeypatch
+):
+    """Sampling on, KV checkpointed at every checkpoint, killed inside a prefill, right after a
+    checkpoint, between two checkpoints and late: the stored forecasts are byte for byte an
+    uninterrupted run's, each stored once, and the state folder is gone at the end."""
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    settings = {"temperature": 0.8, "top_p": 0.9, "kv_checkpoint_interval": 1e-9}
+    reference = kill_config(tmp_path / "reference", feed_server, flat_store, **settings)
+    status, _, err = run_child(reference, 0, tmp_path)
+    assert status == 0, err[-3000:]
+    expected = table(reference, FORECASTS)
+    assert len(expected) == 7
+
+    killed = kill_config(tmp_path / "killed", feed_server, flat_store, **settings)
+    state_dir = load_config(killed).state_dir
+    told = []
+    for kill_after, moment in ((0, "prefill:3"), (3, ""), (0, "decode:5"), (0, "prefill:6")):
+        status, _, err = run_child(killed, kill_after, tmp_path, moment)
+        assert status == -signal.SIGKILL, err[-3000:]
+        told.append(err)
+        done = table(killed, FORECASTS)
+        assert len(done) < 7 and set(done) <= set(expected)  # what was committed is final
+        assert any(state_dir.rglob("state.json")), "the plan was not kept"
+    status, _, err = run_child(killed, 0, tmp_path)
+    assert status == 0, err[-3000:]
+    told = "\n".join([*told, err])
+    assert "goes on from its KV checkpoint" in told, told[-3000:]
+    assert "not exact" not in told and "unusable" not in told, told[-3000:]
+    assert table(killed, FORECASTS) == expected
+    assert table(killed, "SELECT count(*) FROM generations") == [(7,)]
+    assert not any(state_dir.rglob("*")), "the state folder was not cleared"
