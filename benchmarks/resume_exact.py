@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child-kill"]:
         return child(int(argv[1]), argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", help="default: cpu; cuda with --envelope")
     parser.add_argument("--model", help="a store to use instead of the flat random model")
     parser.add_argument("--dir", help="where to keep the model and the outputs (default: temp)")
     parser.add_argument("--layers", type=int, default=8)
@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envelope-shape", default="yalm-100b", help="tiny: a smoke run on a CPU")
     parser.add_argument("--kv-dir", help="where --envelope writes its KV files")
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if args.envelope else "cpu")
     if args.envelope:
         if args.new_tokens == 96:
             args.new_tokens = 128  # the envelope's own
