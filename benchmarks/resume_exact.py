@@ -24,6 +24,7 @@ use), tokens/s and bytes written per hour.
 
     python benchmarks/resume_exact.py [--device cuda] [--layers 4 --hidden 256 ...]
     python benchmarks/resume_exact.py --envelope --kv-dir /nvme/kvstate
+    python benchmarks/resume_exact.py --envelope --envelope-shape tiny   # a smoke run on the CPU
 """
 
 from __future__ import annotations
@@ -247,12 +248,33 @@ def _remove_tree(path: Path) -> None:
     path.rmdir()
 
 
+def envelope_prompts(vocab: int, rows: int, low: int, high: int, new: int) -> tuple:
+    """The envelope's prompts: ``low .. high`` tokens, ids spread over the vocabulary."""
+    from yalm_runner.engine import Request
+
+    span = high - low + 1
+    return tuple(
+        Request(
+            f"text{row}",
+            (
+                1,
+                *(
+                    (row * 7919 + pos * 31) % (vocab - 100) + 100
+                    for pos in range(low + row % span - 1)
+                ),
+            ),
+            new,
+        )
+        for row in range(rows)
+    )
+
+
 def envelope(args: argparse.Namespace) -> None:
     """YaLM-100B's envelope: the same batch with KV checkpoints off and at every checkpoint."""
     from dataclasses import replace
 
     from yalm_runner.batchstate import PlannedBatch
-    from yalm_runner.bench.envelope import CompressedSyntheticStore, _prompts
+    from yalm_runner.bench.envelope import CompressedSyntheticStore
     from yalm_runner.bench.synthetic import NO_EOS, SHAPES
     from yalm_runner.config import SamplingParams
     from yalm_runner.engine import Engine
@@ -262,24 +284,27 @@ def envelope(args: argparse.Namespace) -> None:
     from yalm_runner.quant import Quantization
     from yalm_runner.streaming import StreamingWeights
 
-    config = SHAPES["yalm-100b"]
+    config = SHAPES[args.envelope_shape]
     config = config if args.envelope_layers is None else replace(
         config, num_layers=args.envelope_layers)  # fmt: skip
-    dtype = torch.bfloat16
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), cpu_memory_bytes=parse_bytes(
         "64GiB"), weights_on="cpu", kv_on="auto", kv_bits=4)  # fmt: skip
     store = CompressedSyntheticStore(config, Quantization("int4", 128), dtype)  # as recorded
-    plan = plan_memory(store, torch.device("cuda"), dtype, policy, batch_size=None,
+    plan = plan_memory(store, device, dtype, policy, batch_size=None,
                        max_context=128 + args.new_tokens, prompt_tokens=128)  # fmt: skip
     print(f"plan: {plan.describe()}", file=sys.stderr)
     kv_dir = Path(args.kv_dir or tempfile.mkdtemp(prefix="kvstate-")) / "resume-exact-bench"
     results = {}
-    with StreamingWeights(store, "cuda", dtype, plan.placement, verify=False) as weights:
+    with StreamingWeights(store, device, dtype, plan.placement, verify=False) as weights:
         engine = Engine(weights, eos_id=NO_EOS, kv_on=plan.kv_on, kv_bits=4,
                         kv_layout=plan.kv_layout, prefill_rows=plan.prefill_rows)  # fmt: skip
         engine.reserve(plan.batch_size, plan.max_context)
-        requests = tuple(_prompts(plan.batch_size, 100, 128, args.new_tokens))
-        warm = tuple(_prompts(1, 8, 8, 2))
+
+        requests = envelope_prompts(config.vocab_size, plan.batch_size, 100, 128, args.new_tokens)
+        warm = envelope_prompts(config.vocab_size, 1, 8, 8, 2)
         engine.run_batches([PlannedBatch(0, warm, SamplingParams(greedy=True))])
         for name, every in (("off", False), ("every checkpoint", True)):
             state = ExactState(kv_dir, None, lambda: None)
@@ -294,19 +319,19 @@ def envelope(args: argparse.Namespace) -> None:
                     written["bytes"] += frame.header["frames"][-1][1]
 
             engine.stats = type(engine.stats)()
-            torch.cuda.synchronize()
+            synchronize()
             began = time.perf_counter()
             engine.run_batches(
                 [PlannedBatch(1, requests, SamplingParams(greedy=True))],
                 checkpoint_every=args.checkpoint_every,
                 on_checkpoint=on_checkpoint,
             )
-            torch.cuda.synchronize()
+            synchronize()
             elapsed = time.perf_counter() - began
             state.discard()
             new = plan.batch_size * args.new_tokens
             results[name] = (new / elapsed, elapsed, written["bytes"], written["s"])
-    print(f"YaLM-100B shape x {config.num_layers} layers, int4 g128, 4-bit KV; batch "
+    print(f"{args.envelope_shape} shape x {config.num_layers} layers, int4 g128, 4-bit KV; batch "
           f"{plan.batch_size}, -n {args.new_tokens}, --checkpoint-every {args.checkpoint_every}; "
           f"KV to {kv_dir}")  # fmt: skip
     print()
@@ -322,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child-kill"]:
         return child(int(argv[1]), argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", help="default: cpu; cuda with --envelope")
     parser.add_argument("--model", help="a store to use instead of the flat random model")
     parser.add_argument("--dir", help="where to keep the model and the outputs (default: temp)")
     parser.add_argument("--layers", type=int, default=8)
@@ -339,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each overhead setting")
     parser.add_argument("--envelope", action="store_true", help="YaLM-100B's envelope (CUDA)")
     parser.add_argument("--envelope-layers", type=int, help="fewer layers, for a smoke run")
+    parser.add_argument("--envelope-shape", default="yalm-100b", help="tiny: a smoke run on a CPU")
     parser.add_argument("--kv-dir", help="where --envelope writes its KV files")
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if args.envelope else "cpu")
     if args.envelope:
         if args.new_tokens == 96:
             args.new_tokens = 128  # the envelope's own

@@ -96,6 +96,8 @@ FORBIDDEN = {
         "kvcache",
     },
     "sampling": {"model", "checkpoint", "offload", "engine"},
+    # What a job records of its batches: nothing of files, engines or sinks.
+    "batchplan": {"engine", "kvcache", "kvstate", "fsutil", "runner", "resume", "session"},
     # A batch in flight as data: nothing of files, caches or jobs.
     "batchstate": {"engine", "kvcache", "kvstate", "fsutil", "generation", "runner", "resume"},
     # Exact resume's files: the records of batchstate, nothing of the engine, caches or jobs.

@@ -9,9 +9,10 @@ import signal
 
 import pytest
 
+from yalm_runner.batchplan import BatchPlan
 from yalm_runner.batchstate import BatchRestore, KVDelta
 from yalm_runner.config import SamplingParams
-from yalm_runner.generation import BatchPlan, Checkpoint, FinishedRow, GenerationJob, JobRow
+from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRow
 from yalm_runner.job import GenerationInterrupted, SignalGuard
 from yalm_runner.session import open_session
 

@@ -25,19 +25,13 @@ from typing import Any
 import torch
 
 from yalm_runner import settings
+from yalm_runner.batchplan import BatchPlan
 from yalm_runner.batchstate import BatchCheckpoint, BatchRestore
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import GenerationStats
 from yalm_runner.errors import ConfigError, GenerationError
-from yalm_runner.generation import (
-    BatchPlan,
-    Checkpoint,
-    FinishedRow,
-    GenerationJob,
-    JobRow,
-    StopStrings,
-)
+from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRow, StopStrings
 from yalm_runner.job import GenerationInterrupted
 from yalm_runner.kvstate import ExactState, WrittenFrame
 from yalm_runner.offload import OffloadPolicy

@@ -68,8 +68,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from flows.night.summaries import GenerateSummary
+    from yalm_runner.batchplan import BatchPlan
     from yalm_runner.batchstate import BatchCheckpoint, BatchRestore
-    from yalm_runner.generation import BatchPlan, Checkpoint, FinishedRow, GenerationJob
+    from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob
     from yalm_runner.kvstate import ExactState, WrittenFrame
     from yalm_runner.session import GenerationSession
 
@@ -229,7 +230,7 @@ def state_folder(config: PipelineConfig, worker_id: str) -> Path:
 def _exact_state(config, model, worker_id, prompts, store):
     """This worker's saved plan and KV state, and the done prompts that shared a planned batch
     with the pending ones (to recompute that batch as it first ran)."""
-    from yalm_runner.generation import BatchPlan
+    from yalm_runner.batchplan import BatchPlan
     from yalm_runner.kvstate import ExactState
 
     exact, problem = ExactState.in_folder(state_folder(config, worker_id), model.manifest_sha256)
