@@ -83,7 +83,9 @@ class GenerateReport:
     new_tokens: int = 0
     compute_s: float = 0.0
     wall_s: float = 0.0
-    batch_size: int | None = None  # the largest batch that ran
+    # The batch the memory plan sized: at most this many rows run together. The one source of
+    # "batch size" for the log line, the summary and the run's record.
+    batch_size: int | None = None
     device: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (prompt key, reason)
     signals_pending: int = 0
@@ -238,13 +240,15 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
         return
     settings = config.generation
     generating = len(job) > 0
+    # No larger than the job: a plan for 7 prompts keeps no KV cache for an eighth row.
+    batch_size = min(settings.batch_size, len(job)) if generating and settings.batch_size else None
     try:
         with open_session(
             model,  # the store opened above, not opened and checked again
             device=settings.device,
             dtype=settings.torch_dtype(),
             policy=OffloadPolicy.from_settings(settings),
-            batch_size=settings.batch_size if generating else None,
+            batch_size=batch_size,
             max_context=job.max_context,
             rows=len(job),  # a plan for 13 prompts is not a plan for 512
             score_only=None if generating else scoring.shape,
@@ -406,7 +410,7 @@ def _generate(
         sink.total,
         report.resumed,
         report.device,
-        session.batch_size,
+        report.batch_size,
     )
     try:
         # Longest prompts together: less padding. Signals stay with the caller (Prefect, the
@@ -415,6 +419,5 @@ def _generate(
         job.run(session, sink, checkpoint_every=checkpoint_every, longest_first=True,
                 catch_signals=False)  # fmt: skip
     finally:
-        report.batch_size = max(job.stats.batch_sizes, default=0)
         report.new_tokens = job.stats.new_tokens
         report.compute_s = job.stats.prefill_s + job.stats.decode_s

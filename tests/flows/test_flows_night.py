@@ -7,6 +7,7 @@ Each test asserts on stderr's exact last line: no test may pass on a traceback.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sqlite3
 import subprocess
@@ -212,3 +213,27 @@ def test_the_preflight_passes_without_importing_prefect(feed_server, tiny_store,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "[]\n"
+
+
+def test_the_log_and_the_summary_report_one_batch_size(feed_server, tiny_store, tmp_path):
+    # 7 prompts in two sampling groups (6 and 1) under batch_size 8: the plan, the log line and
+    # the summary used to say 8, 8 and 6.
+    serve_feeds(feed_server)
+    config = night_config(
+        tmp_path / "night", feed_server, tiny_store,
+        templates=[
+            {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 6}},
+            {"name": "morning_brief_ru", "generation": {"max_new_tokens": 6, "temperature": 0.5}},
+        ],
+        generation={"device": "cpu", "batch_size": 8, "greedy": True},
+    )  # fmt: skip
+    result = forecast(config, "run", "--as-of", AS_OF, env=environment(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_text = load_config(config).log_file.read_text(encoding="utf-8")
+    started = r"generate: 7 prompts \(0 resumed from saved ids\) on cpu, batch size (\d+)"
+    logged = re.findall(started, log_text)
+    summarized = re.findall(r"\| tokens/s \| [\d.]+ \| batch size (\d+) on cpu \|", result.stdout)
+    planned = re.findall(r"generate: memory plan: batch (\d+) rows", log_text)
+    [recorded] = table(config, "SELECT json_extract(details_json, '$.batch_size') FROM runs "
+                               "WHERE kind = 'generate'")  # fmt: skip
+    assert logged == summarized == planned == [str(recorded[0])] == ["7"]
