@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from flows import __version__
+from flows.commands.demo import DEMO_DIR
 from flows.commands.output import FORMATS, write_rows
 from flows.config import ENV_VAR, PipelineConfig, load_config, resolve_config_path
 from flows.errors import PipelineError
@@ -244,7 +245,7 @@ def _news(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     from flows.store.robot import COLUMNS, read_forecasts
 
-    config = load(args)
+    config = _config_to_read(args)
     forecasts = read_forecasts(
         config.database_url,
         since=args.since,
@@ -271,6 +272,35 @@ def _results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_to_read(args: argparse.Namespace) -> PipelineConfig:
+    """The config ``results`` and ``signals`` read: the chosen one, or, when none was named with
+    ``--config`` and the chosen one's SQLite database does not exist yet, the demo's beside it
+    (the quickstart in a folder with someone's own config); stderr says which database."""
+    from flows.commands.demo import demo_beside
+
+    config = load(args)
+    if getattr(args, "config", None) or not _missing_database(config):
+        return config
+    demo_path = demo_beside(Path.cwd())
+    if demo_path is None:
+        return config
+    demo = load_config(demo_path)
+    if _missing_database(demo):
+        return config
+    print(
+        f"yalm-forecast: showing the demo's database {demo.database_path} ({demo_path}): "
+        f"{config.database_path}, the database of {config_path(args).resolve()}, "
+        "does not exist yet",
+        file=sys.stderr,
+    )
+    return demo
+
+
+def _missing_database(config: PipelineConfig) -> bool:
+    """A SQLite database not created yet (a PostgreSQL one is never taken for missing)."""
+    return config.database_url.startswith("sqlite:///") and not config.database_path.exists()
+
+
 def _signals_by_prompt(database_url: str, forecasts) -> dict[str, dict[str, float]]:
     """Each forecast's signal (label -> calibrated probability), by prompt key."""
     from flows.store.robot import connect_readonly, read_signals
@@ -293,7 +323,7 @@ def _signals_by_prompt(database_url: str, forecasts) -> dict[str, dict[str, floa
 def _signals(args: argparse.Namespace) -> int:
     from flows.store.robot import SIGNAL_COLUMNS, read_signals
 
-    config = load(args)
+    config = _config_to_read(args)
     signals = read_signals(
         config.database_url, since=args.since, ticker=args.ticker, template=args.template,
         limit=args.limit,
@@ -474,8 +504,8 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dir", default="yalm-forecast-demo", metavar="DIR",
-        help="where the demo keeps its model, database and log (default ./yalm-forecast-demo)",
+        "--dir", default=DEMO_DIR, metavar="DIR",
+        help=f"where the demo keeps its model, database and log (default ./{DEMO_DIR})",
     )  # fmt: skip
 
 
