@@ -50,6 +50,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.commands.console import attach_log_file, run_markdown
 from flows.config import load_config
 from flows.errors import PipelineError
+from flows.generation.progress import ProgressPublisher, ProgressSender, PublisherFactory
 from flows.generation.shards import (
     check_shard,
     in_shard,
@@ -57,10 +58,10 @@ from flows.generation.shards import (
     shard_worker_id,
     split_round_robin,
 )
-from flows.night.runner import publish_summary, run_night
+from flows.night.runner import one_line, publish_summary, run_night
 from flows.night.steps import NightRef, Step, generate_step, ingest_step, render_step
 from flows.night.summaries import Failure, GenerateSummary, NightSummary, Outcome
-from flows.store.database import open_store
+from flows.store.database import open_store, utc_now
 from flows.store.generations import pending_prompts
 
 FLOW_NAME = "news-to-forecast"
@@ -70,6 +71,7 @@ GPU_LEASE_S = 120.0  # renewed while generating; a dead holder's slot returns af
 ARTIFACT_KEY = "news-to-forecast-run"
 RETRY_DELAY_S = 30  # one number: the UI shows a list of delays as "NaNs"
 RETRIES = 2
+VIEW_TIMEOUT_S = 10.0  # a Prefect call that is only a view of the night (progress, tags)
 log = logging.getLogger("flows.pipeline")
 
 _NOT_TRANSIENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -189,8 +191,62 @@ def generate(
     """Score the pending signals, then claim and generate the pending prompts (only ``keys``, if
     given), in one model session, each signal and forecast committed on its own (resumable);
     ``worker_id`` defaults to this host and device."""
+    every_s = load_config(config_path).generation.progress_every_s
     with gpu_slot():
-        return generate_step(config_path, night or NightRef(None, ""), keys, worker_id)
+        return generate_step(config_path, night or NightRef(None, ""), keys, worker_id,
+                             publish=prefect_progress(every_s))  # fmt: skip
+
+
+def prefect_progress(every_s: float) -> PublisherFactory | None:
+    """Progress artifacts (``news-to-forecast-generation``, ``news-to-forecast-scoring``) for
+    the jobs of the Prefect run this is called in, updated at most every ``every_s`` seconds;
+    None outside a run (nothing to attach them to)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return None
+
+    def publisher(kind: str) -> ProgressPublisher:
+        key = f"{FLOW_NAME}-{kind}"
+        sender = ProgressSender(
+            f"the Prefect progress artifact {key}",
+            create=lambda percent, text: _create_progress(key, f"{kind}: {text}", percent),
+            update=lambda artifact, percent, text: _update_progress(
+                artifact, f"{kind}: {text}", percent
+            ),
+        )
+        return ProgressPublisher(sender, every_s=every_s)
+
+    return publisher
+
+
+@contextmanager
+def _without_retries() -> Iterator[None]:
+    """Prefect calls that are only a view of the night (progress, tags): no retries and a short
+    timeout, so that a server that went away costs seconds, not minutes."""
+    from prefect.settings import (
+        PREFECT_API_REQUEST_TIMEOUT,
+        PREFECT_CLIENT_MAX_RETRIES,
+        temporary_settings,
+    )
+
+    updates = {PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: VIEW_TIMEOUT_S}
+    with temporary_settings(updates=updates):
+        yield
+
+
+def _create_progress(key: str, description: str, percent: float):
+    from prefect.artifacts import create_progress_artifact
+
+    with _without_retries():
+        return create_progress_artifact(percent, key=key, description=description)
+
+
+def _update_progress(artifact_id, description: str, percent: float) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    with _without_retries():
+        update_progress_artifact(artifact_id, percent, description=description)
 
 
 @task(name="publish", **TRANSIENT_RETRIES)
@@ -222,6 +278,25 @@ def _night_run_name() -> str:
     return f"night of {as_of}"
 
 
+def _tag_night(moment: datetime) -> None:
+    """Tag this flow run with its night (``night:2024-05-14``, UTC) for the UI's filters;
+    best-effort: a tag that cannot be written is logged, never the night's fault."""
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    tag = f"night:{moment.astimezone(timezone.utc):%Y-%m-%d}"
+    if context is None or context.flow_run is None:
+        return
+    try:
+        with _without_retries(), get_client(sync_client=True) as client:
+            tags = client.read_flow_run(context.flow_run.id).tags
+            if tag not in tags:
+                client.update_flow_run(context.flow_run.id, tags=[*tags, tag])
+    except Exception as exc:  # best-effort: the UI's filter, never the night
+        log.warning("the flow run could not be tagged %s: %s", tag, one_line(exc))
+
+
 def night_state(summary: NightSummary):
     """The flow run's final state for how the night ended (docs/night.md): ``Completed`` when
     done; ``Failed`` named ``Partial`` for a partial night (red in the UI and counted, the cause
@@ -249,7 +324,8 @@ def news_to_forecast(config_path: str, as_of: str | None = None):
     run ends in the state ``night_state`` maps the outcome to; its data is the ``NightSummary``.
     """
     attach_log_file(load_config(config_path).log_file)
-    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
+    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else utc_now()
+    _tag_night(moment)
     summary = run_night(config_path, moment, call=_call_as_task)
     try:
         publish(config_path, summary)

@@ -205,6 +205,7 @@ class Engine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Finished]:
         """Run every request; return the finished rows in request order.
 
@@ -212,13 +213,17 @@ class Engine:
         store it at once. Every ``checkpoint_every`` decode steps, ``on_checkpoint`` receives
         the ids generated so far by every row in flight (the state a resume needs; see
         ``snapshot``). ``stop(request, generated)`` may end a row early (a stop sequence, say);
-        such a row finishes with reason ``"stop"``.
+        such a row finishes with reason ``"stop"``. ``on_step(new_tokens)`` follows every
+        step's sampling with the tokens it added (one per row in flight): progress, not state;
+        it must return at once.
         """
         pending = list(requests)
         finished, runnable = self.settle(pending, on_finished)
         for start in range(0, len(runnable), batch_size):
             batch = runnable[start : start + batch_size]
-            for done in self._run_batch(batch, sampling, checkpoint_every, on_checkpoint, stop):
+            for done in self._run_batch(
+                batch, sampling, checkpoint_every, on_checkpoint, stop, on_step
+            ):
                 finished[done.key] = done
                 if on_finished is not None:
                     on_finished(done)
@@ -260,6 +265,7 @@ class Engine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> Iterable[Finished]:
         config, device = self.config, self.device
         contexts = [list(request.prompt_ids) + list(request.generated) for request in requests]
@@ -324,6 +330,8 @@ class Engine:
                     )
                 else:
                     keep.append(row)
+            if on_step is not None:
+                on_step(len(next_ids))
             if len(keep) < len(next_ids):
                 next_ids = [next_ids[row] for row in keep]
                 state.keep(keep)

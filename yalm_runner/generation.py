@@ -24,7 +24,7 @@ return what did not fit: the runner refuses the job, the pipeline fails or resta
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -170,6 +170,11 @@ class GenerationJob:
         return max((len(r.prompt_ids) + len(r.generated) for r in self.requests), default=1)
 
     @property
+    def tokens_left(self) -> int:
+        """The new tokens the rows may still add: their budgets less the ids restored."""
+        return sum(request.remaining for request in self.requests)
+
+    @property
     def resumed(self) -> int:
         """Rows that go on from restored ids."""
         return sum(bool(request.generated) for request in self.requests)
@@ -218,6 +223,7 @@ class GenerationJob:
         checkpoint_every: int,
         longest_first: bool = False,
         catch_signals: bool = True,
+        on_step: Callable[[int], None] | None = None,
     ) -> GenerationStats:
         """Generate every row into ``sink``; return what the engine did for it.
 
@@ -226,7 +232,8 @@ class GenerationJob:
         does not depend on its batch). Every ``checkpoint_every`` decode steps the rows in
         flight go to ``sink.checkpoint``. On SIGINT/SIGTERM (when ``catch_signals``) they go to
         ``sink.save`` and ``GenerationInterrupted`` is raised; on any other error they go to
-        ``sink.save`` and the error is raised.
+        ``sink.save`` and the error is raised. ``on_step(new_tokens)`` follows every decode step
+        (``Engine.generate``): progress for a front end, never state.
         """
         engine = self._engine = session.engine
         self._stats_before = copy.deepcopy(engine.stats)
@@ -281,6 +288,7 @@ class GenerationJob:
                     checkpoint_every=checkpoint_every,
                     on_checkpoint=on_checkpoint,
                     stop=self.stops if self.stops else None,
+                    on_step=on_step,
                 )
             with guard.critical():
                 sink.complete()

@@ -85,6 +85,7 @@ class MultiEngine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Finished]:
         """As ``Engine.generate``; callbacks are called from the device threads, one at a time."""
         pending = list(requests)
@@ -110,6 +111,7 @@ class MultiEngine:
                 checkpoint_every=checkpoint_every,
                 on_checkpoint=locked(on_checkpoint),
                 stop=locked(stop),
+                on_step=locked(on_step),
             ):
                 finished[done.key] = done
 

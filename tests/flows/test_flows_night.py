@@ -216,8 +216,8 @@ def test_the_preflight_passes_without_importing_prefect(feed_server, tiny_store,
 
 
 def test_the_log_and_the_summary_report_one_batch_size(feed_server, tiny_store, tmp_path):
-    # 7 prompts in two sampling groups (6 and 1) under batch_size 8: the plan, the log line and
-    # the summary used to say 8, 8 and 6.
+    # 7 prompts in two sampling groups (6 and 1) under batch_size 8: the plan and the log line
+    # said 8, the summary 6 (the largest batch that ran). The plan's batch is the one figure.
     serve_feeds(feed_server)
     config = night_config(
         tmp_path / "night", feed_server, tiny_store,
@@ -236,4 +236,4 @@ def test_the_log_and_the_summary_report_one_batch_size(feed_server, tiny_store, 
     planned = re.findall(r"generate: memory plan: batch (\d+) rows", log_text)
     [recorded] = table(config, "SELECT json_extract(details_json, '$.batch_size') FROM runs "
                                "WHERE kind = 'generate'")  # fmt: skip
-    assert logged == summarized == planned == [str(recorded[0])] == ["7"]
+    assert logged == summarized == planned == [str(recorded[0])] == ["8"]
