@@ -50,7 +50,6 @@ from prefect.artifacts import create_markdown_artifact
 from flows.commands.console import attach_log_file, run_markdown
 from flows.config import load_config
 from flows.errors import PipelineError
-from flows.generation.progress import ProgressPublisher, ProgressSender, PublisherFactory
 from flows.generation.shards import (
     check_shard,
     in_shard,
@@ -58,20 +57,28 @@ from flows.generation.shards import (
     shard_worker_id,
     split_round_robin,
 )
-from flows.night.runner import one_line, publish_summary, run_night
+from flows.night.runner import publish_summary, run_night
 from flows.night.steps import NightRef, Step, generate_step, ingest_step, render_step
 from flows.night.summaries import Failure, GenerateSummary, NightSummary, Outcome
+from flows.prefect_link import (
+    FLOW_NAME,
+    DetachingCaller,
+    current_link,
+    prefect_progress,
+    prefect_unreachable,
+    recorded,
+    server_link,
+    tag_night,
+)
 from flows.store.database import open_store, utc_now
 from flows.store.generations import pending_prompts
 
-FLOW_NAME = "news-to-forecast"
 SHARD_FLOW_NAME = "generate-shard"
 GPU_LIMIT = "yalm-forecast-gpu"
 GPU_LEASE_S = 120.0  # renewed while generating; a dead holder's slot returns after this
 ARTIFACT_KEY = "news-to-forecast-run"
 RETRY_DELAY_S = 30  # one number: the UI shows a list of delays as "NaNs"
 RETRIES = 2
-VIEW_TIMEOUT_S = 10.0  # a Prefect call that is only a view of the night (progress, tags)
 log = logging.getLogger("flows.pipeline")
 
 _NOT_TRANSIENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -126,7 +133,9 @@ def _retry_if_transient(task_, task_run, state) -> bool:
     try:
         state.result()
     except Exception as exc:
-        transient = is_transient(exc)
+        # A Prefect server that stopped answering is not the step's fault: the night goes on
+        # without it (``prefect_link.DetachingCaller``) rather than retrying against it.
+        transient = is_transient(exc) and not prefect_unreachable(exc)
         if not transient:
             log.info("%s: not retried (%s)", task_.name, type(exc).__name__)
         return transient
@@ -140,8 +149,8 @@ TRANSIENT_RETRIES = dict(
 )
 
 
-ingest = task(name="ingest", **TRANSIENT_RETRIES)(ingest_step)
-render = task(name="render", **TRANSIENT_RETRIES)(render_step)
+ingest = task(name="ingest", **TRANSIENT_RETRIES)(recorded(ingest_step))
+render = task(name="render", **TRANSIENT_RETRIES)(recorded(render_step))
 _TASKS = {"ingest": ingest, "render": render}
 
 
@@ -161,8 +170,35 @@ def gpu_slot() -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     _ensure_gpu_limit()
-    with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S, strict=True):
+    # A lease that cannot be renewed (the server went away) must not stop the generation: the
+    # device lock is the guarantee on this machine, and the lease runs out on its own.
+    slot = concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S, strict=True,
+                       raise_on_lease_renewal_failure=False)  # fmt: skip
+    with _released_best_effort(slot):
         yield
+
+
+@contextmanager
+def _released_best_effort(slot) -> Iterator[None]:
+    """Hold ``slot`` (a context manager); a release that fails because the server stopped
+    answering is logged, not raised (the lease runs out on its own), and never hides the
+    error of the block."""
+    slot.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            slot.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception as failure:
+            if failure is not exc and not prefect_unreachable(failure):
+                raise
+        raise
+    try:
+        slot.__exit__(None, None, None)
+    except Exception as failure:
+        if not current_link().met(failure, "generate"):
+            raise
+        log.info("generate: the GPU slot's lease runs out on its own within %.0f s", GPU_LEASE_S)
 
 
 def _ensure_gpu_limit() -> None:
@@ -193,60 +229,8 @@ def generate(
     ``worker_id`` defaults to this host and device."""
     every_s = load_config(config_path).generation.progress_every_s
     with gpu_slot():
-        return generate_step(config_path, night or NightRef(None, ""), keys, worker_id,
-                             publish=prefect_progress(every_s))  # fmt: skip
-
-
-def prefect_progress(every_s: float) -> PublisherFactory | None:
-    """Progress artifacts (``news-to-forecast-generation``, ``news-to-forecast-scoring``) for
-    the jobs of the Prefect run this is called in, updated at most every ``every_s`` seconds;
-    None outside a run (nothing to attach them to)."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if TaskRunContext.get() is None and FlowRunContext.get() is None:
-        return None
-
-    def publisher(kind: str) -> ProgressPublisher:
-        key = f"{FLOW_NAME}-{kind}"
-        sender = ProgressSender(
-            f"the Prefect progress artifact {key}",
-            create=lambda percent, text: _create_progress(key, f"{kind}: {text}", percent),
-            update=lambda artifact, percent, text: _update_progress(
-                artifact, f"{kind}: {text}", percent
-            ),
-        )
-        return ProgressPublisher(sender, every_s=every_s)
-
-    return publisher
-
-
-@contextmanager
-def _without_retries() -> Iterator[None]:
-    """Prefect calls that are only a view of the night (progress, tags): no retries and a short
-    timeout, so that a server that went away costs seconds, not minutes."""
-    from prefect.settings import (
-        PREFECT_API_REQUEST_TIMEOUT,
-        PREFECT_CLIENT_MAX_RETRIES,
-        temporary_settings,
-    )
-
-    updates = {PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: VIEW_TIMEOUT_S}
-    with temporary_settings(updates=updates):
-        yield
-
-
-def _create_progress(key: str, description: str, percent: float):
-    from prefect.artifacts import create_progress_artifact
-
-    with _without_retries():
-        return create_progress_artifact(percent, key=key, description=description)
-
-
-def _update_progress(artifact_id, description: str, percent: float) -> None:
-    from prefect.artifacts import update_progress_artifact
-
-    with _without_retries():
-        update_progress_artifact(artifact_id, percent, description=description)
+        return recorded(generate_step)(config_path, night or NightRef(None, ""), keys, worker_id,
+                                       publish=prefect_progress(every_s))  # fmt: skip
 
 
 @task(name="publish", **TRANSIENT_RETRIES)
@@ -265,7 +249,7 @@ def _call_as_task(step: Step, config_path: str, night: NightRef) -> object:
     ``generate_all`` (shards when configured), tagged ``gpu`` only when it runs on one."""
     if step.name == "generate":
         return generate_all(config_path, night)
-    wrapped = _TASKS.get(step.name) or task(name=step.name, **TRANSIENT_RETRIES)(step.run)
+    wrapped = _TASKS.get(step.name) or task(name=step.name, **TRANSIENT_RETRIES)(recorded(step.run))
     return wrapped(config_path, night)
 
 
@@ -276,25 +260,6 @@ def _night_run_name() -> str:
         "%Y-%m-%dT%H:%MZ"
     )
     return f"night of {as_of}"
-
-
-def _tag_night(moment: datetime) -> None:
-    """Tag this flow run with its night (``night:2024-05-14``, UTC) for the UI's filters;
-    best-effort: a tag that cannot be written is logged, never the night's fault."""
-    from prefect import get_client
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    tag = f"night:{moment.astimezone(timezone.utc):%Y-%m-%d}"
-    if context is None or context.flow_run is None:
-        return
-    try:
-        with _without_retries(), get_client(sync_client=True) as client:
-            tags = client.read_flow_run(context.flow_run.id).tags
-            if tag not in tags:
-                client.update_flow_run(context.flow_run.id, tags=[*tags, tag])
-    except Exception as exc:  # best-effort: the UI's filter, never the night
-        log.warning("the flow run could not be tagged %s: %s", tag, one_line(exc))
 
 
 def night_state(summary: NightSummary):
@@ -325,14 +290,29 @@ def news_to_forecast(config_path: str, as_of: str | None = None):
     """
     attach_log_file(load_config(config_path).log_file)
     moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else utc_now()
-    _tag_night(moment)
-    summary = run_night(config_path, moment, call=_call_as_task)
+    with server_link() as link, DetachingCaller(link, _call_as_task) as call:
+        tag_night(moment)
+        summary = run_night(config_path, moment, call=call)
+        _publish(config_path, summary, link)
+        link.summary = summary
+    return night_state(summary)
+
+
+def _publish(config_path: str, summary: NightSummary, link) -> None:
+    """The ``publish`` task while the server answers; once it does not, the table alone (the
+    step may run twice: it tidies the store and counts what the robot sees)."""
     try:
-        publish(config_path, summary)
-    except Exception as exc:  # the forecasts are stored: the table is only a copy of the news
+        if link.lost is None:
+            try:
+                publish(config_path, summary)
+                return
+            except Exception as exc:
+                if not link.met(exc, "publish"):
+                    raise
+        publish_summary(config_path, summary)
+    except Exception as exc:  # the forecasts are stored: the table is only a copy of them
         log.error("publish failed: %s", exc, exc_info=exc)
         summary.markdown = run_markdown(summary)
-    return night_state(summary)
 
 
 def generate_all(config_path: str, night: NightRef) -> GenerateSummary:

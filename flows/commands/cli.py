@@ -345,14 +345,23 @@ def _start_prefect(config: PipelineConfig | None = None, verbose: bool = False):
 
     if config is not None:
         configure_logging(config.log_file, verbose=verbose)
+    _prefect_defaults()
+    from flows import pipeline
+
+    return pipeline
+
+
+def _prefect_defaults() -> None:
+    """Prefect's settings for this process, unless set otherwise: read when Prefect is first
+    imported, so set before anything imports it."""
     # The pipeline's own log lines also go to the Prefect UI with each run.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flows")
     # Offline by default: no usage reports from a temporary server (set it to true to allow).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    from flows import pipeline
-
-    return pipeline
+    # One retry, not five with a doubling back-off (a minute a call): a server that went away
+    # costs the night seconds before it goes on without it (flows.prefect_link).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
 
 
 def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
@@ -367,18 +376,57 @@ def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
     for failure in report.template_failures:
         logging.getLogger("flows.preflight").error("preflight: %s", failure.line())
     path = str(config_file.resolve())
+    lost = None
+    _prefect_defaults()
     if _prefect_server_configured():
-        flow = _start_prefect().news_to_forecast
-        state = flow(config_path=path, as_of=as_of, return_state=True)
-        summary = state.result(raise_on_failure=False)
-        if isinstance(summary, BaseException):  # the flow itself crashed: not one of ours
-            raise summary
+        summary, lost = _night_as_flow_run(path, as_of)
     else:
         summary = _night_here(path, as_of)
     sys.stdout.write(summary.markdown)
     if summary.outcome is not Outcome.DONE:
         print(f"yalm-forecast: {summary.outcome.word}: {summary.cause()}", file=sys.stderr)
+    elif lost is not None:
+        print(
+            f"yalm-forecast: done; the Prefect server stopped answering {lost}, so its record "
+            "of this night is incomplete: runs_v1 has all of it",
+            file=sys.stderr,
+        )
     return summary.exit_code
+
+
+def _night_as_flow_run(config_path: str, as_of: str | None):
+    """The night as a flow run on the configured Prefect server, and why that server was lost
+    (None: it answered throughout). The server is a view of the night, not a condition of it:
+    one that stops answering is gone on without (``flows.prefect_link``), one that does not
+    answer before the night starts has the night run here instead."""
+    pipeline = _start_prefect()
+    from flows.prefect_link import prefect_unreachable, quiet_after_loss, server_link
+
+    log = logging.getLogger("flows.pipeline")
+    with server_link() as link:
+        try:
+            state = pipeline.news_to_forecast(config_path=config_path, as_of=as_of,
+                                              return_state=True)  # fmt: skip
+        except Exception as exc:
+            if not prefect_unreachable(exc):
+                raise
+            if link.summary is None:  # the server never let the night begin
+                log.warning(
+                    "the Prefect server does not answer (%s); running the night in this "
+                    "process without it",
+                    " ".join(str(exc).split()),
+                )
+                quiet_after_loss()
+                return _night_here(config_path, as_of), "before the night began"
+            link.lose(exc, "the end of the night")  # it ended; Prefect could not record that
+    if link.lost is not None:
+        quiet_after_loss()
+        if link.summary is not None:
+            return link.summary, link.lost
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):  # the flow itself crashed: not one of ours
+        raise summary
+    return summary, None
 
 
 def _night_here(config_path: str, as_of: str | None):

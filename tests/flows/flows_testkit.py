@@ -234,3 +234,49 @@ class LoopbackProxy:
                 return b"", False
             buffer = rest[length:]
         return buffer, True
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, *, startup_timeout_s: float = 300.0):
+    """A Prefect API server of its own (the command Prefect's temporary server runs, with its
+    database under ``home``), in its own process group; yields (process, API URL). Ended,
+    with whatever it started, on the way out."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import prefect
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false")  # fmt: skip
+    command = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+        "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+        "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+    log = (home.parent / f"{home.name}.log").open("wb")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the Prefect server did not start: {home.name}.log")
+            time.sleep(0.2)
+        yield server, url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+        log.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flows_testkit import LoopbackProxy, sample, write_config
+from flows_testkit import LoopbackProxy, sample, wait_for, write_config
 
 from flows.commands.cli import main
 from flows.generation.progress import ProgressPublisher, ProgressSender
@@ -39,19 +39,38 @@ def progress_config(directory: Path, feed_server, model: Path) -> Path:
         directory,
         feeds=[{"name": n, "url": feed_server.url(f"/{n}")} for n in ("rss", "atom")],
         templates=[
-            {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 48}},
-            {"name": "morning_brief_ru", "generation": {"max_new_tokens": 48}},
+            {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 16}},
+            {"name": "morning_brief_ru", "generation": {"max_new_tokens": 16}},
         ],
         model=str(model),
-        # Two rows a batch: each pair of forecasts is 48 decode steps.
-        generation={"device": "cpu", "batch_size": 2, "greedy": True, "progress_every_s": 0},
+        # Two rows a batch: each pair of forecasts is 16 decode steps, each step saved.
+        generation={
+            "device": "cpu",
+            "batch_size": 2,
+            "greedy": True,
+            "checkpoint_every": 1,
+            "progress_every_s": 0,
+        },
     )
 
 
 def test_a_night_under_prefect_is_tagged_and_shows_its_progress_every_few_steps(
-    prefect_harness, feed_server, tiny_store, tmp_path, capsys
+    prefect_harness, feed_server, tiny_store, tmp_path, capsys, monkeypatch
 ):
     from prefect import get_client
+
+    from flows.generation import forecasting
+
+    # A decode step of the tiny model takes a few milliseconds, less than an update's round
+    # trip: each step's save is made to take 30 ms, as on a slow disk, so that a forecast
+    # lasts long enough to be seen more than once.
+    save = forecasting.save_generation_states
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.03)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(forecasting, "save_generation_states", slow_save)
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
@@ -126,16 +145,21 @@ def test_a_refused_sender_fails_once_into_the_log_and_never_holds_the_job(caplog
     assert line.endswith("; not updated again this run")
 
 
-def test_a_server_that_never_answers_cannot_stall_the_end_of_a_job():
-    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+def test_a_server_that_never_answers_cannot_stall_the_end_of_a_job(caplog):
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
     url = f"http://127.0.0.1:{silent.getsockname()[1]}/artifacts"
     sender = ProgressSender(
         "the progress record at a silent server",
         create=lambda percent, text: httpx.post(url, json={"data": percent}, timeout=60),
         update=lambda handle, percent, text: None,
     )
+    caplog.set_level(logging.WARNING, logger="flows.pipeline")
     began = time.perf_counter()
-    with silent, ProgressPublisher(sender, every_s=5.0, close_timeout_s=0.5) as publisher:
+    with ProgressPublisher(sender, every_s=5.0, close_timeout_s=0.5) as publisher:
         publisher.set(100.0, "done")
     assert time.perf_counter() - began < 3.0
-    assert not publisher.failed  # still waiting on its own thread, which the job left behind
+    assert not publisher.failed  # still waiting, on its own thread, which the job left behind
+    silent.close()  # the server goes away: the waiting call fails, once, into the log
+    wait_for(lambda: publisher.failed, timeout_s=30.0)
+    [line] = [record.getMessage() for record in caplog.records]
+    assert line.startswith("progress: the progress record at a silent server: ")
