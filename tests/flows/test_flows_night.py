@@ -10,6 +10,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -332,3 +333,27 @@ def test_a_prefect_server_killed_mid_night_costs_seconds_and_the_exit_code_follo
     assert len(table(config, FORECASTS)) == 7
     log_text = load_config(config).log_file.read_text(encoding="utf-8")
     assert "generate: the Prefect server stopped answering (" in log_text
+
+
+def test_a_prefect_server_that_never_answers_leaves_the_night_to_this_process(
+    feed_server, tiny_store, tmp_path
+):
+    serve_feeds(feed_server)
+    config = night_config(tmp_path / "night", feed_server, tiny_store)
+    with socket.socket() as probe:  # a port nothing listens on: every connection is refused
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    env = environment(tmp_path, PREFECT_API_URL=url)
+    result = forecast(config, "run", "--as-of", AS_OF, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines()[0].endswith(
+        f"WARNING the Prefect server does not answer (Failed to reach API at {url}/); running "
+        "the night in this process without it"
+    )
+    assert last_line(result.stderr) == (
+        "yalm-forecast: done; the Prefect server stopped answering before the night began, so "
+        "its record of this night is incomplete: runs_v1 has all of it"
+    )
+    assert "Traceback" not in result.stderr
+    [night] = read_runs(load_config(config).database_url)
+    assert (night.outcome, night.forecasts_stored) == ("done", 7)
