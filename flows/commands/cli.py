@@ -346,6 +346,10 @@ def _start_prefect(config: PipelineConfig | None = None, verbose: bool = False):
     if config is not None:
         configure_logging(config.log_file, verbose=verbose)
     _prefect_defaults()
+    if not _prefect_server_configured():  # Prefect will start a temporary server of its own
+        from flows.commands.serverguard import guard_temporary_servers
+
+        guard_temporary_servers(config.log_file if config is not None else None)
     from flows import pipeline
 
     return pipeline

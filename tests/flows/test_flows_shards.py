@@ -78,7 +78,8 @@ def finish(worker, err) -> tuple[int, str]:
     try:
         status = worker.wait(timeout=600)
     finally:
-        # A SIGKILLed run leaves its ephemeral Prefect server behind: end its process group.
+        # Whatever the worker started ends with it: its process group (a SIGKILLed worker's
+        # temporary Prefect server is ended by its guard too: test_flows_kill).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
         err.close()
