@@ -12,6 +12,11 @@ error, a network error); a bad config, a broken checkpoint, a budget that cannot
 or running out of memory fail the run at once with the reason. Feed faults are retried inside
 ``ingest_feeds`` per feed, so one dead feed costs its own retries, not the run's.
 
+The server is a view of the night, never a condition of it (``flows.prefect_link``): the run is
+tagged with its night and its jobs keep progress artifacts, best-effort; a server that stops
+answering is never retried against (not a transient fault of a step), and the night goes on
+without it, each step in this process.
+
 Only one generation uses the GPU at a time. On one machine the guarantee is the device lock
 (``flows.generation.devicelock``: released by the kernel even when a run is SIGKILLed). When a
 Prefect
@@ -63,6 +68,7 @@ from flows.night.summaries import Failure, GenerateSummary, NightSummary, Outcom
 from flows.prefect_link import (
     FLOW_NAME,
     DetachingCaller,
+    ServerLink,
     current_link,
     prefect_progress,
     prefect_unreachable,
@@ -190,7 +196,7 @@ def _released_best_effort(slot) -> Iterator[None]:
         try:
             slot.__exit__(type(exc), exc, exc.__traceback__)
         except Exception as failure:
-            if failure is not exc and not prefect_unreachable(failure):
+            if failure is not exc and not current_link().met(failure, "generate"):
                 raise
         raise
     try:
@@ -298,7 +304,7 @@ def news_to_forecast(config_path: str, as_of: str | None = None):
     return night_state(summary)
 
 
-def _publish(config_path: str, summary: NightSummary, link) -> None:
+def _publish(config_path: str, summary: NightSummary, link: ServerLink) -> None:
     """The ``publish`` task while the server answers; once it does not, the table alone (the
     step may run twice: it tidies the store and counts what the robot sees)."""
     try:

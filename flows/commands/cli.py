@@ -370,7 +370,8 @@ def _prefect_defaults() -> None:
 
 def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
     """The preflight, then one night: in this process, or as a Prefect flow run when a Prefect
-    server is configured. Ends with one line on stderr when the night is not ``done``."""
+    server is configured. Ends with one line on stderr when the night is not ``done``, or when
+    its Prefect server stopped answering (docs/night.md)."""
     from flows.commands.console import configure_logging
     from flows.night.preflight import preflight
     from flows.night.summaries import Outcome
@@ -404,6 +405,7 @@ def _night_as_flow_run(config_path: str, as_of: str | None):
     one that stops answering is gone on without (``flows.prefect_link``), one that does not
     answer before the night starts has the night run here instead."""
     pipeline = _start_prefect()
+    from flows.night.runner import one_line
     from flows.prefect_link import prefect_unreachable, quiet_after_loss, server_link
 
     log = logging.getLogger("flows.pipeline")
@@ -418,7 +420,7 @@ def _night_as_flow_run(config_path: str, as_of: str | None):
                 log.warning(
                     "the Prefect server does not answer (%s); running the night in this "
                     "process without it",
-                    " ".join(str(exc).split()),
+                    one_line(exc),
                 )
                 quiet_after_loss()
                 return _night_here(config_path, as_of), "before the night began"
