@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -95,13 +96,16 @@ class ServerLink:
 
     summary: NightSummary | None = None
     lost: str | None = None  # "at generate"
+    # The publishers' threads may meet the loss as the night's own thread does.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def lose(self, exc: BaseException, where: str) -> None:
         """The server stopped answering (``exc``, met ``where``): said once, in the log; from
         now on the run goes on without it."""
-        if self.lost is not None:
-            return
-        self.lost = f"at {where}"
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = f"at {where}"
         log.warning(
             "%s: the Prefect server stopped answering (%s); the night goes on without it, "
             "and the store keeps its record",
