@@ -363,9 +363,10 @@ def _prefect_defaults() -> None:
     # Offline by default: no usage reports from a temporary server (set it to true to allow).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    # One retry, not five with a doubling back-off (a minute a call): a server that went away
-    # costs the night seconds before it goes on without it (flows.prefect_link).
-    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
+    # Two retries (after 2 s, then 4 s), not five with a doubling back-off (a minute a call):
+    # a busy server's 503 is still retried, and one that went away costs the night seconds
+    # before it goes on without it (flows.prefect_link).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
 
 
 def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
