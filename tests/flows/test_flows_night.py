@@ -1,5 +1,7 @@
 """Real nights, run as a cron job runs them: ``yalm-forecast run`` in a subprocess, feeds from a
-loopback server, the tiny model, no Prefect server (so none is started).
+loopback server, the tiny model; no Prefect server (so none is started), except where a test
+gives it one: the session's test server, one of its own that it kills mid-night, or a port
+where nothing answers.
 
 Each test asserts on stderr's exact last line: no test may pass on a traceback.
 """
