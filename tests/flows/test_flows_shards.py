@@ -194,6 +194,14 @@ def test_the_nightly_flow_runs_its_shards_through_a_deployment_and_a_real_worker
     assert [run["completed"] for run in generated.shards] == [True, True]
     assert (generated.generated, generated.pending, generated.failures) == (7, 0, ())
     assert len(generated.run_ids) == 2 and "| generated | 7 |" in summary.markdown
+    # The shard runs, which the worker ran in processes of its own, showed their progress too.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = ArtifactFilterKey(any_=["news-to-forecast-generation"])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+    finished = {str(each.flow_run_id) for each in artifacts if each.data == 100.0}
+    assert {run["flow_run_id"] for run in generated.shards} <= finished
     assert query(config, "SELECT DISTINCT claimed_by FROM prompts ORDER BY 1") == [
         ("shard-0-of-2",),
         ("shard-1-of-2",),
