@@ -164,6 +164,8 @@ class GenerationSettings(RunnerSettings):
     deployment: Annotated[str, AfterValidator(_matching(re.compile(r"[^/]+/[^/]+"),
                           "FLOW/DEPLOYMENT, e.g. generate-shard/gpu"))] | None = None  # fmt: skip
     lease_s: Annotated[float, Field(ge=1.0)] = 1800.0  # a claim's lease; renewed at checkpoints
+    # Under Prefect: the most often a job's progress artifact is updated (docs/night.md).
+    progress_every_s: Annotated[float, Field(ge=0.0)] = 5.0
 
     @model_validator(mode="after")
     def _pipeline_rules(self) -> GenerationSettings:

@@ -12,6 +12,11 @@ error, a network error); a bad config, a broken checkpoint, a budget that cannot
 or running out of memory fail the run at once with the reason. Feed faults are retried inside
 ``ingest_feeds`` per feed, so one dead feed costs its own retries, not the run's.
 
+The server is a view of the night, never a condition of it (``flows.prefect_link``): the run is
+tagged with its night and its jobs keep progress artifacts, best-effort; a server that stops
+answering is never retried against (not a transient fault of a step), and the night goes on
+without it, each step in this process.
+
 Only one generation uses the GPU at a time. On one machine the guarantee is the device lock
 (``flows.generation.devicelock``: released by the kernel even when a run is SIGKILLed). When a
 Prefect
@@ -60,10 +65,20 @@ from flows.generation.shards import (
 from flows.night.runner import publish_summary, run_night
 from flows.night.steps import NightRef, Step, generate_step, ingest_step, render_step
 from flows.night.summaries import Failure, GenerateSummary, NightSummary, Outcome
-from flows.store.database import open_store
+from flows.prefect_link import (
+    FLOW_NAME,
+    DetachingCaller,
+    ServerLink,
+    current_link,
+    prefect_progress,
+    prefect_unreachable,
+    recorded,
+    server_link,
+    tag_night,
+)
+from flows.store.database import open_store, utc_now
 from flows.store.generations import pending_prompts
 
-FLOW_NAME = "news-to-forecast"
 SHARD_FLOW_NAME = "generate-shard"
 GPU_LIMIT = "yalm-forecast-gpu"
 GPU_LEASE_S = 120.0  # renewed while generating; a dead holder's slot returns after this
@@ -124,7 +139,9 @@ def _retry_if_transient(task_, task_run, state) -> bool:
     try:
         state.result()
     except Exception as exc:
-        transient = is_transient(exc)
+        # A Prefect server that stopped answering is not the step's fault: the night goes on
+        # without it (``prefect_link.DetachingCaller``) rather than retrying against it.
+        transient = is_transient(exc) and not prefect_unreachable(exc)
         if not transient:
             log.info("%s: not retried (%s)", task_.name, type(exc).__name__)
         return transient
@@ -138,8 +155,8 @@ TRANSIENT_RETRIES = dict(
 )
 
 
-ingest = task(name="ingest", **TRANSIENT_RETRIES)(ingest_step)
-render = task(name="render", **TRANSIENT_RETRIES)(render_step)
+ingest = task(name="ingest", **TRANSIENT_RETRIES)(recorded(ingest_step))
+render = task(name="render", **TRANSIENT_RETRIES)(recorded(render_step))
 _TASKS = {"ingest": ingest, "render": render}
 
 
@@ -159,8 +176,35 @@ def gpu_slot() -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     _ensure_gpu_limit()
-    with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S, strict=True):
+    # A lease that cannot be renewed (the server went away) must not stop the generation: the
+    # device lock is the guarantee on this machine, and the lease runs out on its own.
+    slot = concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S, strict=True,
+                       raise_on_lease_renewal_failure=False)  # fmt: skip
+    with _released_best_effort(slot):
         yield
+
+
+@contextmanager
+def _released_best_effort(slot) -> Iterator[None]:
+    """Hold ``slot`` (a context manager); a release that fails because the server stopped
+    answering is logged, not raised (the lease runs out on its own), and never hides the
+    error of the block."""
+    slot.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            slot.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception as failure:
+            if failure is not exc and not current_link().met(failure, "generate"):
+                raise
+        raise
+    try:
+        slot.__exit__(None, None, None)
+    except Exception as failure:
+        if not current_link().met(failure, "generate"):
+            raise
+        log.info("generate: the GPU slot's lease runs out on its own within %.0f s", GPU_LEASE_S)
 
 
 def _ensure_gpu_limit() -> None:
@@ -189,8 +233,10 @@ def generate(
     """Score the pending signals, then claim and generate the pending prompts (only ``keys``, if
     given), in one model session, each signal and forecast committed on its own (resumable);
     ``worker_id`` defaults to this host and device."""
+    every_s = load_config(config_path).generation.progress_every_s
     with gpu_slot():
-        return generate_step(config_path, night or NightRef(None, ""), keys, worker_id)
+        return recorded(generate_step)(config_path, night or NightRef(None, ""), keys, worker_id,
+                                       publish=prefect_progress(every_s))  # fmt: skip
 
 
 @task(name="publish", **TRANSIENT_RETRIES)
@@ -209,7 +255,7 @@ def _call_as_task(step: Step, config_path: str, night: NightRef) -> object:
     ``generate_all`` (shards when configured), tagged ``gpu`` only when it runs on one."""
     if step.name == "generate":
         return generate_all(config_path, night)
-    wrapped = _TASKS.get(step.name) or task(name=step.name, **TRANSIENT_RETRIES)(step.run)
+    wrapped = _TASKS.get(step.name) or task(name=step.name, **TRANSIENT_RETRIES)(recorded(step.run))
     return wrapped(config_path, night)
 
 
@@ -249,14 +295,30 @@ def news_to_forecast(config_path: str, as_of: str | None = None):
     run ends in the state ``night_state`` maps the outcome to; its data is the ``NightSummary``.
     """
     attach_log_file(load_config(config_path).log_file)
-    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
-    summary = run_night(config_path, moment, call=_call_as_task)
+    moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else utc_now()
+    with server_link() as link, DetachingCaller(link, _call_as_task) as call:
+        tag_night(moment)
+        summary = run_night(config_path, moment, call=call)
+        _publish(config_path, summary, link)
+        link.summary = summary
+    return night_state(summary)
+
+
+def _publish(config_path: str, summary: NightSummary, link: ServerLink) -> None:
+    """The ``publish`` task while the server answers; once it does not, the table alone (the
+    step may run twice: it tidies the store and counts what the robot sees)."""
     try:
-        publish(config_path, summary)
-    except Exception as exc:  # the forecasts are stored: the table is only a copy of the news
+        if link.lost is None:
+            try:
+                publish(config_path, summary)
+                return
+            except Exception as exc:
+                if not link.met(exc, "publish"):
+                    raise
+        publish_summary(config_path, summary)
+    except Exception as exc:  # the forecasts are stored: the table is only a copy of them
         log.error("publish failed: %s", exc, exc_info=exc)
         summary.markdown = run_markdown(summary)
-    return night_state(summary)
 
 
 def generate_all(config_path: str, night: NightRef) -> GenerateSummary:

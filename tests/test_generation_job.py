@@ -191,6 +191,20 @@ def test_checkpoints_carry_the_ids_of_the_rows_in_flight(session, reference):
             assert 0 < len(ids) < len(reference[key]) and reference[key][: len(ids)] == ids
 
 
+def test_every_decode_step_reports_the_tokens_it_added_before_its_rows_finish(session):
+    steps: list[int] = []
+    finished_at: list[int] = []  # how many steps had been reported when each row finished
+    sink = MemorySink(on_finished=lambda row: finished_at.append(len(steps)))
+    job_rows = [JobRow("short", "Gold", 2, SAMPLED), *rows(3, max_new_tokens=5)]
+    job = GenerationJob(job_rows, session.tokenizer, session.store.config)
+    job.restore(sink)
+    job.run(session, sink, checkpoint_every=0, on_step=steps.append)
+    # Batches of two: (short, row-0) then (row-1, row-2); a row leaves its batch as it ends.
+    assert steps == [2, 2, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert sum(steps) == job.stats.new_tokens == sum(len(r.new_ids) for r in sink.rows.values())
+    assert finished_at == [2, 5, 10, 10]
+
+
 def test_saved_ids_that_already_end_in_a_stop_string_finish_the_row_at_once(session, reference):
     text = session.tokenizer.continuation(
         list(session.tokenizer.encode(f"{TEXTS[5]} 5")), list(reference["row-5"][:6])

@@ -260,6 +260,7 @@ class Engine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Finished]:
         """Run every request; return the finished rows in request order.
 
@@ -267,7 +268,9 @@ class Engine:
         store it at once. Every ``checkpoint_every`` decode steps, ``on_checkpoint`` receives
         the ids generated so far by every row in flight (the state a resume needs; see
         ``snapshot``). ``stop(request, generated)`` may end a row early (a stop sequence, say);
-        such a row finishes with reason ``"stop"``.
+        such a row finishes with reason ``"stop"``. ``on_step(new_tokens)`` follows every
+        step's sampling with the tokens it added (one per row in flight): progress, not state;
+        it must return at once.
         """
         pending = list(requests)
         finished, runnable = self.settle(pending, on_finished)
@@ -287,6 +290,7 @@ class Engine:
             checkpoint_every=checkpoint_every,
             on_checkpoint=None if on_checkpoint is None else lambda live: on_checkpoint(live.ids),
             stop=stop,
+            on_step=on_step,
         )
         return [finished[request.key] for request in pending]
 
@@ -299,16 +303,18 @@ class Engine:
         on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
         on_batch_done: Callable[[int], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """Run each batch exactly as planned (its rows, their order, the ids each starts from),
         from its start or from its ``restore`` state.
 
         ``on_finished`` gets each row as it finishes; every ``checkpoint_every`` decode steps
         ``on_checkpoint`` gets the live batch (``BatchCheckpoint``: its ids, and its KV records
-        on request); ``on_batch_done`` gets a batch's index once its last row has finished.
+        on request); ``on_batch_done`` gets a batch's index once its last row has finished;
+        ``on_step`` as in ``generate``.
         """
         for planned in batches:
-            for done in self._run_batch(planned, checkpoint_every, on_checkpoint, stop):
+            for done in self._run_batch(planned, checkpoint_every, on_checkpoint, stop, on_step):
                 if on_finished is not None:
                     on_finished(done)
             if on_batch_done is not None:
@@ -349,6 +355,7 @@ class Engine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> Iterable[Finished]:
         config, device = self.config, self.device
         requests, sampling, restore = list(planned.requests), planned.sampling, planned.restore
@@ -434,6 +441,8 @@ class Engine:
                     )
                 else:
                     keep.append(row)
+            if on_step is not None:
+                on_step(len(next_ids))
             if len(keep) < len(next_ids):
                 next_ids = [next_ids[row] for row in keep]
                 state.keep(keep)

@@ -212,6 +212,11 @@ class GenerationJob:
         return max((len(r.prompt_ids) + len(r.generated) for r in self.requests), default=1)
 
     @property
+    def tokens_left(self) -> int:
+        """The new tokens the rows may still add: their budgets less the ids restored."""
+        return sum(request.remaining for request in self.requests)
+
+    @property
     def resumed(self) -> int:
         """Rows that go on from restored ids."""
         return sum(bool(request.generated) for request in self.requests)
@@ -289,6 +294,7 @@ class GenerationJob:
         longest_first: bool = False,
         catch_signals: bool = True,
         notify: Callable[[str], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> GenerationStats:
         """Generate every row into ``sink``; return what the engine did for it.
 
@@ -301,7 +307,8 @@ class GenerationJob:
         the rows' ids go to ``sink.save`` (no KV: a signal must end the run in seconds) and
         ``GenerationInterrupted`` is raised; on any other error they go to ``sink.save`` and
         the error is raised. ``notify`` gets the lines a person should read (resume not exact,
-        saved state unusable).
+        saved state unusable). ``on_step(new_tokens)`` follows every decode step
+        (``Engine.generate``): progress for a front end, never state.
         """
         notify = notify or (lambda line: None)
         engine = self._engine = session.engine
@@ -367,6 +374,7 @@ class GenerationJob:
                 on_checkpoint=on_checkpoint,
                 on_batch_done=on_batch_done,
                 stop=self.stops if self.stops else None,
+                on_step=on_step,
             )
             with guard.critical():
                 sink.complete()

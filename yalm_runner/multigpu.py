@@ -97,6 +97,7 @@ class MultiEngine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[Finished]:
         """As ``Engine.generate``; callbacks are called from the device threads, one at a time."""
         pending = list(requests)
@@ -113,6 +114,7 @@ class MultiEngine:
                 checkpoint_every=checkpoint_every,
                 on_checkpoint=locked(on_checkpoint),
                 stop=locked(stop),
+                on_step=locked(on_step),
             ):
                 finished[done.key] = done
 
@@ -128,6 +130,7 @@ class MultiEngine:
         on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
         on_batch_done: Callable[[int], None] | None = None,
         stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """As ``Engine.run_batches``: the k-th batch given runs on device k mod n, each exactly
         as planned (a batch is the same on any device), callbacks one at a time."""
@@ -142,6 +145,7 @@ class MultiEngine:
                 on_checkpoint=self._locked(on_checkpoint),
                 on_batch_done=self._locked(on_batch_done),
                 stop=self._locked(stop),
+                on_step=self._locked(on_step),
             )
 
         self._on_every_device(shares, work)

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from flows import __version__
+from flows.commands.demo import DEMO_DIR
 from flows.commands.output import FORMATS, write_rows
 from flows.config import ENV_VAR, PipelineConfig, load_config, resolve_config_path
 from flows.errors import PipelineError
@@ -244,7 +245,7 @@ def _news(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     from flows.store.robot import COLUMNS, read_forecasts
 
-    config = load(args)
+    config = _config_to_read(args)
     forecasts = read_forecasts(
         config.database_url,
         since=args.since,
@@ -271,6 +272,35 @@ def _results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_to_read(args: argparse.Namespace) -> PipelineConfig:
+    """The config ``results`` and ``signals`` read: the chosen one, or, when none was named with
+    ``--config`` and the chosen one's SQLite database does not exist yet, the demo's beside it
+    (the quickstart in a folder with someone's own config); stderr says which database."""
+    from flows.commands.demo import demo_beside
+
+    config = load(args)
+    if getattr(args, "config", None) or not _missing_database(config):
+        return config
+    demo_path = demo_beside(Path.cwd())
+    if demo_path is None:
+        return config
+    demo = load_config(demo_path)
+    if _missing_database(demo):
+        return config
+    print(
+        f"yalm-forecast: showing the demo's database {demo.database_path} ({demo_path}): "
+        f"{config.database_path}, the database of {config_path(args).resolve()}, "
+        "does not exist yet",
+        file=sys.stderr,
+    )
+    return demo
+
+
+def _missing_database(config: PipelineConfig) -> bool:
+    """A SQLite database not created yet (a PostgreSQL one is never taken for missing)."""
+    return config.database_url.startswith("sqlite:///") and not config.database_path.exists()
+
+
 def _signals_by_prompt(database_url: str, forecasts) -> dict[str, dict[str, float]]:
     """Each forecast's signal (label -> calibrated probability), by prompt key."""
     from flows.store.robot import connect_readonly, read_signals
@@ -293,7 +323,7 @@ def _signals_by_prompt(database_url: str, forecasts) -> dict[str, dict[str, floa
 def _signals(args: argparse.Namespace) -> int:
     from flows.store.robot import SIGNAL_COLUMNS, read_signals
 
-    config = load(args)
+    config = _config_to_read(args)
     signals = read_signals(
         config.database_url, since=args.since, ticker=args.ticker, template=args.template,
         limit=args.limit,
@@ -315,19 +345,34 @@ def _start_prefect(config: PipelineConfig | None = None, verbose: bool = False):
 
     if config is not None:
         configure_logging(config.log_file, verbose=verbose)
-    # The pipeline's own log lines also go to the Prefect UI with each run.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flows")
-    # Offline by default: no usage reports from a temporary server (set it to true to allow).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    _prefect_defaults()
+    if not _prefect_server_configured():  # Prefect will start a temporary server of its own
+        from flows.commands.serverguard import guard_temporary_servers
+
+        guard_temporary_servers(config.log_file if config is not None else None)
     from flows import pipeline
 
     return pipeline
 
 
+def _prefect_defaults() -> None:
+    """Prefect's settings for this process, unless set otherwise: read when Prefect is first
+    imported, so set before anything imports it."""
+    # The pipeline's own log lines also go to the Prefect UI with each run.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flows")
+    # Offline by default: no usage reports from a temporary server (set it to true to allow).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # Two retries (after 2 s, then 4 s), not five with a doubling back-off (a minute a call):
+    # a busy server's 503 is still retried, and one that went away costs the night seconds
+    # before it goes on without it (flows.prefect_link).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+
+
 def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
     """The preflight, then one night: in this process, or as a Prefect flow run when a Prefect
-    server is configured. Ends with one line on stderr when the night is not ``done``."""
+    server is configured. Ends with one line on stderr when the night is not ``done``, or when
+    its Prefect server stopped answering (docs/night.md)."""
     from flows.commands.console import configure_logging
     from flows.night.preflight import preflight
     from flows.night.summaries import Outcome
@@ -337,18 +382,58 @@ def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
     for failure in report.template_failures:
         logging.getLogger("flows.preflight").error("preflight: %s", failure.line())
     path = str(config_file.resolve())
+    lost = None
+    _prefect_defaults()
     if _prefect_server_configured():
-        flow = _start_prefect().news_to_forecast
-        state = flow(config_path=path, as_of=as_of, return_state=True)
-        summary = state.result(raise_on_failure=False)
-        if isinstance(summary, BaseException):  # the flow itself crashed: not one of ours
-            raise summary
+        summary, lost = _night_as_flow_run(path, as_of)
     else:
         summary = _night_here(path, as_of)
     sys.stdout.write(summary.markdown)
     if summary.outcome is not Outcome.DONE:
         print(f"yalm-forecast: {summary.outcome.word}: {summary.cause()}", file=sys.stderr)
+    elif lost is not None:
+        print(
+            f"yalm-forecast: done; the Prefect server stopped answering {lost}, so its record "
+            "of this night is incomplete: runs_v1 has all of it",
+            file=sys.stderr,
+        )
     return summary.exit_code
+
+
+def _night_as_flow_run(config_path: str, as_of: str | None):
+    """The night as a flow run on the configured Prefect server, and why that server was lost
+    (None: it answered throughout). The server is a view of the night, not a condition of it:
+    one that stops answering is gone on without (``flows.prefect_link``), one that does not
+    answer before the night starts has the night run here instead."""
+    pipeline = _start_prefect()
+    from flows.night.runner import one_line
+    from flows.prefect_link import prefect_unreachable, quiet_after_loss, server_link
+
+    log = logging.getLogger("flows.pipeline")
+    with server_link() as link:
+        try:
+            state = pipeline.news_to_forecast(config_path=config_path, as_of=as_of,
+                                              return_state=True)  # fmt: skip
+        except Exception as exc:
+            if not prefect_unreachable(exc):
+                raise
+            if link.summary is None:  # the server never let the night begin
+                log.warning(
+                    "the Prefect server does not answer (%s); running the night in this "
+                    "process without it",
+                    one_line(exc),
+                )
+                quiet_after_loss()
+                return _night_here(config_path, as_of), "before the night began"
+            link.lose(exc, "the end of the night")  # it ended; Prefect could not record that
+    if link.lost is not None:
+        quiet_after_loss()
+        if link.summary is not None:
+            return link.summary, link.lost
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):  # the flow itself crashed: not one of ours
+        raise summary
+    return summary, None
 
 
 def _night_here(config_path: str, as_of: str | None):
@@ -474,8 +559,8 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dir", default="yalm-forecast-demo", metavar="DIR",
-        help="where the demo keeps its model, database and log (default ./yalm-forecast-demo)",
+        "--dir", default=DEMO_DIR, metavar="DIR",
+        help=f"where the demo keeps its model, database and log (default ./{DEMO_DIR})",
     )  # fmt: skip
 
 

@@ -7,9 +7,10 @@ converter (the same path the real YaLM-100B takes), and it writes a config whose
 bundled sample files (``file://``), whose database and log live in the folder, and whose prompts
 are dated like the sample news. The config goes to ``./yalm-forecast.yaml`` unless a file that
 the demo did not write is there already, so ``yalm-forecast results`` right after the demo shows
-its forecasts. The model is tiny and random: its forecasts are noise drawn from YaLM's 128,000
-pieces, not predictions. Running the flow is the caller's job; this module knows nothing of
-Prefect.
+its forecasts; someone's own config is never touched: the demo's then lives in its folder, where
+``demo_beside`` finds it for a ``results`` whose own database does not exist yet. The model is
+tiny and random: its forecasts are noise drawn from YaLM's 128,000 pieces, not predictions.
+Running the flow is the caller's job; this module knows nothing of Prefect.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SAMPLE_FEEDS = {
 # The sample news is dated 13-14 May 2024; the demo renders as of that morning.
 DEMO_AS_OF = "2024-05-14T06:00:00Z"
 DEMO_MARKER = "# written by `yalm-forecast demo`"
+DEMO_DIR = "yalm-forecast-demo"  # the demo's folder, in the current one, unless --dir says
 # Sampling over the real 128,000-piece vocabulary (a sort per row per step) dominates the demo on
 # a CPU; 32 tokens a forecast keep it quick and are plenty to show the pipeline.
 DEMO_MAX_NEW_TOKENS = 32
@@ -116,6 +118,12 @@ def is_demo_config(path: Path) -> bool:
         return path.read_text(encoding="utf-8").startswith(DEMO_MARKER)
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def demo_beside(cwd: Path) -> Path | None:
+    """The config a demo run in ``cwd`` left in its default folder, if there is one."""
+    path = cwd / DEMO_DIR / DEFAULT_CONFIG_NAME
+    return path if is_demo_config(path) else None
 
 
 def prepare_demo(folder: Path, cwd: Path) -> DemoSetup:

@@ -40,12 +40,13 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flows.config import PipelineConfig
 from flows.errors import PipelineConfigError, StoreError, is_interrupt
+from flows.generation.progress import PublisherFactory, TokenProgress
 from flows.store.claims import (
     claim_prompts,
     record_claimed_generation,
@@ -94,7 +95,9 @@ class GenerateReport:
     new_tokens: int = 0
     compute_s: float = 0.0
     wall_s: float = 0.0
-    batch_size: int | None = None  # the largest batch that ran
+    # The batch the memory plan sized: at most this many rows run together. The one source of
+    # "batch size" for the log line, the summary and the run's record.
+    batch_size: int | None = None
     device: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (prompt key, reason)
     signals_pending: int = 0
@@ -167,10 +170,14 @@ def generate_pending(
     limit: int | None = None,
     worker_id: str | None = None,
     keys: Iterable[str] | None = None,
+    publish: PublisherFactory | None = None,
 ) -> GenerateReport:
     """Claim and generate the pending prompts (only ``keys``, if given; at most ``limit``).
 
-    ``worker_id`` defaults to ``default_worker_id``; see the module docstring.
+    ``worker_id`` defaults to ``default_worker_id``; see the module docstring. ``publish``
+    gives each step of the job (scoring, generation) a publisher of its progress
+    (``flows.generation.progress``: the Prefect UI's progress artifacts), updated as the
+    signals are scored and every few decode steps.
     """
     from yalm_runner.checkpoint import ModelStore
     from yalm_runner.tokenizer import Tokenizer
@@ -211,7 +218,7 @@ def generate_pending(
         return report
     try:
         _claimed_job(config, store, model, Tokenizer(model.tokenizer_path), prompts, signals,
-                     report, began, on_progress)  # fmt: skip
+                     report, began, on_progress, publish)  # fmt: skip
     except BaseException:
         # Out of memory, Ctrl-C, a cancelled run: the saved ids stay, the prompts go back to
         # the queue at once (not after the lease) for whichever worker runs next.
@@ -251,7 +258,9 @@ def _exact_state(config, model, worker_id, prompts, store):
     return exact, plan, done_prompts(store, sorted(shared))
 
 
-def _claimed_job(config, store, model, tokenizer, prompts, signals, report, began, on_progress):
+def _claimed_job(
+    config, store, model, tokenizer, prompts, signals, report, began, on_progress, publish
+):
     from flows.generation.signals import SignalScoring
     from yalm_runner.config import SamplingParams
     from yalm_runner.generation import GenerationJob, JobRow
@@ -296,11 +305,12 @@ def _claimed_job(config, store, model, tokenizer, prompts, signals, report, bega
             report.device = str(session.device)
             log.info("generate: memory plan: %s", session.plan.describe())
             if scoring is not None:  # first: the robot's numbers before the long part
-                _take_scores(report, scoring.run(session, run_id=report.run_id))
+                _take_scores(report, scoring.run(session, run_id=report.run_id,
+                                                 publish=publish))  # fmt: skip
             if generating:
                 sink = ForecastSink(store, session, prompts, report, settings.lease_s, on_progress,
                                     exact, plan)  # fmt: skip
-                _generate(session, job, sink, report, settings)
+                _generate(session, job, sink, report, settings, publish)
     except BaseException as exc:
         report.wall_s = time.perf_counter() - began
         status = "interrupted" if is_interrupt(exc) else "failed"
@@ -378,6 +388,7 @@ class ForecastSink:
         self.report = report
         self.lease_s = lease_s
         self.on_progress = on_progress
+        self.tokens: TokenProgress | None = None  # the Prefect UI's share of tokens done
         self.unfinished: set[str] = set()
         self.total = 0
 
@@ -419,6 +430,8 @@ class ForecastSink:
         )
         self.unfinished.discard(row.key)
         self.report.generated += 1
+        if self.tokens is not None:
+            self.tokens.row_finished(self.by_key[row.key].max_new_tokens - len(row.new_ids))
         if self.on_progress is not None:
             self.on_progress(self.report.generated, self.total)
 
@@ -457,6 +470,7 @@ def _generate(
     sink: ForecastSink,
     report: GenerateReport,
     settings,
+    publish: PublisherFactory | None = None,
 ) -> None:
     # Every row is checked before anything is generated; saved ids that cannot belong to the
     # row are dropped (that row starts over) rather than continued.
@@ -470,22 +484,27 @@ def _generate(
         sink.total,
         report.resumed,
         report.device,
-        session.batch_size,
+        report.batch_size,
     )
+    publisher = publish("generation") if publish is not None else None
+    if publisher is not None:
+        sink.tokens = TokenProgress(publisher, job.tokens_left, sink.total)
+    on_step = None if sink.tokens is None else sink.tokens.step
     try:
-        # Longest prompts together: less padding. Signals stay with the caller (Prefect, the
-        # command line): Ctrl-C arrives as KeyboardInterrupt, and the rows in flight are saved
-        # on the way out as for any other error.
-        job.run(
-            session,
-            sink,
-            checkpoint_every=settings.checkpoint_every,
-            kv_checkpoint_interval_s=settings.kv_checkpoint_interval,
-            longest_first=True,
-            catch_signals=False,
-            notify=lambda line: log.info("generate: %s", line),
-        )
+        with publisher or nullcontext():
+            # Longest prompts together: less padding. Signals stay with the caller (Prefect,
+            # the command line): Ctrl-C arrives as KeyboardInterrupt, and the rows in flight
+            # are saved on the way out as for any other error.
+            job.run(
+                session,
+                sink,
+                checkpoint_every=settings.checkpoint_every,
+                kv_checkpoint_interval_s=settings.kv_checkpoint_interval,
+                longest_first=True,
+                catch_signals=False,
+                notify=lambda line: log.info("generate: %s", line),
+                on_step=on_step,
+            )
     finally:
-        report.batch_size = max(job.stats.batch_sizes, default=0)
         report.new_tokens = job.stats.new_tokens
         report.compute_s = job.stats.prefill_s + job.stats.decode_s

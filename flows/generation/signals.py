@@ -28,9 +28,11 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from flows.generation.progress import PublisherFactory, RowProgress
 from flows.store.database import Store
 from flows.store.signals import PendingSignal, SignalAnswer, mark_signal_failed, record_signal
 
@@ -94,8 +96,10 @@ class SignalSink:
         *,
         model_hash: str,
         run_id: int | None,
+        progress: RowProgress | None = None,
     ):
         self.store = store
+        self.progress = progress  # the Prefect UI's share of rows scored
         self.by_key = {signal.key: signal for signal in signals}
         self.free_key = {signal.key: _free_key(signal) for signal in signals}
         self.report = report
@@ -109,6 +113,8 @@ class SignalSink:
 
     def finished(self, result: ScoredRow) -> None:
         self.results[result.key] = result
+        if self.progress is not None:
+            self.progress.advance()
         waiting = [result.key] if result.key in self.by_key else [
             key for key, free in self.free_key.items() if free == result.key
         ]  # fmt: skip
@@ -182,20 +188,31 @@ class SignalScoring:
     def shape(self) -> ScoreShape:
         return self.job.shape
 
-    def run(self, session: GenerationSession, *, run_id: int | None) -> ScoreReport:
+    def run(
+        self,
+        session: GenerationSession,
+        *,
+        run_id: int | None,
+        publish: PublisherFactory | None = None,
+    ) -> ScoreReport:
         """Score the admitted signals in ``session``. An error of the model (out of memory,
         say) ends the step, not the night: it is reported as every unscored signal's failure,
-        and they stay pending for the next run. Ctrl-C goes on to the caller."""
+        and they stay pending for the next run. Ctrl-C goes on to the caller. ``publish`` gives
+        a publisher of the share of rows scored (``flows.generation.progress``)."""
         report = self.report
+        publisher = publish("scoring") if publish is not None and self.runnable else None
+        progress = None if publisher is None else RowProgress(publisher, len(self.job),
+                                                              "prompts scored")  # fmt: skip
         sink = SignalSink(
             self.store, self.runnable, report, model_hash=session.store.manifest_sha256,
-            run_id=run_id,
+            run_id=run_id, progress=progress,
         )  # fmt: skip
         try:
             if self.runnable:
                 log.info("score: %d signals on %s", len(self.runnable), session.device)
                 # Signals stay with the caller (Prefect, the command line), as for generation.
-                self.job.run(session, sink, catch_signals=False)
+                with publisher or nullcontext():
+                    self.job.run(session, sink, catch_signals=False)
         except Exception as exc:  # the model failed: the night goes on to its forecasts
             for signal in self.runnable:
                 if signal.key not in sink.results or _free_key(signal) not in sink.results:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flows.config import load_config
+from flows.generation.progress import PublisherFactory
 from flows.night.summaries import (
     Failure,
     GenerateSummary,
@@ -115,9 +116,11 @@ def generate_step(
     night: NightRef,
     keys: list[str] | None = None,
     worker_id: str | None = None,
+    publish: PublisherFactory | None = None,
 ) -> GenerateSummary:
     """Claim and generate the pending prompts (only ``keys``, if given), one forecast committed
-    at a time (resumable); ``worker_id`` defaults to this host and device."""
+    at a time (resumable); ``worker_id`` defaults to this host and device. The terminal shows a
+    progress bar; ``publish`` (the flow's) publishes the progress elsewhere too."""
     from flows.commands.console import progress
     from flows.generation.devicelock import device_locks
     from flows.generation.forecasting import generate_pending
@@ -131,8 +134,9 @@ def generate_step(
         progress("generating forecasts") as on_progress,
     ):
         report = generate_pending(
-            config, store, on_progress=on_progress, keys=keys, worker_id=worker_id
-        )
+            config, store, on_progress=on_progress, keys=keys, worker_id=worker_id,
+            publish=publish,
+        )  # fmt: skip
     return log_generate(report.summary())
 
 

@@ -140,3 +140,143 @@ def write_config(directory: Path, **overrides) -> Path:
     path = directory / "yalm-forecast.yaml"
     path.write_text(yaml.safe_dump(document, allow_unicode=True, sort_keys=False), "utf-8")
     return path
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    body: bytes
+
+
+class LoopbackProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``upstream`` (``http://host:port``): bytes pass
+    both ways untouched, and each HTTP/1.1 request a client sends is also parsed as it goes by
+    and kept in ``requests`` (a connection that upgrades, a websocket, is passed on unparsed).
+    ``close_all`` drops every connection and refuses new ones, as a server that died would."""
+
+    def __init__(self, upstream: str):
+        import socket
+
+        host, port = upstream.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.requests: list[SeenRequest] = []
+        self.lock = threading.Lock()
+        self.sockets: list = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> LoopbackProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close_all()
+
+    def close_all(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with self.lock:
+            for each in self.sockets:
+                with contextlib.suppress(OSError):
+                    each.shutdown(socket.SHUT_RDWR)
+                    each.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source, target, parse: bool) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = source.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                with contextlib.suppress(OSError):
+                    target.shutdown(1)  # SHUT_WR: the other side sees the end
+                return
+            if parse:
+                buffer += chunk
+                buffer, parse = self._requests_in(buffer)
+            with contextlib.suppress(OSError):
+                target.sendall(chunk)
+
+    def _requests_in(self, buffer: bytes) -> tuple[bytes, bool]:
+        """Take the complete requests off ``buffer``; False once the connection upgrades."""
+        while b"\r\n\r\n" in buffer:
+            head, rest = buffer.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:])}  # fmt: skip
+            length = int(headers.get("content-length", "0"))
+            if len(rest) < length:
+                return buffer, True
+            method, path, _ = lines[0].split(" ", 2)
+            with self.lock:
+                self.requests.append(SeenRequest(method, path, rest[:length]))
+            if headers.get("upgrade"):
+                return b"", False
+            buffer = rest[length:]
+        return buffer, True
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, *, startup_timeout_s: float = 300.0):
+    """A Prefect API server of its own (the command Prefect's temporary server runs, with its
+    database under ``home``), in its own process group; yields (process, API URL). Ended,
+    with whatever it started, on the way out."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import prefect
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false")  # fmt: skip
+    command = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+        "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+        "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+    log = (home.parent / f"{home.name}.log").open("wb")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the Prefect server did not start: {home.name}.log")
+            time.sleep(0.2)
+        yield server, url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+        log.close()

@@ -7,7 +7,10 @@ N = 0 runs to the end. With ``KILL_SIGNAL=SIGINT`` (or ``SIGTERM``) it sends tha
 whole process group instead, as a terminal's Ctrl-C does, and writes the moment it did so to
 ``$KILL_STAMP``. With ``KILL_MOMENT=prefill:K`` it dies instead as the K-th layer call of a
 prefill begins (mid-prefill), with ``KILL_MOMENT=decode:K`` as the K-th decode forward begins
-(between two checkpoints).
+(between two checkpoints). With ``KILL_AGAIN=1`` it sends the signal a second time from the
+save that the first one starts, then takes ``KILL_AGAIN_SAVE_S`` seconds over that save (a
+second Ctrl-C while the first is saving). With ``KILL_PID`` it SIGKILLs that process instead (a
+Prefect server dying mid-run), stamps the moment and goes on.
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ save_states = forecasting.save_generation_states
 
 def save_then_die(*args, **kwargs):
     global saves
+    if kill_after and saves == kill_after and os.environ.get("KILL_AGAIN"):
+        Path(os.environ["KILL_STAMP"] + ".again").write_text(repr(time.time()))
+        os.killpg(os.getpgid(0), signal.Signals[os.environ["KILL_SIGNAL"]])
+        time.sleep(float(os.environ.get("KILL_AGAIN_SAVE_S", "30")))
     save_states(*args, **kwargs)
     saves += 1
     if saves == kill_after:
+        if os.environ.get("KILL_PID"):
+            os.kill(int(os.environ["KILL_PID"]), signal.SIGKILL)
+            Path(os.environ["KILL_STAMP"]).write_text(repr(time.time()))
+            return
         name = os.environ.get("KILL_SIGNAL", "SIGKILL")
         if name == "SIGKILL":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,11 +1,11 @@
 """The pipeline's library modules stay plain: no model, no torch, no Prefect inside them.
 
 Only the glue may reach out: the command line and the generation and scoring jobs to the model
-runner (the jobs through the session and the runner's job cores only), and the flow module
-(alone) to Prefect. One exception, by design: the config module imports
-``yalm_runner.settings`` (and nothing else of the runner), because the YAML's ``generation:``
-section is the runner's settings, defined once for both front ends; that module is pure Python
-and pydantic (no torch, no model), and a test below keeps it so.
+runner (the jobs through the session and the runner's job cores only), and the flow module and
+its link to the server (``prefect_link``) to Prefect. One exception, by design: the config
+module imports ``yalm_runner.settings`` (and nothing else of the runner), because the YAML's
+``generation:`` section is the runner's settings, defined once for both front ends; that module
+is pure Python and pydantic (no torch, no model), and a test below keeps it so.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ GLUE = {
     "night/preflight.py": {"yalm_runner"},
     "night/steps.py": {"yalm_runner"},
     "pipeline.py": {"yalm_runner", "prefect"},
+    # The flow's link to the server: its views (tags, progress) and going on without it
+    "prefect_link.py": {"prefect"},
 }
 # Library modules that may import exactly these runner modules (not the whole runner).
 RUNNER_MODULES = {"config.py": {"yalm_runner.settings"}}

@@ -1,11 +1,14 @@
-"""A flow process killed mid-generation, re-run, ends with the table an uninterrupted run makes.
+"""A flow process killed mid-generation, re-run, ends with the table an uninterrupted run makes;
+a command killed while Prefect's temporary server runs leaves no server behind.
 
-The killed runs are real ``yalm-forecast run`` processes on Prefect's ephemeral server (what a
-cron job or a person at a terminal gets), each SIGKILLed by itself right after a chosen
-checkpoint, inside a prefill or between two checkpoints (``kill_child.py``), so the kill lands
-mid-generation by construction, not by timing. The first test's reference is an uninterrupted
-run of the same config under ``prefect_test_harness``; the second's, on a model whose text the
-last bits decide (``flat_store``), an uninterrupted run of the same process.
+The killed runs are real ``yalm-forecast run`` processes without a Prefect server (what a cron
+job or a person at a terminal gets: the night in the command's own process), each SIGKILLed by
+itself right after a chosen checkpoint, inside a prefill or between two checkpoints
+(``kill_child.py``), so the kill lands mid-generation by construction, not by timing. The first
+test's reference is an uninterrupted run of the same config under ``prefect_test_harness``; the
+flat model's (``flat_store``: its text is decided by the last bits), an uninterrupted run of the
+same process. ``generate-shard`` without a server runs its flow on a temporary Prefect server,
+which must not outlive the command.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from flows_testkit import sample, write_config
+from flows_testkit import sample, wait_for, write_config
 
 from flows.config import load_config
 
@@ -76,8 +79,8 @@ def run_child(
         try:
             status = child.wait(timeout=600)
         finally:
-            # A SIGKILLed run leaves its ephemeral Prefect server behind, orphaned: end the
-            # child's process group (ours: started above in a new session).
+            # Whatever the child started ends with it: its process group (ours: started above
+            # in a new session).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
     return status, out_path.read_text(), err_path.read_text()
@@ -152,3 +155,59 @@ def test_a_flow_killed_anywhere_in_generation_resumes_exactly_on_a_flat_model(
     assert table(killed, FORECASTS) == expected
     assert table(killed, "SELECT count(*) FROM generations") == [(7,)]
     assert not any(state_dir.rglob("*")), "the state folder was not cleared"
+
+
+def test_a_killed_command_leaves_no_temporary_prefect_server_behind(
+    feed_server, tiny_store, tmp_path
+):
+    from flows.commands.serverguard import OWNER_ENV, SERVER_COMMAND
+
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    config = kill_config(tmp_path / "shard", feed_server, tiny_store)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"))  # fmt: skip
+    for command in (["ingest"], ["render", "--as-of", AS_OF]):
+        subprocess.run([sys.executable, "-m", "flows.commands.cli", *command, "--config",
+                        str(config)], env=env, check=True, capture_output=True)  # fmt: skip
+    # generate-shard without a server: its flow runs on a temporary Prefect server, a child of
+    # the command; the command alone (not its group) is SIGKILLed at its 3rd checkpoint.
+    err = tmp_path / "child.err"  # a file, not a pipe: the server would hold a pipe open
+    with err.open("wb") as err_file:
+        child = subprocess.Popen(
+            [sys.executable, str(KILL_CHILD), "3", "generate-shard", "--config", str(config)],
+            env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True,
+        )  # fmt: skip
+    try:
+        assert child.wait(timeout=600) == -signal.SIGKILL, err.read_text()[-3000:]
+        log_file = load_config(config).log_file
+        pattern = re.compile(
+            r"WARNING ended the temporary Prefect server \(pid (\d+)\) that yalm-forecast "
+            rf"\(pid {child.pid}\) left behind when it was killed$",
+            re.MULTILINE,
+        )
+        wait_for(lambda: pattern.search(log_file.read_text(encoding="utf-8")), timeout_s=60.0)
+        server = int(pattern.search(log_file.read_text(encoding="utf-8")).group(1))
+        mark = f"{OWNER_ENV}={child.pid}:".encode()
+        left = [
+            pid
+            for pid in proc_pids()
+            if SERVER_COMMAND in read_proc(pid, "cmdline")
+            and any(item.startswith(mark) for item in read_proc(pid, "environ").split(b"\0"))
+        ]
+        assert left == [] and server not in proc_pids()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+
+
+def proc_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def read_proc(pid: int, name: str) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes()
+    except OSError:  # gone, or not ours
+        return b""

@@ -1,5 +1,7 @@
 """Real nights, run as a cron job runs them: ``yalm-forecast run`` in a subprocess, feeds from a
-loopback server, the tiny model, no Prefect server (so none is started).
+loopback server, the tiny model; no Prefect server (so none is started), except where a test
+gives it one: the session's test server, one of its own that it kills mid-night, or a port
+where nothing answers.
 
 Each test asserts on stderr's exact last line: no test may pass on a traceback.
 """
@@ -7,7 +9,10 @@ Each test asserts on stderr's exact last line: no test may pass on a traceback.
 from __future__ import annotations
 
 import os
+import re
 import resource
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flows_testkit import sample, write_config
+from flows_testkit import prefect_server, sample, write_config
 
 from flows.config import load_config
 from flows.store.robot import read_runs
@@ -212,3 +217,145 @@ def test_the_preflight_passes_without_importing_prefect(feed_server, tiny_store,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "[]\n"
+
+
+def test_the_log_and_the_summary_report_one_batch_size(feed_server, tiny_store, tmp_path):
+    # 7 prompts in two sampling groups (6 and 1) under batch_size 8: the plan and the log line
+    # said 8, the summary 6 (the largest batch that ran). The plan's batch is the one figure.
+    serve_feeds(feed_server)
+    config = night_config(
+        tmp_path / "night", feed_server, tiny_store,
+        templates=[
+            {"name": "ticker_outlook_ru", "generation": {"max_new_tokens": 6}},
+            {"name": "morning_brief_ru", "generation": {"max_new_tokens": 6, "temperature": 0.5}},
+        ],
+        generation={"device": "cpu", "batch_size": 8, "greedy": True},
+    )  # fmt: skip
+    result = forecast(config, "run", "--as-of", AS_OF, env=environment(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_text = load_config(config).log_file.read_text(encoding="utf-8")
+    started = r"generate: 7 prompts \(0 resumed from saved ids\) on cpu, batch size (\d+)"
+    logged = re.findall(started, log_text)
+    summarized = re.findall(r"\| tokens/s \| [\d.]+ \| batch size (\d+) on cpu \|", result.stdout)
+    planned = re.findall(r"generate: memory plan: batch (\d+) rows", log_text)
+    [recorded] = table(config, "SELECT json_extract(details_json, '$.batch_size') FROM runs "
+                               "WHERE kind = 'generate'")  # fmt: skip
+    assert logged == summarized == planned == [str(recorded[0])] == ["8"]
+
+
+def test_a_second_ctrl_c_while_the_first_is_saving_exits_at_once(feed_server, tiny_store, tmp_path):
+    serve_feeds(feed_server)
+    config = night_config(tmp_path / "night", feed_server, tiny_store)
+    stamp = tmp_path / "signalled-at"
+    # The first Ctrl-C lands after the 8th checkpoint; the save of the rows in flight it
+    # starts would take 30 s, and a second Ctrl-C comes as that save begins.
+    env = environment(tmp_path, KILL_SIGNAL="SIGINT", KILL_STAMP=str(stamp), KILL_AGAIN="1",
+                      KILL_AGAIN_SAVE_S="30")  # fmt: skip
+    command = [sys.executable, str(KILL_CHILD), "8", "run", "--config", str(config)]
+    child = subprocess.Popen(
+        [*command, "--as-of", AS_OF], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    _, err = child.communicate(timeout=600)
+    ended_at = time.time()
+    assert child.returncode == 130, err[-3000:]
+    assert ended_at - float(Path(f"{stamp}.again").read_text()) < 5.0  # not the 30 s save
+    assert last_line(err) == "yalm-forecast: interrupted again: exiting now"
+    assert "Traceback" not in err
+    stored = table(config, FORECASTS)
+    assert 0 < len(stored) < 7  # what was committed before the first Ctrl-C stays
+
+    again = forecast(config, "run", "--as-of", AS_OF, env=environment(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert set(stored) <= set(table(config, FORECASTS)) and len(table(config, FORECASTS)) == 7
+
+
+def test_ctrl_c_mid_generation_of_a_flow_run_on_a_prefect_server_is_recorded_interrupted(
+    prefect_harness, feed_server, tiny_store, tmp_path
+):
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import get_current_settings
+
+    serve_feeds(feed_server)
+    config = night_config(tmp_path / "night", feed_server, tiny_store)
+    stamp = tmp_path / "signalled-at"
+    env = environment(tmp_path, KILL_SIGNAL="SIGINT", KILL_STAMP=str(stamp),
+                      PREFECT_API_URL=get_current_settings().api.url)  # fmt: skip
+    command = [sys.executable, str(KILL_CHILD), "8", "run", "--config", str(config)]
+    child = subprocess.Popen(
+        [*command, "--as-of", AS_OF], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    out, err = child.communicate(timeout=600)
+    ended_at = time.time()
+    assert child.returncode == 130, err[-3000:]
+    assert ended_at - float(stamp.read_text()) < 15.0
+    assert last_line(err) == (
+        "yalm-forecast: interrupted: generate: interrupted by SIGINT; what was stored stays: "
+        "run the same command to resume"
+    )
+    assert "# news-to-forecast night, as of 2024-05-14T06:00:00Z: interrupted" in out
+    [night] = read_runs(load_config(config).database_url)
+    assert night.outcome == "interrupted" and 0 < night.forecasts_stored < 7
+    assert table(config, "SELECT status FROM runs WHERE kind = 'generate'") == [("interrupted",)]
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    assert run.name.startswith("night of 2024-05-14T06:00:00")
+    assert run.state.type.value == "CANCELLED" and run.state.message.startswith("interrupted: ")
+
+
+@pytest.mark.slow
+def test_a_prefect_server_killed_mid_night_costs_seconds_and_the_exit_code_follows_the_store(
+    feed_server, tiny_store, tmp_path
+):
+    serve_feeds(feed_server)
+    config = night_config(tmp_path / "night", feed_server, tiny_store)
+    stamp = tmp_path / "server-killed-at"
+    with prefect_server(tmp_path / "prefect-server") as (server, url):
+        # The server is SIGKILLed right after the 3rd checkpoint of the generation task.
+        env = environment(tmp_path, KILL_PID=str(server.pid), KILL_STAMP=str(stamp),
+                          PREFECT_API_URL=url)  # fmt: skip
+        command = [sys.executable, str(KILL_CHILD), "3", "run", "--config", str(config)]
+        result = subprocess.run(
+            [*command, "--as-of", AS_OF], env=env, capture_output=True, text=True, timeout=600
+        )
+        ended_at = time.time()
+        assert server.poll() == -signal.SIGKILL  # killed by the night, mid-generation
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ended_at - float(stamp.read_text()) < 60.0  # seconds, not minutes of retries
+    assert last_line(result.stderr) == (
+        "yalm-forecast: done; the Prefect server stopped answering at generate, so its record "
+        "of this night is incomplete: runs_v1 has all of it"
+    )
+    assert "Traceback" not in result.stderr
+    assert "| generated | 7 |" in result.stdout
+    [night] = read_runs(load_config(config).database_url)
+    assert (night.outcome, night.forecasts_stored, night.cause) == ("done", 7, None)
+    assert len(table(config, FORECASTS)) == 7
+    log_text = load_config(config).log_file.read_text(encoding="utf-8")
+    assert "generate: the Prefect server stopped answering (" in log_text
+
+
+def test_a_prefect_server_that_never_answers_leaves_the_night_to_this_process(
+    feed_server, tiny_store, tmp_path
+):
+    serve_feeds(feed_server)
+    config = night_config(tmp_path / "night", feed_server, tiny_store)
+    with socket.socket() as probe:  # a port nothing listens on: every connection is refused
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    env = environment(tmp_path, PREFECT_API_URL=url)
+    result = forecast(config, "run", "--as-of", AS_OF, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines()[0].endswith(
+        f"WARNING the Prefect server does not answer (Failed to reach API at {url}/); running "
+        "the night in this process without it"
+    )
+    assert last_line(result.stderr) == (
+        "yalm-forecast: done; the Prefect server stopped answering before the night began, so "
+        "its record of this night is incomplete: runs_v1 has all of it"
+    )
+    assert "Traceback" not in result.stderr
+    [night] = read_runs(load_config(config).database_url)
+    assert (night.outcome, night.forecasts_stored) == ("done", 7)

@@ -201,6 +201,53 @@ def test_demo_then_results_in_the_same_folder(prefect_harness, tmp_path, monkeyp
     assert "| generated | 0 |" in out
 
 
+@pytest.mark.slow
+def test_the_quickstart_shows_the_demo_in_a_folder_with_someone_s_own_config(tmp_path):
+    """``yalm-forecast demo && yalm-forecast results`` beside a config of one's own: the config
+    stays byte for byte, and results show the demo's forecasts until that config's own database
+    exists (then its own, never the demo's)."""
+    from flows.store.database import open_store
+
+    mine = tmp_path / "yalm-forecast.yaml"
+    own = "# моя ночь\r\ndatabase: mine.sqlite\r\nfeeds: []\r\n".encode()
+    mine.write_bytes(own)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1",
+               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"))  # fmt: skip
+
+    def forecast(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "flows.commands.cli", *args]
+        return subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    demo = forecast("demo")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert mine.read_bytes() == own
+    results = forecast("results", "--format", "json")
+    assert results.returncode == 0, results.stderr[-3000:]
+    demo_database = tmp_path / "yalm-forecast-demo" / "forecast.sqlite"
+    assert results.stderr.splitlines() == [
+        f"yalm-forecast: showing the demo's database {demo_database} "
+        f"({tmp_path / 'yalm-forecast-demo' / 'yalm-forecast.yaml'}): {tmp_path / 'mine.sqlite'}, "
+        f"the database of {mine}, does not exist yet"
+    ]
+    shown = json.loads(results.stdout)
+    assert len(shown) == 13 and {row["template"] for row in shown} == {
+        "ticker_outlook_ru",
+        "ticker_outlook_en",
+        "morning_brief_ru",
+    }
+    signals = forecast("signals", "--format", "json")
+    assert signals.returncode == 0 and len(json.loads(signals.stdout)) > 0
+
+    with open_store(f"sqlite:///{tmp_path / 'mine.sqlite'}"):
+        pass  # one's own database now exists (empty): it is the one shown, alone
+    results = forecast("results", "--format", "json")
+    assert (results.returncode, results.stdout, results.stderr) == (0, "[]\n", "")
+    assert mine.read_bytes() == own
+
+
 def test_serve_without_a_prefect_server_says_how_to_get_one(tmp_path):
     path = write_config(tmp_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}

@@ -78,7 +78,8 @@ def finish(worker, err) -> tuple[int, str]:
     try:
         status = worker.wait(timeout=600)
     finally:
-        # A SIGKILLed run leaves its ephemeral Prefect server behind: end its process group.
+        # Whatever the worker started ends with it: its process group (a SIGKILLed worker's
+        # temporary Prefect server is ended by its guard too: test_flows_kill).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
         err.close()
@@ -193,6 +194,14 @@ def test_the_nightly_flow_runs_its_shards_through_a_deployment_and_a_real_worker
     assert [run["completed"] for run in generated.shards] == [True, True]
     assert (generated.generated, generated.pending, generated.failures) == (7, 0, ())
     assert len(generated.run_ids) == 2 and "| generated | 7 |" in summary.markdown
+    # The shard runs, which the worker ran in processes of its own, showed their progress too.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = ArtifactFilterKey(any_=["news-to-forecast-generation"])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+    finished = {str(each.flow_run_id) for each in artifacts if each.data == 100.0}
+    assert {run["flow_run_id"] for run in generated.shards} <= finished
     assert query(config, "SELECT DISTINCT claimed_by FROM prompts ORDER BY 1") == [
         ("shard-0-of-2",),
         ("shard-1-of-2",),
