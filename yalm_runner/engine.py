@@ -161,6 +161,44 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def generate_in_batches(
+    runner: Any,
+    requests: Iterable[Request],
+    sampling: SamplingParams,
+    *,
+    batch_size: int,
+    on_finished: Callable[[Finished], None] | None,
+    checkpoint_every: int,
+    on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None,
+    stop: Callable[[Request, list[int]], bool] | None,
+    on_step: Callable[[int], None] | None,
+) -> list[Finished]:
+    """``generate`` for whatever has ``settle`` and ``run_batches`` (an ``Engine``, or a
+    ``multigpu.MultiEngine``): the rows a resume left unfinished, cut in order into batches of
+    ``batch_size``, each run as planned; the finished rows in request order."""
+    pending = list(requests)
+    finished, runnable = runner.settle(pending, on_finished)
+    batches = [
+        PlannedBatch(index, tuple(runnable[start : start + batch_size]), sampling)
+        for index, start in enumerate(range(0, len(runnable), batch_size))
+    ]
+
+    def keep(done: Finished) -> None:
+        finished[done.key] = done
+        if on_finished is not None:
+            on_finished(done)
+
+    runner.run_batches(
+        batches,
+        on_finished=keep,
+        checkpoint_every=checkpoint_every,
+        on_checkpoint=None if on_checkpoint is None else lambda live: on_checkpoint(live.ids),
+        stop=stop,
+        on_step=on_step,
+    )
+    return [finished[request.key] for request in pending]
+
+
 class Engine:
     """Generates token ids for batches of requests with the weights of one source."""
 
@@ -272,27 +310,17 @@ class Engine:
         step's sampling with the tokens it added (one per row in flight): progress, not state;
         it must return at once.
         """
-        pending = list(requests)
-        finished, runnable = self.settle(pending, on_finished)
-        batches = [
-            PlannedBatch(index, tuple(runnable[start : start + batch_size]), sampling)
-            for index, start in enumerate(range(0, len(runnable), batch_size))
-        ]
-
-        def keep(done: Finished) -> None:
-            finished[done.key] = done
-            if on_finished is not None:
-                on_finished(done)
-
-        self.run_batches(
-            batches,
-            on_finished=keep,
+        return generate_in_batches(
+            self,
+            requests,
+            sampling,
+            batch_size=batch_size,
+            on_finished=on_finished,
             checkpoint_every=checkpoint_every,
-            on_checkpoint=None if on_checkpoint is None else lambda live: on_checkpoint(live.ids),
+            on_checkpoint=on_checkpoint,
             stop=stop,
             on_step=on_step,
         )
-        return [finished[request.key] for request in pending]
 
     def run_batches(
         self,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 from yalm_runner.batchstate import BatchCheckpoint, PlannedBatch
 from yalm_runner.config import SamplingParams
-from yalm_runner.engine import Engine, Finished, GenerationStats, Request
+from yalm_runner.engine import Engine, Finished, GenerationStats, Request, generate_in_batches
 from yalm_runner.packing import Scored, ScoreRequest
 
 
@@ -100,26 +100,17 @@ class MultiEngine:
         on_step: Callable[[int], None] | None = None,
     ) -> list[Finished]:
         """As ``Engine.generate``; callbacks are called from the device threads, one at a time."""
-        pending = list(requests)
-        finished, runnable = self.engines[0].settle(pending, on_finished)
-        shares = self._deal(runnable, batch_size)
-        locked = self._locked
-
-        def work(engine: Engine, share: list[Request]) -> None:
-            for done in engine.generate(
-                share,
-                sampling,
-                batch_size=batch_size,
-                on_finished=locked(on_finished),
-                checkpoint_every=checkpoint_every,
-                on_checkpoint=locked(on_checkpoint),
-                stop=locked(stop),
-                on_step=locked(on_step),
-            ):
-                finished[done.key] = done
-
-        self._on_every_device(shares, work)
-        return [finished[request.key] for request in pending]
+        return generate_in_batches(
+            self,
+            requests,
+            sampling,
+            batch_size=batch_size,
+            on_finished=on_finished,
+            checkpoint_every=checkpoint_every,
+            on_checkpoint=on_checkpoint,
+            stop=stop,
+            on_step=on_step,
+        )
 
     def run_batches(
         self,
