@@ -35,7 +35,24 @@ from yalm_runner.kvformat import DECODE_BYTES, KV_BITS, decode_kv, encode_kv, kv
 from yalm_runner.pinned import pinned_empty
 
 
-class DeviceKV:
+class _StateDefaults:
+    """The state API's answers for a cache that re-encodes nothing and keeps no bookkeeping
+    beyond its records (``SlotMajorHostKV`` overrides them)."""
+
+    def rewritten(self, layer_idx: int) -> bool:
+        return False
+
+    def exported(self) -> None:
+        pass
+
+    def layout(self) -> dict:
+        return {}
+
+    def set_layout(self, layout: dict) -> None:
+        pass
+
+
+class DeviceKV(_StateDefaults):
     """Every layer's cache on the compute device."""
 
     def __init__(
@@ -75,18 +92,6 @@ class DeviceKV:
         for target, source in zip(self._caches[layer_idx], (keys, values), strict=True):
             target[index, first:end] = source.to(target.device)
 
-    def rewritten(self, layer_idx: int) -> bool:
-        return False
-
-    def exported(self) -> None:
-        pass
-
-    def layout(self) -> dict:
-        return {}
-
-    def set_layout(self, layout: dict) -> None:
-        pass
-
 
 class HostArena:
     """Pinned host buffers for the KV cache (keys and values of every layer), kept from one
@@ -108,7 +113,7 @@ class HostArena:
         return [[buffer[:nbytes].view(kind) for buffer in pair] for pair in self._buffers]
 
 
-class _PinnedKV:
+class _PinnedKV(_StateDefaults):
     """What both pinned-RAM caches share: two device slots, the copy stream and its events, and
     the schedule. ``layer(j)`` waits for layer j's old slots, starts layer j+1's on the copy
     stream (it overlaps layer j's compute), and expands layer j into its device slot; a
@@ -218,18 +223,6 @@ class _PinnedKV:
         """Wait until every write-back queued on the copy stream has landed in host memory."""
         if self._cuda:
             self._stream.synchronize()
-
-    def rewritten(self, layer_idx: int) -> bool:
-        return False
-
-    def exported(self) -> None:
-        pass
-
-    def layout(self) -> dict:
-        return {}
-
-    def set_layout(self, layout: dict) -> None:
-        pass
 
     def _row_groups(self, live: int, slots: int) -> list[tuple[int, int]]:
         """Ranges of the ``live`` rows whose temporaries over ``slots`` slots fit DECODE_BYTES."""
