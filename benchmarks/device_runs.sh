@@ -2,7 +2,7 @@
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
-#   step-profile | perf-sweep | resume
+#   step-profile | perf-sweep | resume | resume-envelope
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -53,12 +53,18 @@ case "$1" in
       2>&1 | tail -5
     python3 benchmarks/fused_check.py 2>&1 | tee "$OUT/fused.txt"
     ;;
-  resume)  # issue 16: exact resume's GPU kill tests, then the 100B envelope with KV checkpoints
-    # off and at every checkpoint on one weight placement (KV_DIR: put it on the NVMe drive)
+  resume)  # issue 16: exact resume's GPU kill tests, then kills at fractions of a tiny bf16 job
+    # on the GPU: the re-run's time against what was left (tee: a cut-off run keeps its lines)
     nvidia-smi -L
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_resume_exact.py 2>&1 | tail -15
-    python3 benchmarks/resume_exact.py --envelope --kv-dir "${KV_DIR:-/tmp}" 2>&1 \
-      | tee "$OUT/resume_envelope.txt"
+    timeout 360 python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_resume_exact.py \
+      2>&1 | tee "$OUT/gpu_tests.txt"
+    timeout 200 python3 benchmarks/resume_exact.py --device cuda --only kills 2>&1 \
+      | tee "$OUT/resume_kills.txt"
+    ;;
+  resume-envelope)  # issue 16: the 100B envelope (40 of its 80 layers, to save device time)
+    # with KV checkpoints off and at every checkpoint on one weight placement (KV_DIR: the NVMe)
+    python3 benchmarks/resume_exact.py --envelope --envelope-layers 40 --kv-dir "${KV_DIR:-/tmp}" \
+      2>&1 | tee "$OUT/resume_envelope.txt"
     ;;
   envelope)
     python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
