@@ -75,6 +75,25 @@ def test_disk_reads_overlap_the_pinned_layers_before_them_two_layers_ahead():
     assert step.disk_s == pytest.approx(0.2) and step.bound == "the link"
 
 
+def test_disk_layers_spread_among_pinned_ones_hide_their_reads_behind_the_link():
+    # Four pinned layers of 5 GB (500 ms of link each) and four disk layers of 0.5 GB (500 ms a
+    # read, 50 ms of link). Bunched at the end, the reader does two reads while the pinned
+    # layers cross the link, then waits for their relays: the last two reads show (3.1 s).
+    # Spread, every read runs while the pinned layer before it crosses: the link's 2.2 s.
+    pinned, disk = 5 * GB, GB // 2
+    bunched = ("cpu",) * 4 + ("disk",) * 4
+    spread = ("cpu", "disk") * 4
+    sizes = {tier: pinned if tier == "cpu" else disk for tier in ("cpu", "disk")}
+
+    def step(tiers):
+        layer_bytes = tuple(sizes[tier] for tier in tiers)
+        return predict_pass(work(tiers=tiers, layer_bytes=layer_bytes), RATES)
+
+    assert step(bunched).total_s == pytest.approx(3.1 + 0.010 + 0.002)
+    assert step(spread).total_s == pytest.approx(2.2 + 0.010 + 0.002)
+    assert step(spread).bound == "the link" and step(spread).disk_s == pytest.approx(2.0)
+
+
 def test_row_major_copy_calls_make_the_kv_stream_the_slowest_stage():
     # 1000 calls of 10 us = 10 ms a layer on the KV stream, beside 10 ms of its bytes; the link
     # carries 1 GB of weights + 0.1 GB of KV (110 ms): the link still bounds the step.

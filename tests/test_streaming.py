@@ -207,6 +207,44 @@ def test_budgets_fill_gpu_then_pinned_ram_then_disk():
     assert everything.count("gpu") == 6 and everything.stream_buffer_bytes == 0
 
 
+def test_disk_layers_are_spread_among_the_others_within_the_same_budgets():
+    # The greedy fill gives gpu, cpu, cpu, disk, disk, disk; the drive would idle while the first
+    # three run. Spread: a disk layer every other place, the rest in their order.
+    sizes = {"embedding": 100, "head": 50, **{f"layer_{n}": 1000 for n in range(6)}}
+    placement = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=3150, cpu_memory_bytes=2500))
+    layers = [placement.tiers[f"layer_{n}"] for n in range(6)]
+    assert layers == ["gpu", "disk", "cpu", "disk", "cpu", "disk"]
+    assert (placement.gpu_weight_bytes, placement.cpu_weight_bytes) == (1150, 2000)
+    assert placement.disk_bytes_per_pass == 3000
+    # A CPU-only plan: layers resident in RAM, the rest on disk, spread the same way.
+    policy = OffloadPolicy(cpu_memory_bytes=150 + 2000 + 3000)
+    on_cpu = plan_placement(sizes, policy, budgets=policy.budgets_on("cpu"))
+    assert [on_cpu.tiers[f"layer_{n}"] for n in range(6)] == ["gpu", "disk"] * 3
+
+
+def test_a_spread_that_would_break_a_budget_keeps_the_greedy_order():
+    # Layer 2 is larger: spread, it would land in pinned RAM beside layer 0 (2200 > 2000).
+    sizes = {"embedding": 100, "head": 50, "layer_0": 1000, "layer_1": 1000, "layer_2": 1200,
+             "layer_3": 1000}  # fmt: skip
+    placement = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=2550, cpu_memory_bytes=2000))
+    assert [placement.tiers[f"layer_{n}"] for n in range(4)] == ["cpu", "cpu", "disk", "disk"]
+    assert placement.cpu_weight_bytes == 2000
+
+
+def test_a_spread_placement_from_the_planner_gives_the_resident_ids(store, resident_ids):
+    # No layer fits the GPU budget beside the two stream buffers, one fits pinned RAM: the greedy
+    # order is cpu, disk, disk; spread, the pinned layer runs between the two disk ones.
+    sizes = part_bytes_in(store, torch.float32)
+    layer = max(sizes[f"layer_{n}"] for n in range(3))
+    policy = OffloadPolicy(
+        gpu_memory_bytes=sizes["embedding"] + sizes["head"] + 2 * layer, cpu_memory_bytes=layer
+    )
+    placement = plan_placement(sizes, policy)
+    assert [placement.tiers[f"layer_{n}"] for n in range(3)] == ["disk", "cpu", "disk"]
+    with StreamingWeights(store, "cpu", torch.float32, placement) as weights:
+        assert ids(weights) == resident_ids
+
+
 def test_mixed_tiers_and_no_overlap_equal_resident(store, resident_ids):
     sizes = part_bytes_in(store, torch.float32)
     tiers = {

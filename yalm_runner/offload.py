@@ -224,6 +224,15 @@ def plan_placement(
             tiers[part] = "disk"
             streamed += size
             from_disk += size
+    spread = spread_disk_layers([tiers[part] for part in layers], layers)
+    used = {
+        tier: sum(part_bytes[part] for part in layers if spread[part] == tier) for tier in TIERS
+    }
+    if (device_budget is None or floor + used["gpu"] <= device_budget) and (
+        pinned_budget is None or used["cpu"] <= pinned_budget
+    ):  # the budgets the greedy order was held to (layers of one size: always)
+        tiers.update(spread)
+        device_used, pinned_used, from_disk = fixed + used["gpu"], used["cpu"], used["disk"]
     return Placement(
         tiers,
         device_used,
@@ -235,6 +244,25 @@ def plan_placement(
         from_disk,
         memory,
     )
+
+
+def spread_disk_layers(tiers: list[str], layers: list[str]) -> dict[str, str]:
+    """The same tiers, the disk ones spread evenly over the layers, the others in their order.
+
+    The streamer reads disk layers one after another, each into one of two relays, the next read
+    starting when the layer two back has left its relay. Disk layers bunched at the end leave the
+    drive idle while the layers before them run; spread out, each read overlaps the other layers
+    between two disk layers, and when the drive sets the pace (a consumer machine whose RAM does
+    not hold the model) the step approaches the drive's time alone (the step-time model predicts
+    YaLM-100B int4 at 7 GiB / 52 GiB on PCIe 4 and a 3 GB/s NVMe 11 % faster)."""
+    disk = tiers.count("disk")
+    if not disk or disk == len(tiers):
+        return dict(zip(layers, tiers, strict=True))
+    positions = {int((k + 0.5) * len(tiers) / disk) for k in range(disk)}
+    others = iter(tier for tier in tiers if tier != "disk")
+    return {
+        part: "disk" if index in positions else next(others) for index, part in enumerate(layers)
+    }
 
 
 class WeightSource(Protocol):
