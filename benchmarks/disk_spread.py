@@ -80,12 +80,13 @@ def main() -> int:
         sizes = part_bytes_in(store, torch.float32)
         layer_bytes = sizes["layer_0"]
         resident = args.layers - args.on_disk
-        budget = sizes["embedding"] + sizes["head"] + (resident + 2) * layer_bytes  # 2 buffers
+        # The resident layers, and two relays for the disk ones (and the margin the planner keeps)
+        budget = sizes["embedding"] + sizes["head"] + (resident + 3) * layer_bytes
         policy = OffloadPolicy(cpu_memory_bytes=budget)
         spread = plan_placement(sizes, policy, budgets=policy.budgets_on("cpu"))
         orders = {
             "none (all in RAM)": plan_placement(
-                sizes, OffloadPolicy(), budgets=policy.budgets_on("cpu")
+                sizes, OffloadPolicy(), budgets=OffloadPolicy().budgets_on("cpu")
             ),
             "bunched at the end": replace(spread, tiers=bunched(spread.tiers, args.layers)),
             "spread": spread,
@@ -104,7 +105,7 @@ def main() -> int:
     compute_s = medians["none (all in RAM)"]
     print(
         f"store: {args.layers} layers of {layer_bytes / 1e6:.1f} MB (fp32, hidden {args.hidden}, "
-        f"GeGLU {args.ffn}), {args.on_disk} read from disk each step; {args.rows} rows, "
+        f"GeGLU {args.ffn}), {spread.count('disk')} read from disk each step; {args.rows} rows, "
         f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads; medians of "
         f"{args.repeats}, interleaved"
     )
