@@ -333,6 +333,29 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_spread_placement_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path):
+    # Disk, pinned, disk: each disk layer's copy waits for its read, the pinned one between them
+    # goes early on the copy stream; the pinned KV cache keeps its own stream (a disk tier).
+    bf16 = ModelStore.open(
+        convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
+    )
+    expected = ids(ResidentWeights(bf16, "cuda", torch.bfloat16))
+    sizes = part_bytes_in(bf16, torch.bfloat16)
+    layer = max(sizes[f"layer_{n}"] for n in range(3))
+    policy = OffloadPolicy(
+        gpu_memory_bytes=sizes["embedding"] + sizes["head"] + 2 * layer, cpu_memory_bytes=layer
+    )
+    placement = plan_placement(sizes, policy)
+    assert [placement.tiers[f"layer_{n}"] for n in range(3)] == ["disk", "cpu", "disk"]
+    with StreamingWeights(bf16, "cuda", torch.bfloat16, placement) as weights:
+        assert weights.copy_stream is None
+        assert ids(weights) == expected
+        assert ids(weights, kv_on="cpu") == expected
+        assert ids(weights, kv_on="cpu", kv_layout="slots") == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_deeper_prefetch_on_gpu_gives_the_same_ids_as_double_buffering(tiny_release, tmp_path):
     bf16 = ModelStore.open(
         convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
