@@ -12,15 +12,16 @@ takes back its shard's claims and finishes; the table must equal the reference's
 The nightly flow's shards run through a deployment served by a real ``prefect worker start``,
 stopped afterwards as a service manager stops it, with SIGTERM. That stop has two clocks. The
 worker's own: its handler ends its loops and its runs and it prints "Worker '...' stopped!"
-(0.02-0.25 s measured with two other suites running; a worker busy with two generating shard
-runs exited in 0.4 s). Then Prefect's: at interpreter exit it delivers its last events to the
-API server over a websocket and waits for that with no overall deadline (10 s to open and 10 s
-to close per attempt, up to 11 attempts, pongs and the auth reply awaited without a timeout),
-so this part lasts as long as the server takes to answer: with the harness server stopped
-(SIGSTOP) for 40 and 90 s, the worker exited after 42 and 91 s. With several suites on two
-cores the session's harness server is starved (it sometimes cannot even start within its 30 s),
-and one 60 s bound on both parts then sometimes failed. So the worker's own part is held to
-``WORKER_STOP_S``, and the delivery gets the bound a shard worker's whole run gets.
+(0.02-0.25 s measured with two other suites running; a worker busy with two shard runs, one
+generating and one waiting for the GPU slot, exited in 0.4 s). Then Prefect's: at interpreter
+exit it delivers its last events to the API server over a websocket and waits for that with no
+overall deadline (10 s to open and 10 s to close per attempt, up to 11 attempts, pongs and the
+auth reply awaited without a timeout), so this part lasts as long as the server takes to
+answer: with the harness server stopped (SIGSTOP) for 40 and 90 s, the worker exited after 42
+and 91 s. With several suites on two cores the session's harness server is starved (it
+sometimes cannot even start within its 30 s), and one 60 s bound on both parts then sometimes
+failed. So the worker's own part is held to ``WORKER_STOP_S``, and the delivery gets the bound
+a shard worker's whole run gets.
 """
 
 from __future__ import annotations
