@@ -21,52 +21,19 @@ GREEDY = SamplingParams(greedy=True)
 TEXTS = ["The market", "Oil prices fell", "Analysts expect", "Gold", "Shares of", "Bonds"]
 
 
-class MemorySink:
-    """Everything the job hands over, in order; ``saved`` is what ``load`` gives back. Its
-    plan and KV checkpoints are kept too (deltas copied out of the engine, headers per batch),
-    so that a second job over the same sink resumes as from files."""
+class MemoryExact:
+    """A job's plan and KV checkpoints kept in memory as ``kvstate.ExactState`` keeps them in
+    files (the plan through its dict, deltas copied out of the engine, headers per batch), so
+    that a second job over the same sink resumes as from files."""
 
-    location = "memory"
-
-    def __init__(self, saved: dict[str, tuple[int, ...]] | None = None, on_finished=None):
-        self.saved = saved or {}
-        self.on_finished = on_finished
-        self.loaded: list[str] = []
-        self.rows: dict[str, FinishedRow] = {}
-        self.stored: list[str] = []  # every key handed to ``finished``, repeats included
-        self.checkpoints: list[Checkpoint] = []
-        self.saves: list[Checkpoint] = []
-        self.completed = 0
+    def __init__(self):
         self.plan: BatchPlan | None = None
         self.replayed: bool | None = None
         self.kv: dict[int, tuple[dict, list[KVDelta]]] = {}  # batch -> (header, its deltas)
         self.done_batches: list[int] = []
 
-    def load(self, keys):
-        self.loaded = list(keys)
-        ids = {key: self.saved[key] for key in keys if key in self.saved}
-        return Checkpoint(ids, self.plan)
-
-    def finished(self, row: FinishedRow) -> None:
-        self.rows[row.key] = row
-        self.stored.append(row.key)
-        if self.on_finished is not None:
-            self.on_finished(row)
-
-    def checkpoint(self, state: Checkpoint) -> None:
-        self.checkpoints.append(state)
-        self.saved.update(state.ids)
-        if state.kv is not None:
-            index, header, delta = state.kv
-            deltas = self.kv.get(index, ({}, []))[1]
-            self.kv[index] = (header, [*deltas, delta])
-
-    def save(self, state: Checkpoint) -> None:
-        self.saves.append(state)
-        self.saved.update(state.ids)
-
-    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
-        self.plan, self.replayed = plan, replay
+    def record_plan(self, plan: dict, *, replay: bool) -> None:
+        self.plan, self.replayed = BatchPlan.from_dict(plan), replay
         if not replay:
             self.kv = {}
 
@@ -85,9 +52,53 @@ class MemorySink:
                       generated=tuple(live.ids.values()), layout=live.layout)  # fmt: skip
         return live.index, header, kept
 
+    def commit(self, frame) -> None:
+        index, header, delta = frame
+        deltas = self.kv.get(index, ({}, []))[1]
+        self.kv[index] = (header, [*deltas, delta])
+
     def batch_done(self, index: int) -> None:
         self.done_batches.append(index)
         self.kv.pop(index, None)
+
+
+class MemorySink:
+    """Everything the job hands over, in order; ``saved`` is what ``load`` gives back; the plan
+    and the KV checkpoints are in ``exact``."""
+
+    location = "memory"
+
+    def __init__(self, saved: dict[str, tuple[int, ...]] | None = None, on_finished=None):
+        self.saved = saved or {}
+        self.on_finished = on_finished
+        self.loaded: list[str] = []
+        self.rows: dict[str, FinishedRow] = {}
+        self.stored: list[str] = []  # every key handed to ``finished``, repeats included
+        self.checkpoints: list[Checkpoint] = []
+        self.saves: list[Checkpoint] = []
+        self.completed = 0
+        self.exact = MemoryExact()
+
+    def load(self, keys):
+        self.loaded = list(keys)
+        ids = {key: self.saved[key] for key in keys if key in self.saved}
+        return Checkpoint(ids, self.exact.plan)
+
+    def finished(self, row: FinishedRow) -> None:
+        self.rows[row.key] = row
+        self.stored.append(row.key)
+        if self.on_finished is not None:
+            self.on_finished(row)
+
+    def checkpoint(self, state: Checkpoint) -> None:
+        self.checkpoints.append(state)
+        self.saved.update(state.ids)
+        if state.kv is not None:
+            self.exact.commit(state.kv)
+
+    def save(self, state: Checkpoint) -> None:
+        self.saves.append(state)
+        self.saved.update(state.ids)
 
     def complete(self) -> None:
         self.completed += 1
@@ -311,22 +322,22 @@ def test_a_rerun_replays_the_plan_from_its_kv_checkpoint_and_stores_each_row_onc
     sink = MemorySink(on_finished=stop_after(3))
     with pytest.raises(RuntimeError, match="simulated"):
         run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
-    assert sink.plan is not None and sink.replayed is False and sink.kv
-    first_plan, live = sink.plan, sorted(sink.kv)
+    assert sink.exact.plan is not None and sink.exact.replayed is False and sink.exact.kv
+    first_plan, live = sink.exact.plan, sorted(sink.exact.kv)
     (index,) = live
     finished = list(sink.rows)
     sink.on_finished = None
     lines: list[str] = []
     run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9, lines=lines,
         finished=finished)  # fmt: skip
-    assert sink.replayed is True and sink.plan.arithmetic == first_plan.arithmetic
+    assert sink.exact.replayed is True and sink.exact.plan.arithmetic == first_plan.arithmetic
     # The same batches; those all done when the plan was recorded again are empty places.
-    for again, first in zip(sink.plan.batches, first_plan.batches, strict=True):
+    for again, first in zip(sink.exact.plan.batches, first_plan.batches, strict=True):
         assert again == first or (not again and all(key in finished for key, _ in first))
     assert f"batch {index} goes on from its KV checkpoint" in lines[0] and len(lines) == 1
     assert sorted(sink.stored) == sorted(["short", *reference]), "a row was stored twice"
     assert {key: sink.rows[key].new_ids for key in reference} == reference
-    assert sink.done_batches.count(index) == 1 and sink.kv == {}
+    assert sink.exact.done_batches.count(index) == 1 and sink.exact.kv == {}
 
 
 def test_a_batch_with_no_kv_checkpoint_is_recomputed_with_its_finished_rows(session, reference):
@@ -346,13 +357,13 @@ def test_rows_new_to_the_job_run_after_the_plan_in_batches_of_their_own(session,
     sink = MemorySink(on_finished=stop_after(2))
     with pytest.raises(RuntimeError, match="simulated"):
         run(session, rows(4), sink)
-    planned = [key for batch in sink.plan.batches for key, _ in batch]
+    planned = [key for batch in sink.exact.plan.batches for key, _ in batch]
     finished = list(sink.rows)
     sink.on_finished = None
     run(session, rows(), sink, finished=finished)
-    assert len(sink.plan.batches) == 3 and sink.plan.batches[0] == ()  # done: forgotten
-    assert [key for key, _ in sink.plan.batches[1]] == planned[2:]
-    new_batches = sink.plan.batches[2:]
+    assert len(sink.exact.plan.batches) == 3 and sink.exact.plan.batches[0] == ()  # done: forgotten
+    assert [key for key, _ in sink.exact.plan.batches[1]] == planned[2:]
+    new_batches = sink.exact.plan.batches[2:]
     assert {key for batch in new_batches for key, _ in batch} == {"row-4", "row-5"}
     assert {key: row.new_ids for key, row in sink.rows.items()} == reference
 
@@ -361,16 +372,16 @@ def test_other_arithmetic_resumes_from_ids_in_one_line_and_records_a_new_plan(se
     sink = MemorySink(on_finished=stop_after(1))  # "short": its batch-mate is in flight
     with pytest.raises(RuntimeError, match="simulated"):
         run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
-    sink.plan = BatchPlan({**sink.plan.arithmetic, "batch size": 5}, sink.plan.sizing,
-                          sink.plan.batches)  # fmt: skip
+    plan = sink.exact.plan
+    sink.exact.plan = BatchPlan({**plan.arithmetic, "batch size": 5}, plan.sizing, plan.batches)
     sink.on_finished, finished, lines = None, list(sink.rows), []
     run(session, short_first(), sink, checkpoint_every=2, lines=lines, finished=finished)
     assert lines == [
         "resume is not exact: batch size 5 -> 2; the unfinished rows go on from their saved ids"
     ]
-    assert sink.replayed is False and sink.plan.arithmetic["batch size"] == 2
+    assert sink.exact.replayed is False and sink.exact.plan.arithmetic["batch size"] == 2
     assert sorted(sink.stored) == sorted(["short", *reference])
-    starts = {key: start for batch in sink.plan.batches for key, start in batch}
+    starts = {key: start for batch in sink.exact.plan.batches for key, start in batch}
     assert "short" not in starts and starts["row-0"] == reference["row-0"][:2]
 
 
@@ -378,7 +389,7 @@ def test_a_planned_batch_that_lost_a_row_lets_the_others_go_on_and_says_so(sessi
     sink = MemorySink(on_finished=stop_after(1))  # "short": batches 1-3 are not started
     with pytest.raises(RuntimeError, match="simulated"):
         run(session, short_first(), sink, checkpoint_every=2, kv_every_s=1e-9)
-    assert [key for key, _ in sink.plan.batches[2]] == ["row-3", "row-4"]
+    assert [key for key, _ in sink.exact.plan.batches[2]] == ["row-3", "row-4"]
     sink.on_finished, lines = None, []
     # "row-4" is no longer this job's (failed, or another worker holds it).
     others = [row for row in short_first() if row.key != "row-4"]
@@ -388,4 +399,5 @@ def test_a_planned_batch_that_lost_a_row_lets_the_others_go_on_and_says_so(sessi
         "another worker; they go on from their saved ids"
     )
     assert sorted(sink.stored) == sorted(["short", *(key for key in reference if key != "row-4")])
-    assert sink.plan.batches[2] == () and [key for key, _ in sink.plan.batches[-1]] == ["row-3"]
+    batches = sink.exact.plan.batches
+    assert batches[2] == () and [key for key, _ in batches[-1]] == ["row-3"]

@@ -152,7 +152,7 @@ def test_a_plan_replayed_over_two_engines_resumes_each_live_batch_exactly(
     sink = MemorySink(on_finished=stop_after(3))
     with pytest.raises(RuntimeError, match="simulated"):
         run(sink)
-    assert len(sink.kv) == 2, "both devices had a batch in flight with a KV checkpoint"
+    assert len(sink.exact.kv) == 2, "both devices had a batch in flight with a KV checkpoint"
     sink.on_finished, lines = None, []
     run(sink, finished=list(sink.rows), lines=lines)
     assert sum("goes on from its KV checkpoint" in line for line in lines) == 2, lines

@@ -11,7 +11,9 @@ flight are saved on SIGINT/SIGTERM and on any error).
 What differs between the front ends is a ``GenerationSink`` (``job.JobSink`` plus saved state):
 where saved state is loaded from, where a finished row goes, what a checkpoint writes. State
 travels as a ``Checkpoint``: each row's ids, the job's ``BatchPlan`` and, now and then, the live
-batch's KV cache.
+batch's KV cache. The plan and the KV files are the same in both front ends: the job keeps them
+through the sink's ``exact`` (``ExactResume``; ``kvstate.ExactState`` in both), and each sink
+only saves that record where it keeps the rest of its state.
 
 Resume is exact by construction. Before its first batch a job records its plan (each batch's
 rows in order, with the ids each starts from) and the arithmetic it runs under (the session's
@@ -67,7 +69,7 @@ class Checkpoint:
 
     ``ids``: the ids each row has generated so far. ``plan``: from ``load``, the plan an
     earlier run recorded (None: none). ``kv``: at a checkpoint, the live batch's KV frame that
-    ``write_kv`` has written, for the sink to name in its state."""
+    ``exact.write_kv`` has written, for the sink to name in its state."""
 
     ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
     plan: BatchPlan | None = None
@@ -86,26 +88,14 @@ class FinishedRow:
     stats: GenerationStats  # the job's totals when the row finished (for timings)
 
 
-class GenerationSink(JobSink[FinishedRow], Protocol):
-    """Where a generation job's rows and saved state live. Besides ``finished`` and
-    ``complete``, ``checkpoint`` and ``save`` run in a critical section too."""
+class ExactResume(Protocol):
+    """A job's plan and its live batches' KV checkpoints (``kvstate.ExactState``, which keeps
+    them in files): what makes a resume exact. The job records and reads them; the sink that
+    holds them saves the record with the rest of its state."""
 
-    def load(self, keys: Sequence[str]) -> Checkpoint:
-        """What an earlier run of this same job saved for these rows (nothing: empty)."""
-        ...
-
-    def checkpoint(self, state: Checkpoint) -> None:
-        """The rows in flight at a checkpoint (only they: rows not started keep what they
-        had), and the KV frame ``write_kv`` wrote for it, if any, made current."""
-        ...
-
-    def save(self, state: Checkpoint) -> None:
-        """The rows in flight when the job stops early (a signal or an error)."""
-        ...
-
-    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
-        """Keep ``plan`` durably before its first batch; without ``replay`` the earlier plan's
-        KV state is dropped."""
+    def record_plan(self, plan: dict[str, Any], *, replay: bool) -> None:
+        """Keep ``plan`` (``BatchPlan.to_dict``) durably before its first batch; without
+        ``replay`` the earlier plan's KV state is dropped."""
         ...
 
     def restore_point(self, index: int) -> tuple[BatchRestore | None, str | None]:
@@ -119,6 +109,26 @@ class GenerationSink(JobSink[FinishedRow], Protocol):
 
     def batch_done(self, index: int) -> None:
         """Every row of batch ``index`` is stored: its KV state can go."""
+        ...
+
+
+class GenerationSink(JobSink[FinishedRow], Protocol):
+    """Where a generation job's rows and saved state live. Besides ``finished`` and
+    ``complete``, ``checkpoint`` and ``save`` run in a critical section too."""
+
+    exact: ExactResume  # the plan and the KV checkpoints, saved with the sink's state
+
+    def load(self, keys: Sequence[str]) -> Checkpoint:
+        """What an earlier run of this same job saved for these rows (nothing: empty)."""
+        ...
+
+    def checkpoint(self, state: Checkpoint) -> None:
+        """The rows in flight at a checkpoint (only they: rows not started keep what they
+        had), and the KV frame ``exact.write_kv`` wrote for it, if any, made current."""
+        ...
+
+    def save(self, state: Checkpoint) -> None:
+        """The rows in flight when the job stops early (a signal or an error)."""
         ...
 
 
@@ -351,7 +361,7 @@ class GenerationJob:
             due = kv_checkpoint_interval_s > 0
             due = due and time.perf_counter() - since >= kv_checkpoint_interval_s
             # Outside the critical section: a signal may cut the frame; nothing names it yet.
-            frame = sink.write_kv(live) if due else None
+            frame = sink.exact.write_kv(live) if due else None
             with guard.critical():
                 sink.checkpoint(Checkpoint(in_flight(live.ids), kv=frame))
             if due:
@@ -359,14 +369,14 @@ class GenerationJob:
 
         def on_batch_done(index: int) -> None:
             with guard.critical():
-                sink.batch_done(index)
+                sink.exact.batch_done(index)
 
         with stopping_safely(save, interrupted, catch_signals=catch_signals) as guard:
             batches, plan, replay, lines = self._lay_out(session, sink, longest_first, on_finished)
             for line in lines:
                 notify(line)
             with guard.critical():
-                sink.record_plan(plan, replay=replay)
+                sink.exact.record_plan(plan.to_dict(), replay=replay)
             engine.run_batches(
                 batches,
                 on_finished=on_finished,
@@ -412,17 +422,17 @@ class GenerationJob:
             if any(key not in known for key in keys):
                 lost += 1  # a row left the job (failed, or another worker's now): its rows go
                 recorded[index] = ()  # on in batches of their own, below
-                sink.batch_done(index)
+                sink.exact.batch_done(index)
                 continue
             requests = tuple(
                 Request(key, known[key].prompt_ids, known[key].max_new_tokens, start)
                 for key, start in members
             )
-            restore, problem = sink.restore_point(index)
+            restore, problem = sink.exact.restore_point(index)
             if restore is not None and not restore_fits(requests, restore):
                 restore = None
                 problem = f"batch {index}'s KV checkpoint does not match its plan; recomputing it"
-                sink.batch_done(index)  # its KV state is of no use: dropped
+                sink.exact.batch_done(index)  # its KV state is of no use: dropped
             if problem:
                 lines.append(problem)
             elif restore is not None:

@@ -26,14 +26,13 @@ import torch
 
 from yalm_runner import settings
 from yalm_runner.batchplan import BatchPlan
-from yalm_runner.batchstate import BatchCheckpoint, BatchRestore
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import GenerationStats
 from yalm_runner.errors import ConfigError, GenerationError
 from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob, JobRow, StopStrings
 from yalm_runner.job import GenerationInterrupted
-from yalm_runner.kvstate import ExactState, WrittenFrame
+from yalm_runner.kvstate import ExactState
 from yalm_runner.offload import OffloadPolicy
 from yalm_runner.resume import (
     NO_RESUME_HINT,
@@ -76,7 +75,8 @@ def _generation_problem(row: dict[str, Any]) -> str | None:
 class JsonlSink:
     """A generation job's sink in files: finished rows appended to the output (``OutputLog``),
     the plan and the rows in flight checkpointed beside it (``StateFile``), the live batch's KV
-    in ``OUT.jsonl.kv/`` (``ExactState``), the output rewritten in input order at the end.
+    in ``OUT.jsonl.kv/`` (``exact``, an ``ExactState`` the job writes through, whose record
+    this sink saves in the state file), the output rewritten in input order at the end.
     Constructing it reads what an earlier run left (refusing another job's state); nothing is
     changed on disk before ``begin``."""
 
@@ -164,18 +164,6 @@ class JsonlSink:
         self._persist()
 
     save = checkpoint
-
-    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
-        self.exact.record_plan(plan.to_dict(), replay=replay)
-
-    def restore_point(self, index: int) -> tuple[BatchRestore | None, str | None]:
-        return self.exact.restore_point(index)
-
-    def write_kv(self, live: BatchCheckpoint) -> WrittenFrame:
-        return self.exact.write_kv(live)
-
-    def batch_done(self, index: int) -> None:
-        self.exact.batch_done(index)
 
     def complete(self) -> None:
         self.log.finish(self.done[key] for key in self.keys)

@@ -70,9 +70,8 @@ if TYPE_CHECKING:
 
     from flows.night.summaries import GenerateSummary
     from yalm_runner.batchplan import BatchPlan
-    from yalm_runner.batchstate import BatchCheckpoint, BatchRestore
     from yalm_runner.generation import Checkpoint, FinishedRow, GenerationJob
-    from yalm_runner.kvstate import ExactState, WrittenFrame
+    from yalm_runner.kvstate import ExactState
     from yalm_runner.session import GenerationSession
 
 log = logging.getLogger(__name__)
@@ -364,7 +363,9 @@ def _fingerprint(session: GenerationSession) -> str:
 class ForecastSink:
     """The generation job's sink in the store: saved ids under the session's fingerprint, each
     forecast committed on its own as it finishes, the worker's claims renewed at every
-    checkpoint; the plan and the KV checkpoints in the worker's state folder (``exact``)."""
+    checkpoint; the plan and the KV checkpoints in the worker's state folder (``exact``, which
+    the job writes through; this sink saves its record at a checkpoint and removes it at the
+    end)."""
 
     location = "the database"
 
@@ -446,18 +447,6 @@ class ForecastSink:
         # More than the last checkpoint has: the ids of the rows in flight now.
         if state.ids:
             save_generation_states(self.store, state.ids, fingerprint=self.fingerprint)
-
-    def record_plan(self, plan: BatchPlan, *, replay: bool) -> None:
-        self.exact.record_plan(plan.to_dict(), replay=replay)
-
-    def restore_point(self, index: int) -> tuple[BatchRestore | None, str | None]:
-        return self.exact.restore_point(index)
-
-    def write_kv(self, live: BatchCheckpoint) -> WrittenFrame:
-        return self.exact.write_kv(live)
-
-    def batch_done(self, index: int) -> None:
-        self.exact.batch_done(index)
 
     def complete(self) -> None:
         """Each forecast was committed as it finished: only the plan and KV state go."""
