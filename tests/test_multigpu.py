@@ -127,7 +127,7 @@ def test_a_plan_replayed_over_two_engines_resumes_each_live_batch_exactly(
 ):
     """Batches are dealt over the devices; each live batch checkpoints its own KV, and a re-run
     restores every one of them. (Engines on the CPU stand in for two GPUs of one model.)"""
-    from test_generation_job import MemorySink, stop_after
+    from test_generation_job import MemorySink
 
     from yalm_runner.generation import GenerationJob, JobRow
     from yalm_runner.session import GenerationSession
@@ -147,13 +147,24 @@ def test_a_plan_replayed_over_two_engines_resumes_each_live_batch_exactly(
             job.run(session, sink, checkpoint_every=2, kv_checkpoint_interval_s=1e-9,
                     notify=None if lines is None else lines.append)  # fmt: skip
 
+    class BothInFlight(MemorySink):
+        """Stops the job (as a kill would) at the first checkpoint at which both devices' live
+        batches hold a KV checkpoint: by state, not by how the threads happened to run."""
+
+        stop = True
+
+        def checkpoint(self, state):
+            super().checkpoint(state)
+            if self.stop and len(self.exact.kv) == 2:
+                raise RuntimeError("stopped (simulated)")
+
     reference = MemorySink()
     run(reference)
-    sink = MemorySink(on_finished=stop_after(3))
+    sink = BothInFlight()
     with pytest.raises(RuntimeError, match="simulated"):
         run(sink)
     assert len(sink.exact.kv) == 2, "both devices had a batch in flight with a KV checkpoint"
-    sink.on_finished, lines = None, []
+    sink.stop, lines = False, []
     run(sink, finished=list(sink.rows), lines=lines)
     assert sum("goes on from its KV checkpoint" in line for line in lines) == 2, lines
     assert sorted(sink.stored) == sorted(reference.stored)
