@@ -233,6 +233,7 @@ def plan_placement(
     ):  # the budgets the greedy order was held to (layers of one size: always)
         tiers.update(spread)
         device_used, pinned_used, from_disk = fixed + used["gpu"], used["cpu"], used["disk"]
+        streamed = used["cpu"] + used["disk"]
     return Placement(
         tiers,
         device_used,
