@@ -293,7 +293,7 @@ def envelope(args: argparse.Namespace) -> None:
     policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("8GiB"), cpu_memory_bytes=parse_bytes(
         "64GiB"), weights_on="cpu", kv_on="auto", kv_bits=4)  # fmt: skip
     store = CompressedSyntheticStore(config, Quantization("int4", 128), dtype)  # as recorded
-    plan = plan_memory(store, device, dtype, policy, batch_size=None,
+    plan = plan_memory(store, device, dtype, policy, batch_size=args.envelope_batch,
                        max_context=128 + args.new_tokens, prompt_tokens=128)  # fmt: skip
     print(f"plan: {plan.describe()}", file=sys.stderr)
     kv_dir = Path(args.kv_dir or tempfile.mkdtemp(prefix="kvstate-")) / "resume-exact-bench"
@@ -366,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envelope-layers", type=int, help="fewer layers, for a smoke run")
     parser.add_argument("--envelope-shape", default="yalm-100b", help="tiny: a smoke run on a CPU")
     parser.add_argument("--kv-dir", help="where --envelope writes its KV files")
+    parser.add_argument(
+        "--envelope-batch",
+        type=int,
+        help="rows (default: the planner's; 64 is the whole envelope's)",
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if args.envelope else "cpu")
     if args.envelope:

@@ -334,6 +334,36 @@ def test_in_16_bits_on_a_gpu_every_kv_placement_resumes_to_the_same_bytes(
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", list(GPU_CONFIGS))
+def test_in_16_bits_on_a_gpu_every_kv_placement_reproduces_itself(
+    flat_store, prompts, tmp_path, config
+):
+    """What exact resume stands on: three uninterrupted runs of the same command write the same
+    bytes. On a mismatch, two more runs without KV checkpoints say whether checkpoints matter."""
+    extra = ("--device", "cuda", "--dtype", "bf16", *GPU_CONFIGS[config])
+    outputs = []
+    for run in range(3):
+        output = tmp_path / f"run-{run}.jsonl"
+        status, stderr = generate(flat_store, prompts, output, *extra, *EVERY_CHECKPOINT)
+        assert status == 0, stderr
+        outputs.append(output.read_bytes())
+    if len(set(outputs)) > 1:
+        plain = []
+        for run in range(2):
+            output = tmp_path / f"plain-{run}.jsonl"
+            status, stderr = generate(flat_store, prompts, output, *extra)
+            assert status == 0, stderr
+            plain.append(output.read_bytes())
+        told = [mismatch(other, outputs[0], []) for other in outputs[1:] if other != outputs[0]]
+        without = "agree" if plain[0] == plain[1] else "differ too"
+        pytest.fail(
+            f"{len(set(outputs))} different outputs of 3; without KV checkpoints two runs"
+            f" {without}\n" + "\n".join(told)
+        )
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_on_two_gpus_each_live_batch_resumes_to_the_same_bytes(flat_store, prompts, tmp_path):
     extra = ("--device", "cuda:0,cuda:1", "--dtype", "bf16", "--kv-on", "gpu", *EVERY_CHECKPOINT)
