@@ -9,7 +9,7 @@ from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError
 from yalm_runner.offload import ResidentWeights
-from yalm_runner.sampling import filter_logits, sample_next
+from yalm_runner.sampling import FIXED_ONE, filter_logits, fixed_cumsum, sample_next
 
 
 def original_top_k_logits(logits, top_k=0, top_p=0.0, filter_value=-float("Inf")):
@@ -72,6 +72,49 @@ def test_seed_reproducibility_and_batch_independence(tiny_store):
     assert [r.new_ids for r in together] == [r.new_ids for r in alone]
     assert [r.new_ids for r in reversed(in_pairs)] == [r.new_ids for r in alone]
     assert len({r.new_ids for r in together}) > 1
+
+
+def flat_logits(rows: int, vocab: int = 128_000, device: str = "cpu") -> torch.Tensor:
+    """Logits spread like the flat test model's (about 0.25): thousands of near ties."""
+    generator = torch.Generator().manual_seed(11)
+    return (torch.randn(rows, vocab, generator=generator) * 0.25).to(device)
+
+
+def test_running_sums_are_the_same_in_any_order_of_addition():
+    """The sums the nucleus and the draw use are exact: adding the vocabulary in blocks (as a
+    parallel scan does) gives the same bits as adding it in one pass, which float sums do not."""
+    probs = torch.softmax(flat_logits(4).double(), dim=-1)
+    blocks = probs.reshape(4, 250, 512)
+    in_one_pass = fixed_cumsum(probs)
+    within = fixed_cumsum(blocks)  # each block on its own, then the blocks' totals carried in
+    carried = torch.cumsum(within[..., -1], dim=-1) - within[..., -1]
+    assert torch.equal((within + carried.unsqueeze(-1)).reshape(4, -1), in_one_pass)
+    float_blocks = torch.cumsum(blocks, dim=-1)
+    float_carried = torch.cumsum(float_blocks[..., -1], dim=-1) - float_blocks[..., -1]
+    by_blocks = (float_blocks + float_carried.unsqueeze(-1)).reshape(4, -1)
+    assert not torch.equal(by_blocks, torch.cumsum(probs, dim=-1))  # the hazard, in float64
+    assert abs(int(in_one_pass[0, -1]) - FIXED_ONE) <= probs.shape[-1]
+
+
+def test_a_draw_never_lands_past_the_end_or_on_a_blocked_token():
+    """Uniforms at the very top of [0, 1) pick the last token that has a probability."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, float("-inf"), float("-inf")]])
+    params = SamplingParams(top_p=0.0, seed=0)
+    keys = [f"k{n}" for n in range(2000)]
+    picks = sample_next(logits.expand(2000, -1), params, keys, [0] * 2000)
+    assert set(picks.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_same_logits_always_draw_the_same_tokens():
+    """Flat logits over the real vocabulary's size, 64 rows, nucleus 0.9: 50 draws on the GPU
+    are one draw (CUDA's float cumsum gave other tokens now and then: sampling.py)."""
+    logits = flat_logits(64, device="cuda")
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    keys, steps = [f"row-{n}" for n in range(64)], [11] * 64
+    draws = {tuple(sample_next(logits, params, keys, steps).tolist()) for _ in range(50)}
+    assert len(draws) == 1
 
 
 def test_bad_settings_are_config_errors():
