@@ -2,7 +2,7 @@
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
-#   step-profile | perf-sweep | resume | resume-envelope
+#   step-profile | perf-sweep | resume | resume-envelope | envelope-disk
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -72,6 +72,14 @@ case "$1" in
     python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
       --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
+    ;;
+  envelope-disk)  # issue 17: the same envelope with the planner free to read layers from the
+    # drive holding DISK_DIR (measured in the run; the plan is made at the measured link and
+    # drive rates, the chosen layers written there as real files and removed after)
+    python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
+      --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
+      --disk-dir "${DISK_DIR:-/tmp}" --json "$OUT/envelope-disk.json" 2>&1 \
+      | tee "$OUT/envelope-disk.txt"
     ;;
   signals)  # issue 15: signals per hour beside texts per hour, same prompts, same run
     python3 -m yalm_runner.bench.signals --shape yalm-100b --quantize int4 --group-size 128 \

@@ -2,7 +2,12 @@
 
 import torch
 
-from yalm_runner.bench.envelope import CompressedSyntheticStore, format_envelope
+from yalm_runner.bench.envelope import (
+    CompressedSyntheticStore,
+    DiskBackedSyntheticStore,
+    format_envelope,
+    main,
+)
 from yalm_runner.bench.synthetic import SHAPES
 from yalm_runner.checkpoint import stored_specs
 from yalm_runner.config import SamplingParams
@@ -51,6 +56,52 @@ def test_synthetic_compressed_layers_run_through_the_engine():
             [Request("a", (1, 5, 6), 4)], SamplingParams(greedy=True)
         )
     assert len(done[0].new_ids) == 4
+
+
+def test_layers_written_to_disk_compute_what_the_synthetic_layers_compute(tmp_path):
+    """The disk-tier envelope's store: the layers a plan reads from disk become real files, read
+    by direct I/O, holding exactly the tensors the generator makes: the same greedy ids."""
+    store = DiskBackedSyntheticStore(SHAPES["tiny"], Quantization("int4", 16), torch.float32)
+    sizes = part_bytes_in(store, torch.float32)
+    roomy = OffloadPolicy(weights_on="cpu")
+    in_ram = plan_placement(sizes, roomy, budgets=roomy.budgets_on("cpu"))
+    to_disk = OffloadPolicy(weights_on="disk")
+    on_disk = plan_placement(sizes, to_disk, budgets=to_disk.budgets_on("cpu"))
+    requests = [Request("a", (1, 5, 6, 7), 6), Request("b", (1, 9), 6)]
+
+    def run(placement):
+        with StreamingWeights(store, "cpu", torch.float32, placement, verify=False) as source:
+            done = Engine(source, eos_id=-1).generate(
+                requests, SamplingParams(greedy=True), batch_size=2
+            )
+            return [d.new_ids for d in done], source.bytes_from_disk, source._direct is not None
+
+    reference, from_disk, _ = run(in_ram)
+    assert from_disk == 0
+    parts = [part for part, tier in on_disk.tiers.items() if tier == "disk"]
+    assert len(parts) == 4
+    store.write_layers(tmp_path / "layers", parts)
+    files = sorted(path.name for path in (tmp_path / "layers").iterdir())
+    assert files == sorted(f"{part}.ytf" for part in parts)
+    ids, from_disk, direct = run(on_disk)
+    assert ids == reference and direct
+    layer_bytes = sum(store.parts[part].data_bytes for part in parts)
+    assert from_disk == layer_bytes * 6  # every layer, once a forward (a prefill, five steps)
+
+
+def test_the_disk_tier_envelope_runs_end_to_end_and_leaves_no_files(tmp_path, capsys):
+    """A smoke run on the CPU: the drive measured, layers planned onto it and written, one batch,
+    the report's disk line, and the scratch folder gone."""
+    main([
+        "--shape", "tiny", "--group-size", "16", "--device", "cpu", "--disk-dir", str(tmp_path),
+        "--gpu-memory", "800KiB", "--cpu-memory", "100KiB", "--drive-file", "16MiB", "-n", "8",
+        "--prompt-len", "8-12", "--rows", "4",
+    ])  # fmt: skip
+    report = capsys.readouterr().out
+    assert "disk tier: 2 layers" in report
+    assert "(O_DIRECT)" in report or "(buffered after POSIX_FADV_DONTNEED)" in report
+    assert "step predicted at the measured rates" in report
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_report_reads_as_a_table():

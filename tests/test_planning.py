@@ -75,6 +75,29 @@ def test_yalm_100b_in_16_bits_streams_from_disk_beyond_the_ram_budget():
     assert placement.gpu_total_bytes <= BUDGETS.gpu_memory_bytes
 
 
+def test_the_plan_is_chosen_at_the_drive_and_link_rates_it_is_given():
+    """YaLM-100B in 4 bits under 8 GiB / 64 GiB, free to use a drive: a slow drive gets no layers
+    (or few) and the batch the RAM allows; a fast one gets more layers on disk and more rows.
+    Each plan is the best of the candidates at its own rates, so it beats the other one there."""
+    from yalm_runner.quant import Quantization
+
+    store = SyntheticStore(SHAPES["yalm-100b"], torch.bfloat16, 0, Quantization("int4", 64))
+    policy = replace(BUDGETS, kv_bits=4, weights_on="auto")
+    slow, fast = (StepRates(link_bytes_per_s=55e9, disk_bytes_per_s=disk) for disk in (0.5e9, 12e9))
+    plans = {
+        name: plan(store, policy, max_context=256, prompt_tokens=128, rates=rates)
+        for name, rates in (("slow", slow), ("fast", fast))
+    }
+    assert plans["slow"].placement.count("disk") < plans["fast"].placement.count("disk")
+    assert plans["slow"].batch_size < plans["fast"].batch_size
+    for name, rates in (("slow", slow), ("fast", fast)):
+        other = plans["fast" if name == "slow" else "slow"]
+        mine = plans[name]
+        assert mine.batch_size / mine.predicted_step_s(rates) >= (
+            other.batch_size / other.predicted_step_s(rates)
+        )
+
+
 def test_on_a_cpu_machine_the_ram_budget_bounds_resident_layers(tiny_store):
     from yalm_runner.checkpoint import ModelStore
 

@@ -57,6 +57,7 @@ def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: object) -> None
 # The runner's settings a command takes; each option is defined once, in yalm_runner.settings,
 # which the pipeline's YAML uses too.
 BUDGETS = ("gpu_memory", "cpu_memory", "weights_on", "kv_on", "kv_bits", "kv_layout", "overlap")
+RATES = ("link_gbps", "disk_gbps")  # the machine's, which the planner compares plans at
 SAMPLING = ("greedy", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
 
 
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(generate, "-m", "--model", type=Path, required=True, help="store folder")
     _add(generate, "--input", type=Path, required=True, help="JSONL with a 'prefix' per line")
     _add(generate, "--output", type=Path, required=True, help="JSONL to write")
-    _add_settings(generate, ("device", "dtype", "batch_size", *SAMPLING, *BUDGETS))
+    _add_settings(generate, ("device", "dtype", "batch_size", *SAMPLING, *BUDGETS, *RATES))
     _add(generate, "--no-verify", action="store_true", help="skip weight checksums")
     stop_env = _env("stop")
     generate.add_argument(
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(score, "-m", "--model", type=Path, required=True, help="store folder")
     _add(score, "--input", type=Path, required=True, help="JSONL: 'prefix' and 'candidates'")
     _add(score, "--output", type=Path, required=True, help="JSONL to write")
-    _add_settings(score, ("device", "dtype", "batch_size", *BUDGETS))
+    _add_settings(score, ("device", "dtype", "batch_size", *BUDGETS, *RATES))
     _add(score, "--no-verify", action="store_true", help="skip weight checksums")
 
     inspect = command(
@@ -193,9 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(inspect, "--prompt-len", type=int, default=128, help="longest prompt, in tokens")
     _add_settings(inspect, ("max_new_tokens",))
     _add(inspect, "--rows", type=int, help="how many prompts there are (caps the batch)")
-    _add(inspect, "--link-gbps", type=float, default=25.0, help="host-to-device GB/s to assume")
-    _add(inspect, "--disk-gbps", type=float, default=3.0, help="drive read GB/s to assume")
-    _add_settings(inspect, BUDGETS)
+    _add_settings(inspect, BUDGETS + RATES)
 
     tiny = command("make-tiny", "Write a tiny random YaLM checkpoint in the release layout.")
     tiny.add_argument("dst", type=Path)
@@ -486,37 +485,37 @@ def _peak_rss_gib() -> float:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     from yalm_runner.checkpoint import ModelStore
     from yalm_runner.offload import OffloadPolicy
     from yalm_runner.planning import plan_memory
     from yalm_runner.runner import describe_store
     from yalm_runner.session import default_dtype
-    from yalm_runner.steptime import BatchTime, StepRates, machine_class
+    from yalm_runner.steptime import BatchTime, machine_class
 
     store = ModelStore.open(args.store)
     print(describe_store(store))
     device = torch.device(args.device)  # planning only: the device need not be here
     chosen = settings.from_args(args)
     dtype = chosen.torch_dtype() or default_dtype(store, device)
+    policy = OffloadPolicy.from_settings(chosen)
+    # The machine the prediction is for is also the one the plan is chosen for.
+    rates = policy.rates()
     plan = plan_memory(
         store,
         device,
         dtype,
-        OffloadPolicy.from_settings(chosen),
+        policy,
         batch_size=chosen.batch_size,
         max_context=min(args.prompt_len + chosen.max_new_tokens, store.config.max_positions),
         prompt_tokens=args.prompt_len,
         rows=args.rows,
+        rates=rates,
     )
     print(f"plan on {device.type} in {str(dtype).removeprefix('torch.')}: {plan.describe()}")
     if device.type != "cuda":
         print("no prediction for a CPU-only plan: the step-time model's rates are a GPU's")
         return 0
-    rates = replace(
-        StepRates(), link_bytes_per_s=args.link_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9
-    )
     step, prefill = plan.predict_step(rates), plan.predict_prefill(rates)
     batch = BatchTime(plan.batch_size, chosen.max_new_tokens, step, prefill)
     print(

@@ -27,6 +27,7 @@ from yalm_runner.settings import (  # noqa: F401 (parse_bytes: callers import it
     check_setting,
     parse_bytes,
 )
+from yalm_runner.steptime import StepRates
 
 FP16_MAX = 65504.0
 TIERS = ("gpu", "cpu", "disk")
@@ -70,11 +71,16 @@ class OffloadPolicy:
     kv_bits: int = 16  # 8 or 4: the pinned-RAM KV cache is kept compressed per (token, head)
     # pinned-RAM KV: rows (a copy a row), slots (a copy a layer) or auto (the planner's pick)
     kv_layout: str = "auto"
+    # The link's and the drive's rates the planner compares plans at (``--link-gbps``,
+    # ``--disk-gbps``): the machine's, not budgets.
+    link_gbps: float = 25.0
+    disk_gbps: float = 3.0
 
     def __post_init__(self) -> None:
         # The settings' own checks (yalm_runner.settings), so that a policy built in code is
         # refused with the same words as a flag or a YAML key.
-        for name in ("weights_on", "kv_on", "kv_bits", "kv_layout", "overlap"):
+        for name in ("weights_on", "kv_on", "kv_bits", "kv_layout", "overlap", "link_gbps",
+                     "disk_gbps"):  # fmt: skip
             check_setting(name, getattr(self, name))
         check_offload_rules(self.kv_bits, self.kv_on)
         for name in ("gpu_memory_bytes", "cpu_memory_bytes"):
@@ -93,6 +99,15 @@ class OffloadPolicy:
             kv_bits=settings.kv_bits,
             kv_layout=settings.kv_layout,
             overlap=settings.overlap,
+            link_gbps=settings.link_gbps,
+            disk_gbps=settings.disk_gbps,
+        )
+
+    def rates(self) -> StepRates:
+        """The step-time model's rates for this machine: its link and drive, the device-side
+        rates as ``steptime`` defaults them."""
+        return StepRates(
+            link_bytes_per_s=self.link_gbps * 1e9, disk_bytes_per_s=self.disk_gbps * 1e9
         )
 
     def budgets_on(self, device_type: str) -> MemoryBudgets:

@@ -15,9 +15,10 @@ With no batch size given, the planner tries batch sizes under both placements an
 that predicts the most tokens per second (pinned KV takes RAM that weights would otherwise use,
 pushing layers to disk, so the largest batch is not always the fastest). The prediction is the
 step-time model's (``steptime``: the link, the drive, the KV copy calls and the device's work,
-pipelined over the layers) at ``PLANNING_RATES``; every plan carries what its decode step and
-its prefill move and compute, so that ``inspect``, the bench and the GPU sweep can predict it
-at other rates. Workspace (activations of a prefill) is estimated from the model's shapes.
+pipelined over the layers) at the machine's link and drive rates (``OffloadPolicy.rates``, from
+``--link-gbps`` and ``--disk-gbps``; by default ``PLANNING_RATES``, the target's class); every
+plan carries what its decode step and its prefill move and compute, so that ``inspect``, the
+bench and the GPU sweep can predict it at other rates. Workspace (activations of a prefill) is estimated from the model's shapes.
 
 Scoring (``engine.Engine.score``) keeps no KV cache across steps: one pass per batch, so its batch
 is bounded by activations alone. The big tensors are a group's attention scores (B, NH, T, T),
@@ -143,13 +144,18 @@ def plan_memory(
     prompt_tokens: int | None = None,
     rows: int | None = None,
     copies: int = 1,
+    rates: StepRates | None = None,
 ) -> MemoryPlan:
     """Choose the batch and KV placement for ``policy``; raise ``OffloadError`` if none fits.
 
     ``prompt_tokens`` is the longest prefill (``max_context`` when unknown); ``rows`` caps the
     chosen batch at the number of requests there are. ``copies`` devices each run a batch under
-    the GPU budget; they share the pinned weights but each has its own pinned KV.
+    the GPU budget; they share the pinned weights but each has its own pinned KV. Plans are
+    compared by their predicted step at ``rates`` (default: the policy's link and drive,
+    ``OffloadPolicy.rates``): a slower drive makes layers on disk cost more and so takes fewer
+    rows than a fast one would.
     """
+    rates = rates or policy.rates()
     config = store.config
     element = _element(dtype)
     parts = part_bytes_in(store, dtype)
@@ -236,7 +242,7 @@ def plan_memory(
                 except OffloadError as exc:
                     errors.append(str(exc))
                     continue
-                if best is None or _rate(candidate) > _rate(best):
+                if best is None or _rate(candidate, rates) > _rate(best, rates):
                     best = candidate
         return best
 
@@ -253,7 +259,7 @@ def plan_memory(
     failures: list[str] = []
     for batch in _candidates(cap):
         candidate = best_of(batch, failures)
-        if candidate is not None and (best is None or _rate(candidate) > _rate(best)):
+        if candidate is not None and (best is None or _rate(candidate, rates) > _rate(best, rates)):
             best = candidate
     if best is None:
         raise OffloadError(f"not even one row fits the budgets: {failures[0]}")
@@ -301,12 +307,12 @@ def _counted(
     return replace(plan, decode=decode, prefill=prefill)
 
 
-def _rate(plan: MemoryPlan) -> float:
-    """Predicted new tokens (a scoring plan: prompts) per second at the planning rates; only
+def _rate(plan: MemoryPlan, rates: StepRates = PLANNING_RATES) -> float:
+    """Predicted new tokens (a scoring plan: prompts) per second at ``rates``; only
     comparisons between plans use it."""
     work = plan.decode if plan.decode is not None else plan.prefill
     assert work is not None, "the planner counts every plan's work"
-    return plan.batch_size / predict_pass(work, PLANNING_RATES).total_s
+    return plan.batch_size / predict_pass(work, rates).total_s
 
 
 @dataclass(frozen=True)
@@ -447,7 +453,7 @@ def plan_scoring(
         except OffloadError as exc:
             failure = failure or exc
             continue
-        if best is None or _rate(candidate) >= _rate(best):
+        if best is None or _rate(candidate, policy.rates()) >= _rate(best, policy.rates()):
             best = candidate
     if best is None:
         raise OffloadError(f"not even one prompt can be scored under the budgets: {failure}")

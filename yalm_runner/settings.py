@@ -253,6 +253,29 @@ KvCheckpointInterval = Annotated[
     ),
 ]
 
+LinkGbps = Annotated[
+    float,
+    _setting(
+        "host-to-device GB/s the planner compares plans at (PCIe 4 x16: 25; PCIe 5: ~55)",
+        "--link-gbps",
+        metavar="GB/S",
+        gt=0.0,
+        allow_inf_nan=False,
+    ),
+]
+
+DiskGbps = Annotated[
+    float,
+    _setting(
+        "drive read GB/s the planner compares plans at: a faster drive gets more layers on disk "
+        "and more rows (`yalm-runner bench --disk DIR` measures yours)",
+        "--disk-gbps",
+        metavar="GB/S",
+        gt=0.0,
+        allow_inf_nan=False,
+    ),
+]
+
 # YAML and the command line both come through here: a YAML `16` must be an int, not "16", and
 # `yes` is no number (strict); the command line's text is parsed by each option (``cli_options``).
 SETTINGS_CONFIG = ConfigDict(extra="forbid", strict=True)
@@ -297,6 +320,10 @@ class RunnerSettings(SamplingSettings):
     checkpoint_every: CheckpointEvery = 16
     # A kill costs at most this much work; YaLM-100B's batch (~200 s on an H200) writes none.
     kv_checkpoint_interval: KvCheckpointInterval = 600.0
+    # The machine's rates, for choosing between plans (``planning``); the defaults are the
+    # target's class: PCIe 4 x16 and an NVMe drive.
+    link_gbps: LinkGbps = 25.0
+    disk_gbps: DiskGbps = 3.0
 
     @model_validator(mode="after")
     def _offload_rules(self) -> RunnerSettings:

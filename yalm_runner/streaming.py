@@ -42,6 +42,12 @@ class PackedTensor:
     dtype: torch.dtype
 
 
+def _has_files(store: ModelStore) -> bool:
+    """Whether ``store``'s parts are files in the store format, to be read by direct I/O (a
+    ``ModelStore``; a bench's synthetic store whose disk-tier layers it wrote out says so)."""
+    return isinstance(store, ModelStore) or getattr(store, "has_files", False)
+
+
 def _compressed(store: ModelStore, part: str) -> bool:
     return getattr(store, "quantization", None) is not None and part.startswith("layer_")
 
@@ -161,9 +167,7 @@ class StreamingWeights:
         # Same dtype on disk and in compute: a layer goes from the drive to the relay by direct
         # I/O, its file offset read once from the header.
         as_stored = dtype == store.dtype or self.quantization is not None
-        self._direct = (
-            RangeReader() if disk and as_stored and isinstance(store, ModelStore) else None
-        )
+        self._direct = RangeReader() if disk and as_stored and _has_files(store) else None
         self._data_start = {
             idx: read_layout(store.parts[f"layer_{idx}"].path).data_start
             for idx in (disk if self._direct else ())

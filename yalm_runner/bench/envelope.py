@@ -18,22 +18,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from yalm_runner.bench.disk import drop_from_page_cache, measure_drive_read
 from yalm_runner.bench.link import measure_h2d
 from yalm_runner.bench.synthetic import NO_EOS, SHAPES, SyntheticStore
+from yalm_runner.checkpoint import PartInfo
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.pinned import locked_bytes
-from yalm_runner.planning import plan_memory
+from yalm_runner.planning import MemoryPlan, plan_memory
 from yalm_runner.quant import Quantization, dequantize_matrix
+from yalm_runner.steptime import StepRates
 from yalm_runner.streaming import StreamingWeights
+from yalm_runner.tensorfile import (
+    FileLayout,
+    TensorSpec,
+    read_into,
+    read_layout,
+    write_tensor_file,
+)
 
 
 class CompressedSyntheticStore(SyntheticStore):
@@ -78,14 +90,59 @@ class CompressedSyntheticStore(SyntheticStore):
         return tensors
 
 
-def _prompts(batch: int, low: int, high: int, new_tokens: int) -> list[Request]:
-    span = high - low + 1
+class DiskBackedSyntheticStore(CompressedSyntheticStore):
+    """``CompressedSyntheticStore`` whose chosen layers are real files: the disk tier reads them
+    from the drive by direct I/O, as it reads a converted store's, and every other layer stays
+    synthetic (placed in pinned RAM straight from the generator). A file holds exactly the
+    tensors ``read_part`` generates for its layer, so both tiers compute the same model."""
+
+    has_files = True  # ``streaming``: disk-tier parts are files in the store format
+
+    def __init__(
+        self, config: ModelConfig, quantization: Quantization, dtype: torch.dtype, seed: int = 0
+    ):
+        super().__init__(config, quantization, dtype, seed)
+        self._files: dict[str, FileLayout] = {}
+
+    def write_layers(self, folder: Path, parts: list[str]) -> float:
+        """Write ``parts`` into ``folder`` (fsynced, then dropped from the page cache, so that
+        reads come from the drive); return the seconds it took."""
+        began = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            tensors = super().read_part(part)
+            path = folder / f"{part}.ytf"
+            specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+            write_tensor_file(path, specs, lambda spec, tensors=tensors: tensors[spec.name])
+            del tensors
+            drop_from_page_cache(path)
+            layout = read_layout(path)
+            self._files[part] = layout
+            records = tuple(sorted(layout.records, key=lambda record: record.begin))
+            self.parts[part] = PartInfo(part, path, layout.file_bytes, records)
+        return time.perf_counter() - began
+
+    def read_part(
+        self, part: str, *, buffer: torch.Tensor | None = None, verify: bool = True
+    ) -> dict[str, torch.Tensor]:
+        if part not in self._files:
+            return super().read_part(part, buffer=buffer, verify=verify)
+        layout = self._files[part]
+        if buffer is None:
+            buffer = torch.empty(layout.file_bytes - layout.data_start, dtype=torch.uint8)
+        return read_into(self.parts[part].path, layout, buffer)
+
+
+def _prompts(
+    batch: int, low: int, high: int, new_tokens: int, vocab: int = 128_000
+) -> list[Request]:
+    span, spread = high - low + 1, min(120_000, vocab - 100)  # ids in 100 .. 100 + spread
     return [
         Request(
             f"text{row}",
             tuple(
                 [1]
-                + [(row * 7919 + pos * 31) % 120000 + 100 for pos in range(low + row % span - 1)]
+                + [(row * 7919 + pos * 31) % spread + 100 for pos in range(low + row % span - 1)]
             ),
             new_tokens,
         )
@@ -157,61 +214,60 @@ def run_envelope(
     new_tokens: int,
     rows: int | None,
     json_path: Path | None,
+    disk_dir: Path | None = None,
+    drive_file_bytes: int = 4 << 30,
+    device: str = "cuda",
 ) -> dict:
+    """One timed batch under ``policy``'s budgets. With ``disk_dir`` the planner may put layers
+    on the drive there (``policy.weights_on`` "auto" or "disk"): the drive's rate is measured
+    first, the plan is made at the measured link and drive rates, and the layers it reads from
+    disk are written to real files under ``disk_dir`` (removed afterwards)."""
     config = SHAPES[shape] if layers is None else replace(SHAPES[shape], num_layers=layers)
-    dtype = torch.bfloat16
-    link = measure_h2d()
-    store = CompressedSyntheticStore(config, quantization, dtype)
-    plan = plan_memory(
-        store,
-        torch.device("cuda"),
-        dtype,
-        policy,
-        batch_size=rows,
-        max_context=prompt_len[1] + new_tokens,
-        prompt_tokens=prompt_len[1],
-    )
-    _log(f"plan: {plan.describe()}")
-    began = time.perf_counter()
-    with StreamingWeights(store, "cuda", dtype, plan.placement, verify=False) as weights:
-        load_s = time.perf_counter() - began
-        _log(f"weights placed in {load_s:.0f} s")
-        total = torch.cuda.get_device_properties(0).total_memory
-        if policy.gpu_memory_bytes:  # a hard cap: going over is an out-of-memory error
-            torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
-        engine = Engine(
-            weights,
-            eos_id=NO_EOS,
-            kv_on=plan.kv_on,
-            kv_bits=policy.kv_bits,
-            kv_layout=plan.kv_layout,
-            prefill_rows=plan.prefill_rows,
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    link = measure_h2d() if cuda else {"pinned": float("nan"), "pageable": float("nan")}
+    scratch = None if disk_dir is None else Path(tempfile.mkdtemp(prefix="envelope-", dir=disk_dir))
+    try:
+        rates = replace(StepRates(), link_bytes_per_s=link["pinned"]) if cuda else StepRates()
+        drive = None
+        if scratch is not None:
+            drive = measure_drive_read(scratch / "sequential.bin", drive_file_bytes)
+            _log(f"drive: {drive.bytes_per_s / 1e9:.2f} GB/s sequential ({drive.method})")
+            rates = replace(rates, disk_bytes_per_s=drive.bytes_per_s)
+        store = DiskBackedSyntheticStore(config, quantization, dtype)
+        plan = plan_memory(
+            store,
+            torch.device("cuda"),  # the plan is a GPU's, also for a smoke run on the CPU
+            dtype,
+            policy,
+            batch_size=rows,
+            max_context=prompt_len[1] + new_tokens,
+            prompt_tokens=prompt_len[1],
+            rates=rates,
         )
-        began = time.perf_counter()
-        engine.reserve(plan.batch_size, plan.max_context)
-        _log(f"KV memory locked in {time.perf_counter() - began:.1f} s")
-        engine.generate(_prompts(1, 8, 8, 2), SamplingParams(greedy=True), batch_size=1)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        engine.stats = type(engine.stats)()
-        streamed_before = weights.bytes_streamed
-        requests = _prompts(plan.batch_size, prompt_len[0], prompt_len[1], new_tokens)
-        began = time.perf_counter()
-        finished = engine.generate(
-            requests, SamplingParams(greedy=True), batch_size=plan.batch_size
-        )
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - began
-        peak = torch.cuda.max_memory_allocated()
-        locked = locked_bytes()  # what the driver really holds page-locked
-        stats = engine.stats
-        weights_moved = weights.bytes_streamed - streamed_before
+        _log(f"plan: {plan.describe()}")
+        on_disk = [part for part, tier in plan.placement.tiers.items() if tier == "disk"]
+        write_s = 0.0
+        if on_disk:
+            assert scratch is not None, "only a run with a disk folder plans layers on disk"
+            write_s = store.write_layers(scratch / "layers", on_disk)
+            _log(f"{len(on_disk)} layers written to disk in {write_s:.0f} s")
+        measured = _timed_batch(store, plan, policy, prompt_len, new_tokens, device, dtype)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    stats, finished, requests = measured["stats"], measured["finished"], measured["requests"]
     assert all(len(done.new_ids) == new_tokens for done in finished)
     passes = stats.forward_passes
     decode_steps = passes - 1
     step_s = stats.decode_s / decode_steps
     moved_per_pass = stats.bytes_moved / passes
-    floor_s = moved_per_pass / link["pinned"]
+    disk_per_pass = measured["from_disk"] / passes
+    floor_s = max(
+        moved_per_pass / link["pinned"],
+        disk_per_pass / drive.bytes_per_s if drive is not None else 0.0,
+    )
+    elapsed = measured["elapsed_s"]
     new = sum(len(done.new_ids) for done in finished)
     bf16_layer_bytes = sum(config.layer_param_count(i) for i in range(config.num_layers)) * 2
     result = {
@@ -233,21 +289,83 @@ def run_envelope(
         "tokens_per_s": new / elapsed,
         "texts_per_hour": len(finished) * 3600 / elapsed,
         "decode_step_s": step_s,
+        "predicted_step_s": plan.predicted_step_s(rates),
         "bytes_per_pass": moved_per_pass,
-        "weights_per_pass": weights_moved / passes,
+        "weights_per_pass": measured["weights_moved"] / passes,
+        "disk_layers": len(on_disk),
+        "disk_bytes_per_pass": disk_per_pass,
+        "drive_gbps": drive.bytes_per_s / 1e9 if drive is not None else None,
+        "drive_method": drive.method if drive is not None else None,
+        "layers_written_s": write_s,
         "floor_step_s": floor_s,
         "step_over_floor": step_s / floor_s,
-        "peak_gpu_bytes": peak,
+        "peak_gpu_bytes": measured["peak"],
         "pinned_ram_bytes": plan.placement.cpu_weight_bytes + plan.kv_host_bytes,
-        "locked_ram_bytes": locked,
+        "locked_ram_bytes": measured["locked"],
         "bf16_layers_bytes": bf16_layer_bytes,
-        "load_s": load_s,
-        "matmul": matmul_variants(config, quantization, plan.batch_size),
+        "load_s": measured["load_s"],
+        "matmul": matmul_variants(config, quantization, plan.batch_size) if cuda else [],
     }
     print(format_envelope(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _timed_batch(
+    store: CompressedSyntheticStore,
+    plan: MemoryPlan,
+    policy: OffloadPolicy,
+    prompt_len: tuple[int, int],
+    new_tokens: int,
+    device: str,
+    dtype: torch.dtype,
+) -> dict:
+    """Place the weights, lock the KV memory, warm up, then run one batch of the plan's size."""
+    cuda = device == "cuda"
+    synchronize = torch.cuda.synchronize if cuda else lambda: None
+    began = time.perf_counter()
+    with StreamingWeights(store, device, dtype, plan.placement, verify=False) as weights:
+        load_s = time.perf_counter() - began
+        _log(f"weights placed in {load_s:.0f} s")
+        if cuda and policy.gpu_memory_bytes:  # a hard cap: going over is an out-of-memory error
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
+        engine = Engine(
+            weights,
+            eos_id=NO_EOS,
+            kv_on=plan.kv_on,
+            kv_bits=policy.kv_bits,
+            kv_layout=plan.kv_layout,
+            prefill_rows=plan.prefill_rows,
+        )
+        began = time.perf_counter()
+        engine.reserve(plan.batch_size, plan.max_context)
+        _log(f"KV memory locked in {time.perf_counter() - began:.1f} s")
+        vocab = store.config.vocab_size
+        engine.generate(_prompts(1, 8, 8, 2, vocab), SamplingParams(greedy=True), batch_size=1)
+        synchronize()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        engine.stats = type(engine.stats)()
+        streamed_before, disk_before = weights.bytes_streamed, weights.bytes_from_disk
+        requests = _prompts(plan.batch_size, prompt_len[0], prompt_len[1], new_tokens, vocab)
+        began = time.perf_counter()
+        finished = engine.generate(
+            requests, SamplingParams(greedy=True), batch_size=plan.batch_size
+        )
+        synchronize()
+        return {
+            "elapsed_s": time.perf_counter() - began,
+            "stats": engine.stats,
+            "finished": finished,
+            "requests": requests,
+            "peak": torch.cuda.max_memory_allocated() if cuda else 0,
+            "locked": locked_bytes(),  # what the driver really holds page-locked
+            "weights_moved": weights.bytes_streamed - streamed_before,
+            "from_disk": weights.bytes_from_disk - disk_before,
+            "load_s": load_s,
+        }
 
 
 def format_envelope(r: dict) -> str:
@@ -267,6 +385,24 @@ def format_envelope(r: dict) -> str:
         f"bytes per pass {r['bytes_per_pass'] / 1e9:.2f} GB (weights "
         f"{r['weights_per_pass'] / 1e9:.2f} GB; the 16-bit layers would be "
         f"{r['bf16_layers_bytes'] / 1e9:.1f} GB)",
+        *(
+            [
+                f"disk tier: {r['disk_layers']} layers, {r['disk_bytes_per_pass'] / 1e9:.2f} GB "
+                f"read a pass; drive {r['drive_gbps']:.2f} GB/s ({r['drive_method']}); layers "
+                f"written in {r['layers_written_s']:.0f} s"
+            ]
+            if r.get("disk_layers")
+            else []
+        ),
+        *(
+            [
+                f"step predicted at the measured rates {r['predicted_step_s'] * 1e3:.0f} ms, "
+                f"measured {r['decode_step_s'] * 1e3:.0f} ms "
+                f"({r['decode_step_s'] / r['predicted_step_s']:.2f}x)"
+            ]
+            if r.get("predicted_step_s")
+            else []
+        ),
         f"peak GPU {r['peak_gpu_bytes'] / gib:.2f} GiB of {r['gpu_budget'] / gib:.2f} GiB "
         f"({r['peak_gpu_bytes'] / r['gpu_budget']:.0%}); pinned RAM "
         f"{r['pinned_ram_bytes'] / gib:.1f} GiB of {r['cpu_budget'] / gib:.0f} GiB planned, "
@@ -300,12 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--max-new-tokens", type=int, default=128)
     parser.add_argument("--rows", type=int, help="batch size (default: the planner's)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--disk-dir",
+        type=Path,
+        help="let the planner read layers from the drive holding this folder (weights on auto): "
+        "the drive is measured and the chosen layers written there, then removed",
+    )
+    parser.add_argument("--drive-file", default="4GiB", help="size of the drive's read test")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (no figures)")
     args = parser.parse_args(argv)
     low, _, high = args.prompt_len.partition("-")
     policy = OffloadPolicy(
         gpu_memory_bytes=parse_bytes(args.gpu_memory),
         cpu_memory_bytes=parse_bytes(args.cpu_memory),
-        weights_on="cpu",
+        weights_on="auto" if args.disk_dir else "cpu",
         kv_on="auto",
         kv_bits=args.kv_bits,
     )
@@ -318,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         args.max_new_tokens,
         args.rows,
         args.json,
+        disk_dir=args.disk_dir,
+        drive_file_bytes=parse_bytes(args.drive_file),
+        device=args.device,
     )
     return 0
 
