@@ -18,7 +18,8 @@ step-time model's (``steptime``: the link, the drive, the KV copy calls and the 
 pipelined over the layers) at the machine's link and drive rates (``OffloadPolicy.rates``, from
 ``--link-gbps`` and ``--disk-gbps``; by default ``PLANNING_RATES``, the target's class); every
 plan carries what its decode step and its prefill move and compute, so that ``inspect``, the
-bench and the GPU sweep can predict it at other rates. Workspace (activations of a prefill) is estimated from the model's shapes.
+bench and the GPU sweep can predict it at other rates. Workspace (activations of a prefill) is
+estimated from the model's shapes.
 
 Scoring (``engine.Engine.score``) keeps no KV cache across steps: one pass per batch, so its batch
 is bounded by activations alone. The big tensors are a group's attention scores (B, NH, T, T),
