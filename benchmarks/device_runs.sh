@@ -2,7 +2,7 @@
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
-#   step-profile | perf-sweep | resume | resume-envelope | envelope-disk
+#   step-profile | perf-sweep | resume | resume-envelope | envelope-disk | kv-fused
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -72,6 +72,13 @@ case "$1" in
     python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
       --json "$OUT/envelope.json" 2>&1 | tee "$OUT/envelope.txt"
+    ;;
+  kv-fused)  # issue 17: the fused KV kernel against torch's expansion (codec rates, then the
+    # 13B int4 g64 + 4-bit KV configuration at the planner's batch with each)
+    nvidia-smi -L
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_streaming.py -k fused \
+      2>&1 | tail -3
+    python3 benchmarks/kv_fused_check.py 2>&1 | tee "$OUT/kv_fused.txt"
     ;;
   envelope-disk)  # issue 17: the same envelope with the planner free to read layers from the
     # drive holding DISK_DIR (measured in the run; the plan is made at the measured link and

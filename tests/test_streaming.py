@@ -424,3 +424,38 @@ def test_pinned_memory_is_locked_at_its_exact_size_and_released(store):
         layers = weights.placement.cpu_weight_bytes
         assert locked_bytes() - before == sum(t.numel() for t in weights._pinned.values())
         assert locked_bytes() - before >= layers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fused_kv_kernel_gives_the_torch_versions_bits(monkeypatch):
+    """``kvformat.decode_kv`` on CUDA runs the fused kernel; it must give torch's bits for both
+    widths and 16-bit dtypes, in the layouts the caches hand it: a whole cache, a row-major slice
+    (rows and slots strided), and a slot-major staging area seen row-major (transposed). YaLM's
+    head size (80: 40 code bytes a 4-bit record) and a tiny one; enough bytes to span programs."""
+    from yalm_runner import kvformat
+    from yalm_runner.kernels import fused_kv_available, fused_kv_decode
+
+    assert fused_kv_available(), "Triton should be there on a CUDA machine"
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float16):
+        for bits in (4, 8):
+            for rows, slots, heads, head_dim in ((6, 40, 128, 80), (3, 7, 4, 16)):
+                values = torch.randn(rows, slots, heads, head_dim, generator=generator) * 3
+                record = kvformat.encode_kv(values.to(dtype).cuda(), bits)
+                staged = record.transpose(0, 1).contiguous().transpose(0, 1)
+                cases = [
+                    (record, torch.empty(rows, slots, heads, head_dim)),
+                    (record[1:4, : slots - 2], torch.zeros(rows, slots + 3, heads, head_dim)),
+                    (staged[:, : slots - 1], torch.zeros(rows, slots, heads, head_dim)),
+                ]
+                for case, (source, frame) in enumerate(cases):
+                    frame = frame.to(dtype).cuda()
+                    fused = frame[: source.shape[0], : source.shape[1]]
+                    plain = fused.clone()
+                    assert fused_kv_decode(source, bits, fused) is not None  # it took them
+                    monkeypatch.setattr(kvformat, "USE_FUSED_KERNEL", False)
+                    kvformat.decode_kv(source, bits, plain)
+                    monkeypatch.setattr(kvformat, "USE_FUSED_KERNEL", True)
+                    same = torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+                    assert same, (dtype, bits, rows, slots, heads, head_dim, case)

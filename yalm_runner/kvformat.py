@@ -4,8 +4,9 @@ Keys and values are kept in 16 bits as they are, or compressed per (token, head)
 int8 codes with one scale (symmetric), 4 bits are two codes a byte with a scale and a minimum.
 ``kv_record_shape`` says which tensor holds one cache of a given shape; ``encode_kv`` and
 ``decode_kv`` turn values into records and back; ``host_elements`` and ``kv_bytes_per_token``
-size the host copy. This module allocates nothing and knows nothing of devices, pinned memory or
-copy streams: the caches that move the records (``kvcache``) build on it.
+size the host copy. This module allocates nothing and knows nothing of pinned memory or copy
+streams: the caches that move the records (``kvcache``) build on it. On a CUDA device with
+Triton ``decode_kv`` runs ``kernels.fused_kv_decode``, which gives the same bits.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import torch
 
 from yalm_runner import settings
 from yalm_runner.config import ModelConfig
+from yalm_runner.kernels import fused_kv_available, fused_kv_decode
 
 KV_BITS = settings.KV_BITS  # the widths a KV cache may have: defined with the settings
 # Compressed KV is expanded a group of rows at a time, each group's temporaries within this
 # (the planner reserves room for it beside the device slots).
 DECODE_BYTES = 128 << 20
+# On a CUDA device with Triton, records are expanded by one fused kernel (``kernels``: the same
+# bits as the torch version below, in one pass); tests turn it off to compare the two.
+USE_FUSED_KERNEL = True
 
 
 def _fields(bits: int, head_dim: int, element: int) -> list[tuple[int, int]]:
@@ -72,6 +77,9 @@ def decode_kv(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Write the values that ``record`` encodes into ``out`` (..., D)."""
     if bits == 16:
         out.copy_(record)
+        return
+    fused = USE_FUSED_KERNEL and out.is_cuda and fused_kv_available()
+    if fused and fused_kv_decode(record, bits, out) is not None:
         return
     fields = [record[..., a:b] for a, b in _fields(bits, out.shape[-1], out.element_size())]
     scale = fields[1].view(out.dtype)
