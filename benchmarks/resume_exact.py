@@ -299,8 +299,7 @@ def envelope(args: argparse.Namespace) -> None:
     kv_dir = Path(args.kv_dir or tempfile.mkdtemp(prefix="kvstate-")) / "resume-exact-bench"
     results = {}
     with StreamingWeights(store, device, dtype, plan.placement, verify=False) as weights:
-        engine = Engine(weights, eos_id=NO_EOS, kv_on=plan.kv_on, kv_bits=4,
-                        kv_layout=plan.kv_layout, prefill_rows=plan.prefill_rows)  # fmt: skip
+        engine = Engine.for_plan(weights, plan, 4, eos_id=NO_EOS)
         engine.reserve(plan.batch_size, plan.max_context)
 
         requests = envelope_prompts(config.vocab_size, plan.batch_size, 100, 128, args.new_tokens)

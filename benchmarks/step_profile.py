@@ -74,14 +74,7 @@ def main() -> None:
         weights = StreamingWeights(
             store, "cuda", dtype, plan.placement, verify=False, buffers=count
         )
-        engine = Engine(
-            weights,
-            eos_id=NO_EOS,
-            kv_on=plan.kv_on,
-            kv_bits=policy.kv_bits,
-            kv_layout=plan.kv_layout,
-            prefill_rows=plan.prefill_rows,
-        )
+        engine = Engine.for_plan(weights, plan, policy.kv_bits, eos_id=NO_EOS)
         engine.reserve(plan.batch_size, plan.max_context)
         engine.generate(_prompts(1, 8, 8, 2), greedy, batch_size=1)
         torch.cuda.reset_peak_memory_stats()

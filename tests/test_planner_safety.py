@@ -148,10 +148,7 @@ def test_an_accepted_plan_runs_under_its_cap(case: Case, stores):
         torch.cuda.set_per_process_memory_fraction(cap / total)
         weights = place(store, plan)
         torch.cuda.reset_peak_memory_stats()
-        engine = Engine(
-            weights, eos_id=NO_EOS, kv_on=plan.kv_on, kv_bits=case.kv_bits,
-            prefill_rows=plan.prefill_rows, kv_layout=plan.kv_layout,
-        )  # fmt: skip
+        engine = Engine.for_plan(weights, plan, case.kv_bits, eos_id=NO_EOS)
         requests = [
             Request(f"r{row}", tuple([1] + [(row * 7 + pos) % 50000 + 300
                                              for pos in range(PROMPT - 1)]), NEW)

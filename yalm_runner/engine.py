@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +49,9 @@ from yalm_runner.offload import WeightSource
 from yalm_runner.packing import HEAD_CHUNK, Scored, ScoreRequest, pack, score_problem
 from yalm_runner.sampling import sample_next
 from yalm_runner.tokenizer import EOS_ID
+
+if TYPE_CHECKING:  # the plan's type only: the engine runs plans, it does not make them
+    from yalm_runner.planning import MemoryPlan
 
 PAD_ID = EOS_ID  # the reference pads with </s>
 
@@ -161,45 +164,75 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate_in_batches(
-    runner: Any,
-    requests: Iterable[Request],
-    sampling: SamplingParams,
-    *,
-    batch_size: int,
-    on_finished: Callable[[Finished], None] | None,
-    checkpoint_every: int,
-    on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None,
-    stop: Callable[[Request, list[int]], bool] | None,
-    on_step: Callable[[int], None] | None,
-) -> list[Finished]:
-    """``generate`` for whatever has ``settle`` and ``run_batches`` (an ``Engine``, or a
-    ``multigpu.MultiEngine``): the rows a resume left unfinished, cut in order into batches of
-    ``batch_size``, each run as planned; the finished rows in request order."""
-    pending = list(requests)
-    finished, runnable = runner.settle(pending, on_finished)
-    batches = [
-        PlannedBatch(index, tuple(runnable[start : start + batch_size]), sampling)
-        for index, start in enumerate(range(0, len(runnable), batch_size))
-    ]
+class BatchRunner:
+    """``generate`` over ``settle`` and ``run_batches``, which a subclass provides (``Engine``;
+    ``multigpu.MultiEngine``, whose callbacks come from its device threads one at a time)."""
 
-    def keep(done: Finished) -> None:
-        finished[done.key] = done
-        if on_finished is not None:
-            on_finished(done)
+    def settle(
+        self, requests: list[Request], on_finished: Callable[[Finished], None] | None = None
+    ) -> tuple[dict[str, Finished], list[Request]]:
+        raise NotImplementedError
 
-    runner.run_batches(
-        batches,
-        on_finished=keep,
-        checkpoint_every=checkpoint_every,
-        on_checkpoint=None if on_checkpoint is None else lambda live: on_checkpoint(live.ids),
-        stop=stop,
-        on_step=on_step,
-    )
-    return [finished[request.key] for request in pending]
+    def run_batches(
+        self,
+        batches: Iterable[PlannedBatch],
+        *,
+        on_finished: Callable[[Finished], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
+        on_batch_done: Callable[[int], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def generate(
+        self,
+        requests: Iterable[Request],
+        sampling: SamplingParams,
+        *,
+        batch_size: int = 32,
+        on_finished: Callable[[Finished], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
+        stop: Callable[[Request, list[int]], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[Finished]:
+        """Run every request; return the finished rows in request order: the rows a resume
+        left unfinished, cut in order into batches of ``batch_size``, each run as planned.
+
+        ``on_finished`` is called as each row finishes (in finishing order), so a caller can
+        store it at once. Every ``checkpoint_every`` decode steps, ``on_checkpoint`` receives
+        the ids generated so far by every row in flight (the state a resume needs; see
+        ``snapshot``). ``stop(request, generated)`` may end a row early (a stop sequence, say);
+        such a row finishes with reason ``"stop"``. ``on_step(new_tokens)`` follows every
+        step's sampling with the tokens it added (one per row in flight): progress, not state;
+        it must return at once.
+        """
+        pending = list(requests)
+        finished, runnable = self.settle(pending, on_finished)
+        batches = [
+            PlannedBatch(index, tuple(runnable[start : start + batch_size]), sampling)
+            for index, start in enumerate(range(0, len(runnable), batch_size))
+        ]
+
+        def keep(done: Finished) -> None:
+            finished[done.key] = done
+            if on_finished is not None:
+                on_finished(done)
+
+        self.run_batches(
+            batches,
+            on_finished=keep,
+            checkpoint_every=checkpoint_every,
+            on_checkpoint=None if on_checkpoint is None else lambda live: on_checkpoint(live.ids),
+            stop=stop,
+            on_step=on_step,
+        )
+        return [finished[request.key] for request in pending]
 
 
-class Engine:
+class Engine(BatchRunner):
     """Generates token ids for batches of requests with the weights of one source."""
 
     def __init__(
@@ -228,6 +261,21 @@ class Engine:
         self._cancelled = False
         # Pinned KV memory, kept from batch to batch (locking it is slow).
         self._arena = HostArena(self.config.num_layers, pin=self.device.type == "cuda")
+
+    @classmethod
+    def for_plan(
+        cls, weights: WeightSource, plan: MemoryPlan, kv_bits: int, eos_id: int = EOS_ID
+    ) -> Engine:
+        """An engine that runs ``plan`` (a ``planning.MemoryPlan``): its KV cache's place and
+        layout and its prefill groups, the cache kept in ``kv_bits`` (the policy's width)."""
+        return cls(
+            weights,
+            eos_id=eos_id,
+            kv_on=plan.kv_on,
+            kv_bits=kv_bits,
+            prefill_rows=plan.prefill_rows,
+            kv_layout=plan.kv_layout,
+        )
 
     def reserve(self, rows: int, slots: int) -> None:
         """Lock the pinned KV memory for batches up to ``rows`` x ``slots`` now, not in the
@@ -287,40 +335,6 @@ class Engine:
         problem = request_problem(self.config, request)
         if problem:
             raise GenerationError(f"row {request.key}: {problem}")
-
-    def generate(
-        self,
-        requests: Iterable[Request],
-        sampling: SamplingParams,
-        *,
-        batch_size: int = 32,
-        on_finished: Callable[[Finished], None] | None = None,
-        checkpoint_every: int = 0,
-        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
-        stop: Callable[[Request, list[int]], bool] | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> list[Finished]:
-        """Run every request; return the finished rows in request order.
-
-        ``on_finished`` is called as each row finishes (in finishing order), so a caller can
-        store it at once. Every ``checkpoint_every`` decode steps, ``on_checkpoint`` receives
-        the ids generated so far by every row in flight (the state a resume needs; see
-        ``snapshot``). ``stop(request, generated)`` may end a row early (a stop sequence, say);
-        such a row finishes with reason ``"stop"``. ``on_step(new_tokens)`` follows every
-        step's sampling with the tokens it added (one per row in flight): progress, not state;
-        it must return at once.
-        """
-        return generate_in_batches(
-            self,
-            requests,
-            sampling,
-            batch_size=batch_size,
-            on_finished=on_finished,
-            checkpoint_every=checkpoint_every,
-            on_checkpoint=on_checkpoint,
-            stop=stop,
-            on_step=on_step,
-        )
 
     def run_batches(
         self,

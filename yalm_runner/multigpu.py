@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from yalm_runner.batchstate import BatchCheckpoint, PlannedBatch
-from yalm_runner.config import SamplingParams
-from yalm_runner.engine import Engine, Finished, GenerationStats, Request, generate_in_batches
+from yalm_runner.engine import BatchRunner, Engine, Finished, GenerationStats, Request
 from yalm_runner.packing import Scored, ScoreRequest
 
 
-class MultiEngine:
-    """``Engine``'s interface over one engine per device."""
+class MultiEngine(BatchRunner):
+    """``Engine``'s interface over one engine per device (``generate`` is ``BatchRunner``'s: its
+    callbacks come from the device threads, one at a time)."""
 
     def __init__(self, engines: list[Engine]):
         if not engines:
@@ -86,31 +86,6 @@ class MultiEngine:
         for engine in self.engines:
             merged.update(engine.snapshot())
         return merged
-
-    def generate(
-        self,
-        requests: Iterable[Request],
-        sampling: SamplingParams,
-        *,
-        batch_size: int = 32,
-        on_finished: Callable[[Finished], None] | None = None,
-        checkpoint_every: int = 0,
-        on_checkpoint: Callable[[dict[str, tuple[int, ...]]], None] | None = None,
-        stop: Callable[[Request, list[int]], bool] | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> list[Finished]:
-        """As ``Engine.generate``; callbacks are called from the device threads, one at a time."""
-        return generate_in_batches(
-            self,
-            requests,
-            sampling,
-            batch_size=batch_size,
-            on_finished=on_finished,
-            checkpoint_every=checkpoint_every,
-            on_checkpoint=on_checkpoint,
-            stop=stop,
-            on_step=on_step,
-        )
 
     def run_batches(
         self,

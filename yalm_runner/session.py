@@ -199,15 +199,6 @@ def open_session(
                     )
                 )
             )
-        engines = [
-            Engine(
-                source,
-                kv_on=plan.kv_on,
-                kv_bits=policy.kv_bits,
-                prefill_rows=plan.prefill_rows,
-                kv_layout=plan.kv_layout,
-            )
-            for source in sources
-        ]
+        engines = [Engine.for_plan(source, plan, policy.kv_bits) for source in sources]
         engine = engines[0] if len(engines) == 1 else MultiEngine(engines)
         yield GenerationSession(store, tokenizer, engine, plan)

@@ -331,14 +331,7 @@ def _timed_batch(
         if cuda and policy.gpu_memory_bytes:  # a hard cap: going over is an out-of-memory error
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
-        engine = Engine(
-            weights,
-            eos_id=NO_EOS,
-            kv_on=plan.kv_on,
-            kv_bits=policy.kv_bits,
-            kv_layout=plan.kv_layout,
-            prefill_rows=plan.prefill_rows,
-        )
+        engine = Engine.for_plan(weights, plan, policy.kv_bits, eos_id=NO_EOS)
         began = time.perf_counter()
         engine.reserve(plan.batch_size, plan.max_context)
         _log(f"KV memory locked in {time.perf_counter() - began:.1f} s")

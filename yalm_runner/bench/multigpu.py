@@ -83,14 +83,7 @@ def run(
             )
         for count in (1, gpus):
             engines = [
-                Engine(
-                    source,
-                    eos_id=NO_EOS,
-                    kv_on=plan.kv_on,
-                    kv_bits=policy.kv_bits,
-                    kv_layout=plan.kv_layout,
-                    prefill_rows=plan.prefill_rows,
-                )
+                Engine.for_plan(source, plan, policy.kv_bits, eos_id=NO_EOS)
                 for source in sources[:count]
             ]
             engine = engines[0] if count == 1 else MultiEngine(engines)

@@ -103,14 +103,7 @@ def run_signals(
             total = torch.cuda.get_device_properties(device).total_memory
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total, index)
-        engine = Engine(
-            weights,
-            eos_id=NO_EOS,
-            kv_on=plan.kv_on,
-            kv_bits=policy.kv_bits,
-            kv_layout=plan.kv_layout,
-            prefill_rows=plan.prefill_rows,
-        )
+        engine = Engine.for_plan(weights, plan, policy.kv_bits, eos_id=NO_EOS)
         engine.reserve(plan.batch_size, plan.max_context)
         engine.score(requests[:2], batch_size=2)  # warm-up: kernels, allocator, first reads
         engine.generate([Request("warm", tuple(_ids(config, 0, 8, 5)), 2)],
