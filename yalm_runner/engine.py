@@ -168,24 +168,6 @@ class BatchRunner:
     """``generate`` over ``settle`` and ``run_batches``, which a subclass provides (``Engine``;
     ``multigpu.MultiEngine``, whose callbacks come from its device threads one at a time)."""
 
-    def settle(
-        self, requests: list[Request], on_finished: Callable[[Finished], None] | None = None
-    ) -> tuple[dict[str, Finished], list[Request]]:
-        raise NotImplementedError
-
-    def run_batches(
-        self,
-        batches: Iterable[PlannedBatch],
-        *,
-        on_finished: Callable[[Finished], None] | None = None,
-        checkpoint_every: int = 0,
-        on_checkpoint: Callable[[BatchCheckpoint], None] | None = None,
-        on_batch_done: Callable[[int], None] | None = None,
-        stop: Callable[[Request, list[int]], bool] | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> None:
-        raise NotImplementedError
-
     def generate(
         self,
         requests: Iterable[Request],
