@@ -459,3 +459,29 @@ def test_the_fused_kv_kernel_gives_the_torch_versions_bits(monkeypatch):
                     monkeypatch.setattr(kvformat, "USE_FUSED_KERNEL", True)
                     same = torch.equal(fused.view(torch.int16), plain.view(torch.int16))
                     assert same, (dtype, bits, rows, slots, heads, head_dim, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fused_kv_kernel_that_gives_other_bits_is_refused_on_first_use(monkeypatch):
+    """The first fused expansion of a width and dtype is checked against torch's; a kernel that
+    disagrees (a Triton or driver that rounds otherwise) is dropped with a warning and the
+    values come from torch."""
+    from yalm_runner import kernels, kvformat
+
+    def wrong(record, bits, out):
+        out.zero_()
+        return out
+
+    monkeypatch.setattr(kvformat, "fused_kv_decode", wrong)
+    monkeypatch.setattr(kvformat, "_checked", {})
+    monkeypatch.setitem(kernels._kv_state, "refused", "")
+    values = torch.randn(2, 5, 4, 16, generator=torch.Generator().manual_seed(1)) + 3
+    record = kvformat.encode_kv(values.to(torch.bfloat16).cuda(), 4)
+    out = torch.empty(2, 5, 4, 16, dtype=torch.bfloat16, device="cuda")
+    with pytest.warns(UserWarning, match="fused KV kernel is not used .* 4-bit bfloat16 values"):
+        kvformat.decode_kv(record, 4, out)
+    monkeypatch.setattr(kvformat, "USE_FUSED_KERNEL", False)
+    expected = torch.empty_like(out)
+    kvformat.decode_kv(record, 4, expected)
+    assert torch.equal(out, expected) and not kernels.fused_kv_available()

@@ -195,14 +195,17 @@ def fused_kv_decode(record: torch.Tensor, bits: int, out: torch.Tensor) -> torch
     except Exception as exc:
         if _kv_state["proven"]:
             raise
-        _kv_state["refused"] = (
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        )
-        warnings.warn(
-            f"the fused KV kernel does not build on this machine ({_kv_state['refused']}); "
-            "expanding the KV cache with torch instead (slower)",
-            stacklevel=2,
-        )
+        refuse_fused_kv(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
     _kv_state["proven"] = True
     return out
+
+
+def refuse_fused_kv(reason: str) -> None:
+    """Stop using the fused KV kernel in this process, and say why once."""
+    _kv_state["refused"] = reason
+    warnings.warn(
+        f"the fused KV kernel is not used on this machine ({reason}); expanding the KV cache "
+        "with torch instead (slower)",
+        stacklevel=3,
+    )

@@ -17,7 +17,7 @@ import torch
 
 from yalm_runner import settings
 from yalm_runner.config import ModelConfig
-from yalm_runner.kernels import fused_kv_available, fused_kv_decode
+from yalm_runner.kernels import fused_kv_available, fused_kv_decode, refuse_fused_kv
 
 KV_BITS = settings.KV_BITS  # the widths a KV cache may have: defined with the settings
 # Compressed KV is expanded a group of rows at a time, each group's temporaries within this
@@ -78,9 +78,35 @@ def decode_kv(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     if bits == 16:
         out.copy_(record)
         return
-    fused = USE_FUSED_KERNEL and out.is_cuda and fused_kv_available()
-    if fused and fused_kv_decode(record, bits, out) is not None:
+    if USE_FUSED_KERNEL and out.is_cuda and fused_kv_available() and _fused(record, bits, out):
         return
+    _decode_with_torch(record, bits, out)
+
+
+# (bits, dtype) pairs whose fused expansion was checked against torch's in this process.
+_checked: dict[tuple[int, torch.dtype], bool] = {}
+
+
+def _fused(record: torch.Tensor, bits: int, out: torch.Tensor) -> bool:
+    """Expand with the fused kernel; False when it declined or gave other bits than torch's
+    (checked on a few slots the first time for each width and dtype: then it is refused for the
+    rest of the process and the caller expands with torch)."""
+    if fused_kv_decode(record, bits, out) is None:
+        return False
+    if _checked.get((bits, out.dtype)):
+        return True
+    rows, slots = min(2, out.shape[0]), min(4, out.shape[1])
+    expected = torch.empty_like(out[:rows, :slots])
+    _decode_with_torch(record[:rows, :slots], bits, expected)
+    same = torch.equal(expected.view(torch.int16), out[:rows, :slots].view(torch.int16))
+    if same:
+        _checked[(bits, out.dtype)] = True
+    else:
+        refuse_fused_kv(f"its {bits}-bit {str(out.dtype).removeprefix('torch.')} values differ")
+    return same
+
+
+def _decode_with_torch(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     fields = [record[..., a:b] for a, b in _fields(bits, out.shape[-1], out.element_size())]
     scale = fields[1].view(out.dtype)
     if bits == 8:
