@@ -252,3 +252,35 @@ def test_score_file_reports_the_plan(tiny_store, tmp_path):
     report = score_file(tiny_store, source, target, device="cpu", notify=messages.append)
     assert report.scored == 1 and report.failed == [] and report.stats.forward_passes == 1
     assert "scoring 1 prompts per pass" in messages[0]
+
+
+def test_a_session_without_memory_budgets_scores_long_prompts_after_a_one_row_plan(tiny_store):
+    """A night with ``batch_size: 1`` plans generation for one row; with no memory budget the
+    room that plan keeps beside the weights is no limit for scoring (it was taken for one, and
+    a ~970-token prompt did not fit the one row's workspace)."""
+    shape = ScoreShape(tokens=970, positions=3, rows=4)
+    with open_session(
+        tiny_store, device="cpu", batch_size=1, max_context=1000, prompt_tokens=32
+    ) as session:
+        plan = session.score_plan(shape, batch_size=1)
+        assert plan.batch_size == 1
+        assert session.score_plan(shape).batch_size == 4  # as many prompts as there are
+    # Under a budget the room is what the budget leaves beside the weights (the pipeline's
+    # starter config sets one): the one-row plan's room no longer decides; a budget too small
+    # for the activations is refused with the numbers.
+    roomy = OffloadPolicy(cpu_memory_bytes=256 << 20)
+    with open_session(
+        tiny_store, device="cpu", policy=roomy, batch_size=1, max_context=1000, prompt_tokens=32
+    ) as session:
+        room = session.plan.score_room_bytes
+        kept = session.placement.kv_bytes + session.placement.workspace_bytes
+        assert kept < 50 << 20 < room < 256 << 20
+        assert session.score_plan(shape, batch_size=1).batch_size == 1
+    tight = OffloadPolicy(cpu_memory_bytes=24 << 20)
+    with (
+        open_session(
+            tiny_store, device="cpu", policy=tight, batch_size=1, max_context=1000, prompt_tokens=32
+        ) as session,
+        pytest.raises(Exception, match="scoring batch 1 of 970 tokens needs"),
+    ):
+        session.score_plan(shape, batch_size=1)

@@ -83,12 +83,23 @@ class MemoryPlan:
     # plan has no decode step, its pass is the prefill.
     decode: PassWork | None = None
     prefill: PassWork | None = None
+    # The device-memory budget the plan was made under (None: no limit), and what of its
+    # workspace is not activations (a compressed store's dequantization buffer, allocator slack).
+    device_budget_bytes: int | None = None
+    scratch_bytes: int = 0
 
     @property
-    def score_room_bytes(self) -> int:
-        """GPU memory this plan keeps beside the weights (the batch's KV and workspace): the
-        room a scoring batch is sized in (no KV is kept while scoring)."""
-        return self.placement.kv_bytes + self.placement.workspace_bytes
+    def score_room_bytes(self) -> int | None:
+        """Device memory a scoring batch's activations may take (no KV is kept while scoring):
+        what the budget leaves beside the weights, their stream buffers and the scratch; at
+        least what this plan's batch keeps there. None under no budget: no limit, whatever
+        batch the generation plan was made for (``batch_size: 1`` left long prompts no room)."""
+        if self.device_budget_bytes is None:
+            return None
+        placement = self.placement
+        beside = placement.gpu_weight_bytes + placement.stream_buffer_bytes + self.scratch_bytes
+        kept = placement.kv_bytes + placement.workspace_bytes - self.scratch_bytes
+        return max(self.device_budget_bytes - beside, kept)
 
     def predict_step(self, rates: StepRates = PLANNING_RATES) -> PassTime:
         """One average decode step at ``rates`` (``steptime.predict_pass``)."""
@@ -247,13 +258,14 @@ def plan_memory(
                     best = candidate
         return best
 
+    budget = {"device_budget_bytes": device_budget, "scratch_bytes": scratch}
     if batch_size is not None:
         errors: list[str] = []
         found = best_of(batch_size, errors)
         if found is None:
             unique = list(dict.fromkeys(errors))
             raise OffloadError(f"batch size {batch_size} does not fit: " + "; ".join(unique))
-        return found
+        return replace(found, **budget)
 
     cap = min(MAX_BATCH, -(-rows // copies)) if rows else MAX_BATCH
     best: MemoryPlan | None = None
@@ -264,7 +276,7 @@ def plan_memory(
             best = candidate
     if best is None:
         raise OffloadError(f"not even one row fits the budgets: {failures[0]}")
-    return best
+    return replace(best, **budget)
 
 
 def _candidates(cap: int) -> list[int]:
@@ -442,7 +454,7 @@ def plan_scoring(
                 config, batch, shape.tokens, rows, tiers, sizes, CacheShape("gpu"), element,
                 compressed,
             )  # fmt: skip
-            return replace(plan, prefill=scored)
+            return replace(plan, prefill=scored, device_budget_bytes=gpu, scratch_bytes=scratch)
         raise error
 
     if batch_size is not None:

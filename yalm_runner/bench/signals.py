@@ -94,7 +94,9 @@ def run_signals(
         rows=len(requests),
     )
     scoring = fit_score_batch(config, dtype, plan.score_room_bytes, shape_)
-    _log(f"scoring: {scoring.describe()} in the plan's {plan.score_room_bytes / 2**30:.2f} GiB")
+    room = plan.score_room_bytes
+    _log(f"scoring: {scoring.describe()} in the plan's "
+         f"{'unbounded room' if room is None else f'{room / 2**30:.2f} GiB'}")  # fmt: skip
     began = time.perf_counter()
     with StreamingWeights(store, device, dtype, plan.placement, verify=False) as weights:
         load_s = time.perf_counter() - began
