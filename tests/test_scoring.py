@@ -202,6 +202,20 @@ def test_score_command_writes_logprobs_and_tokens_per_line(
         assert len(line["tokens"]) == len(row.candidates) and "error" not in line
 
 
+def test_score_refuses_kv_options_it_would_ignore(tiny_store, tmp_path, capsys):
+    """Scoring keeps no KV cache: ``--kv-bits`` and friends would do nothing, so they are no
+    options of ``score`` (an option that does nothing must not be taken silently)."""
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, [{"prefix": "Hello", "candidates": [" world"]}])
+    for option in (["--kv-bits", "4"], ["--kv-on", "cpu"], ["--kv-layout", "slots"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(["score", "-m", str(tiny_store), "--input", str(source), "--output",
+                  str(tmp_path / "out.jsonl"), "--device", "cpu", *option])  # fmt: skip
+        assert stopped.value.code == 2
+        assert f"unrecognized arguments: {' '.join(option)}" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_bad_lines_are_named_carry_an_error_and_the_rest_is_scored(
     tiny_store, tokenizer, store, tmp_path, capsys
 ):

@@ -58,6 +58,8 @@ def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: object) -> None
 # which the pipeline's YAML uses too.
 BUDGETS = ("gpu_memory", "cpu_memory", "weights_on", "kv_on", "kv_bits", "kv_layout", "overlap")
 RATES = ("link_gbps", "disk_gbps")  # the machine's, which the planner compares plans at
+# Scoring keeps no KV cache between passes: the KV settings would do nothing there.
+WEIGHT_BUDGETS = tuple(name for name in BUDGETS if not name.startswith("kv_"))
 SAMPLING = ("greedy", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
 
 
@@ -180,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(score, "-m", "--model", type=Path, required=True, help="store folder")
     _add(score, "--input", type=Path, required=True, help="JSONL: 'prefix' and 'candidates'")
     _add(score, "--output", type=Path, required=True, help="JSONL to write")
-    _add_settings(score, ("device", "dtype", "batch_size", *BUDGETS, *RATES))
+    _add_settings(score, ("device", "dtype", "batch_size", *WEIGHT_BUDGETS, *RATES))
     _add(score, "--no-verify", action="store_true", help="skip weight checksums")
 
     inspect = command(
