@@ -109,9 +109,9 @@ class ProgressPublisher:
                     continue  # a value came in while the last one was sent
                 self._closing.wait(self.every_s)  # the rate limit; closing cuts it short
         except Exception as exc:  # best-effort by contract: the job goes on without it
-            self.failed = True
             text = " ".join(str(exc).split()) or type(exc).__name__
             log.warning("progress: %s: %s; not updated again this run", self.sender.name, text)
+            self.failed = True  # after the line: whoever sees the flag finds it in the log
 
 
 class TokenProgress:
