@@ -346,13 +346,23 @@ def _start_prefect(config: PipelineConfig | None = None, verbose: bool = False):
     if config is not None:
         configure_logging(config.log_file, verbose=verbose)
     _prefect_defaults()
-    if not _prefect_server_configured():  # Prefect will start a temporary server of its own
+    temporary = not _prefect_server_configured()
+    if temporary:  # Prefect will start a temporary server of its own
         from flows.commands.serverguard import guard_temporary_servers
 
         guard_temporary_servers(config.log_file if config is not None else None)
     from flows import pipeline
 
+    if temporary:
+        # Prefect stops its temporary server at exit with a line of its own, after the
+        # command's last line: the last word on stderr must stay ours (what a cron wrapper
+        # shows). The line goes; the stop does not (the guard's log line remains for a kill).
+        logging.getLogger("prefect").addFilter(_not_the_servers_goodbye)
     return pipeline
+
+
+def _not_the_servers_goodbye(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Stopping temporary server")
 
 
 def _prefect_defaults() -> None:

@@ -191,6 +191,8 @@ def test_two_shard_workers_on_postgres_each_forecast_once_and_a_killed_shard_rer
     assert status0 == 0, err0[-3000:]
     assert status1 == -signal.SIGKILL, err1[-3000:]
     assert stored(err0) == len(shards[0]) and "0 held by other workers" in err0
+    # The summary is the last line, after Prefect stopped the shard's temporary server.
+    assert re.fullmatch(r"shard 0/2 \(.+\): \d+ forecasts stored, .*", err0.splitlines()[-1])
     done = query(sharded, FORECASTS)
     in_flight = {key for (key,) in query(sharded, "SELECT prompt_key FROM generation_state")}
     assert set(done) <= set(expected)  # what was committed is already final
