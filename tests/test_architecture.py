@@ -76,6 +76,25 @@ FORBIDDEN = {
         "model",
         "generation",
     },
+    # The scoring pass the engine inherits: the model and the packing, nothing of files, jobs,
+    # decoding or KV caches.
+    "scorepass": {
+        "engine",
+        "checkpoint",
+        "convert",
+        "release",
+        "tensorfile",
+        "cli",
+        "runner",
+        "job",
+        "generation",
+        "scoring",
+        "scorefile",
+        "session",
+        "kvcache",
+        "kvstate",
+        "sampling",
+    },
     # How candidates are packed into rows: tensors only, nothing of weights or text.
     "packing": {"model", "engine", "checkpoint", "offload", "streaming", "session", "tokenizer"},
     # What every job shares (signals, saving on the way out): nothing of engines or tokens.
@@ -110,6 +129,8 @@ FORBIDDEN = {
     # planner and ``quality`` need only the format.
     "kvformat": {"kvcache", "pinned", "engine"},
     "planning": {"kvcache", "engine"},
+    # Fused kernels: tensors in, tensors out; nothing of the formats' owners that call them.
+    "kernels": {"kvformat", "kvcache", "quant", "engine", "model", "checkpoint", "offload"},
     # The step-time model counts and applies rates: nothing of devices, caches or the planner.
     "steptime": {"kvcache", "engine", "streaming", "offload", "planning", "pinned", "directio"},
     "quality": {"kvcache"},
