@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from flows_testkit import FeedServer, write_config
+from prefect.logging.configuration import ensure_logging_setup
 
+from flows.commands.cli import _prefect_defaults
 from flows.config import load_config
 from flows.store.database import open_store
+
+# Prefect configures its console log handler once per process (when its API is first used), on
+# the sys.stderr of that moment. Done first inside a test that captures with ``capsys``, the
+# handler writes to that test's stream, closed after it, and every later Prefect log line fails
+# (``test_flows_signals.py`` run alone failed so). Done here, at collection, it gets the
+# session's stream (and with the settings a command gives Prefect before it starts).
+_prefect_defaults()
+ensure_logging_setup()
+
+
+@pytest.fixture(autouse=True)
+def pipeline_logging_restored():
+    """A command run in-process (``configure_logging``) points the ``flows`` logger at that
+    test's captured stderr and stops it propagating: put it back after every test, so that a
+    later one neither writes to a closed stream ("--- Logging error ---") nor finds nothing in
+    ``caplog`` (a progress test failed so once in CI, depending on what ran before it)."""
+    logger = logging.getLogger("flows")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.propagate, logger.level = propagate, level
 
 
 @pytest.fixture
