@@ -318,7 +318,7 @@ class RunnerSettings(SamplingSettings):
     kv_layout: KvLayout = "auto"
     overlap: Overlap = True
     checkpoint_every: CheckpointEvery = 16
-    # A kill costs at most this much work; YaLM-100B's batch (~200 s on an H200) writes none.
+    # A kill costs at most this much work; YaLM-100B's batch (~160 s on an H200) writes none.
     kv_checkpoint_interval: KvCheckpointInterval = 600.0
     # The machine's rates, for choosing between plans (``planning``); the defaults are the
     # target's class: PCIe 4 x16 and an NVMe drive.
