@@ -43,7 +43,7 @@ for shape, bits, layout, rows, context in cases:
 
 policy = OffloadPolicy(
     gpu_memory_bytes=parse_bytes("8GiB"), cpu_memory_bytes=parse_bytes("100GiB"),
-    weights_on="cpu", kv_on="auto", kv_bits=4, link_gbps=55.0,
+    weights_on="cpu", kv_on="auto", kv_bits=4,
 )  # fmt: skip
 for fused in (False, True):
     kvformat.USE_FUSED_KERNEL = fused

@@ -474,7 +474,7 @@ def test_a_fused_kv_kernel_that_gives_other_bits_is_refused_on_first_use(monkeyp
         return out
 
     monkeypatch.setattr(kvformat, "fused_kv_decode", wrong)
-    monkeypatch.setattr(kvformat, "_checked", {})
+    monkeypatch.setattr(kvformat, "_checked", set())
     monkeypatch.setitem(kernels._kv_state, "refused", "")
     values = torch.randn(2, 5, 4, 16, generator=torch.Generator().manual_seed(1)) + 3
     record = kvformat.encode_kv(values.to(torch.bfloat16).cuda(), 4)

@@ -500,9 +500,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     device = torch.device(args.device)  # planning only: the device need not be here
     chosen = settings.from_args(args)
     dtype = chosen.torch_dtype() or default_dtype(store, device)
+    # The machine the prediction is for (the policy's rates) is the one the plan is chosen for.
     policy = OffloadPolicy.from_settings(chosen)
-    # The machine the prediction is for is also the one the plan is chosen for.
-    rates = policy.rates()
     plan = plan_memory(
         store,
         device,
@@ -512,12 +511,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         max_context=min(args.prompt_len + chosen.max_new_tokens, store.config.max_positions),
         prompt_tokens=args.prompt_len,
         rows=args.rows,
-        rates=rates,
     )
     print(f"plan on {device.type} in {str(dtype).removeprefix('torch.')}: {plan.describe()}")
     if device.type != "cuda":
         print("no prediction for a CPU-only plan: the step-time model's rates are a GPU's")
         return 0
+    rates = policy.rates()
     step, prefill = plan.predict_step(rates), plan.predict_prefill(rates)
     batch = BatchTime(plan.batch_size, chosen.max_new_tokens, step, prefill)
     print(

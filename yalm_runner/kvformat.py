@@ -84,7 +84,7 @@ def decode_kv(record: torch.Tensor, bits: int, out: torch.Tensor) -> None:
 
 
 # (bits, dtype) pairs whose fused expansion was checked against torch's in this process.
-_checked: dict[tuple[int, torch.dtype], bool] = {}
+_checked: set[tuple[int, torch.dtype]] = set()
 
 
 def _fused(record: torch.Tensor, bits: int, out: torch.Tensor) -> bool:
@@ -93,14 +93,14 @@ def _fused(record: torch.Tensor, bits: int, out: torch.Tensor) -> bool:
     rest of the process and the caller expands with torch)."""
     if fused_kv_decode(record, bits, out) is None:
         return False
-    if _checked.get((bits, out.dtype)):
+    if (bits, out.dtype) in _checked:
         return True
     rows, slots = min(2, out.shape[0]), min(4, out.shape[1])
     expected = torch.empty_like(out[:rows, :slots])
     _decode_with_torch(record[:rows, :slots], bits, expected)
     same = torch.equal(expected.view(torch.int16), out[:rows, :slots].view(torch.int16))
     if same:
-        _checked[(bits, out.dtype)] = True
+        _checked.add((bits, out.dtype))
     else:
         refuse_fused_kv(f"its {bits}-bit {str(out.dtype).removeprefix('torch.')} values differ")
     return same

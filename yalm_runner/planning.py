@@ -320,7 +320,7 @@ def _counted(
     return replace(plan, decode=decode, prefill=prefill)
 
 
-def _rate(plan: MemoryPlan, rates: StepRates = PLANNING_RATES) -> float:
+def _rate(plan: MemoryPlan, rates: StepRates) -> float:
     """Predicted new tokens (a scoring plan: prompts) per second at ``rates``; only
     comparisons between plans use it."""
     work = plan.decode if plan.decode is not None else plan.prefill
@@ -436,6 +436,7 @@ def plan_scoring(
     scratch = scratch_elements(config) * element if compressed else 0
     gpu = budgets.device_bytes
     scratch += 0 if gpu is None else min(ALLOCATOR_SLACK_BYTES, gpu // 20)
+    rates = policy.rates()
 
     def attempt(batch: int) -> MemoryPlan:
         error = OffloadError("no prefill group to try")
@@ -466,7 +467,7 @@ def plan_scoring(
         except OffloadError as exc:
             failure = failure or exc
             continue
-        if best is None or _rate(candidate, policy.rates()) >= _rate(best, policy.rates()):
+        if best is None or _rate(candidate, rates) >= _rate(best, rates):
             best = candidate
     if best is None:
         raise OffloadError(f"not even one prompt can be scored under the budgets: {failure}")

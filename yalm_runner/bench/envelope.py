@@ -37,7 +37,6 @@ from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import MemoryPlan, plan_memory
 from yalm_runner.quant import Quantization, dequantize_matrix
-from yalm_runner.steptime import StepRates
 from yalm_runner.streaming import StreamingWeights
 from yalm_runner.tensorfile import (
     FileLayout,
@@ -228,7 +227,8 @@ def run_envelope(
     link = measure_h2d() if cuda else {"pinned": float("nan"), "pageable": float("nan")}
     scratch = None if disk_dir is None else Path(tempfile.mkdtemp(prefix="envelope-", dir=disk_dir))
     try:
-        rates = replace(StepRates(), link_bytes_per_s=link["pinned"]) if cuda else StepRates()
+        rates = policy.rates()  # on a GPU, the link as measured in this run
+        rates = replace(rates, link_bytes_per_s=link["pinned"]) if cuda else rates
         drive = None
         if scratch is not None:
             drive = measure_drive_read(scratch / "sequential.bin", drive_file_bytes)
