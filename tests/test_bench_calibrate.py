@@ -66,3 +66,28 @@ def test_calibrate_replaces_the_rates_the_plan_depends_on():
     assert given.copy_call_s == 3e-6
     # What the model then predicts for the plan is a real, finite time.
     assert 0 < pinned_plan(8, "rows").predicted_step_s(rows) < 10
+
+
+def test_the_codec_clock_holds_the_write_back_copies_until_it_stops():
+    """A row-major cache issues its write-backs one call per row from Python: the codec's timing
+    keeps them back (they are the copy calls' term of the model) and issues them after."""
+    from yalm_runner.bench.calibrate import _copies_held, _filled_cache, _two_layers
+    from yalm_runner.kvcache import HostArena, HostKV
+
+    small = _two_layers(TINY)
+    cache = HostKV(small, 4, 6, CPU, torch.float32, bits=16, arena=HostArena(2, pin=False))
+    _filled_cache(cache, small, 4, 5, CPU, torch.float32)
+    cache.layer(0, 5)
+    cache._slots[0][0][:, 5].fill_(7.0)  # the new slot layer 0 just wrote
+    with _copies_held(cache):
+        cache.stored(0, 5, 6)
+        assert not (cache._host[0][0][:, 5] == 7.0).any()  # not sent yet
+    assert (cache._host[0][0][:, 5] == 7.0).all()
+    assert "_on_copy_stream" not in vars(cache)  # the class's own method again
+
+
+def test_the_copy_engine_is_a_gpus():
+    from yalm_runner.bench.calibrate import measure_copy_engine
+
+    with pytest.raises(ValueError, match="the copy engine is a GPU's"):
+        measure_copy_engine(TINY, CPU, torch.float32)

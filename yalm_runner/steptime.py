@@ -6,8 +6,10 @@ stage plus what nothing hides at its two ends:
 - **arrival**: the layer's streamed weights and its live rows' old keys and values cross the
   host-to-device link (one link, shared), and the KV cache's copies are issued one call at a time
   from Python on one copy stream (row-major: a call per row, cache and direction; slot-major: one
-  per cache and direction); a disk-tier layer is first read from the drive by the reader thread,
-  one layer after another, at most two layers ahead (two relay buffers);
+  per cache and direction). The KV copy stream is as slow as the slower of its two ends: the
+  host issuing the calls, or the copy engine running them, each copy costing its bytes over the
+  link plus a fixed cost of its own; a disk-tier layer is first read from the drive by the
+  reader thread, one layer after another, at most two layers ahead (two relay buffers);
 - **device work**: the layer's math (its matmuls, its attention over the cache, a compressed
   store's dequantization) and, for a pinned-RAM cache, expanding the old records into the 16-bit
   device slot and encoding the new slot;
@@ -59,9 +61,12 @@ class StepRates:
 
     link_bytes_per_s: float = 25e9  # pinned host-to-device
     disk_bytes_per_s: float = 3e9  # the drive, read as the streamer reads it (reads in flight)
-    # One small KV copy issued from Python: the slicing, the call and its bookkeeping, or the
-    # copy engine's own cost per copy, whichever is slower. Fitted on the H200's host.
+    # One small KV copy issued from Python: the slicing, the call and its bookkeeping (host
+    # time). Fitted on the H200's host.
     copy_call_s: float = 7.4e-6
+    # The copy engine's own cost per copy, beside its bytes (a row-major cache's thousands of
+    # copies a layer each pay it). Fitted on the H200 (session 8's planner sweep).
+    copy_engine_s: float = 1e-5
     codec_elements_per_s: dict[str, float] = field(default_factory=_codec_defaults)
     matmul_flops_per_s: float = 400e12  # bf16 matmuls at decode batch sizes
     device_bytes_per_s: float = 3e12  # device memory, as attention reads the cache
@@ -171,7 +176,12 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
         + work.dequant_elements / rates.dequant_elements_per_s
     )
     device_s = codec_s + compute_s  # the compute stream runs them one after another
-    calls_s = work.copy_calls * rates.copy_call_s
+    # The KV copy stream of one layer: the host issuing its calls, or the engine running them.
+    issue_s = work.copy_calls * rates.copy_call_s
+    engine_s = (work.kv_in_bytes + work.kv_out_bytes) / link_bps
+    engine_s += work.copy_calls * rates.copy_engine_s
+    stream = max(issue_s, engine_s)
+    calls_s = stream - (work.kv_in_bytes + work.kv_out_bytes) / link_bps  # beyond the bytes
     kv_moves = work.kv_in_bytes > 0 or work.kv_out_bytes > 0 or work.copy_calls > 0
     link_end = kv_stream_end = reader_end = 0.0
     done = [0.0, 0.0]  # device end of the layer two back, and of the layer before
@@ -196,8 +206,7 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
             link_end = max(ready, link_end) + moved
             totals["link"] += moved
             arrival = link_end
-            if kv_moves:  # the KV copy stream: its bytes and its calls, one after another
-                stream = (work.kv_in_bytes + work.kv_out_bytes) / link_bps + calls_s
+            if kv_moves:  # the KV copy stream: its bytes and its calls
                 kv_stream_end = max(slot_free, kv_stream_end) + stream
                 totals["calls"] += calls_s
                 arrival = max(arrival, kv_stream_end)

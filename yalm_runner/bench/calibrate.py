@@ -107,7 +107,11 @@ def measure_kv_codec(
         cache.layer(0, context)  # fetches layer 0, and layer 1 ahead of its turn
         cache.stored(0, context, context + 1)
         _synchronize(device)
-        with _timed(device, times):  # layer 1 has arrived: this is its expansion and encoding
+        # Layer 1 has arrived: this is its expansion and encoding. Its write-back copies are
+        # queued after the end mark: a row-major cache issues one per row from Python, which
+        # would stall the compute stream's clock for the copy calls' time (the model counts
+        # those apart, as copy calls).
+        with _copies_held(cache), _timed(device, times):
             cache.layer(1, context)
             cache.stored(1, context, context + 1)
         _synchronize(device)
@@ -115,26 +119,82 @@ def measure_kv_codec(
     return elements / _median(times[1:])
 
 
+@contextlib.contextmanager
+def _copies_held(cache) -> Iterator[None]:
+    """Keep ``cache``'s copy-stream work back while the block runs; issue it as the block ends
+    (after any block nested inside this one has ended)."""
+    held: list[Callable[[], None]] = []
+    cache._on_copy_stream = held.append
+    try:
+        yield
+    finally:
+        del cache._on_copy_stream  # the class's own method again
+        for work in held:
+            cache._on_copy_stream(work)
+
+
 def measure_copy_call(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, rows: int = 256
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, rows: int = 64
 ) -> float:
-    """Seconds one small KV copy costs when a row-major cache issues them back to back (the
-    slicing, the call and its bookkeeping in Python, or the copy engine, whichever is slower):
-    decode steps of a 16-bit row-major cache over four positions, so the bytes are negligible."""
+    """Seconds of host time one small KV copy costs a row-major cache as it issues them back to
+    back (the slicing, the call and its bookkeeping in Python), not counting the copy itself:
+    decode steps of a 16-bit row-major cache over four positions, timed from the first call to
+    the last one issued. ``rows`` is kept small so that the copies queued stay within what the
+    driver accepts without waiting for the copy engine."""
     small = _two_layers(config)
-    arena = HostArena(2, pin=device.type == "cuda")  # the copies are timed: pinned, as in a run
+    arena = HostArena(2, pin=device.type == "cuda")  # pinned, as in a run
     cache = HostKV(small, rows, 5, device, dtype, bits=16, arena=arena)
     _filled_cache(cache, small, rows, 4, device, dtype)
     times = []
     for _ in range(REPEATS + 1):
+        _synchronize(device)
         began = time.perf_counter()
         for layer_idx in range(2):
             cache.layer(layer_idx, 4)
             cache.stored(layer_idx, 4, 5)
-        _synchronize(device)
         times.append(time.perf_counter() - began)
+    _synchronize(device)
     calls = 2 * 4 * rows  # per layer: a fetch and a write-back per row and cache
     return _median(times[1:]) / calls
+
+
+def measure_copy_engine(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, copies: int = 512
+) -> float:
+    """Seconds of copy-engine time one small KV copy costs beside its bytes (a row's one new
+    slot, half of them each way, between pinned host memory and the device), as a row-major
+    cache's copies queue up on one stream: the copies are queued behind a spin of the stream
+    so that none waits for its issue, and timed from the spin's end to the last copy's."""
+    if device.type != "cuda":
+        raise ValueError("the copy engine is a GPU's: nothing to measure on a CPU")
+    slot = config.hidden_size * torch.empty((), dtype=dtype).element_size()
+    host = pinned_empty(copies * slot, torch.uint8)
+    target = torch.empty(copies * slot, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    times: list[float] = []
+    spin = 50_000_000  # GPU cycles: ~25 ms, longer than issuing ``copies`` calls
+    for _ in range(REPEATS + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(spin)
+            start.record(stream)
+            issued = time.perf_counter()
+            for index in range(copies):
+                piece = slice(index * slot, (index + 1) * slot)
+                if index % 2:
+                    host[piece].copy_(target[piece], non_blocking=True)
+                else:
+                    target[piece].copy_(host[piece], non_blocking=True)
+            issued = time.perf_counter() - issued
+            end.record(stream)
+        end.synchronize()
+        if issued > 0.02:  # the spin ended before the last copy was queued: spin longer
+            spin *= 2
+            continue
+        times.append(start.elapsed_time(end) / 1e3)
+    if not times[1:]:
+        raise RuntimeError("the copies could not be queued ahead of the copy engine")
+    return _median(times[1:]) / copies
 
 
 def measure_disk_read(paths: list[Path], threads: int = 4) -> float:
@@ -217,12 +277,14 @@ def calibrate(
     quantization: Quantization | None = None,
     base: StepRates | None = None,
     copy_call_s: float | None = None,
+    copy_engine_s: float | None = None,
 ) -> StepRates:
     """``base`` (the defaults when None) with the rates ``plan`` depends on measured here: the
-    KV codec of its width and layout at its rows and context, the cost of a copy call (unless
-    given: it does not depend on the plan), the matmul rate at its batch, device memory, and
-    the dequantization of ``quantization``'s matrices. The link and the drive are the caller's
-    to measure (``link.measure_h2d``, ``measure_disk_read``) and pass in ``base``."""
+    KV codec of its width and layout at its rows and context, the cost of a copy call to the
+    host and to a GPU's copy engine (unless given: they do not depend on the plan), the matmul
+    rate at its batch, device memory, and the dequantization of ``quantization``'s matrices.
+    The link and the drive are the caller's to measure (``link.measure_h2d``,
+    ``measure_disk_read``) and pass in ``base``."""
     device = torch.device(device)
     rates = base or StepRates()
     work = plan.decode
@@ -234,11 +296,15 @@ def calibrate(
             config, int(bits_text), layout, plan.batch_size, context, device, dtype
         )
         rates = rates.with_codec(work.codec_key, measured)
-    if copy_call_s is None and work.copy_calls > 4:
-        copy_call_s = measure_copy_call(config, device, dtype)
+    if work.copy_calls > 4:  # a row-major cache: thousands of calls a layer
+        if copy_call_s is None:
+            copy_call_s = measure_copy_call(config, device, dtype)
+        if copy_engine_s is None and device.type == "cuda":
+            copy_engine_s = measure_copy_engine(config, device, dtype)
     return replace(
         rates,
         copy_call_s=rates.copy_call_s if copy_call_s is None else copy_call_s,
+        copy_engine_s=rates.copy_engine_s if copy_engine_s is None else copy_engine_s,
         matmul_flops_per_s=measure_matmul(config, plan.batch_size, device, dtype),
         device_bytes_per_s=measure_device_bytes(device),
         dequant_elements_per_s=(
