@@ -168,7 +168,7 @@ def measure_copy_engine(
     if device.type != "cuda":
         raise ValueError("the copy engine is a GPU's: nothing to measure on a CPU")
     slot = config.hidden_size * torch.empty((), dtype=dtype).element_size()
-    host = pinned_empty(copies * slot, torch.uint8)
+    host = pinned_empty(copies * slot, torch.uint8, pin=True)
     target = torch.empty(copies * slot, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
     times: list[float] = []
