@@ -161,3 +161,18 @@ def test_smaller_prefill_groups_are_taken_only_when_they_buy_resident_layers(sto
     streamed = replace(BUDGETS, kv_bits=4, cpu_memory_bytes=None, weights_on="cpu")
     four = plan(store_13b, policy=streamed, rows=512)
     assert four.batch_size == 512 and four.prefill_rows == 32
+
+
+def test_a_grouped_prefill_counts_the_whole_batchs_logits_at_its_end():
+    """Session 8's sweep: a 508-row prefill in groups of 8 ran out of memory concatenating its
+    groups' fp32 logits (2 x 248 MiB beside the waiting hidden states). The engine now writes
+    each group's logits into the batch's as they come; the plan counts them once, beside the
+    hidden states still waiting, whenever that outgrows a group's layer activations."""
+    config = SHAPES["tiny"]
+    store = SyntheticStore(config, torch.float32)  # small layers, YaLM's 128,000-word head
+    policy = OffloadPolicy(gpu_memory_bytes=parse_bytes("2GiB"), kv_on="gpu")
+    grouped = plan(store, policy=policy, batch_size=512, max_context=160, prompt_tokens=128)
+    assert 0 < grouped.prefill_rows < 512
+    waiting = 512 * 128 * config.hidden_size * 4
+    logits = 4 * (512 + 2 * grouped.prefill_rows) * config.vocab_size
+    assert grouped.workspace_bytes - grouped.scratch_bytes >= waiting + logits

@@ -571,8 +571,13 @@ class Engine(BatchRunner, ScoringPass):
         self.stats.forward_passes += 1
         state.length = end
         head = self.weights.head()
-        logits = [
-            model.head(h[:, -1], head, embedding["word_embeddings.weight"], self.config)
-            for h in hidden
-        ]
-        return logits[0] if len(logits) == 1 else torch.cat(logits)
+        words = embedding["word_embeddings.weight"]
+        if len(groups) == 1:
+            return model.head(hidden[0][:, -1], head, words, self.config)
+        # Each group's logits land in the batch's as they come, and its hidden states go: the
+        # batch's logits are held once, not once in pieces and again concatenated.
+        logits = torch.empty(batch, self.config.vocab_size, device=self.device)
+        for group, rows in enumerate(groups):
+            logits[rows] = model.head(hidden[group][:, -1], head, words, self.config)
+            hidden[group] = None
+        return logits

@@ -197,11 +197,14 @@ def plan_memory(
         # A long prefill of a large batch runs in groups of rows: its activations, not the
         # decode's, would otherwise decide the batch.
         group = min(batch, max(1, group_tokens // prefill))
-        # Between layers a grouped prefill keeps every group's hidden states on the device.
-        waiting = batch * prefill * config.hidden_size * element if group < batch else 0
+        # Between layers a grouped prefill keeps every group's hidden states on the device; at
+        # its end they wait beside the whole batch's fp32 logits and one group's head.
+        waiting, grouped = 0, workspace_bytes(config, group, prefill, max_context, element)
+        if group < batch:
+            waiting = batch * prefill * config.hidden_size * element
+            grouped = max(grouped, 4 * (batch + 2 * group) * config.vocab_size)
         work = scratch + max(
-            waiting + workspace_bytes(config, group, prefill, max_context, element),
-            workspace_bytes(config, batch, 1, max_context, element),
+            waiting + grouped, workspace_bytes(config, batch, 1, max_context, element)
         )
         group_rows = group if group < batch else 0
         if kv_on == "gpu":
