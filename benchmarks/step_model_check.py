@@ -24,36 +24,45 @@ from yalm_runner.planning import plan_memory
 from yalm_runner.quant import Quantization
 from yalm_runner.steptime import StepRates
 
-# benchmarks/RESULTS.md, 2026-12-01, "The planner's sweep": 13B layers, 4 of them, prompt 128 +
-# 16 new, the planner's batch; pinned link 55.05 GB/s and a drive of 1.52 GB/s (one file,
-# O_DIRECT) measured in the run. Columns: budget, weights on, KV on, bits, layout, measured ms.
+# benchmarks/RESULTS.md, 2026-12-02 (session 8), the planner's sweep on the H200
+# (tests/test_planner_safety.py, two runs: the slot-major and GPU rows from the first, the
+# row-major and disk rows from the second, after the fused KV kernel): 13B layers, 4 of them,
+# prompt 128, the planner's batch; pinned link 55.07-55.40 GB/s. Columns: budget, weights on,
+# KV on, bits, layout, new tokens, measured ms, and for a disk row the drive rate read from
+# that case's own layer files just before it ran (GB/s).
 SWEEP = """\
-8GiB cpu cpu 16 slots 138.9
-8GiB cpu cpu 8 rows 110.4
-8GiB cpu cpu 8 slots 109.9
-8GiB cpu cpu 4 rows 119.2
-8GiB cpu cpu 4 slots 97.0
-8GiB disk cpu 16 rows 1555.3
-8GiB disk cpu 16 slots 1437.3
-8GiB disk cpu 8 rows 1557.9
-8GiB disk cpu 8 slots 1483.5
-8GiB disk cpu 4 rows 1620.2
-8GiB disk cpu 4 slots 1617.8
-4GiB cpu gpu 16 auto 51.1
-4GiB cpu cpu 16 rows 117.1
-4GiB cpu cpu 16 slots 73.6
-4GiB cpu cpu 8 rows 66.0
-4GiB cpu cpu 8 slots 66.6
-4GiB cpu cpu 4 rows 66.1
-4GiB cpu cpu 4 slots 69.3
-4GiB disk gpu 16 auto 1613.2
-4GiB disk cpu 16 rows 1629.3
-4GiB disk cpu 16 slots 1429.4"""
-SWEEP_LINK_BYTES_PER_S = 55.05e9  # the run's pinned rate (its predictions give it back)
-# The disk tier's concurrent read rate the run implies: its disk rows read 2.54 GB per step in
-# 1.43-1.63 s less the link's last layer, 1.59-1.80 GB/s; the middle of that. The run measured
-# only a single-file read (1.52 GB/s); the sweep now measures the tier's way of reading.
-SWEEP_DISK_BYTES_PER_S = 1.7e9
+8GiB cpu cpu 16 slots 16 141.3
+8GiB cpu cpu 8 slots 16 106.2
+8GiB cpu cpu 4 slots 16 82.0
+4GiB cpu gpu 16 auto 16 49.3
+4GiB cpu cpu 16 slots 16 74.4
+4GiB cpu cpu 8 slots 16 64.9
+4GiB cpu cpu 4 slots 16 59.6
+8GiB cpu cpu 16 rows 16 181.1
+8GiB cpu cpu 8 rows 16 116.7
+8GiB cpu cpu 4 rows 16 118.7
+4GiB cpu cpu 16 rows 16 121.2
+4GiB cpu cpu 8 rows 16 67.1
+4GiB cpu cpu 4 rows 16 64.0"""
+SWEEP_LINK_BYTES_PER_S = 55.2e9
+# The disk rows: shown, not held. The lent machine's drive read 1.50-2.08 GB/s across
+# consecutive cases of one run, and a case's steps ran at rates up to 20% off what its own
+# files had read just before, so one drive rate cannot hold them to 10%; each is predicted at
+# its own measured rate.
+DISK_SWEEP = """\
+8GiB disk cpu 16 rows 6 1285.6 2.08
+8GiB disk cpu 16 slots 6 1462.0 1.61
+8GiB disk cpu 8 rows 6 1296.5 1.58
+8GiB disk cpu 8 slots 6 1222.2 1.85
+8GiB disk cpu 4 rows 6 1313.5 1.88
+8GiB disk cpu 4 slots 6 1622.0 1.62
+4GiB disk gpu 16 auto 6 1400.6 1.69
+4GiB disk cpu 16 rows 6 1556.9 1.50
+4GiB disk cpu 16 slots 6 1393.0 1.61
+4GiB disk cpu 8 rows 6 1357.4 1.82
+4GiB disk cpu 8 slots 6 1345.2 1.93
+4GiB disk cpu 4 rows 6 1398.7 1.95
+4GiB disk cpu 4 slots 6 1626.2 1.59"""
 LOW, HIGH = 0.90, 1.10
 
 # Other recorded runs, shown beside the sweep but not held to its bound: (label, shape, layers,
@@ -71,23 +80,23 @@ OTHERS = (
 )  # fmt: skip
 
 
-def sweep_rows() -> list[tuple[str, float, float, str]]:
-    """(case, predicted s, measured s, bound) for every recorded sweep row."""
+def sweep_rows(table: str = SWEEP) -> list[tuple[str, float, float, str]]:
+    """(case, predicted s, measured s, bound) for every row of ``table``."""
     config = replace(SHAPES["13b"], num_layers=4)
     store = SyntheticStore(config, torch.bfloat16)
-    rates = StepRates(
-        link_bytes_per_s=SWEEP_LINK_BYTES_PER_S, disk_bytes_per_s=SWEEP_DISK_BYTES_PER_S
-    )
     rows = []
-    for line in SWEEP.splitlines():
-        budget, weights_on, kv_on, bits, layout, measured_ms = line.split()
+    for line in table.splitlines():
+        budget, weights_on, kv_on, bits, layout, new, measured_ms, *drive = line.split()
+        rates = StepRates(link_bytes_per_s=SWEEP_LINK_BYTES_PER_S)
+        if drive:
+            rates = replace(rates, disk_bytes_per_s=float(drive[0]) * 1e9)
         policy = OffloadPolicy(
             gpu_memory_bytes=parse_bytes(budget), cpu_memory_bytes=parse_bytes("48GiB"),
             weights_on=weights_on, kv_on=kv_on, kv_bits=int(bits), kv_layout=layout,
         )  # fmt: skip
         plan = plan_memory(
             store, torch.device("cuda"), torch.bfloat16, policy, batch_size=None,
-            max_context=144, prompt_tokens=128, rows=512,
+            max_context=128 + int(new), prompt_tokens=128, rows=512,
         )  # fmt: skip
         predicted = plan.predict_step(rates)
         case = f"{budget} weights {weights_on} KV {kv_on} {bits}-bit {layout} B={plan.batch_size}"
@@ -137,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sweep_rows()
     print(
         f"planner sweep (H200, 13B x 4 layers): link {SWEEP_LINK_BYTES_PER_S / 1e9:.2f} GB/s, "
-        f"disk tier {SWEEP_DISK_BYTES_PER_S / 1e9:.2f} GB/s, device-side rates at their defaults"
+        "device-side rates at their defaults"
     )
     print(format_rows(sweep))
+    print("\nthe sweep's disk rows (each at its drive rate as measured; not held to the bound):")
+    print(format_rows(sweep_rows(DISK_SWEEP)))
     print("\nother recorded runs (the link each measured; not held to the bound):")
     print(format_rows(other_rows()))
     off = [row for row in sweep if not LOW <= row[2] / row[1] <= HIGH]

@@ -6,10 +6,10 @@ stage plus what nothing hides at its two ends:
 - **arrival**: the layer's streamed weights and its live rows' old keys and values cross the
   host-to-device link (one link, shared), and the KV cache's copies are issued one call at a time
   from Python on one copy stream (row-major: a call per row, cache and direction; slot-major: one
-  per cache and direction). The KV copy stream is as slow as the slower of its two ends: the
-  host issuing the calls, or the copy engine running them, each copy costing its bytes over the
-  link plus a fixed cost of its own; a disk-tier layer is first read from the drive by the
-  reader thread, one layer after another, at most two layers ahead (two relay buffers);
+  per cache and direction): the KV copy stream costs its bytes over the link plus a fixed cost
+  per call (the host issuing it and the copy engine running it, as they overlap at a run's
+  sizes); a disk-tier layer is first read from the drive by the reader thread, one layer after
+  another, at most two layers ahead (two relay buffers);
 - **device work**: the layer's math (its matmuls, its attention over the cache, a compressed
   store's dequantization) and, for a pinned-RAM cache, expanding the old records into the 16-bit
   device slot and encoding the new slot;
@@ -40,14 +40,15 @@ CODEC_KEYS = ("16/slots", "8/rows", "8/slots", "4/rows", "4/slots")
 
 
 def _codec_defaults() -> dict[str, float]:
-    # Elements (keys and values counted apart) expanded or encoded per second on the device,
-    # fitted against the H200 planner sweep (docs/benchmarks.md, "The step-time model").
+    # Elements (keys and values counted apart) expanded or encoded per second on the device by
+    # the fused KV kernel (``kernels.fused_kv_decode``), as the H200 measured them through the
+    # caches' own code in session 8 (docs/benchmarks.md, "The step-time model").
     return {
         "16/slots": 300e9,
-        "8/rows": 80e9,
-        "8/slots": 150e9,
-        "4/rows": 33e9,
-        "4/slots": 54e9,
+        "8/rows": 150e9,
+        "8/slots": 170e9,
+        "4/rows": 150e9,
+        "4/slots": 140e9,
     }
 
 
@@ -61,12 +62,11 @@ class StepRates:
 
     link_bytes_per_s: float = 25e9  # pinned host-to-device
     disk_bytes_per_s: float = 3e9  # the drive, read as the streamer reads it (reads in flight)
-    # One small KV copy issued from Python: the slicing, the call and its bookkeeping (host
-    # time). Fitted on the H200's host.
-    copy_call_s: float = 7.4e-6
-    # The copy engine's own cost per copy, beside its bytes (a row-major cache's thousands of
-    # copies a layer each pay it). Fitted on the H200 (session 8's planner sweep).
-    copy_engine_s: float = 1e-5
+    # What one KV copy issued from Python costs a row-major cache's copy stream beyond its
+    # bytes: the slicing, the call and its bookkeeping on the host, and the copy engine's own
+    # cost per copy, as they overlap. Fitted on the H200's host; it varies with that host's load
+    # by +-20% from run to run (docs/benchmarks.md, "The step-time model").
+    copy_call_s: float = 10.5e-6
     codec_elements_per_s: dict[str, float] = field(default_factory=_codec_defaults)
     matmul_flops_per_s: float = 400e12  # bf16 matmuls at decode batch sizes
     device_bytes_per_s: float = 3e12  # device memory, as attention reads the cache
@@ -176,12 +176,7 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
         + work.dequant_elements / rates.dequant_elements_per_s
     )
     device_s = codec_s + compute_s  # the compute stream runs them one after another
-    # The KV copy stream of one layer: the host issuing its calls, or the engine running them.
-    issue_s = work.copy_calls * rates.copy_call_s
-    engine_s = (work.kv_in_bytes + work.kv_out_bytes) / link_bps
-    engine_s += work.copy_calls * rates.copy_engine_s
-    stream = max(issue_s, engine_s)
-    calls_s = stream - (work.kv_in_bytes + work.kv_out_bytes) / link_bps  # beyond the bytes
+    calls_s = work.copy_calls * rates.copy_call_s
     kv_moves = work.kv_in_bytes > 0 or work.kv_out_bytes > 0 or work.copy_calls > 0
     link_end = kv_stream_end = reader_end = 0.0
     done = [0.0, 0.0]  # device end of the layer two back, and of the layer before
@@ -206,7 +201,8 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
             link_end = max(ready, link_end) + moved
             totals["link"] += moved
             arrival = link_end
-            if kv_moves:  # the KV copy stream: its bytes and its calls
+            if kv_moves:  # the KV copy stream: its bytes and its calls, one after another
+                stream = (work.kv_in_bytes + work.kv_out_bytes) / link_bps + calls_s
                 kv_stream_end = max(slot_free, kv_stream_end) + stream
                 totals["calls"] += calls_s
                 arrival = max(arrival, kv_stream_end)

@@ -134,67 +134,40 @@ def _copies_held(cache) -> Iterator[None]:
 
 
 def measure_copy_call(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, rows: int = 64
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: int = 64,
+    context: int = 4,
+    link_bytes_per_s: float | None = None,
 ) -> float:
-    """Seconds of host time one small KV copy costs a row-major cache as it issues them back to
-    back (the slicing, the call and its bookkeeping in Python), not counting the copy itself:
-    decode steps of a 16-bit row-major cache over four positions, timed from the first call to
-    the last one issued. ``rows`` is kept small so that the copies queued stay within what the
-    driver accepts without waiting for the copy engine."""
+    """Seconds one KV copy costs a row-major cache's copy stream beyond its bytes, at a run's
+    sizes: decode steps of a 16-bit row-major cache of ``rows`` rows (capped as the codec's
+    are) over ``context`` positions, through the cache's own code, from the first call to the
+    last copy's end, less the bytes' time at ``link_bytes_per_s`` (on a GPU; nothing on a CPU).
+    The host issuing the calls and the copy engine running them overlap differently as copies
+    grow (a tiny copy's issue, measured alone, cost twice what a run's did in session 8): the
+    plan's own rows and context are what the model's per-call term stands for."""
+    element = torch.empty((), dtype=dtype).element_size()
+    rows = max(1, min(rows, CODEC_CACHE_BYTES // ((context + 1) * config.hidden_size * element)))
     small = _two_layers(config)
     arena = HostArena(2, pin=device.type == "cuda")  # pinned, as in a run
-    cache = HostKV(small, rows, 5, device, dtype, bits=16, arena=arena)
-    _filled_cache(cache, small, rows, 4, device, dtype)
+    cache = HostKV(small, rows, context + 1, device, dtype, bits=16, arena=arena)
+    _filled_cache(cache, small, rows, context, device, dtype)
     times = []
     for _ in range(REPEATS + 1):
         _synchronize(device)
+        moved = cache.bytes_moved
         began = time.perf_counter()
         for layer_idx in range(2):
-            cache.layer(layer_idx, 4)
-            cache.stored(layer_idx, 4, 5)
+            cache.layer(layer_idx, context)
+            cache.stored(layer_idx, context, context + 1)
+        _synchronize(device)
         times.append(time.perf_counter() - began)
-    _synchronize(device)
+        moved = cache.bytes_moved - moved
     calls = 2 * 4 * rows  # per layer: a fetch and a write-back per row and cache
-    return _median(times[1:]) / calls
-
-
-def measure_copy_engine(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, copies: int = 512
-) -> float:
-    """Seconds of copy-engine time one small KV copy costs beside its bytes (a row's one new
-    slot, half of them each way, between pinned host memory and the device), as a row-major
-    cache's copies queue up on one stream: the copies are queued behind a spin of the stream
-    so that none waits for its issue, and timed from the spin's end to the last copy's."""
-    if device.type != "cuda":
-        raise ValueError("the copy engine is a GPU's: nothing to measure on a CPU")
-    slot = config.hidden_size * torch.empty((), dtype=dtype).element_size()
-    host = pinned_empty(copies * slot, torch.uint8, pin=True)
-    target = torch.empty(copies * slot, dtype=torch.uint8, device=device)
-    stream = torch.cuda.Stream(device)
-    times: list[float] = []
-    spin = 50_000_000  # GPU cycles: ~25 ms, longer than issuing ``copies`` calls
-    for _ in range(REPEATS + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(spin)
-            start.record(stream)
-            issued = time.perf_counter()
-            for index in range(copies):
-                piece = slice(index * slot, (index + 1) * slot)
-                if index % 2:
-                    host[piece].copy_(target[piece], non_blocking=True)
-                else:
-                    target[piece].copy_(host[piece], non_blocking=True)
-            issued = time.perf_counter() - issued
-            end.record(stream)
-        end.synchronize()
-        if issued > 0.02:  # the spin ended before the last copy was queued: spin longer
-            spin *= 2
-            continue
-        times.append(start.elapsed_time(end) / 1e3)
-    if not times[1:]:
-        raise RuntimeError("the copies could not be queued ahead of the copy engine")
-    return _median(times[1:]) / copies
+    bytes_s = moved / link_bytes_per_s if device.type == "cuda" and link_bytes_per_s else 0.0
+    return max(_median(times[1:]) - bytes_s, 0.0) / calls or 1e-9
 
 
 def measure_disk_read(paths: list[Path], threads: int = 4) -> float:
@@ -277,14 +250,12 @@ def calibrate(
     quantization: Quantization | None = None,
     base: StepRates | None = None,
     copy_call_s: float | None = None,
-    copy_engine_s: float | None = None,
 ) -> StepRates:
     """``base`` (the defaults when None) with the rates ``plan`` depends on measured here: the
-    KV codec of its width and layout at its rows and context, the cost of a copy call to the
-    host and to a GPU's copy engine (unless given: they do not depend on the plan), the matmul
-    rate at its batch, device memory, and the dequantization of ``quantization``'s matrices.
-    The link and the drive are the caller's to measure (``link.measure_h2d``,
-    ``measure_disk_read``) and pass in ``base``."""
+    KV codec of its width and layout at its rows and context, the cost of a row-major cache's
+    copy call at them (unless given), the matmul rate at its batch, device memory, and the
+    dequantization of ``quantization``'s matrices. The link and the drive are the caller's to
+    measure (``link.measure_h2d``, ``measure_disk_read``) and pass in ``base``."""
     device = torch.device(device)
     rates = base or StepRates()
     work = plan.decode
@@ -296,15 +267,13 @@ def calibrate(
             config, int(bits_text), layout, plan.batch_size, context, device, dtype
         )
         rates = rates.with_codec(work.codec_key, measured)
-    if work.copy_calls > 4:  # a row-major cache: thousands of calls a layer
-        if copy_call_s is None:
-            copy_call_s = measure_copy_call(config, device, dtype)
-        if copy_engine_s is None and device.type == "cuda":
-            copy_engine_s = measure_copy_engine(config, device, dtype)
+    if copy_call_s is None and work.copy_calls > 4:  # a row-major cache: a call per row
+        copy_call_s = measure_copy_call(
+            config, device, dtype, plan.batch_size, context, rates.link_bytes_per_s
+        )
     return replace(
         rates,
         copy_call_s=rates.copy_call_s if copy_call_s is None else copy_call_s,
-        copy_engine_s=rates.copy_engine_s if copy_engine_s is None else copy_engine_s,
         matmul_flops_per_s=measure_matmul(config, plan.batch_size, device, dtype),
         device_bytes_per_s=measure_device_bytes(device),
         dequant_elements_per_s=(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from yalm_runner.bench.calibrate import calibrate, measure_copy_call
+from yalm_runner.bench.calibrate import calibrate
 from yalm_runner.bench.disk import run_disk_bench
 from yalm_runner.bench.envelope import CompressedSyntheticStore
 from yalm_runner.bench.link import measure_h2d, measure_ram_copy
@@ -165,14 +165,14 @@ def _weights_name(quantization: Quantization) -> str:
 
 class _Predictions:
     """Our rows' predicted decode steps: the step-time model at rates calibrated in this run
-    (the link measured with the table's, one copy call, each plan's KV codec and matmuls).
+    (the link measured with the table's; each plan's KV codec, row-major copy calls and
+    matmuls at its rows and context).
     Nothing is predicted on a CPU: the model's rates are a GPU's."""
 
     def __init__(self, store, device, quantization, link_bps, prompt_len, new_tokens):
         self._store, self._device, self._quantization = store, device, quantization
         self._prompt_len, self._new_tokens = prompt_len, new_tokens
         self._base = StepRates(link_bytes_per_s=link_bps)
-        self._copy_call_s: float | None = None
         self.rates_seen: list[dict] = []  # the calibrated rates of every predicted row
 
     def plan(self, plan: MemoryPlan) -> float | None:
@@ -180,11 +180,9 @@ class _Predictions:
         if self._device != "cuda":
             return None
         config = self._store.config
-        if self._copy_call_s is None:
-            self._copy_call_s = measure_copy_call(config, torch.device("cuda"), torch.bfloat16)
         rates = calibrate(
             plan, config, "cuda", torch.bfloat16, quantization=self._quantization,
-            base=self._base, copy_call_s=self._copy_call_s,
+            base=self._base,
         )  # fmt: skip
         torch.cuda.empty_cache()
         self.rates_seen.append({"batch": plan.batch_size, **rates.to_dict()})
