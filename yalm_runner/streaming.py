@@ -15,6 +15,7 @@ the same engine, streaming from disk under a RAM budget.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class StreamingWeights:
         self._verified: set[str] = set()
         self.bytes_streamed = 0
         self.bytes_from_disk = 0
+        self.disk_read_s = 0.0  # the reader's time in reads (not in waits for a free relay)
         self.quantization = getattr(store, "quantization", None)
         self._range_checked: set[str] = set()
         # Compressed layers dequantize each matrix on access into this one buffer.
@@ -249,6 +251,7 @@ class StreamingWeights:
         if self._cuda:
             self._relay_free[disk_order % 2].synchronize()
         verify = self.verify and part not in self._verified
+        began = time.perf_counter()
         if self._direct is not None:
             size = self.store.parts[part].data_bytes
             relay = self._direct.read_range(
@@ -264,6 +267,7 @@ class StreamingWeights:
                 relay, self._layouts[layer_idx][0], {n: t.to(self.dtype) for n, t in raw.items()}
             )
         self._verified.add(part)
+        self.disk_read_s += time.perf_counter() - began
         return relay
 
     # -- the schedule --------------------------------------------------------------------------

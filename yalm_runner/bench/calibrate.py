@@ -37,6 +37,10 @@ from yalm_runner.steptime import StepRates
 # A calibration cache holds at most this much of one layer's keys (or values) on the device:
 # the rates are throughputs, so the plan's batch is measured in fewer rows when it is larger.
 CODEC_CACHE_BYTES = 256 << 20
+# The copy call is measured at the plan's own rows up to this size of one layer's keys: capped
+# at 181 of 512 rows (256 MiB), session 9's sweep under-predicted row-major steps by 13-30 %,
+# while the cases calibrated at their own rows came within 2 %.
+COPY_CALL_CACHE_BYTES = 1 << 30
 REPEATS = 3
 
 
@@ -142,14 +146,16 @@ def measure_copy_call(
     link_bytes_per_s: float | None = None,
 ) -> float:
     """Seconds one KV copy costs a row-major cache's copy stream beyond its bytes, at a run's
-    sizes: decode steps of a 16-bit row-major cache of ``rows`` rows (capped as the codec's
-    are) over ``context`` positions, through the cache's own code, from the first call to the
-    last copy's end, less the bytes' time at ``link_bytes_per_s`` (on a GPU; nothing on a CPU).
-    The host issuing the calls and the copy engine running them overlap differently as copies
-    grow (a tiny copy's issue, measured alone, cost twice what a run's did in session 8): the
-    plan's own rows and context are what the model's per-call term stands for."""
+    sizes: decode steps of a 16-bit row-major cache of ``rows`` rows (capped so one layer's
+    keys take ``COPY_CALL_CACHE_BYTES``) over ``context`` positions, through the cache's own
+    code, from the first call to the last copy's end, less the bytes' time at
+    ``link_bytes_per_s`` (on a GPU; nothing on a CPU). The host issuing the calls and the copy
+    engine running them overlap differently as copies grow (a tiny copy's issue, measured
+    alone, cost twice what a run's did in session 8): the plan's own rows and context are what
+    the model's per-call term stands for."""
     element = torch.empty((), dtype=dtype).element_size()
-    rows = max(1, min(rows, CODEC_CACHE_BYTES // ((context + 1) * config.hidden_size * element)))
+    per_row = (context + 1) * config.hidden_size * element
+    rows = max(1, min(rows, COPY_CALL_CACHE_BYTES // per_row))
     small = _two_layers(config)
     arena = HostArena(2, pin=device.type == "cuda")  # pinned, as in a run
     cache = HostKV(small, rows, context + 1, device, dtype, bits=16, arena=arena)
