@@ -1,0 +1,64 @@
+"""The host attention kernel against the plain expansion of the same records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from yalm_runner import hostattn
+from yalm_runner.kvformat import encode_kv
+
+pytestmark = pytest.mark.skipif(
+    not hostattn.available(), reason=f"no host attention kernel: {hostattn.unavailable_reason()}"
+)
+
+
+def case(bits, dtype, dim, batch=3, host_rows=5, slots=17, heads=12, old=13, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    keys = encode_kv(normal(host_rows, slots, heads, dim).to(dtype), bits)
+    values = encode_kv(normal(host_rows, slots, heads, dim).to(dtype), bits)
+    step = [normal(batch, heads, dim) for _ in range(3)]
+    valid = torch.rand(batch, old, generator=generator) > 0.2
+    rows = torch.tensor([4, 0, 2])[:batch]
+    return keys, values, bits, dtype, *step, valid, rows
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [80, 6])  # YaLM's head size; one that leaves a scalar tail
+def test_the_kernel_gives_the_expanded_records_attention(bits, dtype, dim):
+    args = case(bits, dtype, dim)
+    got, expected = hostattn.attend(*args), hostattn.reference(*args)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+
+
+def test_the_same_bits_in_either_layout_and_at_any_thread_count():
+    keys, values, *rest = case(4, torch.bfloat16, 80)
+    by_rows = hostattn.attend(keys, values, *rest, threads=3)
+    slot_major = [x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) for x in (keys, values)]
+    assert torch.equal(hostattn.attend(*slot_major, *rest, threads=1), by_rows)
+
+
+def test_a_masked_slot_weighs_nothing_and_the_new_slot_is_always_seen():
+    keys, values, bits, dtype, query, new_keys, new_values, valid, rows = case(4, torch.float32, 8)
+    nothing = torch.zeros_like(valid)
+    # Every old slot masked: the output is the new value itself, whatever the records hold.
+    got = hostattn.attend(keys, values, bits, dtype, query, new_keys, new_values, nothing, rows)
+    assert torch.allclose(got, new_values, atol=1e-6)
+    # A masked slot's record does not matter.
+    valid[:, 3] = False
+    scrambled = [x.clone() for x in (keys, values)]
+    for x in scrambled:
+        x[:, 3] = 255
+    args = (bits, dtype, query, new_keys, new_values, valid, rows)
+    assert torch.equal(hostattn.attend(keys, values, *args), hostattn.attend(*scrambled, *args))
+
+
+def test_records_of_another_width_are_refused():
+    keys, values, _, dtype, *rest = case(8, torch.bfloat16, 8)
+    with pytest.raises(ValueError, match="8- or 4-bit"):
+        hostattn.attend(keys, values, 16, dtype, *rest)
