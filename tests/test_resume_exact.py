@@ -43,6 +43,7 @@ KV_CONFIGS = {
     "host-16-slots": ("--kv-on", "cpu", "--kv-bits", "16", "--kv-layout", "slots"),
     "host-8-slots": ("--kv-on", "cpu", "--kv-bits", "8", "--kv-layout", "slots"),
     "host-4-slots": ("--kv-on", "cpu", "--kv-bits", "4", "--kv-layout", "slots"),
+    "host-4-attended": ("--kv-on", "cpu", "--kv-bits", "4", "--kv-attention", "host"),
     "weights-on-disk": ("--weights-on", "disk"),
 }
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from yalm_runner import hostattn
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
@@ -116,6 +117,43 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
     assert moved[8] < 0.4 * moved[16] and moved[4] < moved[8]
     with pytest.raises(ValueError, match="KV bits must be one of"):
         HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=2)
+
+
+@pytest.mark.skipif(not hostattn.available(), reason=f"{hostattn.unavailable_reason()}")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_attention_on_the_host_gives_the_pinned_caches_ids_and_moves_no_cache(store, bits):
+    # The same records (encoded the same way), attended on the host in fp32 instead of
+    # expanded on the compute device: the sums' order differs, the ids do not.
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy(weights_on="disk")) as weights:
+        kv_moved = {}
+        for attention in ("device", "host"):
+            engine = Engine(weights, kv_on="cpu", kv_bits=bits, kv_attention=attention)
+            before = weights.bytes_streamed
+            got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
+            kv_moved[attention] = engine.stats.bytes_moved - (weights.bytes_streamed - before)
+            if attention == "device":
+                expected = got
+        assert "attention on the host" in engine.arithmetic["KV cache"]
+        assert got == expected
+        # The cache crosses nothing: a decode step moves its q/k/v, the new slot's records
+        # and the output; the device path moves every old slot too.
+        assert kv_moved["host"] < 0.6 * kv_moved["device"], kv_moved
+        # Sampling (rows finishing at different steps, a seed) agrees too.
+        sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+        assert Engine(weights, kv_on="cpu", kv_bits=bits, kv_attention="host").generate(
+            MIXED, sampled, batch_size=2
+        ) == Engine(weights, kv_on="cpu", kv_bits=bits).generate(MIXED, sampled, batch_size=2)
+
+
+def test_attention_on_the_host_is_refused_without_a_compressed_cache_in_ram(store):
+    from yalm_runner.errors import ConfigError, GenerationError
+
+    with open_weights(store, "cpu", torch.float32, OffloadPolicy()) as weights:
+        for kv_on, bits in (("gpu", 16), ("cpu", 16)):
+            with pytest.raises(GenerationError, match="8 or 4 bits"):
+                Engine(weights, kv_on=kv_on, kv_bits=bits, kv_attention="host")
+    with pytest.raises(ConfigError, match="kv_attention"):
+        OffloadPolicy(kv_on="cpu", kv_bits=16, kv_attention="host")
 
 
 @pytest.mark.parametrize("prefill_rows", [0, 2])

@@ -56,7 +56,10 @@ def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: object) -> None
 
 # The runner's settings a command takes; each option is defined once, in yalm_runner.settings,
 # which the pipeline's YAML uses too.
-BUDGETS = ("gpu_memory", "cpu_memory", "weights_on", "kv_on", "kv_bits", "kv_layout", "overlap")
+BUDGETS = (
+    "gpu_memory", "cpu_memory", "weights_on", "kv_on", "kv_bits", "kv_layout", "kv_attention",
+    "overlap",
+)  # fmt: skip
 RATES = ("link_gbps", "disk_gbps")  # the machine's, which the planner compares plans at
 # Scoring keeps no KV cache between passes: the KV settings would do nothing there.
 WEIGHT_BUDGETS = tuple(name for name in BUDGETS if not name.startswith("kv_"))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from yalm_runner import model
+from yalm_runner import hostattn, model
 from yalm_runner.batchstate import (
     SLOT_RULE,
     BatchCheckpoint,
@@ -41,7 +41,7 @@ from yalm_runner.batchstate import (
 )
 from yalm_runner.config import ModelConfig, SamplingParams
 from yalm_runner.errors import GenerationError
-from yalm_runner.kvcache import DeviceKV, HostArena, HostKV, SlotMajorHostKV
+from yalm_runner.kvcache import DeviceKV, HostArena, HostAttentionKV, HostKV, SlotMajorHostKV
 from yalm_runner.kvformat import host_elements
 from yalm_runner.offload import WeightSource
 from yalm_runner.sampling import sample_next
@@ -221,9 +221,24 @@ class Engine(BatchRunner, ScoringPass):
         kv_bits: int = 16,
         prefill_rows: int = 0,
         kv_layout: str = "rows",
+        kv_attention: str = "device",
     ):
         if kv_on not in ("gpu", "cpu"):
             raise GenerationError(f"kv_on must be gpu or cpu, got {kv_on!r}")
+        if kv_attention not in ("device", "host"):
+            raise GenerationError(f"kv_attention must be device or host, got {kv_attention!r}")
+        if kv_attention == "host":
+            if kv_on != "cpu" or kv_bits == 16:
+                raise GenerationError(
+                    "attention on the host needs the KV cache in RAM in 8 or 4 bits "
+                    f"(kv_on cpu, kv_bits 8 or 4), got kv_on {kv_on}, kv_bits {kv_bits}"
+                )
+            if not hostattn.available():
+                raise GenerationError(
+                    f"attention on the host is unavailable: {hostattn.unavailable_reason()}"
+                )
+            kv_layout = "rows"  # the host attention cache is row-major
+        self.kv_attention = kv_attention
         self.weights = weights
         self.kv_on = kv_on
         self.kv_bits = kv_bits
@@ -253,6 +268,7 @@ class Engine(BatchRunner, ScoringPass):
             kv_bits=kv_bits,
             prefill_rows=plan.prefill_rows,
             kv_layout=plan.kv_layout,
+            kv_attention=plan.kv_attention,
         )
 
     def reserve(self, rows: int, slots: int) -> None:
@@ -282,6 +298,8 @@ class Engine(BatchRunner, ScoringPass):
             kv = "on the device"
         else:
             kv = f"in host RAM, {self.kv_bits}-bit, {self.kv_layout}-major"
+            if self.kv_attention == "host":
+                kv += ", decode attention on the host"
         quantization = getattr(self.weights, "quantization", None)
         weights = "as stored" if quantization is None else quantization.scheme
         if quantization is not None and quantization.scheme == "int4":
@@ -395,6 +413,8 @@ class Engine(BatchRunner, ScoringPass):
         key_valid[:, prompt_len:] = False
         if self.kv_on == "cpu":
             host_type = SlotMajorHostKV if self.kv_layout == "slots" else HostKV
+            if self.kv_attention == "host":
+                host_type = HostAttentionKV
             kv = host_type(
                 config,
                 batch,
@@ -538,6 +558,22 @@ class Engine(BatchRunner, ScoringPass):
                 state.kv.load(layer_idx, targets, first, keys, values)
         state.kv.exported()
 
+    def _decode_on_host(
+        self, state: _Batch, hidden: list[torch.Tensor], positions: torch.Tensor, valid
+    ) -> None:
+        """A decode step whose attention runs on the host (``HostAttentionKV``): each layer's
+        queries, keys and values on the device, attention where the cache lies, the rest of
+        the layer on the device again."""
+        (h,) = hidden
+        start = state.length
+        for layer_idx, weights in self.weights.layers():
+            query, key, value = model.attention_inputs(
+                h, weights, self.config, self.rotary, positions
+            )
+            context = state.kv.attend(layer_idx, start, query, key, value, valid)
+            h = model.block_output(h, context, weights, self.config)
+        hidden[0] = h
+
     def _forward(self, state: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, T) at slots ``state.length ..``; return last-position logits.
 
@@ -560,14 +596,17 @@ class Engine(BatchRunner, ScoringPass):
         masks = [model.attention_mask(valid[rows], start, num_new) for rows in groups]
         embedding = self.weights.embedding()
         hidden = [model.embed(tokens[rows], embedding, self.config) for rows in groups]
-        for layer_idx, weights in self.weights.layers():
-            keys, values = state.kv.layer(layer_idx, start)
-            for group, rows in enumerate(groups):
-                hidden[group] = model.block(
-                    hidden[group], weights, self.config, self.rotary, positions[rows],
-                    keys[rows], values[rows], start, masks[group],
-                )  # fmt: skip
-            state.kv.stored(layer_idx, start, end)
+        if num_new == 1 and isinstance(state.kv, HostAttentionKV):
+            self._decode_on_host(state, hidden, positions, valid[:, :start].cpu())
+        else:
+            for layer_idx, weights in self.weights.layers():
+                keys, values = state.kv.layer(layer_idx, start)
+                for group, rows in enumerate(groups):
+                    hidden[group] = model.block(
+                        hidden[group], weights, self.config, self.rotary, positions[rows],
+                        keys[rows], values[rows], start, masks[group],
+                    )  # fmt: skip
+                state.kv.stored(layer_idx, start, end)
         self.stats.forward_passes += 1
         state.length = end
         head = self.weights.head()

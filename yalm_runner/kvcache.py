@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from yalm_runner import hostattn
 from yalm_runner.config import ModelConfig
 from yalm_runner.kvformat import DECODE_BYTES, KV_BITS, decode_kv, encode_kv, kv_record_shape
 from yalm_runner.pinned import pinned_empty
@@ -337,6 +338,99 @@ class HostKV(_PinnedKV):
         index = torch.tensor([self._rows[row] for row in rows], dtype=torch.long)
         for host, source in zip(self._host[layer_idx], (keys, values), strict=True):
             host[index, first:end] = source
+
+
+class HostAttentionKV(HostKV):
+    """``HostKV`` (8- or 4-bit records, row-major) whose decode steps attend where the records
+    lie, on the host's cores (``hostattn``): only the step's queries, keys and values go out
+    (fp32, with the new slot's records encoded on the device) and the attention's output comes
+    back, a few MB a layer; the cache itself never crosses the link. A prefill goes the
+    ``HostKV`` way (through a device slot, its slots written back on the copy stream).
+
+    Decode: the engine calls ``attend(j, start, query, key, value, valid)`` instead of
+    ``layer``/``stored``; it writes the new slot's records into the host cache, then attends
+    over slots ``0 .. start-1`` (those ``valid`` allows) and the new slot in full precision,
+    as the device path does. The records it writes are ``encode_kv``'s on the device, the same
+    bits ``stored`` would send back, so checkpoints and the state API are ``HostKV``'s.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        bits: int = 4,
+        arena: HostArena | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ):
+        if bits == 16:
+            raise ValueError("host attention reads 8- or 4-bit records, not 16-bit values")
+        super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
+        self._dtype = dtype
+        self._device = device
+        heads, dim, record = config.num_heads, config.head_dim, self._record_shape[-1]
+        self._step_values = pinned_empty(
+            3 * batch * heads * dim * 4, torch.uint8, pin=self._cuda, what="host attention"
+        ).view(torch.float32).view(3, batch, heads, dim)  # fmt: skip
+        self._step_records = pinned_empty(
+            2 * batch * heads * record, torch.uint8, pin=self._cuda, what="host attention"
+        ).view(2, batch, heads, record)  # fmt: skip
+        self._step_out = pinned_empty(
+            batch * heads * dim * 4, torch.uint8, pin=self._cuda, what="host attention"
+        ).view(torch.float32).view(batch, heads, dim)  # fmt: skip
+        self._row_index = torch.arange(batch, dtype=torch.long)
+        self._writing_back = False  # a prefill's write-backs may still be on the copy stream
+
+    def stored(self, layer_idx: int, start: int, end: int) -> None:
+        super().stored(layer_idx, start, end)
+        self._writing_back = True
+
+    def keep(self, rows: list[int]) -> None:
+        super().keep(rows)
+        self._row_index = torch.tensor(self._rows, dtype=torch.long)
+
+    def attend(
+        self,
+        layer_idx: int,
+        start: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """A decode step's attention for layer ``layer_idx`` at slot ``start``: ``query``,
+        ``key``, ``value`` (B, 1, NH, D) on the device, ``valid`` (B, start) booleans on the
+        CPU; returns the context (B, 1, NH x D) in the compute dtype, on the device."""
+        live = len(self._rows)
+        if self._writing_back and self._cuda:
+            for sent in self._sent:  # the prefill's last write-backs, the earlier ones before
+                sent.synchronize()
+        self._writing_back = False
+        records = [encode_kv(x[:, 0], self._bits) for x in (key, value)]  # (B, NH, R)
+        step = torch.stack([query[:, 0], key[:, 0], value[:, 0]]).float()  # (3, B, NH, D)
+        if self._cuda:
+            staged, staged_records = self._step_values[:, :live], self._step_records[:, :live]
+            staged.copy_(step, non_blocking=True)
+            for which in range(2):
+                staged_records[which].copy_(records[which], non_blocking=True)
+            torch.cuda.current_stream(self._device).synchronize()
+            out = self._step_out[:live]
+        else:
+            staged, staged_records, out = step, records, None
+        host_keys, host_values = self._host[layer_idx]
+        host_keys[self._row_index, start] = staged_records[0]
+        host_values[self._row_index, start] = staged_records[1]
+        out = hostattn.attend(
+            host_keys, host_values, self._bits, self._dtype, staged[0], staged[1], staged[2],
+            valid, self._row_index, out=out,
+        )  # fmt: skip
+        self.bytes_moved += step.numel() * 4 + 2 * records[0].numel() + out.numel() * 4
+        # On a GPU the output travels from pinned memory; the next layer's call reuses it only
+        # after a synchronisation of the compute stream, which this copy is queued on.
+        context = out.to(self._device, non_blocking=self._cuda).to(self._dtype)
+        return context.reshape(live, 1, -1)
 
 
 class SlotMajorHostKV(_PinnedKV):

@@ -167,6 +167,41 @@ def attention_mask(key_valid: torch.Tensor, start: int, num_new: int) -> torch.T
     return allowed[:, None]  # (B, 1, T, S)
 
 
+def attention_inputs(
+    h: torch.Tensor, weights: Weights, config: ModelConfig, rotary: Rotary, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries, keys (both after rotary) and values for ``h`` (B, T, H): each
+    (B, T, NH, D)."""
+    batch, num_new, _ = h.shape
+    # Layer 0 has no input LayerNorm: the projector's LayerNorm plays that role
+    # (docs/yalm.md, pitfall: first-layer-norm).
+    a = (
+        layer_norm(h, weights, "input_layernorm", config.layernorm_eps)
+        if ("input_layernorm.weight" in weights)
+        else h
+    )
+    qkv = linear(a, weights, "attention.query_key_value")  # (B, T, 3H)
+    # Rows are grouped per head as [q|k|v] (docs/yalm.md, pitfall: qkv-interleave).
+    qkv = qkv.view(batch, num_new, config.num_heads, 3, config.head_dim)  # (B, T, NH, 3, D)
+    query = rotary.apply(qkv[:, :, :, 0], positions)
+    key = rotary.apply(qkv[:, :, :, 1], positions)
+    return query, key, qkv[:, :, :, 2]
+
+
+def block_output(
+    h: torch.Tensor, context: torch.Tensor, weights: Weights, config: ModelConfig
+) -> torch.Tensor:
+    """The rest of a layer once attention gave ``context`` (B, T, H): the residual stream."""
+    h = h + linear(context, weights, "attention.dense")
+    m = layer_norm(h, weights, "post_attention_layernorm", config.layernorm_eps)
+    # GeGLU: exact GeLU on dense_ffn_hidden, dense_ffn_gate stays linear
+    # (docs/yalm.md, pitfall: geglu-branches).
+    ffn = F.gelu(linear(m, weights, "mlp.dense_ffn_hidden")) * linear(
+        m, weights, "mlp.dense_ffn_gate"
+    )
+    return h + linear(ffn, weights, "mlp.dense_ffn_output")
+
+
 def block(
     h: torch.Tensor,
     weights: Weights,
@@ -184,40 +219,21 @@ def block(
     and values at slots ``start .. start+T-1``; attention reads slots ``0 .. start+T-1``.
     """
     batch, num_new, _ = h.shape
-    num_heads, head_dim = config.num_heads, config.head_dim
     end = start + num_new
-
-    # Layer 0 has no input LayerNorm: the projector's LayerNorm plays that role
-    # (docs/yalm.md, pitfall: first-layer-norm).
-    a = (
-        layer_norm(h, weights, "input_layernorm", config.layernorm_eps)
-        if ("input_layernorm.weight" in weights)
-        else h
-    )
-    qkv = linear(a, weights, "attention.query_key_value")  # (B, T, 3H)
-    # Rows are grouped per head as [q|k|v] (docs/yalm.md, pitfall: qkv-interleave).
-    qkv = qkv.view(batch, num_new, num_heads, 3, head_dim)  # (B, T, NH, 3, D)
-    query = rotary.apply(qkv[:, :, :, 0], positions)  # (B, T, NH, D)
-    key_cache[:, start:end] = rotary.apply(qkv[:, :, :, 1], positions)
-    value_cache[:, start:end] = qkv[:, :, :, 2]
+    query, key, value = attention_inputs(h, weights, config, rotary, positions)
+    key_cache[:, start:end] = key
+    value_cache[:, start:end] = value
 
     keys = key_cache[:, :end].transpose(1, 2)  # (B, NH, S, D)
     values = value_cache[:, :end].transpose(1, 2)  # (B, NH, S, D)
     scores = torch.matmul(query.transpose(1, 2), keys.transpose(2, 3))  # (B, NH, T, S)
-    scores = scores * (1.0 / math.sqrt(head_dim))  # as the reference's baddbmm(alpha=1/sqrt(D))
+    # as the reference's baddbmm(alpha=1/sqrt(D))
+    scores = scores * (1.0 / math.sqrt(config.head_dim))
     scores = scores.masked_fill(~mask, MASKED_SCORE)
     probs = torch.softmax(scores, dim=-1)
     context = torch.matmul(probs, values)  # (B, NH, T, D)
     context = context.transpose(1, 2).reshape(batch, num_new, config.hidden_size)  # (B, T, H)
-    h = h + linear(context, weights, "attention.dense")
-
-    m = layer_norm(h, weights, "post_attention_layernorm", config.layernorm_eps)
-    # GeGLU: exact GeLU on dense_ffn_hidden, dense_ffn_gate stays linear
-    # (docs/yalm.md, pitfall: geglu-branches).
-    ffn = F.gelu(linear(m, weights, "mlp.dense_ffn_hidden")) * linear(
-        m, weights, "mlp.dense_ffn_gate"
-    )
-    return h + linear(ffn, weights, "mlp.dense_ffn_output")
+    return block_output(h, context, weights, config)
 
 
 def head(

@@ -71,6 +71,7 @@ class OffloadPolicy:
     kv_bits: int = 16  # 8 or 4: the pinned-RAM KV cache is kept compressed per (token, head)
     # pinned-RAM KV: rows (a copy a row), slots (a copy a layer) or auto (the planner's pick)
     kv_layout: str = "auto"
+    kv_attention: str = "device"  # or host: decode attention on the CPU, where the cache lies
     # The link's and the drive's rates the planner compares plans at (``--link-gbps``,
     # ``--disk-gbps``): the machine's, not budgets.
     link_gbps: float = 25.0
@@ -79,10 +80,10 @@ class OffloadPolicy:
     def __post_init__(self) -> None:
         # The settings' own checks (yalm_runner.settings), so that a policy built in code is
         # refused with the same words as a flag or a YAML key.
-        for name in ("weights_on", "kv_on", "kv_bits", "kv_layout", "overlap", "link_gbps",
-                     "disk_gbps"):  # fmt: skip
+        for name in ("weights_on", "kv_on", "kv_bits", "kv_layout", "kv_attention", "overlap",
+                     "link_gbps", "disk_gbps"):  # fmt: skip
             check_setting(name, getattr(self, name))
-        check_offload_rules(self.kv_bits, self.kv_on)
+        check_offload_rules(self.kv_bits, self.kv_on, self.kv_attention)
         for name in ("gpu_memory_bytes", "cpu_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -98,6 +99,7 @@ class OffloadPolicy:
             kv_on=settings.kv_on,
             kv_bits=settings.kv_bits,
             kv_layout=settings.kv_layout,
+            kv_attention=settings.kv_attention,
             overlap=settings.overlap,
             link_gbps=settings.link_gbps,
             disk_gbps=settings.disk_gbps,

@@ -82,6 +82,7 @@ class MemoryPlan:
     placement: Placement
     prefill_rows: int = 0  # rows per prefill group (0: the whole batch in one)
     kv_layout: str = "rows"  # of the pinned-RAM cache: rows or slots
+    kv_attention: str = "device"  # or host: decode attention on the CPU (``hostattn``)
     # What a decode step and the batch's prefill move and compute (``steptime``); a scoring
     # plan has no decode step, its pass is the prefill.
     decode: PassWork | None = None
@@ -123,6 +124,8 @@ class MemoryPlan:
             if self.kv_on == "gpu"
             else f"pinned RAM ({self.kv_layout}, moved per layer)"
         )
+        if self.kv_attention == "host":
+            where = "pinned RAM (rows, attended on the host)"
         chunks = f", prefill in groups of {self.prefill_rows} rows" if self.prefill_rows else ""
         return (
             f"batch {self.batch_size} rows x {self.max_context} positions{chunks}; KV "
@@ -182,7 +185,9 @@ def plan_memory(
     # resident), there is no pinned tier, and the KV cache lives with the compute, unless
     # asked for in the host cache's own format (``kv_on=cpu``: plain RAM, 8/4-bit records).
     budgets = policy.budgets_on(device.type)
-    if device.type == "cpu":
+    if policy.kv_attention == "host":  # only over a cache in RAM, row-major
+        kv_choices = ["cpu"]
+    elif device.type == "cpu":
         kv_choices = ["cpu"] if policy.kv_on == "cpu" else ["gpu"]
     else:
         kv_choices = ["gpu", "cpu"] if policy.kv_on == "auto" else [policy.kv_on]
@@ -216,6 +221,8 @@ def plan_memory(
             return _counted(plan, config, parts, element, compressed, prefill, 16)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
+        if policy.kv_attention == "host":  # the step's staging: q/k/v and output, fp32
+            host += copies * batch * (4 * config.hidden_size * 4 + 2 * host_row // max_context)
         pinned_budget = budgets.pinned_bytes
         if pinned_budget is not None and host >= pinned_budget:
             raise OffloadError(
@@ -238,14 +245,17 @@ def plan_memory(
             parts, policy, 2 * batch * kv_layer_row + staging, work, budgets=rest
         )
         plan = MemoryPlan(
-            batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout
-        )
+            batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout,
+            kv_attention=policy.kv_attention,
+        )  # fmt: skip
         return _counted(plan, config, parts, element, compressed, prefill, policy.kv_bits)
 
     # The pinned cache's layouts to try. Slot-major moves a layer in one copy per cache (host
     # time per step stays flat as rows grow) but needs a staging area on the GPU, so at 16 bits
     # it may hold fewer rows than row-major; the predicted rate decides.
     layouts = ["slots", "rows"] if policy.kv_layout == "auto" else [policy.kv_layout]
+    if policy.kv_attention == "host":
+        layouts = ["rows"]
     choices = [("gpu", "rows")] if "gpu" in kv_choices else []
     choices += [("cpu", layout) for layout in layouts] if "cpu" in kv_choices else []
 
@@ -319,7 +329,9 @@ def _counted(
 ) -> MemoryPlan:
     """``plan`` with what its decode step and its prefill move and compute counted."""
     tiers, sizes = _streamed(plan.placement, config, parts)
-    cache = CacheShape(plan.kv_on, kv_bits if plan.kv_on == "cpu" else 16, plan.kv_layout)
+    cache = CacheShape(
+        plan.kv_on, kv_bits if plan.kv_on == "cpu" else 16, plan.kv_layout, plan.kv_attention
+    )
     context = mean_decode_context(prompt_tokens, plan.max_context)
     batch = plan.batch_size
     decode = decode_work(config, batch, context, tiers, sizes, cache, element, compressed)

@@ -49,6 +49,7 @@ WEIGHT_TIERS = ("auto", "gpu", "cpu", "disk")  # where streamed layers live
 KV_TIERS = ("auto", "gpu", "cpu")  # where the KV cache lives between layers
 KV_BITS = (16, 8, 4)  # 8 or 4: a pinned-RAM KV cache kept compressed
 KV_LAYOUTS = ("auto", "rows", "slots")  # of the pinned-RAM KV cache
+KV_ATTENTION = ("device", "host")  # where a decode step attends over a RAM-resident KV cache
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "greedy", "seed")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|cuda:all|cuda:\d+(,cuda:\d+)+")
 _UNITS = {
@@ -204,6 +205,17 @@ KvBits = Annotated[
         choices=KV_BITS,
     ),
 ]
+KvAttention = Annotated[
+    str,
+    AfterValidator(_one_of(KV_ATTENTION)),
+    _setting(
+        "where decode attention runs over a KV cache kept in RAM in 8 or 4 bits: device (the "
+        "cache travels to the GPU a layer at a time) or host (the CPU's cores attend where it "
+        "lies and only the step's queries, keys and values cross the link; needs a C compiler)",
+        "--kv-attention",
+        choices=KV_ATTENTION,
+    ),
+]
 KvLayout = Annotated[
     str,
     AfterValidator(_one_of(KV_LAYOUTS)),
@@ -316,6 +328,7 @@ class RunnerSettings(SamplingSettings):
     kv_on: KvOn = "auto"
     kv_bits: KvBits = 16
     kv_layout: KvLayout = "auto"
+    kv_attention: KvAttention = "device"
     overlap: Overlap = True
     checkpoint_every: CheckpointEvery = 16
     # A kill costs at most this much work; YaLM-100B's batch (~160 s on an H200) writes none.
@@ -327,7 +340,7 @@ class RunnerSettings(SamplingSettings):
 
     @model_validator(mode="after")
     def _offload_rules(self) -> RunnerSettings:
-        check_kv(self.kv_bits, self.kv_on)
+        check_kv(self.kv_bits, self.kv_on, self.kv_attention)
         return self
 
     @property
@@ -343,11 +356,18 @@ class RunnerSettings(SamplingSettings):
         return None if self.dtype == "auto" else torch_dtype(self.dtype)
 
 
-def check_kv(kv_bits: int, kv_on: str) -> None:
-    """Compressed KV exists only for the pinned-RAM cache."""
+def check_kv(kv_bits: int, kv_on: str, kv_attention: str = "device") -> None:
+    """Compressed KV exists only for the pinned-RAM cache; attention on the host only over
+    such a cache."""
     if kv_bits != 16 and kv_on == "gpu":
         raise SettingError(
             "kv_bits", f"{kv_bits}-bit KV is for a cache in pinned RAM; set kv_on to auto or cpu"
+        )
+    if kv_attention == "host" and (kv_bits == 16 or kv_on == "gpu"):
+        raise SettingError(
+            "kv_attention",
+            "attention on the host reads a KV cache kept in RAM in 8 or 4 bits; set kv_bits to "
+            f"8 or 4 and kv_on to auto or cpu (got kv_bits {kv_bits}, kv_on {kv_on})",
         )
 
 
@@ -520,9 +540,9 @@ def check_setting(name: str, value: Any) -> None:
         raise ConfigError(explain(exc, name)) from None
 
 
-def check_offload_rules(kv_bits: int, kv_on: str) -> None:
+def check_offload_rules(kv_bits: int, kv_on: str, kv_attention: str = "device") -> None:
     """``check_kv`` for records built in code: a ``ConfigError`` naming the setting."""
     try:
-        check_kv(kv_bits, kv_on)
+        check_kv(kv_bits, kv_on, kv_attention)
     except SettingError as exc:
         raise ConfigError(f"{exc.key}: {exc}") from None

@@ -13,6 +13,10 @@ stage plus what nothing hides at its two ends:
 - **device work**: the layer's math (its matmuls, its attention over the cache, a compressed
   store's dequantization) and, for a pinned-RAM cache, expanding the old records into the 16-bit
   device slot and encoding the new slot;
+- **host attention** (a cache attended on the host, ``hostattn``): between the layer's q/k/v
+  and the rest of its math the device waits while the step's queries, keys and values go out,
+  the host's cores read the layer's records, and the output comes back: it adds to the
+  layer's device work, and the cache crosses no link;
 - and a layer's arrival may start only once the device is done with the layer two back (two
   device slots), while its work starts only once it has arrived and the layer before is done.
 
@@ -76,6 +80,11 @@ class StepRates:
     # be measured apart from a whole step); not calibrated.
     step_overhead_s: float = 5.5e-3
     row_overhead_s: float = 7.4e-6
+    # Decode attention on the host (``hostattn``): KV elements (keys and values apart) its cores
+    # read per second, and what each layer's call costs beside (the device's synchronisation,
+    # the staging copies' issue, the encoding launches). Measured on the H200's 16 host cores.
+    host_attention_elements_per_s: float = 60e9
+    host_call_s: float = 150e-6
 
     def codec_rate(self, key: str) -> float:
         return self.codec_elements_per_s[key]
@@ -138,6 +147,11 @@ class PassWork:
     flops: float  # per layer: matmul and attention arithmetic
     device_bytes: float  # per layer: the cache bytes attention reads on the device
     dequant_elements: float  # per layer: compressed weights dequantized (0: a 16-bit store)
+    # Attention on the host, per layer: KV elements its cores read, the bytes the step stages
+    # through the link (queries, keys, values and the output), its calls (0 or 1).
+    host_elements: float = 0.0
+    host_bytes: float = 0.0
+    host_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,7 @@ class PassTime:
     codec_s: float
     compute_s: float
     overhead_s: float
+    host_s: float = 0.0
 
     @property
     def bound(self) -> str:
@@ -162,6 +177,8 @@ class PassTime:
             "KV copy calls": self.copy_calls_s,
             "device work": self.codec_s + self.compute_s,
         }
+        if self.host_s:  # the device waits for the host's attention: one chain
+            busy["device work and host attention"] = busy.pop("device work") + self.host_s
         return max(busy, key=busy.__getitem__)
 
 
@@ -176,6 +193,13 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
         + work.dequant_elements / rates.dequant_elements_per_s
     )
     device_s = codec_s + compute_s  # the compute stream runs them one after another
+    host_s = 0.0
+    if work.host_calls:
+        host_s = (
+            work.host_elements / rates.host_attention_elements_per_s
+            + work.host_bytes / link_bps
+            + work.host_calls * rates.host_call_s
+        )
     calls_s = work.copy_calls * rates.copy_call_s
     kv_moves = work.kv_in_bytes > 0 or work.kv_out_bytes > 0 or work.copy_calls > 0
     link_end = kv_stream_end = reader_end = 0.0
@@ -207,7 +231,7 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
                 totals["calls"] += calls_s
                 arrival = max(arrival, kv_stream_end)
         arrived.append(arrival)
-        done = [done[1], max(arrival, done[1]) + device_s]
+        done = [done[1], max(arrival, done[1]) + device_s + host_s]
     layers = len(work.tiers)
     overhead_s = rates.step_overhead_s + rates.row_overhead_s * work.rows  # the head, sampling
     return PassTime(
@@ -218,6 +242,7 @@ def predict_pass(work: PassWork, rates: StepRates) -> PassTime:
         codec_s=codec_s * layers,
         compute_s=compute_s * layers,
         overhead_s=overhead_s,
+        host_s=host_s * layers,
     )
 
 
@@ -228,6 +253,7 @@ class CacheShape:
     kv_on: str  # gpu or cpu
     bits: int = 16
     layout: str = "rows"
+    attention: str = "device"  # or host: decode attention where the cache lies (``hostattn``)
 
     @property
     def codec_key(self) -> str | None:
@@ -268,6 +294,26 @@ def decode_work(
     """One decode step of ``rows`` rows reading ``context`` positions each."""
     per_token = kv_bytes_per_token(config, cache.bits, element) / config.num_layers
     hidden = config.hidden_size
+    if cache.attention == "host":
+        # Only the new slot is encoded on the device; its records, the step's q/k/v in fp32
+        # and the output cross the link; the host reads every old slot's records.
+        return PassWork(
+            rows=rows,
+            context=context,
+            tiers=tiers,
+            layer_bytes=layer_bytes,
+            kv_in_bytes=0.0,
+            kv_out_bytes=0.0,
+            copy_calls=0,
+            codec_key=cache.codec_key,
+            codec_elements=2.0 * rows * hidden,
+            flops=_layer_flops(config, rows, 0.0),
+            device_bytes=0.0,
+            dequant_elements=_dequant_elements(config, compressed),
+            host_elements=2.0 * rows * context * hidden,
+            host_bytes=rows * (4 * hidden * 4 + per_token),
+            host_calls=1,
+        )
     pinned = cache.kv_on == "cpu"
     calls = (4 * rows if cache.layout == "rows" else 4) if pinned else 0
     # Old slots expanded into the device slot, and the new one encoded, keys and values apart.
