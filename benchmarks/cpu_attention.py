@@ -7,6 +7,9 @@ records) that removes ~11 GB a step from the link, if the cores keep up with the
 one int4 layer's 0.67 GB of weights arrive at ~55 GB/s; and they must do it while the DMA engine
 reads those weights out of the same RAM.
 
+``--kernel-only`` times just ``hostattn``'s compiled kernel (8 and 4 bits, the records as
+the engine keeps them), which the engine's ``--kv-attention host`` runs.
+
 This script measures exactly that, per layer, in one run: the time the weights of one layer take
 over the pinned link (measured now), and the CPU time of one decode step's attention for one
 layer over the batch's cache kept in 16 bits, and in 4-bit records (``kvformat``) expanded first,
@@ -25,6 +28,7 @@ import time
 
 import torch
 
+from yalm_runner import hostattn
 from yalm_runner.kvformat import decode_kv, encode_kv
 
 LAYER_INT4_BYTES = 53.50e9 / 80  # one YaLM-100B layer, int4 g128 (the envelope's 53.5 GB / 80)
@@ -81,6 +85,20 @@ class BackgroundCopies:
         self.bytes_per_s = self.copied / (time.perf_counter() - self.began)
 
 
+def kernel_work(rows: int, heads: int, head_dim: int, context: int, bits: int):
+    """The same attention through ``hostattn``'s compiled kernel, over the records as the
+    engine keeps them (row-major, bf16 scales), never expanded."""
+    shape = (rows, context, heads, head_dim)
+    keys, values = (encode_kv(torch.randn(shape).to(torch.bfloat16), bits) for _ in range(2))
+    step = [torch.randn(rows, heads, head_dim) for _ in range(3)]
+    valid = torch.ones(rows, context, dtype=torch.bool)
+
+    def work() -> None:
+        hostattn.attend(keys, values, bits, torch.bfloat16, *step, valid)
+
+    return work, keys.numel() * 2
+
+
 def attention_work(rows: int, heads: int, head_dim: int, context: int, bits: int, dtype):
     """One layer's decode attention over ``context`` cached positions, on the CPU."""
     shape = (rows, heads, context, head_dim)
@@ -111,6 +129,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=80)
     parser.add_argument("--contexts", default="128,256")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--kernel-only", action="store_true", help="only hostattn's compiled kernel"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -127,11 +148,19 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     cases = [(16, torch.bfloat16), (16, torch.float32), (4, torch.bfloat16), (4, torch.float32)]
+    cases = [] if args.kernel_only else [(bits, dtype, "torch") for bits, dtype in cases]
+    if hostattn.available():
+        cases += [(8, torch.float32, "kernel"), (4, torch.float32, "kernel")]
+    else:
+        print(f"(no compiled kernel: {hostattn.unavailable_reason()})")
     for context in (int(c) for c in args.contexts.split(",")):
-        for bits, dtype in cases:
-            work, nbytes = attention_work(
-                args.rows, args.heads, args.head_dim, context, bits, dtype
-            )
+        for bits, dtype, how in cases:
+            if how == "kernel":
+                work, nbytes = kernel_work(args.rows, args.heads, args.head_dim, context, bits)
+            else:
+                work, nbytes = attention_work(
+                    args.rows, args.heads, args.head_dim, context, bits, dtype
+                )
             alone = _median_s(work)
             busy = float("nan")
             if cuda:
@@ -141,8 +170,9 @@ def main() -> None:
             else:
                 dma = ""
             worst = busy if cuda else alone
+            compute = str(dtype).removeprefix("torch.") + (" (kernel)" if how == "kernel" else "")
             print(
-                f"| {bits}-bit | {str(dtype).removeprefix('torch.')} | {context} | "
+                f"| {bits}-bit | {compute} | {context} | "
                 f"{nbytes / 1e6:.0f} | {alone * 1e3:.1f} | {busy * 1e3:.1f}{dma} | "
                 f"{worst / layer_s:.2f}x |",
                 flush=True,

@@ -2,7 +2,8 @@
 # The device runs behind benchmarks/RESULTS.md (session 2), one argument per call:
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
-#   step-profile | perf-sweep | resume | resume-envelope | envelope-disk | kv-fused
+#   step-profile | perf-sweep | resume | resume-envelope | envelope-disk | kv-fused |
+#   host-attention | envelope-host
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -97,6 +98,23 @@ case "$1" in
   cpu-attention)  # issue 17: can 16 cores attend over a RAM-resident KV cache in a layer's time?
     python3 benchmarks/cpu_attention.py --rows 64 --contexts 128,256 2>&1 \
       | tee "$OUT/cpu_attention.txt"
+    ;;
+  host-attention)  # issue 17: decode attention on the host (hostattn): the GPU tests against
+    # the device path, then the compiled kernel's time per layer at the envelope's rows, alone
+    # and while pinned copies run flat out (the layer's weights' time is the budget)
+    nvidia-smi -L
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hostattn.py \
+      tests/test_streaming.py -k "host" 2>&1 | tail -5
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_resume_exact.py \
+      -k "attended" 2>&1 | tail -5
+    python3 benchmarks/cpu_attention.py --kernel-only --rows 77 --contexts 128,178,256 2>&1 \
+      | tee "$OUT/host_attention.txt"
+    ;;
+  envelope-host)  # issue 17: the envelope with decode attention on the host (the KV cache
+    # never crosses the link: the floor is the weights' bytes alone)
+    python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
+      --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
+      --kv-attention host --json "$OUT/envelope-host.json" 2>&1 | tee "$OUT/envelope-host.txt"
     ;;
   step-profile)  # issue 17: where the envelope's step goes above its floor (20-layer slice)
     python3 benchmarks/step_profile.py --layers 20 --steps 8 2>&1 | tee "$OUT/step_profile.txt"

@@ -373,6 +373,23 @@ def test_pinned_streaming_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not hostattn.available(), reason=f"{hostattn.unavailable_reason()}")
+def test_attention_on_the_host_gives_the_device_paths_ids_in_bf16(tiny_release, tmp_path):
+    # The device path scores in bf16, the host in fp32: the order and width of the sums
+    # differ, so the logits agree within bf16's rounding and the greedy ids are equal.
+    bf16 = ModelStore.open(
+        convert_release(tiny_release, tmp_path / "bf16", num_heads=4, dtype=torch.bfloat16).parent
+    )
+    with open_weights(bf16, "cuda", torch.bfloat16, OffloadPolicy(weights_on="cpu")) as weights:
+        for bits in (8, 4):
+            expected = ids(weights, kv_on="cpu", kv_bits=bits)
+            engine = Engine(weights, kv_on="cpu", kv_bits=bits, kv_attention="host")
+            got = [row.new_ids for row in engine.generate(MIXED, GREEDY, batch_size=8)]
+            assert got == expected, bits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_spread_placement_on_gpu_equals_resident_in_bf16(tiny_release, tmp_path):
     # Disk, pinned, disk: each disk layer's copy waits for its read, the pinned one between them
     # goes early on the copy stream; the pinned KV cache keeps its own stream (a disk tier).

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
+from yalm_runner import hostattn
 from yalm_runner.bench.disk import drop_from_page_cache
 from yalm_runner.config import ModelConfig
 from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.kvcache import HostArena, HostKV, SlotMajorHostKV
+from yalm_runner.kvformat import encode_kv
 from yalm_runner.pinned import pinned_empty
 from yalm_runner.planning import MemoryPlan
 from yalm_runner.quant import Quantization, dequantize_matrix
@@ -176,6 +178,27 @@ def measure_copy_call(
     return max(_median(times[1:]) - bytes_s, 0.0) / calls or 1e-9
 
 
+def measure_host_attention(
+    config: ModelConfig, bits: int, rows: int, context: int, dtype: torch.dtype
+) -> float:
+    """KV elements (keys and values apart) the host attention kernel reads per second: one
+    layer's decode step over ``rows`` rows of ``context`` positions of random ``bits``-bit
+    records, through ``hostattn.attend`` on all the process's threads (median of a few)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (rows, context, config.num_heads, config.head_dim)
+    keys, values = (
+        encode_kv(torch.randn(shape, generator=generator).to(dtype), bits) for _ in range(2)
+    )
+    step = [torch.randn(rows, config.num_heads, config.head_dim) for _ in range(3)]
+    valid = torch.ones(rows, context, dtype=torch.bool)
+    times = []
+    for _ in range(REPEATS + 1):
+        began = time.perf_counter()
+        hostattn.attend(keys, values, bits, dtype, *step, valid)
+        times.append(time.perf_counter() - began)
+    return 2 * rows * context * config.hidden_size / _median(times[1:])
+
+
 def measure_disk_read(paths: list[Path], threads: int = 4) -> float:
     """Bytes per second the streamer's way of reading gets from ``paths`` (layer files, or any
     large files): each dropped from the page cache, then read whole by direct I/O with
@@ -273,6 +296,14 @@ def calibrate(
             config, int(bits_text), layout, plan.batch_size, context, device, dtype
         )
         rates = rates.with_codec(work.codec_key, measured)
+    if work.host_calls:  # attention on the host: its kernel at the plan's rows and context
+        bits = int(work.codec_key.split("/")[0]) if work.codec_key else 4
+        rates = replace(
+            rates,
+            host_attention_elements_per_s=measure_host_attention(
+                config, bits, plan.batch_size, context, dtype
+            ),
+        )
     if copy_call_s is None and work.copy_calls > 4:  # a row-major cache: a call per row
         copy_call_s = measure_copy_call(
             config, device, dtype, plan.batch_size, context, rates.link_bytes_per_s

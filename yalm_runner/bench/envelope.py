@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from yalm_runner.bench.calibrate import measure_host_attention
 from yalm_runner.bench.disk import drop_from_page_cache, measure_drive_read
 from yalm_runner.bench.link import measure_h2d
 from yalm_runner.bench.synthetic import NO_EOS, SHAPES, SyntheticStore
@@ -246,6 +247,11 @@ def run_envelope(
             rates=rates,
         )
         _log(f"plan: {plan.describe()}")
+        if plan.kv_attention == "host":  # the kernel's rate at the plan's rows and context
+            context = max(1, round(plan.decode.context))
+            rate = measure_host_attention(config, policy.kv_bits, plan.batch_size, context, dtype)
+            rates = replace(rates, host_attention_elements_per_s=rate)
+            _log(f"host attention: {rate / 1e9:.1f} G elements/s at {context} positions")
         on_disk = [part for part, tier in plan.placement.tiers.items() if tier == "disk"]
         write_s = 0.0
         if on_disk:
@@ -275,6 +281,7 @@ def run_envelope(
         "layers": config.num_layers,
         "quantization": quantization.to_dict(),
         "kv_bits": policy.kv_bits,
+        "kv_attention": plan.kv_attention,
         "gpu_budget": policy.gpu_memory_bytes,
         "cpu_budget": policy.cpu_memory_bytes,
         "pinned_gbps": link["pinned"] / 1e9,
@@ -365,7 +372,8 @@ def format_envelope(r: dict) -> str:
     gib = 2**30
     lines = [
         f"YaLM shape {r['shape']} x {r['layers']} layers, {r['quantization']['scheme']} weights"
-        f" (group {r['quantization'].get('group_size')}), {r['kv_bits']}-bit KV in pinned RAM",
+        f" (group {r['quantization'].get('group_size')}), {r['kv_bits']}-bit KV in pinned RAM"
+        + (", attended on the host" if r.get("kv_attention") == "host" else ""),
         f"link: pinned {r['pinned_gbps']:.1f} GB/s, pageable {r['pageable_gbps']:.1f} GB/s",
         f"plan: {r['plan']}",
         "",
@@ -437,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drive-file", default="4GiB", help="size of the drive's read test")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (no figures)")
+    parser.add_argument(
+        "--kv-attention",
+        choices=["device", "host"],
+        default="device",
+        help="host: decode attention on the CPU's cores, where the KV cache lies",
+    )
     args = parser.parse_args(argv)
     low, _, high = args.prompt_len.partition("-")
     policy = OffloadPolicy(
@@ -445,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         weights_on="auto" if args.disk_dir else "cpu",
         kv_on="auto",
         kv_bits=args.kv_bits,
+        kv_attention=args.kv_attention,
     )
     run_envelope(
         args.shape,
