@@ -251,11 +251,19 @@ def cache_folder() -> Path:
     return (root if os.environ.get("YALM_CACHE_DIR") else root / "yalm_runner") / "kernels"
 
 
+def _flags() -> tuple[str, ...]:
+    """``FLAGS``, or ``$YALM_HOSTATTN_CFLAGS`` (space-separated) in their place, for trying
+    other instruction sets on one machine (benchmarks); ``-shared -fPIC`` are always added."""
+    extra = os.environ.get("YALM_HOSTATTN_CFLAGS")
+    return (*extra.split(), "-shared", "-fPIC") if extra else FLAGS
+
+
 def _compile() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise OSError("no C compiler (cc, gcc or $CC) on this machine")
-    key = hashlib.sha256((SOURCE + " ".join(FLAGS) + compiler).encode()).hexdigest()[:16]
+    flags = _flags()
+    key = hashlib.sha256((SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
     target = cache_folder() / f"hostattn-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +272,7 @@ def _compile() -> ctypes.CDLL:
             source.write_text(SOURCE)
             built = Path(scratch) / "hostattn.so"
             done = subprocess.run(
-                [compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+                [compiler, *flags, str(source), "-o", str(built), "-lm"],
                 capture_output=True,
                 text=True,
             )

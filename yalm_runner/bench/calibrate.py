@@ -43,7 +43,9 @@ CODEC_CACHE_BYTES = 256 << 20
 # at 181 of 512 rows (256 MiB), session 9's sweep under-predicted row-major steps by 13-30 %,
 # while the cases calibrated at their own rows came within 2 %.
 COPY_CALL_CACHE_BYTES = 1 << 30
-REPEATS = 3
+# Rounds a calibration takes the median of: with 3, one case's copy call came out 34 us in one
+# run and 72 us in the next (session 9), while the step it predicts ran 187 ms both times.
+REPEATS = 5
 
 
 def _synchronize(device: torch.device) -> None:
