@@ -148,21 +148,26 @@ def measure_copy_call(
     rows: int = 64,
     context: int = 4,
     link_bytes_per_s: float | None = None,
+    bits: int = 16,
+    codec_elements_per_s: float | None = None,
 ) -> float:
     """Seconds one KV copy costs a row-major cache's copy stream beyond its bytes, at a run's
-    sizes: decode steps of a 16-bit row-major cache of ``rows`` rows (capped so one layer's
-    keys take ``COPY_CALL_CACHE_BYTES``) over ``context`` positions, through the cache's own
-    code, from the first call to the last copy's end, less the bytes' time at
-    ``link_bytes_per_s`` (on a GPU; nothing on a CPU). The host issuing the calls and the copy
-    engine running them overlap differently as copies grow (a tiny copy's issue, measured
-    alone, cost twice what a run's did in session 8): the plan's own rows and context are what
-    the model's per-call term stands for."""
+    sizes: decode steps of a row-major cache of ``bits`` and ``rows`` rows (capped so one
+    layer's keys take ``COPY_CALL_CACHE_BYTES`` in 16 bits) over ``context`` positions,
+    through the cache's own code, from the first call to the last copy's end, less the bytes'
+    time at ``link_bytes_per_s`` (on a GPU; nothing on a CPU) and, for 8/4-bit records, the
+    expansion and encoding at ``codec_elements_per_s`` (they run in the measured steps). The
+    host issuing the calls and the copy engine running them overlap differently as copies grow
+    (a tiny copy's issue, measured alone, cost twice what a run's did in session 8), and a
+    16-bit cache's calls cost less than a compressed one's (session 9: compressed row-major
+    steps under-predicted by 20-38% at 422-512 rows): the plan's own width, rows and context
+    are what the model's per-call term stands for."""
     element = torch.empty((), dtype=dtype).element_size()
     per_row = (context + 1) * config.hidden_size * element
     rows = max(1, min(rows, COPY_CALL_CACHE_BYTES // per_row))
     small = _two_layers(config)
     arena = HostArena(2, pin=device.type == "cuda")  # pinned, as in a run
-    cache = HostKV(small, rows, context + 1, device, dtype, bits=16, arena=arena)
+    cache = HostKV(small, rows, context + 1, device, dtype, bits=bits, arena=arena)
     _filled_cache(cache, small, rows, context, device, dtype)
     times = []
     for _ in range(REPEATS + 1):
@@ -177,7 +182,10 @@ def measure_copy_call(
         moved = cache.bytes_moved - moved
     calls = 2 * 4 * rows  # per layer: a fetch and a write-back per row and cache
     bytes_s = moved / link_bytes_per_s if device.type == "cuda" and link_bytes_per_s else 0.0
-    return max(_median(times[1:]) - bytes_s, 0.0) / calls or 1e-9
+    codec_s = 0.0
+    if bits != 16 and codec_elements_per_s:  # two layers' expansion and encoding
+        codec_s = 2 * 2.0 * rows * (context + 1) * config.hidden_size / codec_elements_per_s
+    return max(_median(times[1:]) - bytes_s - codec_s, 0.0) / calls or 1e-9
 
 
 def measure_host_attention(
@@ -307,9 +315,11 @@ def calibrate(
             ),
         )
     if copy_call_s is None and work.copy_calls > 4:  # a row-major cache: a call per row
+        bits = int(work.codec_key.split("/")[0]) if work.codec_key else 16
         copy_call_s = measure_copy_call(
-            config, device, dtype, plan.batch_size, context, rates.link_bytes_per_s
-        )
+            config, device, dtype, plan.batch_size, context, rates.link_bytes_per_s, bits,
+            rates.codec_rate(work.codec_key) if work.codec_key else None,
+        )  # fmt: skip
     return replace(
         rates,
         copy_call_s=rates.copy_call_s if copy_call_s is None else copy_call_s,
