@@ -225,3 +225,27 @@ def test_the_defaults_explain_every_row_of_the_h200_sweep_within_ten_percent():
     ratios = [float(re.search(r" (\d+\.\d\d)x ", line).group(1)) for line in sweep]
     assert len(ratios) == 13
     assert all(0.90 <= ratio <= 1.10 for ratio in ratios), sweep
+
+
+def test_attention_on_the_host_waits_in_the_devices_chain_and_moves_no_cache():
+    rates = replace(RATES, host_attention_elements_per_s=1e9, host_call_s=1e-4)
+    # 50 ms of host attention a layer (5e7 elements) plus its call, after 10 ms of matmuls:
+    # under the 100 ms a layer's weights take, the link still sets the pace.
+    hidden = work(host_elements=5e7, host_calls=1)
+    step = predict_pass(hidden, rates)
+    assert step.total_s == pytest.approx(4 * 0.100 + 0.010 + 0.0501 + 0.002)
+    assert step.host_s == pytest.approx(4 * 0.0501) and step.bound == "the link"
+    # 200 ms a layer: the host is the step.
+    slow = predict_pass(work(host_elements=2e8, host_calls=1), rates)
+    assert slow.total_s == pytest.approx(0.100 + 4 * (0.010 + 0.2001) + 0.002)
+    assert slow.bound == "device work and host attention"
+    # Counted from a plan's shape: the records stay put, only the step's vectors cross (fp32
+    # q/k/v out and the output back, ~a twelfth of the 4-bit cache at 178 positions).
+    config = SHAPES["yalm-100b"]
+    tiers, sizes = ("cpu",) * config.num_layers, (10**9,) * config.num_layers
+    host = CacheShape("cpu", 4, "rows", "host")
+    counted = decode_work(config, 64, 178.0, tiers, sizes, host, 2, True)
+    moved = decode_work(config, 64, 178.0, tiers, sizes, CacheShape("cpu", 4, "slots"), 2, True)
+    assert counted.kv_in_bytes == 0 and counted.copy_calls == 0 and counted.host_calls == 1
+    assert counted.host_elements == 2 * 64 * 178 * config.hidden_size
+    assert counted.host_bytes < moved.kv_in_bytes / 10
