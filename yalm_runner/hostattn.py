@@ -146,7 +146,7 @@ void yalm_attend(const uint8_t *keys, const uint8_t *values, int64_t rs, int64_t
         float *acc = malloc(sizeof(float) * (size_t)(block * dim));
         float *qsum = malloc(sizeof(float) * (size_t)block);
         float *lows = malloc(sizeof(float) * (size_t)block);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < rows * blocks; task++) {
             const int64_t row = task / blocks, h0 = (task % blocks) * block;
             const int64_t nh = heads - h0 < block ? heads - h0 : block;
@@ -349,9 +349,10 @@ def attend(
     if out is None:
         out = torch.empty((batch, heads, dim), dtype=torch.float32)
     threads = threads or torch.get_num_threads()
-    # Whole rows when there are enough of them to share out; else blocks of heads, a few tasks
-    # a thread (a block's records lie side by side, so fewer heads a block reads slower).
-    block = min(heads, max(8, -(-heads * batch // (4 * threads))))
+    # Blocks of heads, about sixteen tasks a thread, handed out as threads come free (a core
+    # that something else holds for a while takes fewer); a block's records lie side by side
+    # at each slot, so blocks of fewer than 16 heads read slower.
+    block = min(heads, max(16, -(-heads * batch // (16 * threads))))
     assert _library is not None
     _library.yalm_attend(
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
