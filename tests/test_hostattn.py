@@ -62,3 +62,20 @@ def test_records_of_another_width_are_refused():
     keys, values, _, dtype, *rest = case(8, torch.bfloat16, 8)
     with pytest.raises(ValueError, match="8- or 4-bit"):
         hostattn.attend(keys, values, 16, dtype, *rest)
+
+
+def test_the_new_slots_records_are_written_into_the_steps_rows_only():
+    keys, values, bits, dtype, query, new_keys, new_values, valid, rows = case(
+        4, torch.bfloat16, 80
+    )
+    old = valid.shape[1]
+    records = torch.stack([encode_kv(x.to(dtype), bits) for x in (new_keys, new_values)])
+    before = [x.clone() for x in (keys, values)]
+    args = (bits, dtype, query, new_keys, new_values, valid, rows)
+    got = hostattn.attend(keys, values, *args, new_records=records)
+    # The step's result is the same with or without the write (it reads slots before ``old``).
+    assert torch.equal(got, hostattn.attend(*before, *args))
+    for which, (cache, earlier) in enumerate(zip((keys, values), before, strict=True)):
+        assert torch.equal(cache[rows, old], records[which])
+        cache[rows, old] = earlier[rows, old]
+        assert torch.equal(cache, earlier)  # nothing else was touched

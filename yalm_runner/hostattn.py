@@ -129,14 +129,18 @@ static inline void axpy8(float *a, float w, const uint8_t *r, int64_t codes) {
    valid: (rows, old) bytes, 1 where an old slot may be seen; slots 0 .. old-1 are read.
    bits: 8 or 4; half: the scales' type, 0 bfloat16, 1 float16, 2 float32. Masked scores are
    -10000, as the model's are (a masked slot then weighs exp(-10000 - max) = 0 in fp32).
+   new_records (2, rows, heads, record) bytes, unless NULL: the step's own keys' and values'
+   records, written at slot `old` of each row (this step attends the new slot in full
+   precision from new_keys/new_values; later steps read these records).
    A task is one row and a block of `block` heads: it walks the slots in order and, at each,
    the block's records, which lie side by side (a head at a time would jump a page a slot and
    wait on memory at every record). */
-void yalm_attend(const uint8_t *keys, const uint8_t *values, int64_t rs, int64_t ss, int64_t hs,
+void yalm_attend(uint8_t *keys, uint8_t *values, int64_t rs, int64_t ss, int64_t hs,
                  const float *query, const float *new_keys, const float *new_values,
                  const uint8_t *valid, const int64_t *rowmap, float *out, int64_t rows,
                  int64_t heads, int64_t dim, int64_t old, int64_t bits, int64_t half,
-                 float scale, int64_t block, int64_t threads) {
+                 float scale, int64_t block, int64_t threads, const uint8_t *new_records,
+                 int64_t record) {
     const int64_t codes = bits == 8 ? dim : dim / 2, step = half == 2 ? 4 : 2;
     const int64_t blocks = (heads + block - 1) / block, width = old + 1;
     #pragma omp parallel num_threads((int)threads)
@@ -151,6 +155,15 @@ void yalm_attend(const uint8_t *keys, const uint8_t *values, int64_t rs, int64_t
             const int64_t row = task / blocks, h0 = (task % blocks) * block;
             const int64_t nh = heads - h0 < block ? heads - h0 : block;
             const uint8_t *ok = valid + row * old;
+            if (new_records) {  /* the new slot's records into the cache, for later steps */
+                for (int64_t h = h0; h < h0 + nh; h++) {
+                    const int64_t at = rowmap[row] * rs + old * ss + h * hs;
+                    const int64_t from = (row * heads + h) * record;
+                    memcpy(keys + at, new_records + from, (size_t)record);
+                    memcpy(values + at, new_records + rows * heads * record + from,
+                           (size_t)record);
+                }
+            }
             for (int64_t h = 0; h < nh; h++) {
                 const float *q = query + (row * heads + h0 + h) * dim;
                 float *a = qa + h * dim, *b = a + codes, sum = 0.0f;
@@ -284,6 +297,7 @@ def _compile() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.yalm_attend.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
     library.yalm_attend.argtypes += [i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64]
+    library.yalm_attend.argtypes += [ptr, i64]
     library.yalm_attend.restype = None
     return library
 
@@ -319,6 +333,7 @@ def attend(
     rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     threads: int | None = None,
+    new_records: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step's attention output, fp32 (B, NH, D), into ``out`` when given.
 
@@ -329,6 +344,9 @@ def attend(
     ``new_values``: the step's (B, NH, D) after rotary, fp32, attended in full precision (the
     new slot is every row's last key). ``valid`` (B, old) says which old slots a row may see.
     ``scale_dtype`` is the records' scale type (the compute dtype they were encoded from).
+    ``new_records`` (2, B, NH, R) uint8, when given: the step's keys' and values' records,
+    written into slot ``old`` of each of the step's rows by the kernel's threads (no torch op
+    on the host beside the kernel: torch's own thread pool would spin on the cores it needs).
     """
     if not available():
         raise RuntimeError(f"the host attention kernel is unavailable: {_why_not}")
@@ -353,12 +371,19 @@ def attend(
     # that something else holds for a while takes fewer); a block's records lie side by side
     # at each slot, so blocks of fewer than 16 heads read slower.
     block = min(heads, max(16, -(-heads * batch // (16 * threads))))
+    record = keys.shape[-1]
+    if new_records is not None:
+        if new_records.shape != (2, batch, heads, record) or new_records.dtype != torch.uint8:
+            raise ValueError(f"new records must be (2, {batch}, {heads}, {record}) uint8")
+        if old >= keys.shape[1]:
+            raise ValueError(f"slot {old} is past the cache's {keys.shape[1]} slots")
+        new_records = new_records.contiguous()
     assert _library is not None
     _library.yalm_attend(
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
         query.data_ptr(), new_keys.data_ptr(), new_values.data_ptr(), valid.data_ptr(),
         rows.data_ptr(), out.data_ptr(), batch, heads, dim, old, bits, SCALE_KINDS[scale_dtype],
-        dim**-0.5, block, threads,
+        dim**-0.5, block, threads, 0 if new_records is None else new_records.data_ptr(), record,
     )  # fmt: skip
     return out
 

@@ -371,15 +371,18 @@ class HostAttentionKV(HostKV):
         self._dtype = dtype
         self._device = device
         heads, dim, record = config.num_heads, config.head_dim, self._record_shape[-1]
+        # The step's staging, flat: viewed at the live rows' size, so that every view is
+        # contiguous (the kernel takes them as they are).
         self._step_values = pinned_empty(
             3 * batch * heads * dim * 4, torch.uint8, pin=self._cuda, what="host attention"
-        ).view(torch.float32).view(3, batch, heads, dim)  # fmt: skip
+        ).view(torch.float32)  # fmt: skip
         self._step_records = pinned_empty(
             2 * batch * heads * record, torch.uint8, pin=self._cuda, what="host attention"
-        ).view(2, batch, heads, record)  # fmt: skip
+        )
         self._step_out = pinned_empty(
             batch * heads * dim * 4, torch.uint8, pin=self._cuda, what="host attention"
-        ).view(torch.float32).view(batch, heads, dim)  # fmt: skip
+        ).view(torch.float32)  # fmt: skip
+        self._step_shape = (heads, dim, record)
         self._row_index = torch.arange(batch, dtype=torch.long)
         self._writing_back = False  # a prefill's write-backs may still be on the copy stream
 
@@ -411,20 +414,22 @@ class HostAttentionKV(HostKV):
         records = [encode_kv(x[:, 0], self._bits) for x in (key, value)]  # (B, NH, R)
         step = torch.stack([query[:, 0], key[:, 0], value[:, 0]]).float()  # (3, B, NH, D)
         if self._cuda:
-            staged, staged_records = self._step_values[:, :live], self._step_records[:, :live]
+            heads, dim, record = self._step_shape
+            staged = self._step_values[: 3 * live * heads * dim].view(3, live, heads, dim)
+            staged_records = self._step_records[: 2 * live * heads * record]
+            staged_records = staged_records.view(2, live, heads, record)
             staged.copy_(step, non_blocking=True)
             for which in range(2):
                 staged_records[which].copy_(records[which], non_blocking=True)
             torch.cuda.current_stream(self._device).synchronize()
-            out = self._step_out[:live]
+            out = self._step_out[: live * heads * dim].view(live, heads, dim)
         else:
-            staged, staged_records, out = step, records, None
+            staged, staged_records, out = step, torch.stack(records), None
         host_keys, host_values = self._host[layer_idx]
-        host_keys[self._row_index, start] = staged_records[0]
-        host_values[self._row_index, start] = staged_records[1]
+        # The kernel writes the new slot's records too: no torch op on the host beside it.
         out = hostattn.attend(
             host_keys, host_values, self._bits, self._dtype, staged[0], staged[1], staged[2],
-            valid, self._row_index, out=out,
+            valid, self._row_index, out=out, new_records=staged_records,
         )  # fmt: skip
         self.bytes_moved += step.numel() * 4 + 2 * records[0].numel() + out.numel() * 4
         # On a GPU the output travels from pinned memory; the next layer's call reuses it only
