@@ -64,13 +64,18 @@ static inline float half_at(const uint8_t *p, int64_t kind) {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
-typedef int8_t v8c __attribute__((vector_size(8)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 /* Widen to 32-bit integers first: converting bytes straight to floats is done a lane at a time. */
 #define TO_FLOATS(c) __builtin_convertvector(__builtin_convertvector((c), v8i), v8f)
 
 static inline v8b load8(const uint8_t *p) { v8b v; memcpy(&v, p, 8); return v; }
-static inline v8c load8s(const uint8_t *p) { v8c v; memcpy(&v, p, 8); return v; }
+/* int8 codes as floats: offset to unsigned bytes (c ^ 128 = c + 128), widened, the offset
+   taken back in 32 bits. gcc widens a signed 8-byte vector, or an unsigned one straight from
+   memory, a lane at a time; this form becomes one vpmovzxbd. */
+static inline v8f int8_floats(const uint8_t *p) {
+    v8i x = __builtin_convertvector(load8(p) ^ 128, v8i);
+    return __builtin_convertvector(x - 128, v8f);
+}
 static inline v8f loadf(const float *p) { v8f v; memcpy(&v, p, 32); return v; }
 static inline void storef(float *p, v8f v) { memcpy(p, &v, 32); }
 static inline float hsum(v8f v) {
@@ -95,8 +100,7 @@ static inline float dot8(const float *a, const uint8_t *r, int64_t codes) {
     v8f acc = {0};
     int64_t j = 0;
     for (; j + 8 <= codes; j += 8) {
-        v8c c = load8s(r + j);
-        acc += loadf(a + j) * TO_FLOATS(c);
+        acc += loadf(a + j) * int8_floats(r + j);
     }
     float rest = 0.0f;
     for (; j < codes; j++) rest += a[j] * (float)(int8_t)r[j];
@@ -116,8 +120,7 @@ static inline void axpy4(float *a, float *b, float w, const uint8_t *r, int64_t 
 static inline void axpy8(float *a, float w, const uint8_t *r, int64_t codes) {
     int64_t j = 0;
     for (; j + 8 <= codes; j += 8) {
-        v8c c = load8s(r + j);
-        storef(a + j, loadf(a + j) + w * TO_FLOATS(c));
+        storef(a + j, loadf(a + j) + w * int8_floats(r + j));
     }
     for (; j < codes; j++) a[j] += w * (float)(int8_t)r[j];
 }
