@@ -65,17 +65,35 @@ static inline float half_at(const uint8_t *p, int64_t kind) {
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-/* Widen to 32-bit integers first: converting bytes straight to floats is done a lane at a time. */
-#define TO_FLOATS(c) __builtin_convertvector(__builtin_convertvector((c), v8i), v8f)
 
 static inline v8b load8(const uint8_t *p) { v8b v; memcpy(&v, p, 8); return v; }
-/* int8 codes as floats: offset to unsigned bytes (c ^ 128 = c + 128), widened, the offset
-   taken back in 32 bits. gcc widens a signed 8-byte vector, or an unsigned one straight from
-   memory, a lane at a time; this form becomes one vpmovzxbd. */
+
+/* Eight codes as floats: the 4-bit records' low and high nibbles of eight bytes, or eight int8
+   codes. With AVX2 by intrinsics (one widening load, then 32-bit lanes), so that no compiler
+   version's choices can turn them into a lane at a time; elsewhere by gcc's vector extensions
+   in forms gcc 12 widens in one instruction (it widens a signed 8-byte vector, or an unsigned
+   one straight from memory, a lane at a time). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline void nibble_floats(const uint8_t *p, v8f *low, v8f *high) {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *low = (v8f)_mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(15)));
+    *high = (v8f)_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 4));
+}
 static inline v8f int8_floats(const uint8_t *p) {
-    v8i x = __builtin_convertvector(load8(p) ^ 128, v8i);
+    return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#else
+static inline void nibble_floats(const uint8_t *p, v8f *low, v8f *high) {
+    v8b c = load8(p);
+    *low = __builtin_convertvector(__builtin_convertvector(c & 15, v8i), v8f);
+    *high = __builtin_convertvector(__builtin_convertvector(c >> 4, v8i), v8f);
+}
+static inline v8f int8_floats(const uint8_t *p) {
+    v8i x = __builtin_convertvector(load8(p) ^ 128, v8i);  /* c ^ 128 = c + 128 as a byte */
     return __builtin_convertvector(x - 128, v8f);
 }
+#endif
 static inline v8f loadf(const float *p) { v8f v; memcpy(&v, p, 32); return v; }
 static inline void storef(float *p, v8f v) { memcpy(p, &v, 32); }
 static inline float hsum(v8f v) {
@@ -88,8 +106,9 @@ static inline float dot4(const float *a, const float *b, const uint8_t *r, int64
     v8f acc = {0};
     int64_t j = 0;
     for (; j + 8 <= codes; j += 8) {
-        v8b c = load8(r + j);
-        acc += loadf(a + j) * TO_FLOATS(c & 15) + loadf(b + j) * TO_FLOATS(c >> 4);
+        v8f low, high;
+        nibble_floats(r + j, &low, &high);
+        acc += loadf(a + j) * low + loadf(b + j) * high;
     }
     float rest = 0.0f;
     for (; j < codes; j++) rest += a[j] * (float)(r[j] & 15) + b[j] * (float)(r[j] >> 4);
@@ -110,9 +129,10 @@ static inline float dot8(const float *a, const uint8_t *r, int64_t codes) {
 static inline void axpy4(float *a, float *b, float w, const uint8_t *r, int64_t codes) {
     int64_t j = 0;
     for (; j + 8 <= codes; j += 8) {
-        v8b c = load8(r + j);
-        storef(a + j, loadf(a + j) + w * TO_FLOATS(c & 15));
-        storef(b + j, loadf(b + j) + w * TO_FLOATS(c >> 4));
+        v8f low, high;
+        nibble_floats(r + j, &low, &high);
+        storef(a + j, loadf(a + j) + w * low);
+        storef(b + j, loadf(b + j) + w * high);
     }
     for (; j < codes; j++) { a[j] += w * (float)(r[j] & 15); b[j] += w * (float)(r[j] >> 4); }
 }
