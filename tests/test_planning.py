@@ -176,3 +176,27 @@ def test_a_grouped_prefill_counts_the_whole_batchs_logits_at_its_end():
     waiting = 512 * 128 * config.hidden_size * 4
     logits = 4 * (512 + 2 * grouped.prefill_rows) * config.vocab_size
     assert grouped.workspace_bytes - grouped.scratch_bytes >= waiting + logits
+
+
+def test_attention_on_the_host_plans_a_row_major_cache_in_ram_and_predicts_its_race():
+    """YaLM-100B in 4 bits under 8 GiB / 64 GiB at the H200's link: with the host attending,
+    the cache stays in RAM (row-major) and off the link; fast cores beat moving it, slow ones
+    lose to it, as the step model's host term says."""
+    from yalm_runner.quant import Quantization
+
+    store = SyntheticStore(SHAPES["yalm-100b"], torch.bfloat16, 0, Quantization("int4", 128))
+    moved = replace(BUDGETS, kv_bits=4, weights_on="cpu")
+    attended = replace(moved, kv_attention="host")
+    rate = {}
+    for cores, host in (("slow", 10e9), ("fast", 40e9)):
+        rates = StepRates(link_bytes_per_s=55e9, host_attention_elements_per_s=host)
+        by_host = plan(store, attended, max_context=256, prompt_tokens=128, rates=rates)
+        assert by_host.kv_on == "cpu" and by_host.kv_layout == "rows"
+        assert "attended on the host" in by_host.describe()
+        assert by_host.decode.kv_in_bytes == 0 and by_host.decode.host_calls == 1
+        by_link = plan(store, moved, max_context=256, prompt_tokens=128, rates=rates)
+        rate[cores] = (
+            by_host.batch_size / by_host.predicted_step_s(rates),
+            by_link.batch_size / by_link.predicted_step_s(rates),
+        )
+    assert rate["fast"][0] > rate["fast"][1] and rate["slow"][0] < rate["slow"][1]
