@@ -40,12 +40,13 @@ from yalm_runner.batchstate import (
     PlannedBatch,
 )
 from yalm_runner.config import ModelConfig, SamplingParams
-from yalm_runner.errors import GenerationError
+from yalm_runner.errors import ConfigError, GenerationError
 from yalm_runner.kvcache import DeviceKV, HostArena, HostAttentionKV, HostKV, SlotMajorHostKV
 from yalm_runner.kvformat import host_elements
 from yalm_runner.offload import WeightSource
 from yalm_runner.sampling import sample_next
 from yalm_runner.scorepass import PAD_ID, ScoringPass
+from yalm_runner.settings import check_offload_rules, check_setting
 from yalm_runner.tokenizer import EOS_ID
 
 if TYPE_CHECKING:  # the plan's type only: the engine runs plans, it does not make them
@@ -225,14 +226,13 @@ class Engine(BatchRunner, ScoringPass):
     ):
         if kv_on not in ("gpu", "cpu"):
             raise GenerationError(f"kv_on must be gpu or cpu, got {kv_on!r}")
-        if kv_attention not in ("device", "host"):
-            raise GenerationError(f"kv_attention must be device or host, got {kv_attention!r}")
+        try:  # the settings' own rules, in their words
+            check_setting("kv_attention", kv_attention)
+            if kv_attention == "host":
+                check_offload_rules(kv_bits, kv_on, kv_attention)
+        except ConfigError as exc:
+            raise GenerationError(str(exc)) from None
         if kv_attention == "host":
-            if kv_on != "cpu" or kv_bits == 16:
-                raise GenerationError(
-                    "attention on the host needs the KV cache in RAM in 8 or 4 bits "
-                    f"(kv_on cpu, kv_bits 8 or 4), got kv_on {kv_on}, kv_bits {kv_bits}"
-                )
             if not hostattn.available():
                 raise GenerationError(
                     f"attention on the host is unavailable: {hostattn.unavailable_reason()}"

@@ -274,24 +274,27 @@ void yalm_attend(uint8_t *keys, uint8_t *values, int64_t rs, int64_t ss, int64_t
 """
 
 # -fno-math-errno lets the softmax's exponentials run as vector calls (libmvec).
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 
 _library: ctypes.CDLL | None = None
 _why_not: str | None = None
 
 
 def cache_folder() -> Path:
-    """Where compiled kernels are kept: ``$YALM_CACHE_DIR``, else the user's cache folder."""
-    base = os.environ.get("YALM_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    return (root if os.environ.get("YALM_CACHE_DIR") else root / "yalm_runner") / "kernels"
+    """Where compiled kernels are kept: ``$YALM_CACHE_DIR/kernels``, else the user's cache
+    folder's ``yalm_runner/kernels``."""
+    if os.environ.get("YALM_CACHE_DIR"):
+        return Path(os.environ["YALM_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "yalm_runner" / "kernels"
 
 
 def _flags() -> tuple[str, ...]:
-    """``FLAGS``, or ``$YALM_HOSTATTN_CFLAGS`` (space-separated) in their place, for trying
-    other instruction sets on one machine (benchmarks); ``-shared -fPIC`` are always added."""
-    extra = os.environ.get("YALM_HOSTATTN_CFLAGS")
-    return (*extra.split(), "-shared", "-fPIC") if extra else FLAGS
+    """The compiler's options: ``FLAGS``, or ``$YALM_HOSTATTN_CFLAGS`` (space-separated) in
+    their place, for trying other instruction sets on one machine (benchmarks); the options
+    that make a shared library are added to either."""
+    chosen = os.environ.get("YALM_HOSTATTN_CFLAGS")
+    return (*(chosen.split() if chosen else FLAGS), "-shared", "-fPIC")
 
 
 def _compile() -> ctypes.CDLL:
@@ -445,8 +448,3 @@ def reference(
     seen = torch.cat([valid.bool(), torch.ones(valid.shape[0], 1, dtype=torch.bool)], dim=1)
     scores = scores.masked_fill(~seen[:, None, :], -10000.0)
     return torch.einsum("bhs,bshd->bhd", torch.softmax(scores, dim=-1), v)
-
-
-def record_bytes(bits: int, dim: int, scale_dtype: torch.dtype) -> int:
-    """Bytes of one (token, head) record."""
-    return _fields(bits, dim, torch.empty((), dtype=scale_dtype).element_size())[-1][1]

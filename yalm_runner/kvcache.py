@@ -411,7 +411,8 @@ class HostAttentionKV(HostKV):
             for sent in self._sent:  # the prefill's last write-backs, the earlier ones before
                 sent.synchronize()
         self._writing_back = False
-        records = [encode_kv(x[:, 0], self._bits) for x in (key, value)]  # (B, NH, R)
+        # (2, B, NH, R): the new slot's keys' and values' records
+        records = torch.stack([encode_kv(x[:, 0], self._bits) for x in (key, value)])
         step = torch.stack([query[:, 0], key[:, 0], value[:, 0]]).float()  # (3, B, NH, D)
         if self._cuda:
             heads, dim, record = self._step_shape
@@ -419,19 +420,18 @@ class HostAttentionKV(HostKV):
             staged_records = self._step_records[: 2 * live * heads * record]
             staged_records = staged_records.view(2, live, heads, record)
             staged.copy_(step, non_blocking=True)
-            for which in range(2):
-                staged_records[which].copy_(records[which], non_blocking=True)
+            staged_records.copy_(records, non_blocking=True)
             torch.cuda.current_stream(self._device).synchronize()
             out = self._step_out[: live * heads * dim].view(live, heads, dim)
         else:
-            staged, staged_records, out = step, torch.stack(records), None
+            staged, staged_records, out = step, records, None
         host_keys, host_values = self._host[layer_idx]
         # The kernel writes the new slot's records too: no torch op on the host beside it.
         out = hostattn.attend(
             host_keys, host_values, self._bits, self._dtype, staged[0], staged[1], staged[2],
             valid, self._row_index, out=out, new_records=staged_records,
         )  # fmt: skip
-        self.bytes_moved += step.numel() * 4 + 2 * records[0].numel() + out.numel() * 4
+        self.bytes_moved += step.numel() * 4 + records.numel() + out.numel() * 4
         # On a GPU the output travels from pinned memory; the next layer's call reuses it only
         # after a synchronisation of the compute stream, which this copy is queued on.
         context = out.to(self._device, non_blocking=self._cuda).to(self._dtype)

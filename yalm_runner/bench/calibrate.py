@@ -306,8 +306,8 @@ def calibrate(
             config, int(bits_text), layout, plan.batch_size, context, device, dtype
         )
         rates = rates.with_codec(work.codec_key, measured)
+    bits = int(work.codec_key.split("/")[0]) if work.codec_key else 16  # the cache's width
     if work.host_calls:  # attention on the host: its kernel at the plan's rows and context
-        bits = int(work.codec_key.split("/")[0]) if work.codec_key else 4
         rates = replace(
             rates,
             host_attention_elements_per_s=measure_host_attention(
@@ -315,7 +315,6 @@ def calibrate(
             ),
         )
     if copy_call_s is None and work.copy_calls > 4:  # a row-major cache: a call per row
-        bits = int(work.codec_key.split("/")[0]) if work.codec_key else 16
         copy_call_s = measure_copy_call(
             config, device, dtype, plan.batch_size, context, rates.link_bytes_per_s, bits,
             rates.codec_rate(work.codec_key) if work.codec_key else None,
