@@ -194,6 +194,11 @@ def test_attention_on_the_host_plans_a_row_major_cache_in_ram_and_predicts_its_r
         assert by_host.kv_on == "cpu" and by_host.kv_layout == "rows"
         assert "attended on the host" in by_host.describe()
         assert by_host.decode.kv_in_bytes == 0 and by_host.decode.host_calls == 1
+        # RAM: the rows' records, and the step's staging (fp32 q/k/v and output, one layer's
+        # new records: 128 heads x 44 bytes, keys and values) as the cache pins it.
+        config = store.config
+        staging = 4 * config.hidden_size * 4 + 2 * config.num_heads * 44
+        assert by_host.kv_host_bytes == by_host.batch_size * (by_host.kv_bytes_per_row + staging)
         by_link = plan(store, moved, max_context=256, prompt_tokens=128, rates=rates)
         rate[cores] = (
             by_host.batch_size / by_host.predicted_step_s(rates),

@@ -221,8 +221,11 @@ def plan_memory(
             return _counted(plan, config, parts, element, compressed, prefill, 16)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
-        if policy.kv_attention == "host":  # the step's staging: q/k/v and output, fp32
-            host += copies * batch * (4 * config.hidden_size * 4 + 2 * host_row // max_context)
+        if policy.kv_attention == "host":
+            # The step's staging: q/k/v and the output in fp32, the new slot's records of one
+            # layer (as ``HostAttentionKV`` pins them).
+            layer_token = kv_bytes_per_token(config, policy.kv_bits, element) // config.num_layers
+            host += copies * batch * (4 * config.hidden_size * 4 + layer_token)
         pinned_budget = budgets.pinned_bytes
         if pinned_budget is not None and host >= pinned_budget:
             raise OffloadError(
