@@ -593,12 +593,12 @@ class Engine(BatchRunner, ScoringPass):
             torch.arange(start, end, device=self.device)[None, :] - state.pad[:, None]
         ).clamp(min=0)  # (B, T)
         valid = state.key_valid[:, :end]
-        masks = [model.attention_mask(valid[rows], start, num_new) for rows in groups]
         embedding = self.weights.embedding()
         hidden = [model.embed(tokens[rows], embedding, self.config) for rows in groups]
         if num_new == 1 and isinstance(state.kv, HostAttentionKV):
             self._decode_on_host(state, hidden, positions, valid[:, :start].cpu())
         else:
+            masks = [model.attention_mask(valid[rows], start, num_new) for rows in groups]
             for layer_idx, weights in self.weights.layers():
                 keys, values = state.kv.layer(layer_idx, start)
                 for group, rows in enumerate(groups):
