@@ -79,3 +79,25 @@ def test_the_new_slots_records_are_written_into_the_steps_rows_only():
         assert torch.equal(cache[rows, old], records[which])
         cache[rows, old] = earlier[rows, old]
         assert torch.equal(cache, earlier)  # nothing else was touched
+
+
+def test_a_machine_that_cannot_build_the_kernel_is_told_why_and_the_engine_refuses(
+    monkeypatch, tmp_path, tiny_store
+):
+    from yalm_runner.checkpoint import ModelStore
+    from yalm_runner.engine import Engine
+    from yalm_runner.errors import GenerationError
+    from yalm_runner.offload import ResidentWeights
+
+    # A fresh process's state, a compiler that fails, an empty cache folder.
+    monkeypatch.setattr(hostattn, "_library", None)
+    monkeypatch.setattr(hostattn, "_why_not", None)
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv("YALM_CACHE_DIR", str(tmp_path))
+    assert not hostattn.available()
+    assert "/bin/false could not build the host attention kernel" in hostattn.unavailable_reason()
+    weights = ResidentWeights(ModelStore.open(tiny_store), "cpu", torch.float32)
+    with pytest.raises(GenerationError, match="attention on the host is unavailable: /bin/false"):
+        Engine(weights, kv_on="cpu", kv_bits=4, kv_attention="host")
+    Engine(weights, kv_on="cpu", kv_bits=4)  # the device path needs no compiler
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built was left to be loaded later
