@@ -377,6 +377,10 @@ def _prefect_defaults() -> None:
     # a busy server's 503 is still retried, and one that went away costs the night seconds
     # before it goes on without it (flows.prefect_link).
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+    # A temporary server has 120 s to answer, not Prefect's 20: on a host that is busy (another
+    # shard loading its weights, a night's ingest) its database and web app can take longer, and
+    # a command that gives up on it has done nothing (generate-shard).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _run_flow(config_file: Path, as_of: str | None, verbose: bool) -> int:
@@ -483,9 +487,23 @@ def _generate_shard(args: argparse.Namespace) -> int:
     config = load_config(path)
     pipeline = _start_prefect(config, getattr(args, "verbose", False))
     index, count = args.shard
-    report = pipeline.generate_shard(
-        config_path=str(path.resolve()), shard_index=index, shard_count=count, keys=args.key
-    )
+    try:
+        report = pipeline.generate_shard(
+            config_path=str(path.resolve()), shard_index=index, shard_count=count, keys=args.key
+        )
+    except RuntimeError as exc:
+        if not _temporary_server_did_not_start(exc):
+            raise
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
+
+        message = (
+            f"generate-shard: Prefect's temporary server did not answer within {wait.value():g} s "
+            "of starting, so the shard did not start and nothing was claimed: run it again, "
+            "allow longer (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) or set "
+            "PREFECT_API_URL to a running server"
+        )
+        logging.getLogger("flows.pipeline").error("%s", message, exc_info=exc)  # the log file
+        raise PipelineError(message) from exc
     print(
         f"shard {index}/{count} ({report.worker_id}): {report.generated} forecasts stored, "
         f"{len(report.failures)} failed, {report.resumed} resumed, "
@@ -493,6 +511,12 @@ def _generate_shard(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if report.failures else EXIT_OK
+
+
+def _temporary_server_did_not_start(exc: BaseException) -> bool:
+    """Prefect's own words when the temporary server it started never answered its health
+    check (``SubprocessASGIServer.start``): before any flow run, so nothing has happened."""
+    return "attempting to connect to ephemeral Prefect API server" in str(exc)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

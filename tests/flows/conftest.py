@@ -86,5 +86,6 @@ def prefect_harness():
     """One temporary Prefect server and database for the session (``prefect_test_harness``)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # 300 s, not the harness's 30: on a loaded two-core CI machine its start has taken longer.
+    with prefect_test_harness(server_startup_timeout=300):
         yield

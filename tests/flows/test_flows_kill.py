@@ -211,3 +211,48 @@ def read_proc(pid: int, name: str) -> bytes:
         return (Path("/proc") / str(pid) / name).read_bytes()
     except OSError:  # gone, or not ours
         return b""
+
+
+def test_a_temporary_server_that_never_answers_stops_the_shard_in_one_line_and_claims_nothing(
+    feed_server, tiny_store, tmp_path
+):
+    """Prefect gives its temporary server a time to answer; past it, generate-shard ends with
+    one line naming the server and the setting, exit 1, nothing claimed or generated, and no
+    server left running. (The product's default is 120 s; here the user has set 0 s: the server
+    is never waited for.)"""
+    from flows.commands.serverguard import OWNER_ENV, SERVER_COMMAND
+
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    config = kill_config(tmp_path / "shard", feed_server, tiny_store)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")  # fmt: skip
+    command = [sys.executable, "-m", "flows.commands.cli"]
+    for step in (["ingest"], ["render", "--as-of", AS_OF]):
+        subprocess.run([*command, *step, "--config", str(config)], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+    before = table(config, "SELECT key, status, claimed_by FROM prompts ORDER BY key")
+    done = subprocess.run([*command, "generate-shard", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    said = "yalm-forecast: error: generate-shard: Prefect's temporary server did not answer "
+    assert last.startswith(f"{said}within 0 s of starting"), done.stderr[-3000:]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in last
+    assert "Traceback" not in done.stderr
+    log_text = load_config(config).log_file.read_text(encoding="utf-8")
+    assert "Prefect's temporary server did not answer" in log_text
+    assert "Traceback" in log_text  # the whole story is in the log file
+    assert table(config, "SELECT key, status, claimed_by FROM prompts ORDER BY key") == before
+    assert {status for _, status, _ in before} == {"pending"}
+    assert table(config, "SELECT count(*) FROM generations") == [(0,)]
+    left = [
+        pid
+        for pid in proc_pids()
+        if SERVER_COMMAND in read_proc(pid, "cmdline")
+        and f"{OWNER_ENV}=".encode() in read_proc(pid, "environ")
+        and str(tmp_path).encode() in read_proc(pid, "environ")
+    ]
+    assert left == []
