@@ -197,8 +197,14 @@ def test_attention_on_the_host_plans_a_row_major_cache_in_ram_and_predicts_its_r
         # RAM: the rows' records, and the step's staging (fp32 q/k/v and output, one layer's
         # new records: 128 heads x 44 bytes, keys and values) as the cache pins it.
         config = store.config
-        staging = 4 * config.hidden_size * 4 + 2 * config.num_heads * 44
+        records = 2 * config.num_heads * 44
+        staging = 4 * config.hidden_size * 4 + records
         assert by_host.kv_host_bytes == by_host.batch_size * (by_host.kv_bytes_per_row + staging)
+        # The GPU holds no KV between passes: the prefill's two slots at the prompt's length
+        # (bf16 keys and values) and their outgoing records are in its workspace alone.
+        assert by_host.placement.kv_bytes == 0
+        prefill_slots = by_host.batch_size * 128 * (4 * config.hidden_size * 2 + records)
+        assert by_host.workspace_bytes - by_host.scratch_bytes >= prefill_slots
         by_link = plan(store, moved, max_context=256, prompt_tokens=128, rates=rates)
         rate[cores] = (
             by_host.batch_size / by_host.predicted_step_s(rates),

@@ -1,5 +1,7 @@
 """The streaming engine: offloaded output equals resident output, and budgets are enforced."""
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from yalm_runner.config import SamplingParams
 from yalm_runner.convert import convert_release
 from yalm_runner.engine import Engine, Request
 from yalm_runner.errors import ConfigError, OffloadError
+from yalm_runner.kvcache import HostAttentionKV
+from yalm_runner.kvformat import kv_record_shape
 from yalm_runner.offload import (
     OffloadPolicy,
     Placement,
@@ -117,6 +121,38 @@ def test_8_bit_host_kv_stays_close_to_16_bit_and_moves_half_the_bytes(store, res
     assert moved[8] < 0.4 * moved[16] and moved[4] < moved[8]
     with pytest.raises(ValueError, match="KV bits must be one of"):
         HostKV(store.config, 1, 4, torch.device("cpu"), torch.float32, bits=2)
+
+
+@pytest.mark.skipif(not hostattn.available(), reason=f"{hostattn.unavailable_reason()}")
+def test_attention_on_the_host_holds_device_slots_for_the_prefill_alone(store):
+    """Nothing on the device until a prefill; then two slots of the prompt's length and their
+    outgoing records, no incoming staging (a prefill from slot 0 fetches nothing); none from
+    the first decode step on. A batch resumed from its records never takes them."""
+    config, batch, prompt = store.config, 3, 10
+    heads, dim = config.num_heads, config.head_dim
+    kv = HostAttentionKV(config, batch, 40, torch.device("cpu"), torch.float32, bits=4,
+                         prefill_slots=prompt)  # fmt: skip
+    assert kv.device_bytes == 0
+    generator = torch.Generator().manual_seed(0)
+    for layer_idx in range(config.num_layers):
+        keys, values = kv.layer(layer_idx, 0)
+        assert keys.shape == (batch, prompt, heads, dim)
+        keys.copy_(torch.randn(keys.shape, generator=generator))
+        values.copy_(torch.randn(values.shape, generator=generator))
+        kv.stored(layer_idx, 0, prompt)
+    record = kv_record_shape(4, (batch, prompt, heads, dim), torch.float32)[0]
+    slots = 2 * 2 * batch * prompt * heads * dim * 4
+    assert kv.device_bytes == slots + 2 * 2 * math.prod(record)
+    step = [torch.randn(batch, 1, heads, dim, generator=generator) for _ in range(3)]
+    valid = torch.ones(batch, prompt, dtype=torch.bool)
+    kv.attend(0, prompt, *step, valid)
+    assert kv.device_bytes == 0
+    with pytest.raises(ValueError, match="from slot 0 only"):
+        kv.layer(0, prompt + 1)
+    resumed = HostAttentionKV(config, batch, 40, torch.device("cpu"), torch.float32, bits=4)
+    resumed.load(0, list(range(batch)), 0, *kv.records(0, 0, prompt + 1))
+    resumed.attend(0, prompt + 1, *step, torch.ones(batch, prompt + 1, dtype=torch.bool))
+    assert resumed.device_bytes == 0
 
 
 @pytest.mark.skipif(not hostattn.available(), reason=f"{hostattn.unavailable_reason()}")

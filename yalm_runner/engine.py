@@ -413,8 +413,9 @@ class Engine(BatchRunner, ScoringPass):
         key_valid[:, prompt_len:] = False
         if self.kv_on == "cpu":
             host_type = SlotMajorHostKV if self.kv_layout == "slots" else HostKV
-            if self.kv_attention == "host":
-                host_type = HostAttentionKV
+            extra = {}
+            if self.kv_attention == "host":  # device slots for the prefill alone
+                host_type, extra = HostAttentionKV, {"prefill_slots": prompt_len}
             kv = host_type(
                 config,
                 batch,
@@ -424,6 +425,7 @@ class Engine(BatchRunner, ScoringPass):
                 bits=self.kv_bits,
                 arena=self._arena,
                 stream=getattr(self.weights, "copy_stream", None),
+                **extra,
             )
         else:
             kv = DeviceKV(config, batch, slots, device, self.dtype)

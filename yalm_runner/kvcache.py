@@ -140,17 +140,13 @@ class _PinnedKV(_StateDefaults):
         self._cuda = device.type == "cuda"
         self._layers = config.num_layers
         self._bits = bits
-        shape = (batch, slots, config.num_heads, config.head_dim)
-        self._slots = [
-            (
-                torch.zeros(shape, device=device, dtype=dtype),
-                torch.zeros(shape, device=device, dtype=dtype),
-            )
-            for _ in range(2)
-        ]
+        self._device, self._dtype = device, dtype
+        self._batch, self._slot_tail = batch, (config.num_heads, config.head_dim)
+        shape = (batch, slots, *self._slot_tail)
         self.bytes_moved = 0
         # One cache (keys or values) of one layer as records, and its element type.
         self._record_shape, self._kind = kv_record_shape(bits, shape, dtype)
+        self._allocate(slots)
         arena = arena or HostArena(config.num_layers, pin=self._cuda)
         # Per layer: keys, values, flat.
         self._host = arena.take(math.prod(self._record_shape), self._kind)
@@ -166,6 +162,25 @@ class _PinnedKV(_StateDefaults):
             self._computed = [torch.cuda.Event() for _ in range(2)]
             self._sent = [torch.cuda.Event() for _ in range(2)]
             self._compute = lambda: torch.cuda.current_stream(device)
+
+    def _allocate(self, slots: int) -> None:
+        """The two device slots, ``slots`` positions each (a subclass adds its staging)."""
+        shape = (self._batch, slots, *self._slot_tail)
+        self._slots = [
+            tuple(torch.zeros(shape, device=self._device, dtype=self._dtype) for _ in range(2))
+            for _ in range(2)
+        ]
+
+    @property
+    def device_bytes(self) -> int:
+        """What this cache holds on the device now: its slots and staging."""
+        held = [*(self._slots or ()), *(getattr(self, "_incoming", None) or ())]
+        held += [*(getattr(self, "_outgoing", None) or ())]
+        seen = {}
+        for pair in held:
+            for tensor in pair:
+                seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return sum(seen.values())
 
     def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=self._cuda)
@@ -262,19 +277,27 @@ class HostKV(_PinnedKV):
         stream: torch.cuda.Stream | None = None,
     ):
         super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
-        size, kind = self._record_shape, self._kind
-        self._host = [[flat.view(size) for flat in pair] for pair in self._host]
-        if bits == 16:
+        self._host = [[flat.view(self._record_shape) for flat in pair] for pair in self._host]
+        self._rows = list(range(batch))
+
+    def _allocate(self, slots: int, fetching: bool = True) -> None:
+        """The slots, and staging for records on their way in (unless nothing is ever
+        ``fetching``: a prefill from slot 0) and out."""
+        super()._allocate(slots)
+        if self._bits == 16:
             # The records are the values: host rows travel straight into the slots.
             self._incoming = [list(slot) for slot in self._slots]
-        else:
-            self._incoming = [
-                [torch.zeros(size, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
+            return
+        size = kv_record_shape(self._bits, (self._batch, slots, *self._slot_tail), self._dtype)[0]
+
+        def staging() -> list[list[torch.Tensor]]:
+            return [
+                [torch.zeros(size, dtype=self._kind, device=self._device) for _ in range(2)]
+                for _ in range(2)
             ]
-            self._outgoing = [
-                [torch.zeros(size, dtype=kind, device=device) for _ in range(2)] for _ in range(2)
-            ]
-        self._rows = list(range(batch))
+
+        self._incoming = staging() if fetching else None
+        self._outgoing = staging()
 
     def _move_rows(self, targets, sources, target_rows, source_rows, begin: int, end: int):
         for target, source in zip(targets, sources, strict=True):
@@ -345,7 +368,11 @@ class HostAttentionKV(HostKV):
     lie, on the host's cores (``hostattn``): only the step's queries, keys and values go out
     (fp32, with the new slot's records encoded on the device) and the attention's output comes
     back, a few MB a layer; the cache itself never crosses the link. A prefill goes the
-    ``HostKV`` way (through a device slot, its slots written back on the copy stream).
+    ``HostKV`` way (through a device slot, its slots written back on the copy stream); the
+    device slots and their staging exist only for it: taken at the prefill's first layer,
+    ``prefill_slots`` positions long, and given back at the first decode step (the allocator
+    then hands their memory to the decode's activations). A batch resumed from its records
+    never takes them.
 
     Decode: the engine calls ``attend(j, start, query, key, value, valid)`` instead of
     ``layer``/``stored``; it writes the new slot's records into the host cache, then attends
@@ -364,12 +391,12 @@ class HostAttentionKV(HostKV):
         bits: int = 4,
         arena: HostArena | None = None,
         stream: torch.cuda.Stream | None = None,
+        prefill_slots: int | None = None,
     ):
         if bits == 16:
             raise ValueError("host attention reads 8- or 4-bit records, not 16-bit values")
+        self._prefill_slots = prefill_slots or slots
         super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
-        self._dtype = dtype
-        self._device = device
         heads, dim, record = config.num_heads, config.head_dim, self._record_shape[-1]
         # The step's staging, flat: viewed at the live rows' size, so that every view is
         # contiguous (the kernel takes them as they are).
@@ -385,6 +412,16 @@ class HostAttentionKV(HostKV):
         self._step_shape = (heads, dim, record)
         self._row_index = torch.arange(batch, dtype=torch.long)
         self._writing_back = False  # a prefill's write-backs may still be on the copy stream
+
+    def _allocate(self, slots: int, fetching: bool = True) -> None:
+        self._slots = self._incoming = self._outgoing = None  # until a prefill (``layer``)
+
+    def layer(self, layer_idx: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start:
+            raise ValueError("host attention's device slots hold a prefill from slot 0 only")
+        if self._slots is None:
+            super()._allocate(self._prefill_slots, fetching=False)
+        return super().layer(layer_idx, start)
 
     def stored(self, layer_idx: int, start: int, end: int) -> None:
         super().stored(layer_idx, start, end)
@@ -407,9 +444,13 @@ class HostAttentionKV(HostKV):
         ``key``, ``value`` (B, 1, NH, D) on the device, ``valid`` (B, start) booleans on the
         CPU; returns the context (B, 1, NH x D) in the compute dtype, on the device."""
         live = len(self._rows)
-        if self._writing_back and self._cuda:
-            for sent in self._sent:  # the prefill's last write-backs, the earlier ones before
-                sent.synchronize()
+        if self._writing_back:
+            if self._cuda:
+                for sent in self._sent:  # the prefill's last write-backs, the earlier before
+                    sent.synchronize()
+            # A decode step needs no device slot: the prefill's go back (their last copies
+            # have left) for the decode's activations to use.
+            self._slots = self._incoming = self._outgoing = None
         self._writing_back = False
         # (2, B, NH, R): the new slot's keys' and values' records
         records = torch.stack([encode_kv(x[:, 0], self._bits) for x in (key, value)])

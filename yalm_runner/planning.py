@@ -181,6 +181,7 @@ def plan_memory(
     kv_row = max_context * config.kv_bytes_per_token(element)
     kv_layer_row = max_context * 2 * config.hidden_size * element
     host_row = max_context * kv_bytes_per_token(config, policy.kv_bits, element)
+    layer_token = kv_bytes_per_token(config, policy.kv_bits, element) // config.num_layers
     # On a CPU-only machine RAM is the device memory (the CPU budget bounds what stays
     # resident), there is no pinned tier, and the KV cache lives with the compute, unless
     # asked for in the host cache's own format (``kv_on=cpu``: plain RAM, 8/4-bit records).
@@ -211,9 +212,16 @@ def plan_memory(
         if group < batch:
             waiting = batch * prefill * config.hidden_size * element
             grouped = max(grouped, 4 * (batch + 2 * group) * config.vocab_size)
-        work = scratch + max(
-            waiting + grouped, workspace_bytes(config, batch, 1, max_context, element)
-        )
+        decode = workspace_bytes(config, batch, 1, max_context, element)
+        host_attention = kv_on == "cpu" and policy.kv_attention == "host"
+        if host_attention:
+            # Its device slots live through the prefill alone (``HostAttentionKV``): two, at the
+            # prompt's length, with their outgoing records and the encoder's temporaries. A
+            # decode step holds its q/k/v and output in fp32 and the new slot's records.
+            waiting += batch * prefill * (4 * config.hidden_size * element + 2 * layer_token)
+            waiting += 3 * DECODE_BYTES
+            decode += batch * (4 * config.hidden_size * 4 + layer_token)
+        work = scratch + max(waiting + grouped, decode)
         group_rows = group if group < batch else 0
         if kv_on == "gpu":
             placement = plan_placement(parts, policy, batch * kv_row, work, budgets=budgets)
@@ -221,10 +229,9 @@ def plan_memory(
             return _counted(plan, config, parts, element, compressed, prefill, 16)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
         host = copies * batch * host_row
-        if policy.kv_attention == "host":
+        if host_attention:
             # The step's staging: q/k/v and the output in fp32, the new slot's records of one
             # layer (as ``HostAttentionKV`` pins them).
-            layer_token = kv_bytes_per_token(config, policy.kv_bits, element) // config.num_layers
             host += copies * batch * (4 * config.hidden_size * 4 + layer_token)
         pinned_budget = budgets.pinned_bytes
         if pinned_budget is not None and host >= pinned_budget:
@@ -238,15 +245,15 @@ def plan_memory(
         # Compressed KV also needs staging on the device (in and out, two slots each) and
         # room for the temporaries of expanding a group of rows at a time.
         layer_host = batch * host_row // config.num_layers
-        if layout == "slots":  # a slot-major staging area per device slot, always
-            staging = 2 * layer_host + 3 * DECODE_BYTES
+        if host_attention:  # the prefill's slots and staging: in the workspace, above
+            device_kv = 0
+        elif layout == "slots":  # a slot-major staging area per device slot, always
+            device_kv = 2 * batch * kv_layer_row + 2 * layer_host + 3 * DECODE_BYTES
         elif policy.kv_bits != 16:
-            staging = 4 * layer_host + 3 * DECODE_BYTES
+            device_kv = 2 * batch * kv_layer_row + 4 * layer_host + 3 * DECODE_BYTES
         else:
-            staging = 0
-        placement = plan_placement(
-            parts, policy, 2 * batch * kv_layer_row + staging, work, budgets=rest
-        )
+            device_kv = 2 * batch * kv_layer_row
+        placement = plan_placement(parts, policy, device_kv, work, budgets=rest)
         plan = MemoryPlan(
             batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout,
             kv_attention=policy.kv_attention,
