@@ -90,7 +90,7 @@ class BackgroundCopies:
         self.bytes_per_s = self.copied / (time.perf_counter() - self.began)
 
 
-def kernel_work(rows: int, heads: int, head_dim: int, context: int, bits: int):
+def kernel_work(rows: int, heads: int, head_dim: int, context: int, bits: int, threads: int):
     """The same attention through ``hostattn``'s compiled kernel, over the records as the
     engine keeps them (row-major, bf16 scales), never expanded."""
     shape = (rows, context, heads, head_dim)
@@ -99,7 +99,7 @@ def kernel_work(rows: int, heads: int, head_dim: int, context: int, bits: int):
     valid = torch.ones(rows, context, dtype=torch.bool)
 
     def work() -> None:
-        hostattn.attend(keys, values, bits, torch.bfloat16, *step, valid)
+        hostattn.attend(keys, values, bits, torch.bfloat16, *step, valid, threads=threads)
 
     return work, keys.numel() * 2
 
@@ -133,39 +133,49 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=128)
     parser.add_argument("--head-dim", type=int, default=80)
     parser.add_argument("--contexts", default="128,256")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--threads", default=str(os.cpu_count()),
+        help="comma-separated thread counts; the kernel runs at each, torch at the first",
+    )  # fmt: skip
     parser.add_argument(
         "--kernel-only", action="store_true", help="only hostattn's compiled kernel"
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    counts = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(counts[0])
     cuda = torch.cuda.is_available()
     link = link_bytes_per_s() if cuda else 25e9
     layer_s = LAYER_INT4_BYTES / link
     print(
-        f"{args.threads} threads; link {'measured' if cuda else 'assumed'} {link / 1e9:.1f} GB/s; "
-        f"one int4 layer of YaLM-100B arrives in {layer_s * 1e3:.1f} ms",
+        f"{os.cpu_count()} cores; link {'measured' if cuda else 'assumed'} {link / 1e9:.1f} "
+        f"GB/s; one int4 layer of YaLM-100B arrives in {layer_s * 1e3:.1f} ms",
         flush=True,
     )
-    print(
-        "| KV kept as | compute | context | cache MB/layer | alone ms | with DMA ms "
-        "| / layer time |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    cases = [(16, torch.bfloat16), (16, torch.float32), (4, torch.bfloat16), (4, torch.float32)]
-    cases = [] if args.kernel_only else [(bits, dtype, "torch") for bits, dtype in cases]
     if hostattn.available():
-        cases += [(8, torch.float32, "kernel"), (4, torch.float32, "kernel")]
+        print(f"kernel: {hostattn.build_description()}", flush=True)
+    print(
+        "| KV kept as | compute | context | threads | cache MB/layer | alone ms | G el/s "
+        "| with DMA ms | G el/s | / layer time |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cases = [(16, torch.bfloat16), (16, torch.float32), (4, torch.bfloat16), (4, torch.float32)]
+    cases = [] if args.kernel_only else [(bits, dtype, "torch", counts[0]) for bits, dtype in cases]
+    if hostattn.available():
+        cases += [(bits, torch.float32, "kernel", n) for bits in (8, 4) for n in counts]
     else:
         print(f"(no compiled kernel: {hostattn.unavailable_reason()})")
     for context in (int(c) for c in args.contexts.split(",")):
-        for bits, dtype, how in cases:
+        for bits, dtype, how, threads in cases:
             if how == "kernel":
-                work, nbytes = kernel_work(args.rows, args.heads, args.head_dim, context, bits)
+                work, nbytes = kernel_work(
+                    args.rows, args.heads, args.head_dim, context, bits, threads
+                )
             else:
                 work, nbytes = attention_work(
                     args.rows, args.heads, args.head_dim, context, bits, dtype
                 )
+            # Every cached element is read once: keys and values, rows x context x heads x dim.
+            elements = 2 * args.rows * context * args.heads * args.head_dim
             alone = _median_s(work)
             busy = float("nan")
             if cuda:
@@ -177,9 +187,9 @@ def main() -> None:
             worst = busy if cuda else alone
             compute = str(dtype).removeprefix("torch.") + (" (kernel)" if how == "kernel" else "")
             print(
-                f"| {bits}-bit | {compute} | {context} | "
-                f"{nbytes / 1e6:.0f} | {alone * 1e3:.1f} | {busy * 1e3:.1f}{dma} | "
-                f"{worst / layer_s:.2f}x |",
+                f"| {bits}-bit | {compute} | {context} | {threads} | {nbytes / 1e6:.0f} | "
+                f"{alone * 1e3:.1f} | {elements / alone / 1e9:.1f} | {busy * 1e3:.1f}{dma} | "
+                f"{elements / busy / 1e9:.1f} | {worst / layer_s:.2f}x |",
                 flush=True,
             )
 

@@ -36,6 +36,13 @@ def test_the_kernel_gives_the_expanded_records_attention(bits, dtype, dim):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
 
 
+def test_the_build_says_which_compiler_options_and_vector_path_it_took():
+    said = hostattn.build_description()
+    path, built = said.split("; ", 1)
+    assert path in ("AVX-512 intrinsics", "AVX2 intrinsics", "generic vectors"), said
+    assert built.endswith(" ".join(hostattn._flags())), said
+
+
 def test_the_same_bits_in_either_layout_and_at_any_thread_count():
     keys, values, *rest = case(4, torch.bfloat16, 80)
     by_rows = hostattn.attend(keys, values, *rest, threads=3)
@@ -96,6 +103,7 @@ def test_a_machine_that_cannot_build_the_kernel_is_told_why_and_the_engine_refus
     monkeypatch.setenv("YALM_CACHE_DIR", str(tmp_path))
     assert not hostattn.available()
     assert "/bin/false could not build the host attention kernel" in hostattn.unavailable_reason()
+    assert hostattn.build_description().startswith("unavailable: /bin/false could not build")
     weights = ResidentWeights(ModelStore.open(tiny_store), "cpu", torch.float32)
     with pytest.raises(GenerationError, match="attention on the host is unavailable: /bin/false"):
         Engine(weights, kv_on="cpu", kv_bits=4, kv_attention="host")

@@ -145,6 +145,15 @@ static inline void axpy8(float *a, float w, const uint8_t *r, int64_t codes) {
     for (; j < codes; j++) a[j] += w * (float)(int8_t)r[j];
 }
 
+/* Which of the code paths above this build took (for a benchmark to print). */
+const char *yalm_vector_path(void) {
+#if defined(__AVX2__)
+    return "AVX2 intrinsics";
+#else
+    return "generic vectors";
+#endif
+}
+
 /* One decode step's attention for every (row, head).
    keys, values: records, element (row, slot, head) at row*rs + slot*ss + head*hs bytes, where
    row is rowmap[r] for the r-th row of the step.
@@ -278,6 +287,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 
 _library: ctypes.CDLL | None = None
 _why_not: str | None = None
+_built_with = ""  # the compiler's first line of --version, and the options
 
 
 def cache_folder() -> Path:
@@ -325,6 +335,10 @@ def _compile() -> ctypes.CDLL:
     library.yalm_attend.argtypes += [i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64]
     library.yalm_attend.argtypes += [ptr, i64]
     library.yalm_attend.restype = None
+    library.yalm_vector_path.restype = ctypes.c_char_p
+    global _built_with
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    _built_with = f"{(version.splitlines() or [compiler])[0]}, {' '.join(flags)}"
     return library
 
 
@@ -337,6 +351,14 @@ def available() -> bool:
         except OSError as error:
             _why_not = str(error)
     return _library is not None
+
+
+def build_description() -> str:
+    """The compiler, its options and the vector path the kernel was built with."""
+    if not available():
+        return f"unavailable: {_why_not}"
+    assert _library is not None
+    return f"{_library.yalm_vector_path().decode()}; {_built_with}"
 
 
 def unavailable_reason() -> str | None:
