@@ -36,6 +36,16 @@ def test_the_kernel_gives_the_expanded_records_attention(bits, dtype, dim):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [80, 6])
+def test_many_slots_in_tiles_with_a_ragged_end_give_the_expanded_records_attention(bits, dim):
+    # The kernel walks slots sixteen at a time, four records' sums side by side: 45 old slots
+    # are two whole tiles and a ragged one, masks leave groups of four short.
+    args = case(bits, torch.bfloat16, dim, slots=50, old=45, seed=1)
+    got, expected = hostattn.attend(*args, threads=2), hostattn.reference(*args)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+
+
 def test_the_build_says_which_compiler_options_and_vector_path_it_took():
     said = hostattn.build_description()
     path, built = said.split("; ", 1)

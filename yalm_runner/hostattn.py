@@ -9,7 +9,7 @@ codes ``c``, scale ``s`` and minimum ``m`` (``kvformat``), ``q . k = s (q . c) +
 ``sum_t p_t v_t = sum_t (p_t s_t) c_t + sum_t p_t m_t``.
 
 The kernel is compiled on first use with the machine's C compiler (``cc``, or ``$CC``) for the
-machine's own vector instructions, with OpenMP over (row, head) pairs, and kept in a cache
+machine's own vector instructions, with OpenMP over rows and blocks of heads, and kept in a cache
 folder keyed by its source. Each (row, head) is summed in one fixed order by one thread, so
 the result is the same bits whatever the thread count. Where there is no compiler,
 ``available()`` says why and nothing here is used.
@@ -100,6 +100,59 @@ static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+/* exp(x) for eight scores less their maximum (x <= 0), to about an ulp: Cody and Waite's
+   reduction by ln 2 and Cephes' expf polynomial. glibc's vector expf is declared to the
+   compiler only under -ffast-math, so expf() would run a lane at a time (20% of a 4-bit
+   layer's time). Below ln(FLT_MIN) the result is 0, as expf's underflow is: a masked slot
+   (-10000) still weighs nothing. */
+typedef int32_t v8s __attribute__((vector_size(32)));
+static inline v8f select8(v8s mask, v8f yes, v8f no) {  /* C has no ?: over vectors */
+    v8s a, b, c;
+    memcpy(&a, &yes, 32); memcpy(&b, &no, 32);
+    c = (a & mask) | (b & ~mask);
+    v8f out; memcpy(&out, &c, 32); return out;
+}
+static inline v8f exp8(v8f x) {
+    const float lowest = -87.336544f;  /* ln(FLT_MIN) */
+    const v8s kept = x >= lowest;
+    x = select8(kept, x, (v8f){0} + lowest);
+    const v8f shift = (v8f){0} + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8f n = (x * 1.44269504088896341f + shift) - shift;
+    const v8f r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    v8f e = (v8f){0} + 1.9875691500e-4f;
+    e = e * r + 1.3981999507e-3f;
+    e = e * r + 8.3334519073e-3f;
+    e = e * r + 4.1665795894e-2f;
+    e = e * r + 1.6666665459e-1f;
+    e = e * r + 5.0000001201e-1f;
+    e = e * (r * r) + r + 1.0f;
+    const v8s bits = (__builtin_convertvector(n, v8s) + 127) << 23;
+    v8f two_n;
+    memcpy(&two_n, &bits, 32);
+    return select8(kept, e * two_n, (v8f){0});
+}
+
+/* sc[0 .. count-1] = exp(sc[t] - top); returns their sum (eight lanes, then in a fixed order,
+   so the bits depend on nothing but the scores). */
+static inline float exp_sum(float *sc, int64_t count, float top) {
+    v8f total = {0};
+    int64_t t = 0;
+    for (; t + 8 <= count; t += 8) {
+        const v8f e = exp8(loadf(sc + t) - top);
+        storef(sc + t, e);
+        total += e;
+    }
+    if (t < count) {  /* the last few, padded with scores that weigh nothing */
+        float last[8];
+        for (int64_t i = 0; i < 8; i++) last[i] = t + i < count ? sc[t + i] - top : -1e30f;
+        const v8f e = exp8(loadf(last));
+        storef(last, e);
+        for (int64_t i = 0; t + i < count; i++) sc[t + i] = last[i];
+        total += e;
+    }
+    return hsum(total);
+}
+
 /* q . codes over `codes` bytes, eight lanes at a time and the rest one by one: 4-bit records
    keep even elements in the low nibbles (a) and odd ones in the high (b); 8-bit ones are int8. */
 static inline float dot4(const float *a, const float *b, const uint8_t *r, int64_t codes) {
@@ -126,23 +179,98 @@ static inline float dot8(const float *a, const uint8_t *r, int64_t codes) {
     return hsum(acc) + rest;
 }
 
-static inline void axpy4(float *a, float *b, float w, const uint8_t *r, int64_t codes) {
+/* The same sums for several records at once, so that the FMAs of independent sums overlap
+   (one record's chain of FMAs waits on itself); each sum's own order, and so its bits, is
+   the one-record function's. ``dots4``/``dots8``: FOUR records' dots with one query. */
+enum { FOUR = 4, TILE = 16 };
+
+static inline void dots4(const float *a, const float *b, const uint8_t *const *r, int64_t codes,
+                         float *out) {
+    v8f acc[FOUR] = {{0}};
     int64_t j = 0;
     for (; j + 8 <= codes; j += 8) {
-        v8f low, high;
-        nibble_floats(r + j, &low, &high);
-        storef(a + j, loadf(a + j) + w * low);
-        storef(b + j, loadf(b + j) + w * high);
+        const v8f qa = loadf(a + j), qb = loadf(b + j);
+        for (int i = 0; i < FOUR; i++) {
+            v8f low, high;
+            nibble_floats(r[i] + j, &low, &high);
+            acc[i] += qa * low + qb * high;
+        }
     }
-    for (; j < codes; j++) { a[j] += w * (float)(r[j] & 15); b[j] += w * (float)(r[j] >> 4); }
+    for (int i = 0; i < FOUR; i++) {
+        float rest = 0.0f;
+        for (int64_t k = j; k < codes; k++)
+            rest += a[k] * (float)(r[i][k] & 15) + b[k] * (float)(r[i][k] >> 4);
+        out[i] = hsum(acc[i]) + rest;
+    }
 }
 
-static inline void axpy8(float *a, float w, const uint8_t *r, int64_t codes) {
+static inline void dots8(const float *a, const uint8_t *const *r, int64_t codes, float *out) {
+    v8f acc[FOUR] = {{0}};
     int64_t j = 0;
     for (; j + 8 <= codes; j += 8) {
-        storef(a + j, loadf(a + j) + w * int8_floats(r + j));
+        const v8f qa = loadf(a + j);
+        for (int i = 0; i < FOUR; i++) acc[i] += qa * int8_floats(r[i] + j);
     }
-    for (; j < codes; j++) a[j] += w * (float)(int8_t)r[j];
+    for (int i = 0; i < FOUR; i++) {
+        float rest = 0.0f;
+        for (int64_t k = j; k < codes; k++) rest += a[k] * (float)(int8_t)r[i][k];
+        out[i] = hsum(acc[i]) + rest;
+    }
+}
+
+/* a (and b) += sum_i w[i] codes(r[i]), the records in order: each element's additions in the
+   order ``axpy4``/``axpy8`` would make them one record at a time, but four chunks of eight
+   elements are summed side by side in registers and loaded and stored once for all n. */
+static inline void axpys4(float *a, float *b, const float *w, const uint8_t *const *r,
+                          int64_t n, int64_t codes) {
+    int64_t j = 0;
+    for (; j + 8 * FOUR <= codes; j += 8 * FOUR) {
+        v8f x[FOUR], y[FOUR];
+        for (int k = 0; k < FOUR; k++) { x[k] = loadf(a + j + 8 * k); y[k] = loadf(b + j + 8 * k); }
+        for (int64_t i = 0; i < n; i++) {
+            for (int k = 0; k < FOUR; k++) {
+                v8f low, high;
+                nibble_floats(r[i] + j + 8 * k, &low, &high);
+                x[k] = x[k] + w[i] * low;
+                y[k] = y[k] + w[i] * high;
+            }
+        }
+        for (int k = 0; k < FOUR; k++) { storef(a + j + 8 * k, x[k]); storef(b + j + 8 * k, y[k]); }
+    }
+    for (; j + 8 <= codes; j += 8) {
+        v8f x = loadf(a + j), y = loadf(b + j);
+        for (int64_t i = 0; i < n; i++) {
+            v8f low, high;
+            nibble_floats(r[i] + j, &low, &high);
+            x = x + w[i] * low;
+            y = y + w[i] * high;
+        }
+        storef(a + j, x); storef(b + j, y);
+    }
+    for (; j < codes; j++)
+        for (int64_t i = 0; i < n; i++) {
+            a[j] += w[i] * (float)(r[i][j] & 15);
+            b[j] += w[i] * (float)(r[i][j] >> 4);
+        }
+}
+
+static inline void axpys8(float *a, const float *w, const uint8_t *const *r, int64_t n,
+                          int64_t codes) {
+    int64_t j = 0;
+    for (; j + 8 * FOUR <= codes; j += 8 * FOUR) {
+        v8f x[FOUR];
+        for (int k = 0; k < FOUR; k++) x[k] = loadf(a + j + 8 * k);
+        for (int64_t i = 0; i < n; i++)
+            for (int k = 0; k < FOUR; k++) x[k] = x[k] + w[i] * int8_floats(r[i] + j + 8 * k);
+        for (int k = 0; k < FOUR; k++) storef(a + j + 8 * k, x[k]);
+    }
+    for (; j + 8 <= codes; j += 8) {
+        v8f x = loadf(a + j);
+        for (int64_t i = 0; i < n; i++) x = x + w[i] * int8_floats(r[i] + j);
+        storef(a + j, x);
+    }
+    for (; j < codes; j++)
+        for (int64_t i = 0; i < n; i++) a[j] += w[i] * (float)(int8_t)r[i][j];
 }
 
 /* Which of the code paths above this build took (for a benchmark to print). */
@@ -164,9 +292,11 @@ const char *yalm_vector_path(void) {
    new_records (2, rows, heads, record) bytes, unless NULL: the step's own keys' and values'
    records, written at slot `old` of each row (this step attends the new slot in full
    precision from new_keys/new_values; later steps read these records).
-   A task is one row and a block of `block` heads: it walks the slots in order and, at each,
-   the block's records, which lie side by side (a head at a time would jump a page a slot and
-   wait on memory at every record). */
+   A task is one row and a block of `block` heads. It walks the slots a TILE at a time; in a
+   tile, one head's records (a page apart), then the next head's beside them, still in the
+   cache, each head's sums held in registers across the tile; the next tile's records are
+   prefetched as this one's are read (measured on a Zen 4 core, 32 rows x 178 slots: 4-bit
+   14.8 -> 11.3 ms, 8-bit 20.3 -> 12.4 ms, with the vector exp). */
 void yalm_attend(uint8_t *keys, uint8_t *values, int64_t rs, int64_t ss, int64_t hs,
                  const float *query, const float *new_keys, const float *new_values,
                  const uint8_t *valid, const int64_t *rowmap, float *out, int64_t rows,
@@ -208,24 +338,41 @@ void yalm_attend(uint8_t *keys, uint8_t *values, int64_t rs, int64_t ss, int64_t
                 }
                 qsum[h] = sum;
             }
-            for (int64_t t = 0; t < old; t++) {
-                const uint8_t *base = keys + rowmap[row] * rs + t * ss + h0 * hs;
+            /* Scores, TILE slots at a time: a head's records in the tile (a page apart), then
+               the next head's beside them, still in the cache. */
+            const uint8_t *key_row = keys + rowmap[row] * rs + h0 * hs;
+            for (int64_t t0 = 0; t0 < old; t0 += TILE) {
+                const int64_t t1 = t0 + TILE < old ? t0 + TILE : old;
                 for (int64_t h = 0; h < nh; h++) {
-                    float s = -10000.0f;
-                    if (ok[t]) {
-                        const uint8_t *r = base + h * hs;
-                        const float *a = qa + h * dim, *b = a + codes;
+                    const float *a = qa + h * dim, *b = a + codes;
+                    float *sc = scores + h * width;
+                    const uint8_t *rec[TILE];
+                    int64_t at[TILE], n = 0;
+                    for (int64_t t = t0; t < t1; t++) {
+                        if (t + TILE < old)  /* a tile's slots are pages apart: no hardware
+                                                prefetcher follows them across */
+                            __builtin_prefetch(key_row + (t + TILE) * ss + h * hs);
+                        sc[t] = -10000.0f;
+                        if (ok[t]) { rec[n] = key_row + t * ss + h * hs; at[n++] = t; }
+                    }
+                    float dot[TILE];
+                    int64_t i = 0;
+                    for (; i + FOUR <= n; i += FOUR) {
+                        if (bits == 8) dots8(a, rec + i, codes, dot + i);
+                        else dots4(a, b, rec + i, codes, dot + i);
+                    }
+                    for (; i < n; i++) dot[i] = bits == 8 ? dot8(a, rec[i], codes)
+                                                         : dot4(a, b, rec[i], codes);
+                    for (i = 0; i < n; i++) {
+                        const uint8_t *r = rec[i];
                         if (bits == 8) {
-                            float dot = dot8(a, r, codes);
-                            s = half_at(r + codes, half) * dot * scale;
+                            sc[at[i]] = half_at(r + codes, half) * dot[i] * scale;
                         } else {
-                            float dot = dot4(a, b, r, codes);
-                            float sc = half_at(r + codes, half);
-                            float lo = half_at(r + codes + step, half);
-                            s = (sc * dot + lo * qsum[h]) * scale;
+                            const float s = half_at(r + codes, half);
+                            const float lo = half_at(r + codes + step, half);
+                            sc[at[i]] = (s * dot[i] + lo * qsum[h]) * scale;
                         }
                     }
-                    scores[h * width + t] = s;
                 }
             }
             for (int64_t h = 0; h < nh; h++) {
@@ -236,30 +383,34 @@ void yalm_attend(uint8_t *keys, uint8_t *values, int64_t rs, int64_t ss, int64_t
                 sc[old] = own * scale;
                 top = sc[old];
                 for (int64_t t = 0; t < old; t++) if (sc[t] > top) top = sc[t];
-                #pragma omp simd reduction(+:total)
-                for (int64_t t = 0; t <= old; t++) {
-                    sc[t] = expf(sc[t] - top);
-                    total += sc[t];
-                }
+                total = exp_sum(sc, old + 1, top);
                 const float norm = 1.0f / total;
                 for (int64_t t = 0; t <= old; t++) sc[t] *= norm;
                 lows[h] = 0.0f;
             }
             for (int64_t j = 0; j < nh * dim; j++) acc[j] = 0.0f;
-            for (int64_t t = 0; t < old; t++) {
-                const uint8_t *base = values + rowmap[row] * rs + t * ss + h0 * hs;
+            /* The values the same way: a tile's records of a head summed in registers. */
+            const uint8_t *value_row = values + rowmap[row] * rs + h0 * hs;
+            for (int64_t t0 = 0; t0 < old; t0 += TILE) {
+                const int64_t t1 = t0 + TILE < old ? t0 + TILE : old;
                 for (int64_t h = 0; h < nh; h++) {
-                    const float p = scores[h * width + t];
-                    if (p == 0.0f) continue;
-                    const uint8_t *r = base + h * hs;
-                    float *a = acc + h * dim, *b = a + codes;
-                    const float w = p * half_at(r + codes, half);
-                    if (bits == 8) {
-                        axpy8(a, w, r, codes);
-                    } else {
-                        lows[h] += p * (half_at(r + codes + step, half));
-                        axpy4(a, b, w, r, codes);
+                    const uint8_t *rec[TILE];
+                    float w[TILE], low = lows[h];
+                    int64_t n = 0;
+                    for (int64_t t = t0; t < t1; t++) {
+                        if (t + TILE < old)  /* this head's record a tile on, asked for now */
+                            __builtin_prefetch(value_row + (t + TILE) * ss + h * hs);
+                        const float p = scores[h * width + t];
+                        if (p == 0.0f) continue;
+                        const uint8_t *r = value_row + t * ss + h * hs;
+                        rec[n] = r;
+                        w[n++] = p * half_at(r + codes, half);
+                        if (bits == 4) low += p * (half_at(r + codes + step, half));
                     }
+                    lows[h] = low;
+                    float *a = acc + h * dim;
+                    if (bits == 8) axpys8(a, w, rec, n, codes);
+                    else axpys4(a, a + codes, w, rec, n, codes);
                 }
             }
             for (int64_t h = 0; h < nh; h++) {
