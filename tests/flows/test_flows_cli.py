@@ -227,7 +227,7 @@ def test_console_entry_point_runs(tmp_path: Path):
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("yalm-forecast: error: database not found")

@@ -88,12 +88,12 @@ def test_reader_process_sees_only_whole_rows_while_writer_inserts(store, tmp_pat
     script.write_text(READER, encoding="utf-8")
     reader = subprocess.Popen([sys.executable, str(script), database, ready, done, out])
     try:
-        wait_for(ready.exists, timeout_s=20)
+        wait_for(ready.exists, timeout_s=120)  # a hang guard: a busy CI box starts Python slowly
         for key in keys:
             save_generation_state(store, key, [1, 2])  # more write traffic, as a real run has
             generate(store, key)
         done.write_text("done")
-        assert reader.wait(timeout=30) == 0
+        assert reader.wait(timeout=120) == 0
     finally:
         if reader.poll() is None:
             reader.kill()
