@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 
 import torch
 
 from yalm_runner import hostattn
+from yalm_runner.bench.link import BackgroundCopies
 from yalm_runner.kvformat import decode_kv, encode_kv
 
 LAYER_INT4_BYTES = 53.50e9 / 80  # one YaLM-100B layer, int4 g128 (the envelope's 53.5 GB / 80)
@@ -53,41 +53,6 @@ def link_bytes_per_s(size: int = 1 << 30) -> float:
         torch.cuda.synchronize()
 
     return size / _median_s(copy)
-
-
-class BackgroundCopies:
-    """Pinned host-to-device copies, back to back on their own stream, until stopped."""
-
-    def __init__(self, size: int = 1 << 30):
-        self.source = torch.empty(size, dtype=torch.uint8).pin_memory()
-        self.target = torch.empty(size, dtype=torch.uint8, device="cuda")
-        self.stream = torch.cuda.Stream()
-        self.running = False
-        self.copied = 0
-
-    def _loop(self) -> None:
-        # A blocking event: the thread sleeps while a copy runs, as the engine's copies are
-        # queued and left to run; a spinning wait would hold one of the cores being measured
-        # (session 9: with it, the kernel's time under DMA swung from 1.5x to 2.5x alone).
-        done = torch.cuda.Event(blocking=True)
-        with torch.cuda.stream(self.stream):
-            while self.running:
-                self.target.copy_(self.source, non_blocking=True)
-                done.record(self.stream)
-                done.synchronize()
-                self.copied += self.source.numel()
-
-    def __enter__(self) -> BackgroundCopies:
-        self.running = True
-        self.began = time.perf_counter()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.running = False
-        self.thread.join()
-        self.bytes_per_s = self.copied / (time.perf_counter() - self.began)
 
 
 def kernel_work(rows: int, heads: int, head_dim: int, context: int, bits: int, threads: int):

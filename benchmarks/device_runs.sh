@@ -3,7 +3,7 @@
 #   gpu-tests-and-scaling | peers | peers-capped | peers-uncapped | kv8-check |
 #   tests-and-kv-check | fused-check | envelope | signals | cpu-attention |
 #   step-profile | perf-sweep | resume | resume-envelope | envelope-disk | kv-fused |
-#   host-attention | envelope-host
+#   host-attention | sweep-host | envelope-host
 # Needs the DeepSpeed wheels in .whl (see RESULTS.md) for "peers"; writes under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -111,6 +111,12 @@ case "$1" in
     # core's own rate: session 9 measured 1.4 G elements/s a core here, 5-8 on a Zen 4)
     python3 benchmarks/cpu_attention.py --kernel-only --rows 77 --contexts 128,178,256 \
       --threads "$(nproc),$(( $(nproc) - 1 )),1" 2>&1 | tee "$OUT/host_attention.txt"
+    ;;
+  sweep-host)  # issue 17: the planner sweep's host-attention cases (8/4-bit, weights pinned
+    # and on disk, 8 and 4 GiB): the reserved peak under each cap, the step against the model
+    # with the host's rate calibrated while the link streams
+    timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/test_planner_safety.py \
+      -k "host" 2>&1 | tee "$OUT/sweep_host.txt" | grep -E "reserved|passed|failed|Error"
     ;;
   envelope-host)  # issue 17: the envelope with decode attention on the host (the KV cache
     # never crosses the link: the floor is the weights' bytes alone)

@@ -2,9 +2,10 @@
 
 Memory is planned per layer, so a few layers of the 13B shape exercise the same buffers as the
 whole model: the sweep covers KV on the GPU and in pinned RAM (row- and slot-major, 16/8/4
-bits), weights in pinned RAM and on disk, and two budgets, each at the planner's batch, under a
-hard allocator cap. The cap is set on what the allocator *reserves* (that is what runs out), and
-the test asserts on the reserved peak, not only on what tensors hold.
+bits; 8/4 bits attended on the host), weights in pinned RAM and on disk, and two budgets, each
+at the planner's batch, under a hard allocator cap. The cap is set on what the allocator
+*reserves* (that is what runs out), and the test asserts on the reserved peak, not only on what
+tensors hold.
 
 Each case also predicts its decode step with the step-time model (``steptime``) at rates
 calibrated in the same run (``bench.calibrate``: the pinned link, the case's copy call and KV
@@ -58,11 +59,13 @@ class Case:
     kv_on: str
     kv_bits: int = 16
     kv_layout: str = "auto"
+    kv_attention: str = "device"
 
     def __str__(self) -> str:
+        attended = " attended on the host" if self.kv_attention == "host" else ""
         return (
             f"{self.budget} weights {self.weights_on} KV {self.kv_on} {self.kv_bits}-bit "
-            f"{self.kv_layout}"
+            f"{self.kv_layout}{attended}"
         )
 
 
@@ -75,6 +78,10 @@ def cases() -> list[Case]:
             for bits in (16, 8, 4):
                 for layout in ("rows", "slots"):
                     every.append(Case(budget, weights_on, "cpu", bits, layout))
+            # Attention on the host: the cache's device slots live through the prefill alone
+            # (its workspace), the decode holds the step's staging; run apart with -k host.
+            for bits in (8, 4):
+                every.append(Case(budget, weights_on, "cpu", bits, "rows", "host"))
     return every
 
 
@@ -129,6 +136,7 @@ def test_an_accepted_plan_runs_under_its_cap(case: Case, stores):
         kv_on=case.kv_on,
         kv_bits=case.kv_bits,
         kv_layout=case.kv_layout,
+        kv_attention=case.kv_attention,
     )
     # A disk-tier step takes ~1.5 s on the lent H200's drive: fewer of them keep the sweep
     # inside a device call (the steps after the first are alike).
@@ -196,6 +204,11 @@ def test_an_accepted_plan_runs_under_its_cap(case: Case, stores):
         f"copy calls {predicted.copy_calls_s * 1e3:.1f}, codec {predicted.codec_s * 1e3:.1f}, "
         f"compute {predicted.compute_s * 1e3:.1f}, overhead {predicted.overhead_s * 1e3:.1f}"
     )
+    if predicted.host_s:
+        terms += (
+            f", host attention {predicted.host_s * 1e3:.1f} at "
+            f"{rates.host_attention_elements_per_s / 1e9:.1f} G elements/s under DMA"
+        )
     print(
         f"\n{case!s:40} reserved {format_bytes(reserved):>10} allocated "
         f"{format_bytes(allocated):>10}; step predicted {predicted.total_s * 1e3:6.1f} ms "

@@ -27,6 +27,7 @@ import torch
 
 from yalm_runner import hostattn
 from yalm_runner.bench.disk import drop_from_page_cache
+from yalm_runner.bench.link import BackgroundCopies
 from yalm_runner.config import ModelConfig
 from yalm_runner.directio import SLACK, RangeReader
 from yalm_runner.kvcache import HostArena, HostKV, SlotMajorHostKV
@@ -189,11 +190,18 @@ def measure_copy_call(
 
 
 def measure_host_attention(
-    config: ModelConfig, bits: int, rows: int, context: int, dtype: torch.dtype
+    config: ModelConfig,
+    bits: int,
+    rows: int,
+    context: int,
+    dtype: torch.dtype,
+    streaming: bool = False,
 ) -> float:
     """KV elements (keys and values apart) the host attention kernel reads per second: one
     layer's decode step over ``rows`` rows of ``context`` positions of random ``bits``-bit
-    records, through ``hostattn.attend`` on all the process's threads (median of a few)."""
+    records, through ``hostattn.attend`` on all the process's threads (median of a few).
+    ``streaming``: while pinned copies keep the link and the host's memory busy, as streamed
+    weights do in a run (session 9: 13 ms a layer alone, 20-32 ms so)."""
     generator = torch.Generator().manual_seed(0)
     shape = (rows, context, config.num_heads, config.head_dim)
     keys, values = (
@@ -202,10 +210,11 @@ def measure_host_attention(
     step = [torch.randn(rows, config.num_heads, config.head_dim) for _ in range(3)]
     valid = torch.ones(rows, context, dtype=torch.bool)
     times = []
-    for _ in range(REPEATS + 1):
-        began = time.perf_counter()
-        hostattn.attend(keys, values, bits, dtype, *step, valid)
-        times.append(time.perf_counter() - began)
+    with BackgroundCopies() if streaming else contextlib.nullcontext():
+        for _ in range(REPEATS + 1):
+            began = time.perf_counter()
+            hostattn.attend(keys, values, bits, dtype, *step, valid)
+            times.append(time.perf_counter() - began)
     return 2 * rows * context * config.hidden_size / _median(times[1:])
 
 
@@ -311,7 +320,7 @@ def calibrate(
         rates = replace(
             rates,
             host_attention_elements_per_s=measure_host_attention(
-                config, bits, plan.batch_size, context, dtype
+                config, bits, plan.batch_size, context, dtype, streaming=device.type == "cuda"
             ),
         )
     if copy_call_s is None and work.copy_calls > 4:  # a row-major cache: a call per row

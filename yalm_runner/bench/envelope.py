@@ -249,9 +249,15 @@ def run_envelope(
         _log(f"plan: {plan.describe()}")
         if plan.kv_attention == "host":  # the kernel's rate at the plan's rows and context
             context = max(1, round(plan.decode.context))
-            rate = measure_host_attention(config, policy.kv_bits, plan.batch_size, context, dtype)
+            rate = measure_host_attention(
+                config, policy.kv_bits, plan.batch_size, context, dtype, streaming=cuda
+            )
             rates = replace(rates, host_attention_elements_per_s=rate)
-            _log(f"host attention: {rate / 1e9:.1f} G elements/s at {context} positions")
+            while_streaming = " while the link streams" if cuda else ""
+            _log(
+                f"host attention: {rate / 1e9:.1f} G elements/s at {context} positions"
+                f"{while_streaming}"
+            )
         on_disk = [part for part, tier in plan.placement.tiers.items() if tier == "disk"]
         write_s = 0.0
         if on_disk:

@@ -6,6 +6,7 @@ CPU-only smoke run, a copy within RAM stands in). Knows nothing of models, store
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -45,3 +46,41 @@ def measure_ram_copy(size_bytes: int = 256 << 20, repeats: int = 3) -> dict[str,
         times.append(time.perf_counter() - began)
     rate = size_bytes / sorted(times[1:])[len(times[1:]) // 2]
     return {"pinned": rate, "pageable": rate}
+
+
+class BackgroundCopies:
+    """Pinned host-to-device copies of ``size`` bytes, back to back on a stream of their own,
+    from ``with`` to its end: the link and the host's memory as busy as streamed weights keep
+    them, for timing host work as a run sees it. ``bytes_per_s`` afterwards."""
+
+    def __init__(self, size: int = 1 << 30):
+        self.source = torch.empty(size, dtype=torch.uint8).pin_memory()
+        self.target = torch.empty(size, dtype=torch.uint8, device="cuda")
+        self.stream = torch.cuda.Stream()
+        self.running = False
+        self.copied = 0
+        self.bytes_per_s = 0.0
+
+    def _loop(self) -> None:
+        # A blocking event: the thread sleeps while a copy runs, as the engine's copies are
+        # queued and left to run; a spinning wait would hold one of the cores being measured
+        # (session 9: with it, the host kernel's time under DMA swung from 1.5x to 2.5x alone).
+        done = torch.cuda.Event(blocking=True)
+        with torch.cuda.stream(self.stream):
+            while self.running:
+                self.target.copy_(self.source, non_blocking=True)
+                done.record(self.stream)
+                done.synchronize()
+                self.copied += self.source.numel()
+
+    def __enter__(self) -> BackgroundCopies:
+        self.running = True
+        self.began = time.perf_counter()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.running = False
+        self.thread.join()
+        self.bytes_per_s = self.copied / (time.perf_counter() - self.began)
