@@ -171,17 +171,6 @@ class _PinnedKV(_StateDefaults):
             for _ in range(2)
         ]
 
-    @property
-    def device_bytes(self) -> int:
-        """What this cache holds on the device now: its slots and staging."""
-        held = [*(self._slots or ()), *(getattr(self, "_incoming", None) or ())]
-        held += [*(getattr(self, "_outgoing", None) or ())]
-        seen = {}
-        for pair in held:
-            for tensor in pair:
-                seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-        return sum(seen.values())
-
     def _copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=self._cuda)
         self.bytes_moved += source.numel() * source.element_size()
@@ -298,6 +287,14 @@ class HostKV(_PinnedKV):
 
         self._incoming = staging() if fetching else None
         self._outgoing = staging()
+
+    @property
+    def device_bytes(self) -> int:
+        """What this cache holds on the device now: its slots and their staging."""
+        held = [*(self._slots or ()), *(self._incoming or ())]
+        held += [*(getattr(self, "_outgoing", None) or ())]  # 16 bits has none
+        sizes = {t.data_ptr(): t.numel() * t.element_size() for pair in held for t in pair}
+        return sum(sizes.values())
 
     def _move_rows(self, targets, sources, target_rows, source_rows, begin: int, end: int):
         for target, source in zip(targets, sources, strict=True):
