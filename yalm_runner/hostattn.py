@@ -218,9 +218,9 @@ static inline void dots8(const float *a, const uint8_t *const *r, int64_t codes,
     }
 }
 
-/* a (and b) += sum_i w[i] codes(r[i]), the records in order: each element's additions in the
-   order ``axpy4``/``axpy8`` would make them one record at a time, but four chunks of eight
-   elements are summed side by side in registers and loaded and stored once for all n. */
+/* a (and b) += sum_i w[i] codes(r[i]), the records in order: each element gets its additions
+   in the order one record at a time would give them, but four chunks of eight elements are
+   summed side by side in registers, loaded and stored once for all n records. */
 static inline void axpys4(float *a, float *b, const float *w, const uint8_t *const *r,
                           int64_t n, int64_t codes) {
     int64_t j = 0;
