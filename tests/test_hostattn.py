@@ -46,6 +46,29 @@ def test_many_slots_in_tiles_with_a_ragged_end_give_the_expanded_records_attenti
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
 
 
+def test_a_compiler_without_openmps_runtime_is_named_with_what_to_install(monkeypatch, tmp_path):
+    # clang without libomp: its last line says only that the link failed; the line before
+    # says what is missing.
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        "echo '/usr/bin/ld: cannot find -lomp: No such file or directory' >&2\n"
+        "echo 'clang: error: linker command failed with exit code 1' >&2\n"
+        "exit 1\n"
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setattr(hostattn, "_library", None)
+    monkeypatch.setattr(hostattn, "_why_not", None)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("YALM_CACHE_DIR", str(tmp_path / "cache"))
+    assert not hostattn.available()
+    assert hostattn.unavailable_reason() == (
+        f"{compiler} could not build the host attention kernel: /usr/bin/ld: cannot find "
+        "-lomp: No such file or directory (the compiler's OpenMP runtime is missing: for "
+        "clang install libomp-dev, or build with gcc: CC=gcc)"
+    )
+
+
 def test_the_build_says_which_compiler_options_and_vector_path_it_took():
     said = hostattn.build_description()
     path, built = said.split("; ", 1)

@@ -477,8 +477,10 @@ def _compile() -> ctypes.CDLL:
                 text=True,
             )
             if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                raise OSError(f"{compiler} could not build the host attention kernel: {last}")
+                raise OSError(
+                    f"{compiler} could not build the host attention kernel: "
+                    f"{_why_it_failed(done.stderr)}"
+                )
             os.replace(built, target)  # atomic: a concurrent process sees all of it or none
     library = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -491,6 +493,20 @@ def _compile() -> ctypes.CDLL:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     _built_with = f"{(version.splitlines() or [compiler])[0]}, {' '.join(flags)}"
     return library
+
+
+def _why_it_failed(stderr: str) -> str:
+    """The compiler's line that says what is missing or wrong (its last line is often only
+    "linker command failed"), with what to do when it is OpenMP's runtime."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()] or ["no message"]
+    telling = [line for line in lines if "cannot find" in line or "fatal error" in line]
+    said = (telling or lines)[-1]
+    if "omp" in said:
+        said += (
+            " (the compiler's OpenMP runtime is missing: for clang install libomp-dev, or "
+            "build with gcc: CC=gcc)"
+        )
+    return said
 
 
 def available() -> bool:
