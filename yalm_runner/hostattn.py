@@ -96,9 +96,22 @@ static inline v8f int8_floats(const uint8_t *p) {
 #endif
 static inline v8f loadf(const float *p) { v8f v; memcpy(&v, p, 32); return v; }
 static inline void storef(float *p, v8f v) { memcpy(p, &v, 32); }
+/* A sum's eight lanes in one order, ((0+1)+(2+3))+((4+5)+(6+7)), alone or four at once. */
 static inline float hsum(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
+#if defined(__AVX2__)
+static inline void hsums4(const v8f *v, float *out) {  /* pairwise adds across four vectors */
+    const __m256 ab = _mm256_hadd_ps((__m256)v[0], (__m256)v[1]);
+    const __m256 cd = _mm256_hadd_ps((__m256)v[2], (__m256)v[3]);
+    const __m256 abcd = _mm256_hadd_ps(ab, cd);  /* each sum's halves, low and high lanes */
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+#else
+static inline void hsums4(const v8f *v, float *out) {
+    for (int i = 0; i < 4; i++) out[i] = hsum(v[i]);
+}
+#endif
 
 /* exp(x) for eight scores less their maximum (x <= 0), to about an ulp: Cody and Waite's
    reduction by ln 2 and Cephes' expf polynomial. glibc's vector expf is declared to the
@@ -196,11 +209,12 @@ static inline void dots4(const float *a, const float *b, const uint8_t *const *r
             acc[i] += qa * low + qb * high;
         }
     }
+    hsums4(acc, out);
     for (int i = 0; i < FOUR; i++) {
         float rest = 0.0f;
         for (int64_t k = j; k < codes; k++)
             rest += a[k] * (float)(r[i][k] & 15) + b[k] * (float)(r[i][k] >> 4);
-        out[i] = hsum(acc[i]) + rest;
+        out[i] += rest;
     }
 }
 
@@ -211,10 +225,11 @@ static inline void dots8(const float *a, const uint8_t *const *r, int64_t codes,
         const v8f qa = loadf(a + j);
         for (int i = 0; i < FOUR; i++) acc[i] += qa * int8_floats(r[i] + j);
     }
+    hsums4(acc, out);
     for (int i = 0; i < FOUR; i++) {
         float rest = 0.0f;
         for (int64_t k = j; k < codes; k++) rest += a[k] * (float)(int8_t)r[i][k];
-        out[i] = hsum(acc[i]) + rest;
+        out[i] += rest;
     }
 }
 
