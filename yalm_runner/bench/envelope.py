@@ -37,7 +37,7 @@ from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import MemoryPlan, plan_memory
-from yalm_runner.quant import Quantization, dequantize_matrix
+from yalm_runner.quant import INT4_OFFSET, Quantization, dequantize_matrix
 from yalm_runner.streaming import StreamingWeights
 from yalm_runner.tensorfile import (
     FileLayout,
@@ -181,6 +181,35 @@ def _tinygemm(stored, name, group, x, scratch, quantization) -> dict:
         return {"variant": variant, "error": str(exc).splitlines()[0]}
 
 
+def _dequantize_alone(stored, name, group, scratch) -> list[dict]:
+    """The engine's int4 dequantization kernel alone, and the candidate that stores a byte's
+    two values together (``bench.candidates``), with whether their bits agree."""
+    from triton.testing import do_bench
+
+    from yalm_runner.bench.candidates import paired_int4_dequantize
+    from yalm_runner.kernels import fused_int4_dequantize
+
+    codes = stored[f"{name}.q"]
+    scales = stored[f"{name}.scale"].to(torch.float32)
+    offsets = (stored[f"{name}.zero"].to(torch.float32) - INT4_OFFSET * scales).to(scratch.dtype)
+    scales = scales.to(scratch.dtype)
+    engine = fused_int4_dequantize(codes, scales, offsets, group, scratch)
+    if engine is None:
+        return [{"variant": "int4 dequantization alone", "error": "the fused kernel is off"}]
+    expected = engine.clone()
+    engine_ms = do_bench(lambda: fused_int4_dequantize(codes, scales, offsets, group, scratch))
+    rows = [{"variant": "int4 dequantization alone (the engine's kernel)", "ms": engine_ms}]
+    try:
+        candidate = {
+            "variant": "int4 dequantization alone, pairs stored together (candidate)",
+            "ms": do_bench(lambda: paired_int4_dequantize(codes, scales, offsets, group, scratch)),
+        }
+        candidate["same bits"] = bool(torch.equal(scratch, expected))
+    except Exception as exc:  # a candidate that does not build here is a finding, not a crash
+        candidate = {"variant": "int4 dequantization, pairs together", "error": str(exc)[:200]}
+    return [*rows, candidate]
+
+
 def matmul_variants(config: ModelConfig, quantization: Quantization, batch: int) -> list[dict]:
     """Time y = x W^T for the largest matrix at ``batch`` rows: 16-bit, dequantize then
     matmul (what the engine does), and torch's packed int4 matmul where this build has it."""
@@ -210,6 +239,7 @@ def matmul_variants(config: ModelConfig, quantization: Quantization, batch: int)
     ]
     if quantization.scheme == "int4":
         results.append(_tinygemm(stored, name, quantization.group_size, x, scratch, quantization))
+        results += _dequantize_alone(stored, name, quantization.group_size, scratch)
     gigabytes = sum(t.numel() * t.element_size() for t in stored.values()) / 1e9
     for result in results:
         result["rows x cols"] = f"{batch} x {cols} @ {cols} x {rows}"
@@ -436,6 +466,8 @@ def format_envelope(r: dict) -> str:
         value = f"{row['ms']:.3f}" if "ms" in row else row.get("error", "")
         if "max error" in row:  # against the engine's dequantize-then-matmul, relative
             value += f" (max error {row['max error']:.1e})"
+        if "same bits" in row:
+            value += " (same bits)" if row["same bits"] else " (bits differ from the engine's)"
         lines.append(f"| {row['variant']} | {value} |")
     return "\n".join(lines)
 
