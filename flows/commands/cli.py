@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc(file=sys.stderr)
         print(f"yalm-forecast: error: {exc}", file=sys.stderr)
+        from flows.commands.console import to_log_file
+
+        to_log_file(f"yalm-forecast: error: {exc}", exc)  # where a command attached one
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", 2)
@@ -469,12 +472,37 @@ def _night_here(config_path: str, as_of: str | None):
 
 
 def _prefect_server_configured() -> bool:
-    """A Prefect server to report to: ``PREFECT_API_URL``, in the environment or a profile."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    from prefect.settings import get_current_settings
+    """A Prefect server to report to: ``PREFECT_API_URL``, in the environment or a profile.
+    Prefect's settings are read (and checked) here, before any flow runs."""
+    import pydantic
 
-    return bool(get_current_settings().api.url)
+    try:
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+    except pydantic.ValidationError as exc:
+        raise PipelineError(_bad_prefect_setting(exc)) from exc
+    return bool(os.environ.get("PREFECT_API_URL") or settings.api.url)
+
+
+def _bad_prefect_setting(exc) -> str:
+    """One line for a Prefect setting its own validation refused, named as it is set (the
+    environment variable), instead of pydantic's traceback from deep inside a flow run."""
+    import importlib
+    import pkgutil
+
+    import prefect.settings.models as models
+
+    error = exc.errors()[0]
+    field = "_".join(str(part) for part in error["loc"])
+    name = f"{exc.title}.{field}"
+    for info in pkgutil.walk_packages(models.__path__, f"{models.__name__}."):
+        owner = getattr(importlib.import_module(info.name), exc.title, None)
+        prefix = getattr(owner, "model_config", {}).get("env_prefix")
+        if prefix:
+            name = f"{prefix}{field}".upper()
+            break
+    return f"Prefect setting {name}={error.get('input')!r}: {error['msg']}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -496,14 +524,12 @@ def _generate_shard(args: argparse.Namespace) -> int:
             raise
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
 
-        message = (
+        raise PipelineError(
             f"generate-shard: Prefect's temporary server did not answer within {wait.value():g} s "
             "of starting, so the shard did not start and nothing was claimed: run it again, "
             "allow longer (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) or set "
             "PREFECT_API_URL to a running server"
-        )
-        logging.getLogger("flows.pipeline").error("%s", message, exc_info=exc)  # the log file
-        raise PipelineError(message) from exc
+        ) from exc
     print(
         f"shard {index}/{count} ({report.worker_id}): {report.generated} forecasts stored, "
         f"{len(report.failures)} failed, {report.resumed} resumed, "

@@ -74,6 +74,16 @@ def attach_log_file(log_file: Path) -> None:
         log.setLevel(logging.INFO)
 
 
+def to_log_file(message: str, exc: BaseException | None = None) -> None:
+    """``message`` as an ERROR line in the log file alone, with ``exc``'s traceback (stderr
+    gets the line from the caller): a command's last word is in the log as well."""
+    info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), info)
+    for handler in log.handlers:
+        if getattr(handler, "_yalm_forecast", "stderr") != "stderr":
+            handler.handle(record)
+
+
 @contextmanager
 def progress(description: str) -> Iterator[Callable[[int, int], None]]:
     """A ``(done, total)`` callback: a rich bar on a terminal, else a log line per 10%."""

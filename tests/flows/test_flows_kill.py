@@ -256,3 +256,33 @@ def test_a_temporary_server_that_never_answers_stops_the_shard_in_one_line_and_c
         and str(tmp_path).encode() in read_proc(pid, "environ")
     ]
     assert left == []
+
+
+@pytest.mark.parametrize("command", [["run"], ["generate-shard"]])
+def test_an_invalid_prefect_setting_is_one_line_naming_its_variable(
+    command, feed_server, tiny_store, tmp_path
+):
+    """Prefect refuses a setting of the wrong type (its startup timeout must be whole seconds)
+    from deep inside a flow run, with pydantic's traceback. The command checks Prefect's
+    settings before any flow: exit 1, the variable named in the last line (and in the log),
+    no store written."""
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    config = kill_config(tmp_path / "bad", feed_server, tiny_store)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0.01")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.commands.cli", *command, "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "yalm-forecast: error: Prefect setting PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
+        "'0.01': Input should be a valid integer, unable to parse string as an integer"
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert last in load_config(config).log_file.read_text(encoding="utf-8")
+    assert not load_config(config).database_path.exists()  # nothing fetched, nothing written
