@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from yalm_runner import hostattn
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
@@ -72,6 +73,24 @@ def test_several_engines_report_the_width_their_kv_cache_is_kept_in(store, place
         for kv_on, bits, kept in (("gpu", 4, 16), ("cpu", 16, 16), ("cpu", 4, 4)):
             engines = [Engine(source, kv_on=kv_on, kv_bits=bits) for source in (first, second)]
             assert engines[0].kv_stored_bits == MultiEngine(engines).kv_stored_bits == kept
+
+
+@pytest.mark.skipif(not hostattn.available(), reason=f"{hostattn.unavailable_reason()}")
+def test_engines_attending_on_the_host_share_its_cores_and_give_one_engines_output(
+    store, placement
+):
+    first, second = two_sources(store, placement)
+    with first, second:
+
+        def engine(source):
+            return Engine(source, kv_on="cpu", kv_bits=4, kv_attention="host")
+
+        expected = engine(first).generate(REQUESTS, SAMPLED, batch_size=2)
+        multi = MultiEngine([engine(first), engine(second), Engine(first)])
+        share = max(1, torch.get_num_threads() // 2)  # two of the three attend on the host
+        assert [e.host_threads for e in multi.engines] == [share, share, None]
+        multi = MultiEngine(multi.engines[:2])
+        assert multi.generate(REQUESTS, SAMPLED, batch_size=2) == expected
 
 
 def test_device_lists_are_checked():

@@ -239,6 +239,9 @@ class Engine(BatchRunner, ScoringPass):
                 )
             kv_layout = "rows"  # the host attention cache is row-major
         self.kv_attention = kv_attention
+        # The host's cores the attention kernel takes (None: all of torch's threads);
+        # ``MultiEngine`` gives each engine its share, so that they do not fight over them.
+        self.host_threads: int | None = None
         self.weights = weights
         self.kv_on = kv_on
         self.kv_bits = kv_bits
@@ -415,7 +418,8 @@ class Engine(BatchRunner, ScoringPass):
             host_type = SlotMajorHostKV if self.kv_layout == "slots" else HostKV
             extra = {}
             if self.kv_attention == "host":  # device slots for the prefill alone
-                host_type, extra = HostAttentionKV, {"prefill_slots": prompt_len}
+                host_type = HostAttentionKV
+                extra = {"prefill_slots": prompt_len, "threads": self.host_threads}
             kv = host_type(
                 config,
                 batch,

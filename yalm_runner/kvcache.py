@@ -389,10 +389,12 @@ class HostAttentionKV(HostKV):
         arena: HostArena | None = None,
         stream: torch.cuda.Stream | None = None,
         prefill_slots: int | None = None,
+        threads: int | None = None,
     ):
         if bits == 16:
             raise ValueError("host attention reads 8- or 4-bit records, not 16-bit values")
         self._prefill_slots = prefill_slots or slots
+        self.threads = threads  # the kernel's threads (None: torch's count)
         super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
         heads, dim, record = config.num_heads, config.head_dim, self._record_shape[-1]
         # The step's staging, flat: viewed at the live rows' size, so that every view is
@@ -467,7 +469,7 @@ class HostAttentionKV(HostKV):
         # The kernel writes the new slot's records too: no torch op on the host beside it.
         out = hostattn.attend(
             host_keys, host_values, self._bits, self._dtype, staged[0], staged[1], staged[2],
-            valid, self._row_index, out=out, new_records=staged_records,
+            valid, self._row_index, out=out, new_records=staged_records, threads=self.threads,
         )  # fmt: skip
         self.bytes_moved += step.numel() * 4 + records.numel() + out.numel() * 4
         # On a GPU the output travels from pinned memory; the next layer's call reuses it only

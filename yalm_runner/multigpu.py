@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+import torch
+
 from yalm_runner.batchstate import BatchCheckpoint, PlannedBatch
 from yalm_runner.engine import BatchRunner, Engine, Finished, GenerationStats, Request
 from yalm_runner.packing import Scored, ScoreRequest
@@ -31,6 +33,11 @@ class MultiEngine(BatchRunner):
         if not engines:
             raise ValueError("MultiEngine needs at least one engine")
         self.engines = engines
+        # Engines that attend on the host share its cores (each would otherwise take them all
+        # and the kernels would fight over them): an equal share each.
+        attending = [engine for engine in engines if engine.kv_attention == "host"]
+        for engine in attending:
+            engine.host_threads = max(1, torch.get_num_threads() // len(attending))
         self.config = engines[0].config
         self.device = engines[0].device
         self.dtype = engines[0].dtype
