@@ -98,13 +98,18 @@ class FillingDisk(Disk):
 
 
 def tree_bytes(*folders: Path) -> int:
-    return sum(
-        path.stat().st_size
-        for folder in folders
-        if folder.exists()
-        for path in folder.rglob("*")
-        if path.is_file()
-    )
+    """The bytes of every file under ``folders`` now. Called from the fetch's own threads while
+    others write and rename: a file listed and then renamed before its size is read (a
+    ``.partial`` made final) is counted under its new name by the next call, not this one."""
+    total = 0
+    for folder in folders:
+        for root, _, names in os.walk(folder):  # a folder gone while walked is skipped
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    continue
+    return total
 
 
 def store_files(path: Path) -> dict[str, str]:
