@@ -47,6 +47,21 @@ def kill_config(directory: Path, feed_server, model: Path, **generation) -> Path
     )
 
 
+def serve_samples(feed_server) -> None:
+    """The two bundled sample feeds, at /rss and /atom (``kill_config``'s feeds)."""
+    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
+    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+
+
+def command_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A command's environment: no Prefect settings of ours (a temporary server of its own,
+    under ``tmp_path``), its own device locks, one torch thread; ``extra`` on top."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"), **extra)  # fmt: skip
+    return env
+
+
 def table(config_path: Path, query: str) -> list[tuple]:
     database = load_config(config_path).database_path
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
@@ -93,8 +108,7 @@ def test_a_flow_killed_mid_generation_resumes_to_the_uninterrupted_table(
     from flows.pipeline import news_to_forecast
 
     monkeypatch.setenv("YALM_FORECAST_LOCK_DIR", str(tmp_path / "locks"))
-    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
-    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    serve_samples(feed_server)
     reference = kill_config(tmp_path / "reference", feed_server, tiny_store)
     summary = news_to_forecast(config_path=str(reference), as_of=AS_OF)
     assert summary.generate.generated == 7
@@ -128,8 +142,7 @@ def test_a_flow_killed_anywhere_in_generation_resumes_exactly_on_a_flat_model(
     """Sampling on, KV checkpointed at every checkpoint, killed inside a prefill, right after a
     checkpoint, between two checkpoints and late: the stored forecasts are byte for byte an
     uninterrupted run's, each stored once, and the state folder is gone at the end."""
-    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
-    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    serve_samples(feed_server)
     settings = {"temperature": 0.8, "top_p": 0.9, "kv_checkpoint_interval": 1e-9}
     reference = kill_config(tmp_path / "reference", feed_server, flat_store, **settings)
     status, _, err = run_child(reference, 0, tmp_path)
@@ -162,12 +175,9 @@ def test_a_killed_command_leaves_no_temporary_prefect_server_behind(
 ):
     from flows.commands.serverguard import OWNER_ENV, SERVER_COMMAND
 
-    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
-    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    serve_samples(feed_server)
     config = kill_config(tmp_path / "shard", feed_server, tiny_store)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
-               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"))  # fmt: skip
+    env = command_env(tmp_path)
     for command in (["ingest"], ["render", "--as-of", AS_OF]):
         subprocess.run([sys.executable, "-m", "flows.commands.cli", *command, "--config",
                         str(config)], env=env, check=True, capture_output=True)  # fmt: skip
@@ -222,13 +232,9 @@ def test_a_temporary_server_that_never_answers_stops_the_shard_in_one_line_and_c
     is never waited for.)"""
     from flows.commands.serverguard import OWNER_ENV, SERVER_COMMAND
 
-    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
-    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    serve_samples(feed_server)
     config = kill_config(tmp_path / "shard", feed_server, tiny_store)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
-               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")  # fmt: skip
+    env = command_env(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
     command = [sys.executable, "-m", "flows.commands.cli"]
     for step in (["ingest"], ["render", "--as-of", AS_OF]):
         subprocess.run([*command, *step, "--config", str(config)], env=env, check=True,
@@ -266,13 +272,9 @@ def test_an_invalid_prefect_setting_is_one_line_naming_its_variable(
     from deep inside a flow run, with pydantic's traceback. The command checks Prefect's
     settings before any flow: exit 1, the variable named in the last line (and in the log),
     no store written."""
-    feed_server.add("/rss", body=sample("markets_ru.rss.xml"))
-    feed_server.add("/atom", body=sample("global_markets_en.atom.xml"))
+    serve_samples(feed_server)
     config = kill_config(tmp_path / "bad", feed_server, tiny_store)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
-               YALM_FORECAST_LOCK_DIR=str(tmp_path / "locks"),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0.01")  # fmt: skip
+    env = command_env(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0.01")
     done = subprocess.run(
         [sys.executable, "-m", "flows.commands.cli", *command, "--config", str(config)],
         env=env, capture_output=True, text=True, timeout=600,
