@@ -235,6 +235,15 @@ def quantize_int4(
     return packed, scales, zeros
 
 
+def int4_scales_offsets(
+    scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scales and zeros as one multiply and one add per element, in ``dtype``:
+    w = code * scale + (zero - 8 * scale), the offset computed in fp32."""
+    offsets = zeros.to(torch.float32) - INT4_OFFSET * scales.to(torch.float32)
+    return scales.to(dtype), offsets.to(dtype)
+
+
 def dequantize_int4(
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -247,9 +256,7 @@ def dequantize_int4(
     rows, cols = packed.shape[0], 2 * packed.shape[1]
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
-    # w = code * scale + (zero - 8 * scale): one multiply and one add per element.
-    offsets = zeros.to(torch.float32) - INT4_OFFSET * scales.to(torch.float32)
-    scales_c, offsets_c = scales.to(dtype), offsets.to(dtype)
+    scales_c, offsets_c = int4_scales_offsets(scales, zeros, dtype)
     if USE_FUSED_KERNEL and out.is_cuda and out.is_contiguous() and fused_int4_available():
         fused = fused_int4_dequantize(packed, scales_c, offsets_c, group_size, out)
         if fused is not None:

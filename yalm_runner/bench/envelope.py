@@ -37,7 +37,7 @@ from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import MemoryPlan, plan_memory
-from yalm_runner.quant import INT4_OFFSET, Quantization, dequantize_matrix
+from yalm_runner.quant import Quantization, dequantize_matrix, int4_scales_offsets
 from yalm_runner.streaming import StreamingWeights
 from yalm_runner.tensorfile import (
     FileLayout,
@@ -190,9 +190,9 @@ def _dequantize_alone(stored, name, group, scratch) -> list[dict]:
     from yalm_runner.kernels import fused_int4_dequantize
 
     codes = stored[f"{name}.q"]
-    scales = stored[f"{name}.scale"].to(torch.float32)
-    offsets = (stored[f"{name}.zero"].to(torch.float32) - INT4_OFFSET * scales).to(scratch.dtype)
-    scales = scales.to(scratch.dtype)
+    scales, offsets = int4_scales_offsets(
+        stored[f"{name}.scale"], stored[f"{name}.zero"], scratch.dtype
+    )
     engine = fused_int4_dequantize(codes, scales, offsets, group, scratch)
     if engine is None:
         return [{"variant": "int4 dequantization alone", "error": "the fused kernel is off"}]
