@@ -274,8 +274,8 @@ class HostKV(_PinnedKV):
         ``fetching``: a prefill from slot 0) and out."""
         super()._allocate(slots)
         if self._bits == 16:
-            # The records are the values: host rows travel straight into the slots.
-            self._incoming = [list(slot) for slot in self._slots]
+            # The records are the values: host rows travel straight into and out of the slots.
+            self._incoming, self._outgoing = [list(slot) for slot in self._slots], None
             return
         size = kv_record_shape(self._bits, (self._batch, slots, *self._slot_tail), self._dtype)[0]
 
@@ -291,8 +291,7 @@ class HostKV(_PinnedKV):
     @property
     def device_bytes(self) -> int:
         """What this cache holds on the device now: its slots and their staging."""
-        held = [*(self._slots or ()), *(self._incoming or ())]
-        held += [*(getattr(self, "_outgoing", None) or ())]  # 16 bits has none
+        held = [*(self._slots or ()), *(self._incoming or ()), *(self._outgoing or ())]
         sizes = {t.data_ptr(): t.numel() * t.element_size() for pair in held for t in pair}
         return sum(sizes.values())
 
