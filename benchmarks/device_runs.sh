@@ -119,10 +119,11 @@ case "$1" in
       -k "host" 2>&1 | tee "$OUT/sweep_host.txt" | grep -E "reserved|passed|failed|Error"
     ;;
   envelope-host)  # issue 17: the envelope with decode attention on the host (the KV cache
-    # never crosses the link: the floor is the weights' bytes alone)
+    # never crosses the link: the floor is the weights' bytes alone), the planner free to keep
+    # layers on the GPU and to read some from the drive holding DISK_DIR, as envelope-disk
     python3 -m yalm_runner.bench.envelope --shape yalm-100b --quantize int4 --group-size 128 \
       --gpu-memory 8GiB --cpu-memory 64GiB --kv-bits 4 --prompt-len 100-128 -n 128 \
-      --kv-attention host --json "$OUT/envelope-host.json" 2>&1 | tee "$OUT/envelope-host.txt"
+      --kv-attention host --disk-dir "${DISK_DIR:-/tmp}" --json "$OUT/envelope-host.json" 2>&1 | tee "$OUT/envelope-host.txt"
     ;;
   step-profile)  # issue 17: where the envelope's step goes above its floor (20-layer slice)
     python3 benchmarks/step_profile.py --layers 20 --steps 8 2>&1 | tee "$OUT/step_profile.txt"

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from yalm_runner import kvcache
 from yalm_runner.bench.envelope import CompressedSyntheticStore, _prompts
 from yalm_runner.bench.link import measure_h2d
 from yalm_runner.bench.synthetic import NO_EOS, SHAPES
@@ -42,8 +43,16 @@ def main() -> None:
         "--buffers", default="2,3,4", help="device buffers to compare; the first is profiled"
     )
     parser.add_argument("--trace", help="write the long run's Chrome trace here (.json.gz)")
+    parser.add_argument("--kv-attention", choices=["device", "host"], default="device")
+    parser.add_argument(
+        "--moves",
+        default="auto",
+        help="with --kv-attention host: how the step's q/k/v and output cross (kvcache.HOST_MOVES)"
+        ", a comma list to compare (auto,copy); each with every buffer count",
+    )
     args = parser.parse_args()
     counts = [int(count) for count in args.buffers.split(",")]
+    moves = args.moves.split(",") if args.kv_attention == "host" else ["auto"]
     config = replace(SHAPES["yalm-100b"], num_layers=args.layers)
     dtype = torch.bfloat16
     link = measure_h2d()["pinned"]
@@ -53,6 +62,7 @@ def main() -> None:
         cpu_memory_bytes=parse_bytes("64GiB"),
         kv_bits=args.kv_bits,
         weights_on="cpu",  # every layer streams, as in the full envelope
+        kv_attention=args.kv_attention,
     )
     plan = plan_memory(
         store,
@@ -68,9 +78,10 @@ def main() -> None:
     torch.cuda.set_per_process_memory_fraction(policy.gpu_memory_bytes / total)
     greedy = SamplingParams(greedy=True)
     profiles = {}
-    print("| device buffers | step | floor | step/floor | peak GPU |")
-    print("|---|---|---|---|---|")
-    for count in counts:
+    print("| device buffers | host moves | step | floor | step/floor | peak GPU |")
+    print("|---|---|---|---|---|---|")
+    for count, move in [(count, move) for count in counts for move in moves]:
+        kvcache.HOST_MOVES = move
         weights = StreamingWeights(
             store, "cuda", dtype, plan.placement, verify=False, buffers=count
         )
@@ -90,11 +101,11 @@ def main() -> None:
         step_s, moved, passes = run(args.steps)
         floor_s = moved / passes / link
         print(
-            f"| {count} | {step_s * 1e3:.1f} ms | {floor_s * 1e3:.1f} ms | "
+            f"| {count} | {move} | {step_s * 1e3:.1f} ms | {floor_s * 1e3:.1f} ms | "
             f"{step_s / floor_s:.2f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |",
             flush=True,
         )
-        if count == counts[0]:
+        if (count, move) == (counts[0], moves[0]):
             for steps in (1, 1 + args.steps):  # their difference is decode steps alone
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     run(steps)

@@ -28,6 +28,7 @@ import torch
 
 BLOCK = 1024  # packed bytes per program
 KV_BLOCK = 1024  # a row's code bytes per program
+MOVE_BLOCK = 2048  # elements per program of a move to or from pinned memory
 
 
 @functools.cache
@@ -63,6 +64,7 @@ def _kernel():
 
 _state = {"proven": False, "refused": ""}
 _kv_state = {"proven": False, "refused": ""}
+_move_state = {"proven": False, "refused": ""}
 
 
 @functools.cache
@@ -109,6 +111,34 @@ def _kv_kernel():
 
 
 @functools.cache
+def _move_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def move(source, out, count, BLOCK: tl.constexpr):
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = j < count
+        values = tl.load(source + j, mask=inside)
+        tl.store(out + j, values.to(out.dtype.element_ty), mask=inside)
+
+    return triton, move
+
+
+class _Mapped:
+    """A pinned host tensor passed to a kernel as a pointer: Triton asks the driver for its
+    address on the device (registered memory is mapped there), so the kernel's loads or stores
+    cross the link themselves, on no copy engine."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.dtype = tensor.dtype
+        self._tensor = tensor
+
+    def data_ptr(self) -> int:
+        return self._tensor.data_ptr()
+
+
+@functools.cache
 def _importable() -> bool:
     try:
         _kernel()
@@ -125,6 +155,11 @@ def fused_int4_available() -> bool:
 def fused_kv_available() -> bool:
     """Triton is there and the KV kernel has not failed to build on this machine."""
     return _importable() and not _kv_state["refused"]
+
+
+def pinned_moves_available() -> bool:
+    """Triton is there and the move kernel has not failed to run on this machine."""
+    return _importable() and not _move_state["refused"]
 
 
 def fused_int4_dequantize(
@@ -198,6 +233,40 @@ def fused_kv_decode(record: torch.Tensor, bits: int, out: torch.Tensor) -> torch
         refuse_fused_kv(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
     _kv_state["proven"] = True
+    return out
+
+
+def move_pinned(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """``out.copy_(source)`` (with a cast) between pinned host memory and the device, by a
+    kernel that reads or writes the host memory itself; both contiguous and the same size,
+    queued on the current stream (the host must not touch the pinned side until it has run).
+
+    Why not a copy: a copy from the host queues on a copy engine behind the weights' copy in
+    flight (a whole layer, ~12 ms at YaLM-100B's envelope), so attention on the host waited for
+    the next layer's weights to arrive before its output could reach the device. A kernel's
+    loads cross the link beside that copy. None if the kernel failed to build on its first use
+    (then it is not tried again; the caller copies)."""
+    if _move_state["refused"]:
+        return None
+    assert source.is_contiguous() and out.is_contiguous() and source.numel() == out.numel()
+    triton, kernel = _move_kernel()
+    count = source.numel()
+    source_arg = _Mapped(source) if source.device.type == "cpu" else source
+    out_arg = _Mapped(out) if out.device.type == "cpu" else out
+    try:
+        kernel[(triton.cdiv(count, MOVE_BLOCK),)](source_arg, out_arg, count, BLOCK=MOVE_BLOCK)
+    except Exception as exc:
+        if _move_state["proven"]:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _move_state["refused"] = f"{type(exc).__name__}: {first}"
+        warnings.warn(
+            f"the host-memory move kernel does not run on this machine "
+            f"({_move_state['refused']}); copying instead",
+            stacklevel=2,
+        )
+        return None
+    _move_state["proven"] = True
     return out
 
 

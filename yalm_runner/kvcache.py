@@ -30,10 +30,20 @@ import math
 
 import torch
 
-from yalm_runner import hostattn
+from yalm_runner import hostattn, kernels
 from yalm_runner.config import ModelConfig
 from yalm_runner.kvformat import DECODE_BYTES, KV_BITS, decode_kv, encode_kv, kv_record_shape
 from yalm_runner.pinned import pinned_empty
+
+# How attention on the host moves a decode step's q/k/v to pinned RAM and its output back:
+# "auto" by a kernel that reads or writes the pinned memory itself where Triton runs (a copy
+# would queue behind the weights' copy in flight: ``kernels.move_pinned``), else by copies;
+# "copy" always by copies (a benchmark compares the two).
+HOST_MOVES = "auto"
+
+
+def _moves_by_kernel() -> bool:
+    return HOST_MOVES != "copy" and kernels.pinned_moves_available()
 
 
 class _StateDefaults:
@@ -452,18 +462,23 @@ class HostAttentionKV(HostKV):
         self._writing_back = False
         # (2, B, NH, R): the new slot's keys' and values' records
         records = torch.stack([encode_kv(x[:, 0], self._bits) for x in (key, value)])
-        step = torch.stack([query[:, 0], key[:, 0], value[:, 0]]).float()  # (3, B, NH, D)
+        step = torch.stack([query[:, 0], key[:, 0], value[:, 0]])  # (3, B, NH, D)
+        by_kernel = self._cuda and _moves_by_kernel()
         if self._cuda:
             heads, dim, record = self._step_shape
             staged = self._step_values[: 3 * live * heads * dim].view(3, live, heads, dim)
             staged_records = self._step_records[: 2 * live * heads * record]
             staged_records = staged_records.view(2, live, heads, record)
-            staged.copy_(step, non_blocking=True)
-            staged_records.copy_(records, non_blocking=True)
+            by_kernel = by_kernel and kernels.move_pinned(step, staged) is not None
+            if by_kernel:
+                kernels.move_pinned(records, staged_records)
+            else:
+                staged.copy_(step.float(), non_blocking=True)
+                staged_records.copy_(records, non_blocking=True)
             torch.cuda.current_stream(self._device).synchronize()
             out = self._step_out[: live * heads * dim].view(live, heads, dim)
         else:
-            staged, staged_records, out = step, records, None
+            staged, staged_records, out = step.float(), records, None
         host_keys, host_values = self._host[layer_idx]
         # The kernel writes the new slot's records too: no torch op on the host beside it.
         out = hostattn.attend(
@@ -472,8 +487,12 @@ class HostAttentionKV(HostKV):
         )  # fmt: skip
         self.bytes_moved += step.numel() * 4 + records.numel() + out.numel() * 4
         # On a GPU the output travels from pinned memory; the next layer's call reuses it only
-        # after a synchronisation of the compute stream, which this copy is queued on.
-        context = out.to(self._device, non_blocking=self._cuda).to(self._dtype)
+        # after a synchronisation of the compute stream, which this move is queued on.
+        if by_kernel:
+            context = torch.empty(out.shape, dtype=self._dtype, device=self._device)
+            kernels.move_pinned(out, context)
+        else:
+            context = out.to(self._device, non_blocking=self._cuda).to(self._dtype)
         return context.reshape(live, 1, -1)
 
 

@@ -38,6 +38,7 @@ from yalm_runner.offload import OffloadPolicy, parse_bytes
 from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import MemoryPlan, plan_memory
 from yalm_runner.quant import Quantization, dequantize_matrix, int4_scales_offsets
+from yalm_runner.steptime import mean_decode_context
 from yalm_runner.streaming import StreamingWeights
 from yalm_runner.tensorfile import (
     FileLayout,
@@ -278,21 +279,14 @@ def run_envelope(
             _log(f"drive: {drive.bytes_per_s / 1e9:.2f} GB/s sequential ({drive.method})")
             rates = replace(rates, disk_bytes_per_s=drive.bytes_per_s)
         store = DiskBackedSyntheticStore(config, quantization, dtype)
-        plan = plan_memory(
-            store,
-            torch.device("cuda"),  # the plan is a GPU's, also for a smoke run on the CPU
-            dtype,
-            policy,
-            batch_size=rows,
-            max_context=prompt_len[1] + new_tokens,
-            prompt_tokens=prompt_len[1],
-            rates=rates,
-        )
-        _log(f"plan: {plan.describe()}")
-        if plan.kv_attention == "host":  # the kernel's rate at the plan's rows and context
-            context = max(1, round(plan.decode.context))
+        max_context = prompt_len[1] + new_tokens
+        if policy.kv_attention == "host":
+            # The host's rate decides the plan (how many rows its cores attend over in a
+            # layer's time), so it is measured first: at the decode's mean context and the
+            # envelope's 64 rows (per element it hardly depends on the rows).
+            context = max(1, round(mean_decode_context(prompt_len[1], max_context)))
             rate = measure_host_attention(
-                config, policy.kv_bits, plan.batch_size, context, dtype, streaming=cuda
+                config, policy.kv_bits, rows or 64, context, dtype, streaming=cuda
             )
             rates = replace(rates, host_attention_elements_per_s=rate)
             while_streaming = " while the link streams" if cuda else ""
@@ -300,6 +294,17 @@ def run_envelope(
                 f"host attention: {rate / 1e9:.1f} G elements/s at {context} positions"
                 f"{while_streaming}"
             )
+        plan = plan_memory(
+            store,
+            torch.device("cuda"),  # the plan is a GPU's, also for a smoke run on the CPU
+            dtype,
+            policy,
+            batch_size=rows,
+            max_context=max_context,
+            prompt_tokens=prompt_len[1],
+            rates=rates,
+        )
+        _log(f"plan: {plan.describe()}")
         on_disk = [part for part, tier in plan.placement.tiers.items() if tier == "disk"]
         write_s = 0.0
         if on_disk:
