@@ -1,5 +1,7 @@
 """The 100B envelope's synthetic compressed store: the real shape's layout, and a plan that fits."""
 
+from dataclasses import replace
+
 import torch
 
 from yalm_runner.bench.envelope import (
@@ -15,6 +17,7 @@ from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, parse_bytes, plan_placement
 from yalm_runner.planning import plan_memory
 from yalm_runner.quant import Quantization
+from yalm_runner.steptime import StepRates
 from yalm_runner.streaming import StreamingWeights, part_bytes_in
 
 ENVELOPE = OffloadPolicy(
@@ -40,7 +43,7 @@ def test_yalm_100b_in_4_bits_fits_the_envelope_with_dozens_of_rows():
     )
     assert plan.placement.count("cpu") == 80 and plan.kv_on == "cpu"
     assert plan.placement.gpu_total_bytes <= ENVELOPE.gpu_memory_bytes
-    assert plan.placement.cpu_weight_bytes + plan.kv_host_bytes <= ENVELOPE.cpu_memory_bytes
+    assert plan.placement.pinned_bytes + plan.kv_host_bytes <= ENVELOPE.cpu_memory_bytes
     assert plan.batch_size >= 48
 
 
@@ -94,11 +97,11 @@ def test_the_disk_tier_envelope_runs_end_to_end_and_leaves_no_files(tmp_path, ca
     the report's disk line, and the scratch folder gone."""
     main([
         "--shape", "tiny", "--group-size", "16", "--device", "cpu", "--disk-dir", str(tmp_path),
-        "--gpu-memory", "800KiB", "--cpu-memory", "100KiB", "--drive-file", "16MiB", "-n", "8",
+        "--gpu-memory", "800KiB", "--cpu-memory", "150KiB", "--drive-file", "16MiB", "-n", "8",
         "--prompt-len", "8-12", "--rows", "4",
     ])  # fmt: skip
     report = capsys.readouterr().out
-    assert "disk tier: 2 layers" in report
+    assert "disk tier: 3 layers" in report
     assert "(O_DIRECT)" in report or "(buffered after POSIX_FADV_DONTNEED)" in report
     assert "step predicted at the measured rates" in report
     assert list(tmp_path.iterdir()) == []
@@ -138,3 +141,31 @@ def test_the_report_reads_as_a_table():
     assert "| 56 | 128 | 180.0 s | 39.8 | 1120 | 1300 ms | 1200 ms | 1.08 |" in text
     assert "peak GPU 7.00 GiB of 8.00 GiB (88%)" in text
     assert "63.0 GiB of 64 GiB planned, 63.0 GiB locked" in text
+
+
+def test_the_envelope_attending_on_the_host_plans_its_pinned_ram_within_the_budget():
+    """Session 11's envelope: attention on the host at the H200's measured rates, the planner
+    free to keep layers on the GPU and to read some from the drive. Every pinned byte counts
+    against the 64 GiB, a disk tier's relays too (the run that left them out locked 65.0 GiB),
+    and the spare GPU memory holds layers."""
+    store = DiskBackedSyntheticStore(SHAPES["yalm-100b"], Quantization("int4", 128), torch.bfloat16)
+    policy = replace(ENVELOPE, weights_on="auto", kv_attention="host")
+    rates = StepRates(
+        link_bytes_per_s=55.4e9, disk_bytes_per_s=1.78e9, host_attention_elements_per_s=66.7e9
+    )
+    plan = plan_memory(
+        store,
+        torch.device("cuda"),
+        torch.bfloat16,
+        policy,
+        batch_size=None,
+        max_context=256,
+        prompt_tokens=128,
+        rates=rates,
+    )
+    assert plan.kv_attention == "host" and plan.placement.count("gpu") >= 3
+    assert plan.placement.gpu_total_bytes <= ENVELOPE.gpu_memory_bytes
+    assert plan.placement.pinned_bytes + plan.kv_host_bytes <= ENVELOPE.cpu_memory_bytes
+    if plan.placement.count("disk"):
+        assert plan.placement.relay_bytes > 2 * 600 * 2**20
+    assert plan.batch_size >= 72

@@ -31,7 +31,7 @@ def test_every_plan_stays_inside_the_gpu_budget(store_13b):
     for batch in (1, 8, 32, 64, 128):
         chosen = plan(store_13b, batch_size=batch)
         assert chosen.placement.gpu_total_bytes <= BUDGETS.gpu_memory_bytes
-        assert chosen.kv_host_bytes + chosen.placement.cpu_weight_bytes <= BUDGETS.cpu_memory_bytes
+        assert chosen.kv_host_bytes + chosen.placement.pinned_bytes <= BUDGETS.cpu_memory_bytes
 
 
 def test_kv_moves_to_pinned_ram_when_the_gpu_cannot_hold_the_batch(store_13b):
@@ -71,7 +71,7 @@ def test_yalm_100b_in_16_bits_streams_from_disk_beyond_the_ram_budget():
     chosen = plan(store, max_context=256, prompt_tokens=128)
     placement = chosen.placement
     assert placement.count("disk") > 0 and placement.count("cpu") > 0
-    assert placement.cpu_weight_bytes + chosen.kv_host_bytes <= BUDGETS.cpu_memory_bytes
+    assert placement.pinned_bytes + chosen.kv_host_bytes <= BUDGETS.cpu_memory_bytes
     assert placement.gpu_total_bytes <= BUDGETS.gpu_memory_bytes
 
 

@@ -14,12 +14,14 @@ from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.kvcache import HostAttentionKV
 from yalm_runner.kvformat import kv_record_shape
 from yalm_runner.offload import (
+    RELAY_SLACK,
     OffloadPolicy,
     Placement,
     QuantizedResidentWeights,
     ResidentWeights,
     parse_bytes,
     plan_placement,
+    spread_disk_layers,
 )
 from yalm_runner.quant import Quantization
 from yalm_runner.streaming import StreamingWeights, open_weights, part_bytes_in
@@ -271,52 +273,79 @@ def test_the_pinned_kv_memory_is_kept_across_batches_and_leaks_nothing(store, la
         assert again == fresh.generate(second, GREEDY, batch_size=8)
 
 
+# Layers of 100 kB: a disk tier's two pinned relays (a layer and a direct read's slack each)
+# come to ~2.25 layers of the pinned budget.
+LAYER = 100_000
+FIXED = {"embedding": 10_000, "head": 5_000}
+RELAYS = 2 * (LAYER + RELAY_SLACK)
+
+
 def test_budgets_fill_gpu_then_pinned_ram_then_disk():
-    sizes = {"embedding": 100, "head": 50, **{f"layer_{n}": 1000 for n in range(6)}}
-    # GPU: 150 fixed + 2000 stream buffers + 1000 for one resident layer; RAM: two layers.
-    policy = OffloadPolicy(gpu_memory_bytes=3150, cpu_memory_bytes=2500)
+    sizes = {**FIXED, **{f"layer_{n}": LAYER for n in range(6)}}
+    # GPU: 15 kB fixed + 2 stream buffers + one resident layer; RAM: two layers and the relays.
+    policy = OffloadPolicy(gpu_memory_bytes=15_000 + 3 * LAYER, cpu_memory_bytes=2 * LAYER + RELAYS)
     placement = plan_placement(sizes, policy, kv_bytes=0)
     assert [placement.count(tier) for tier in ("gpu", "cpu", "disk")] == [1, 2, 3]
-    assert placement.gpu_total_bytes <= 3150
-    assert placement.streamed_bytes_per_pass == 5000 and placement.disk_bytes_per_pass == 3000
-    everything = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=10**6))
+    assert placement.gpu_total_bytes <= policy.gpu_memory_bytes
+    assert placement.relay_bytes == RELAYS
+    assert placement.pinned_bytes == 2 * LAYER + RELAYS <= policy.cpu_memory_bytes
+    assert placement.streamed_bytes_per_pass == 5 * LAYER
+    assert placement.disk_bytes_per_pass == 3 * LAYER
+    everything = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=10**7))
     assert everything.count("gpu") == 6 and everything.stream_buffer_bytes == 0
+    assert everything.relay_bytes == 0
+
+
+def test_the_disk_relays_take_pinned_ram_that_layers_would_have_taken():
+    """A budget that holds four of the five streamed layers: the fifth goes to disk, so its
+    relays must be pinned too, and they push two more layers to disk (the 100B envelope locked
+    65.0 GiB under a 64 GiB budget when they were not counted)."""
+    sizes = {**FIXED, **{f"layer_{n}": LAYER for n in range(6)}}
+    policy = OffloadPolicy(gpu_memory_bytes=15_000 + 3 * LAYER, cpu_memory_bytes=4 * LAYER + 1)
+    placement = plan_placement(sizes, policy)
+    assert [placement.count(tier) for tier in ("gpu", "cpu", "disk")] == [1, 1, 4]
+    assert placement.pinned_bytes == LAYER + RELAYS <= policy.cpu_memory_bytes
+    no_room = OffloadPolicy(gpu_memory_bytes=15_000 + 3 * LAYER, cpu_memory_bytes=LAYER)
+    with pytest.raises(OffloadError, match=r"two pinned relays of .* over the CPU budget"):
+        plan_placement(sizes, no_room)
 
 
 def test_disk_layers_are_spread_among_the_others_within_the_same_budgets():
     # The greedy fill gives gpu, cpu, cpu, disk, disk, disk; the drive would idle while the first
     # three run. Spread: a disk layer every other place, the rest in their order.
-    sizes = {"embedding": 100, "head": 50, **{f"layer_{n}": 1000 for n in range(6)}}
-    placement = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=3150, cpu_memory_bytes=2500))
+    sizes = {**FIXED, **{f"layer_{n}": LAYER for n in range(6)}}
+    policy = OffloadPolicy(gpu_memory_bytes=15_000 + 3 * LAYER, cpu_memory_bytes=2 * LAYER + RELAYS)
+    placement = plan_placement(sizes, policy)
     layers = [placement.tiers[f"layer_{n}"] for n in range(6)]
     assert layers == ["gpu", "disk", "cpu", "disk", "cpu", "disk"]
-    assert (placement.gpu_weight_bytes, placement.cpu_weight_bytes) == (1150, 2000)
-    assert placement.disk_bytes_per_pass == 3000
+    assert (placement.gpu_weight_bytes, placement.cpu_weight_bytes) == (15_000 + LAYER, 2 * LAYER)
+    assert placement.disk_bytes_per_pass == 3 * LAYER
     # A CPU-only plan: layers resident in RAM, the rest on disk, spread the same way.
-    policy = OffloadPolicy(cpu_memory_bytes=150 + 2000 + 3000)
+    policy = OffloadPolicy(cpu_memory_bytes=15_000 + 2 * LAYER + 3 * LAYER)
     on_cpu = plan_placement(sizes, policy, budgets=policy.budgets_on("cpu"))
     assert [on_cpu.tiers[f"layer_{n}"] for n in range(6)] == ["gpu", "disk"] * 3
 
 
 def test_a_spread_that_would_break_a_budget_keeps_the_greedy_order():
-    # Layer 2 is larger: spread, it would land in pinned RAM beside layer 0 (2200 > 2000).
-    sizes = {"embedding": 100, "head": 50, "layer_0": 1000, "layer_1": 1000, "layer_2": 1200,
-             "layer_3": 1000}  # fmt: skip
-    placement = plan_placement(sizes, OffloadPolicy(gpu_memory_bytes=2550, cpu_memory_bytes=2000))
-    assert [placement.tiers[f"layer_{n}"] for n in range(4)] == ["cpu", "cpu", "disk", "disk"]
-    assert placement.cpu_weight_bytes == 2000
-
-
-def test_a_spread_placement_from_the_planner_gives_the_resident_ids(store, resident_ids):
-    # No layer fits the GPU budget beside the two stream buffers, one fits pinned RAM: the greedy
-    # order is cpu, disk, disk; spread, the pinned layer runs between the two disk ones.
-    sizes = part_bytes_in(store, torch.float32)
-    layer = max(sizes[f"layer_{n}"] for n in range(3))
-    policy = OffloadPolicy(
-        gpu_memory_bytes=sizes["embedding"] + sizes["head"] + 2 * layer, cpu_memory_bytes=layer
-    )
+    # Layer 4 is larger: spread, it would land in pinned RAM beside layer 1 (2.2 layers > 2).
+    sizes = {**FIXED, **{f"layer_{n}": LAYER for n in range(6)}, "layer_4": 120_000}
+    relays = 2 * (120_000 + RELAY_SLACK)
+    policy = OffloadPolicy(gpu_memory_bytes=15_000 + 240_000, cpu_memory_bytes=2 * LAYER + relays)
     placement = plan_placement(sizes, policy)
-    assert [placement.tiers[f"layer_{n}"] for n in range(3)] == ["disk", "cpu", "disk"]
+    assert [placement.tiers[f"layer_{n}"] for n in range(6)] == ["cpu"] * 2 + ["disk"] * 4
+    assert placement.cpu_weight_bytes == 2 * LAYER
+
+
+def test_a_spread_placement_gives_the_resident_ids(store, resident_ids):
+    # The greedy order cpu, disk, disk spread: the pinned layer runs between the two disk ones.
+    # (The planner makes such a mix only with three or more layers on disk: its relays take two
+    # layers' pinned RAM, so this three-layer store is placed by hand.)
+    sizes = part_bytes_in(store, torch.float32)
+    layers = [f"layer_{n}" for n in range(3)]
+    spread = spread_disk_layers(["cpu", "disk", "disk"], layers)
+    assert [spread[layer] for layer in layers] == ["disk", "cpu", "disk"]
+    tiers = {"embedding": "gpu", "head": "gpu", **spread}
+    placement = Placement(tiers, 0, 0, 0, 0, sizes["layer_1"], 0, 0)
     with StreamingWeights(store, "cpu", torch.float32, placement) as weights:
         assert ids(weights) == resident_ids
 

@@ -30,6 +30,7 @@ from yalm_runner.settings import (  # noqa: F401 (parse_bytes: callers import it
 from yalm_runner.steptime import StepRates
 
 FP16_MAX = 65504.0
+RELAY_SLACK = 3 * 4096  # a direct read's alignment slack per relay (``directio.SLACK``)
 TIERS = ("gpu", "cpu", "disk")
 
 
@@ -132,6 +133,12 @@ class Placement:
     streamed_bytes_per_pass: int
     disk_bytes_per_pass: int
     device_memory: str = "GPU"  # the device memory's name: GPU, or RAM on a CPU-only run
+    relay_bytes: int = 0  # pinned RAM the disk tier's two relays take (0: no layer on disk)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Pinned RAM the weights take: their layers and the disk tier's relays."""
+        return self.cpu_weight_bytes + self.relay_bytes
 
     @property
     def gpu_total_bytes(self) -> int:
@@ -155,7 +162,9 @@ class Placement:
             f"stream buffers {format_bytes(self.stream_buffer_bytes)} + KV "
             f"{format_bytes(self.kv_bytes)} + workspace {format_bytes(self.workspace_bytes)} = "
             f"{format_bytes(self.gpu_total_bytes)}; "
-            f"pinned RAM {format_bytes(self.cpu_weight_bytes)}; "
+            f"pinned RAM {format_bytes(self.cpu_weight_bytes)}"
+            + (f" + disk relays {format_bytes(self.relay_bytes)}" if self.relay_bytes else "")
+            + "; "
             f"streamed per pass {format_bytes(self.streamed_bytes_per_pass)}"
         )
 
@@ -215,38 +224,55 @@ def plan_placement(
             f"{format_bytes(kv_bytes)} + workspace {format_bytes(workspace_bytes)} = "
             f"{format_bytes(floor)}; lower the batch size or raise {flag}"
         )
-    tiers = {"embedding": "gpu", "head": "gpu"}
-    device_used, pinned_used, streamed, from_disk = fixed, 0, 0, 0
-    for part in layers:
-        size = part_bytes[part]
-        if weights_on == "auto" and (
-            device_budget is None or floor + (device_used - fixed) + size <= device_budget
-        ):
-            tiers[part] = "gpu"
-            device_used += size
-        elif (
-            pinned_tier
-            and weights_on != "disk"
-            and (pinned_budget is None or pinned_used + size <= pinned_budget)
-        ):
-            tiers[part] = "cpu"
-            pinned_used += size
-            streamed += size
-        elif weights_on == "cpu":
+
+    def greedy(pinned_room: int | None) -> tuple[dict[str, str], int, int, int, int]:
+        tiers = {"embedding": "gpu", "head": "gpu"}
+        device_used, pinned_used, streamed, from_disk = fixed, 0, 0, 0
+        for part in layers:
+            size = part_bytes[part]
+            if weights_on == "auto" and (
+                device_budget is None or floor + (device_used - fixed) + size <= device_budget
+            ):
+                tiers[part] = "gpu"
+                device_used += size
+            elif (
+                pinned_tier
+                and weights_on != "disk"
+                and (pinned_room is None or pinned_used + size <= pinned_room)
+            ):
+                tiers[part] = "cpu"
+                pinned_used += size
+                streamed += size
+            elif weights_on == "cpu":
+                raise OffloadError(
+                    f"--weights-on cpu needs {format_bytes(pinned_used + size)}+ of pinned RAM "
+                    f"for {part} onwards, but the CPU budget is {format_bytes(pinned_room or 0)}"
+                )
+            else:
+                tiers[part] = "disk"
+                streamed += size
+                from_disk += size
+        return tiers, device_used, pinned_used, streamed, from_disk
+
+    # A layer read from disk passes through one of two pinned relays (``streaming``): once any
+    # layer is, the pinned budget holds the relays beside the pinned layers (the 100B envelope
+    # locked 65.0 GiB under a 64 GiB budget before they were counted).
+    tiers, device_used, pinned_used, streamed, from_disk = greedy(pinned_budget)
+    relay_bytes = 2 * (largest_layer + RELAY_SLACK) if from_disk and pinned_tier else 0
+    if relay_bytes and pinned_budget is not None and pinned_used + relay_bytes > pinned_budget:
+        if relay_bytes > pinned_budget:
             raise OffloadError(
-                f"--weights-on cpu needs {format_bytes(pinned_used + size)}+ of pinned RAM for "
-                f"{part} onwards, but the CPU budget is {format_bytes(pinned_budget or 0)}"
+                f"layers read from disk pass through two pinned relays of "
+                f"{format_bytes(relay_bytes // 2)}, over the CPU budget "
+                f"{format_bytes(pinned_budget)}"
             )
-        else:
-            tiers[part] = "disk"
-            streamed += size
-            from_disk += size
+        tiers, device_used, pinned_used, streamed, from_disk = greedy(pinned_budget - relay_bytes)
     spread = spread_disk_layers([tiers[part] for part in layers], layers)
     used = {
         tier: sum(part_bytes[part] for part in layers if spread[part] == tier) for tier in TIERS
     }
     if (device_budget is None or floor + used["gpu"] <= device_budget) and (
-        pinned_budget is None or used["cpu"] <= pinned_budget
+        pinned_budget is None or used["cpu"] + relay_bytes <= pinned_budget
     ):  # the budgets the greedy order was held to (layers of one size: always)
         tiers.update(spread)
         device_used, pinned_used, from_disk = fixed + used["gpu"], used["cpu"], used["disk"]
@@ -261,6 +287,7 @@ def plan_placement(
         streamed,
         from_disk,
         memory,
+        relay_bytes,
     )
 
 

@@ -360,7 +360,7 @@ def run_envelope(
         "floor_step_s": floor_s,
         "step_over_floor": step_s / floor_s,
         "peak_gpu_bytes": measured["peak"],
-        "pinned_ram_bytes": plan.placement.cpu_weight_bytes + plan.kv_host_bytes,
+        "pinned_ram_bytes": plan.placement.pinned_bytes + plan.kv_host_bytes,
         "locked_ram_bytes": measured["locked"],
         "bf16_layers_bytes": bf16_layer_bytes,
         "load_s": measured["load_s"],
