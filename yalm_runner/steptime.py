@@ -82,10 +82,11 @@ class StepRates:
     row_overhead_s: float = 7.4e-6
     # Decode attention on the host (``hostattn``): KV elements (keys and values apart) its cores
     # read per second, and what each layer's call costs beside (the device's synchronisation,
-    # the staging copies' issue, the encoding launches; estimated, not measured). The rate is
-    # what the lent H200's 16 host cores gave while the link streamed weights flat out (9-14 G;
-    # 21 G alone); a desktop's cores differ, so calibrate it (``bench.calibrate``).
-    host_attention_elements_per_s: float = 10e9
+    # the staging moves' launches, the encoding launches; estimated, not measured). The lent
+    # H200's 16 host cores gave 55-72 G while the link streamed weights flat out (session 11;
+    # 4-6 G a core); the default is a desktop's 8 cores at ~4 G each, an estimate: calibrate it
+    # on the machine (``bench.calibrate``).
+    host_attention_elements_per_s: float = 30e9
     host_call_s: float = 150e-6
 
     def codec_rate(self, key: str) -> float:
