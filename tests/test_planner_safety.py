@@ -33,6 +33,7 @@ from yalm_runner.bench.synthetic import NO_EOS, SHAPES, SyntheticStore
 from yalm_runner.config import SamplingParams
 from yalm_runner.engine import Engine, Request
 from yalm_runner.offload import OffloadPolicy, format_bytes, parse_bytes
+from yalm_runner.pinned import locked_bytes
 from yalm_runner.planning import plan_memory
 from yalm_runner.steptime import StepRates
 from yalm_runner.streaming import StreamingWeights
@@ -180,9 +181,14 @@ def test_an_accepted_plan_runs_under_its_cap(case: Case, stores):
         engine.generate(requests, SamplingParams(greedy=True), batch_size=plan.batch_size)
         torch.cuda.synchronize()
         reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
+        # Pinned RAM the run holds (weights, a disk tier's relays, the KV cache and its
+        # staging), against what the plan counted (session 11: uncounted relays put the
+        # envelope 1 GiB over its RAM budget).
+        locked = locked_bytes()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     stats = engine.stats
+    planned_pinned = plan.placement.pinned_bytes + plan.kv_host_bytes
     measured = stats.decode_s / max(stats.forward_passes - 1, 1)
     if drive_before is not None:
         # The drive is an input of the model, like the link: the step is predicted at the
@@ -214,10 +220,12 @@ def test_an_accepted_plan_runs_under_its_cap(case: Case, stores):
         f"{format_bytes(allocated):>10}; step predicted {predicted.total_s * 1e3:6.1f} ms "
         f"measured {measured * 1e3:6.1f} ms ({ratio:.2f}x{'' if streams else ', not held'}; "
         f"{predicted.bound}{codec_rate}; {terms}); {time.perf_counter() - began:.0f} s, "
-        f"calibration {calibrated_s:.1f} s [{plan.describe()}]",
+        f"calibration {calibrated_s:.1f} s; pinned {format_bytes(locked)} locked, "
+        f"{format_bytes(planned_pinned)} planned [{plan.describe()}]",
         flush=True,
     )
     assert reserved <= cap, f"reserved {format_bytes(reserved)} over the {case.budget} cap"
+    assert locked <= policy.cpu_memory_bytes, f"pinned {format_bytes(locked)} over the RAM budget"
     if streams and not 0.90 <= ratio <= 1.10:
         miss = (
             f"measured step {measured * 1e3:.1f} ms is {ratio:.2f}x the predicted "
