@@ -1,6 +1,7 @@
 """The streaming engine: offloaded output equals resident output, and budgets are enforced."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -305,6 +306,12 @@ def test_the_disk_relays_take_pinned_ram_that_layers_would_have_taken():
     placement = plan_placement(sizes, policy)
     assert [placement.count(tier) for tier in ("gpu", "cpu", "disk")] == [1, 1, 4]
     assert placement.pinned_bytes == LAYER + RELAYS <= policy.cpu_memory_bytes
+    # Two GPUs share the pinned layers; each streams through relays of its own.
+    twelve = {**FIXED, **{f"layer_{n}": LAYER for n in range(12)}}
+    shared = replace(policy, cpu_memory_bytes=2 * LAYER + 2 * RELAYS)
+    pair = plan_placement(twelve, shared, sources=2)
+    assert [pair.count(tier) for tier in ("gpu", "cpu", "disk")] == [1, 2, 9]
+    assert pair.relay_bytes == 2 * RELAYS and pair.pinned_bytes == 2 * LAYER + 2 * RELAYS
     no_room = OffloadPolicy(gpu_memory_bytes=15_000 + 3 * LAYER, cpu_memory_bytes=LAYER)
     with pytest.raises(OffloadError, match=r"two pinned relays of .* over the CPU budget"):
         plan_placement(sizes, no_room)

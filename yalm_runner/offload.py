@@ -176,9 +176,12 @@ def plan_placement(
     workspace_bytes: int = 0,
     *,
     budgets: MemoryBudgets | None = None,
+    sources: int = 1,
 ) -> Placement:
     """Place parts: embedding and head on the device, then layers on the device while its
     budget allows (after stream buffers, KV and workspace), then pinned RAM, then disk.
+    ``sources``: the devices streaming the placement (they share the pinned layers; each has
+    its own disk relays).
 
     ``budgets`` default to ``policy``'s on a GPU; a CPU-only machine passes
     ``policy.budgets_on("cpu")``: layers are resident within the RAM budget, the rest stream
@@ -258,12 +261,12 @@ def plan_placement(
     # layer is, the pinned budget holds the relays beside the pinned layers (the 100B envelope
     # locked 65.0 GiB under a 64 GiB budget before they were counted).
     tiers, device_used, pinned_used, streamed, from_disk = greedy(pinned_budget)
-    relay_bytes = 2 * (largest_layer + RELAY_SLACK) if from_disk and pinned_tier else 0
+    relay_bytes = sources * 2 * (largest_layer + RELAY_SLACK) if from_disk and pinned_tier else 0
     if relay_bytes and pinned_budget is not None and pinned_used + relay_bytes > pinned_budget:
         if relay_bytes > pinned_budget:
             raise OffloadError(
                 f"layers read from disk pass through two pinned relays of "
-                f"{format_bytes(relay_bytes // 2)}, over the CPU budget "
+                f"{format_bytes(relay_bytes // (2 * sources))} per device, over the CPU budget "
                 f"{format_bytes(pinned_budget)}"
             )
         tiers, device_used, pinned_used, streamed, from_disk = greedy(pinned_budget - relay_bytes)

@@ -224,7 +224,9 @@ def plan_memory(
         work = scratch + max(waiting + grouped, decode)
         group_rows = group if group < batch else 0
         if kv_on == "gpu":
-            placement = plan_placement(parts, policy, batch * kv_row, work, budgets=budgets)
+            placement = plan_placement(
+                parts, policy, batch * kv_row, work, budgets=budgets, sources=copies
+            )
             plan = MemoryPlan(batch, max_context, "gpu", kv_row, 0, work, placement, group_rows)
             return _counted(plan, config, parts, element, compressed, prefill, 16)
         # The rows' KV is reserved in RAM first; the weights take what is left of it.
@@ -253,7 +255,7 @@ def plan_memory(
             device_kv = 2 * batch * kv_layer_row + 4 * layer_host + 3 * DECODE_BYTES
         else:
             device_kv = 2 * batch * kv_layer_row
-        placement = plan_placement(parts, policy, device_kv, work, budgets=rest)
+        placement = plan_placement(parts, policy, device_kv, work, budgets=rest, sources=copies)
         plan = MemoryPlan(
             batch, max_context, "cpu", host_row, host, work, placement, group_rows, layout,
             kv_attention=policy.kv_attention,
