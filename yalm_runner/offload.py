@@ -19,6 +19,7 @@ import torch
 
 from yalm_runner.checkpoint import ModelStore
 from yalm_runner.config import ModelConfig
+from yalm_runner.directio import SLACK
 from yalm_runner.errors import ConfigError, OffloadError
 from yalm_runner.model import Weights
 from yalm_runner.quant import DequantizingWeights, scratch_elements, to_compute
@@ -30,7 +31,7 @@ from yalm_runner.settings import (  # noqa: F401 (parse_bytes: callers import it
 from yalm_runner.steptime import StepRates
 
 FP16_MAX = 65504.0
-RELAY_SLACK = 3 * 4096  # a direct read's alignment slack per relay (``directio.SLACK``)
+RELAY_SLACK = SLACK  # a direct read's alignment slack, per relay
 TIERS = ("gpu", "cpu", "disk")
 
 
