@@ -21,7 +21,6 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from yalm_runner import kvcache
 from yalm_runner.bench.envelope import CompressedSyntheticStore, _prompts
 from yalm_runner.bench.link import measure_h2d
 from yalm_runner.bench.synthetic import NO_EOS, SHAPES
@@ -47,7 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--moves",
         default="auto",
-        help="with --kv-attention host: how the step's q/k/v and output cross (kvcache.HOST_MOVES)"
+        help="with --kv-attention host: how the step's q/k/v and output cross (Engine.host_moves)"
         ", a comma list to compare (auto,copy); each with every buffer count",
     )
     args = parser.parse_args()
@@ -81,11 +80,11 @@ def main() -> None:
     print("| device buffers | host moves | step | floor | step/floor | peak GPU |")
     print("|---|---|---|---|---|---|")
     for count, move in [(count, move) for count in counts for move in moves]:
-        kvcache.HOST_MOVES = move
         weights = StreamingWeights(
             store, "cuda", dtype, plan.placement, verify=False, buffers=count
         )
         engine = Engine.for_plan(weights, plan, policy.kv_bits, eos_id=NO_EOS)
+        engine.host_moves = move
         engine.reserve(plan.batch_size, plan.max_context)
         engine.generate(_prompts(1, 8, 8, 2), greedy, batch_size=1)
         torch.cuda.reset_peak_memory_stats()

@@ -242,6 +242,8 @@ class Engine(BatchRunner, ScoringPass):
         # The host's cores the attention kernel takes (None: all of torch's threads);
         # ``MultiEngine`` gives each engine its share, so that they do not fight over them.
         self.host_threads: int | None = None
+        # How its decode steps move q/k/v and the output (``HostAttentionKV``'s ``moves``).
+        self.host_moves = "auto"
         self.weights = weights
         self.kv_on = kv_on
         self.kv_bits = kv_bits
@@ -419,7 +421,11 @@ class Engine(BatchRunner, ScoringPass):
             extra = {}
             if self.kv_attention == "host":  # device slots for the prefill alone
                 host_type = HostAttentionKV
-                extra = {"prefill_slots": prompt_len, "threads": self.host_threads}
+                extra = {
+                    "prefill_slots": prompt_len,
+                    "threads": self.host_threads,
+                    "moves": self.host_moves,
+                }
             kv = host_type(
                 config,
                 batch,

@@ -35,16 +35,6 @@ from yalm_runner.config import ModelConfig
 from yalm_runner.kvformat import DECODE_BYTES, KV_BITS, decode_kv, encode_kv, kv_record_shape
 from yalm_runner.pinned import pinned_empty
 
-# How attention on the host moves a decode step's q/k/v to pinned RAM and its output back:
-# "auto" by a kernel that reads or writes the pinned memory itself where Triton runs (a copy
-# would queue behind the weights' copy in flight: ``kernels.move_pinned``), else by copies;
-# "copy" always by copies (a benchmark compares the two).
-HOST_MOVES = "auto"
-
-
-def _moves_by_kernel() -> bool:
-    return HOST_MOVES != "copy" and kernels.pinned_moves_available()
-
 
 class _StateDefaults:
     """The state API's answers for a cache that re-encodes nothing and keeps no bookkeeping
@@ -399,11 +389,17 @@ class HostAttentionKV(HostKV):
         stream: torch.cuda.Stream | None = None,
         prefill_slots: int | None = None,
         threads: int | None = None,
+        moves: str = "auto",
     ):
         if bits == 16:
             raise ValueError("host attention reads 8- or 4-bit records, not 16-bit values")
         self._prefill_slots = prefill_slots or slots
         self.threads = threads  # the kernel's threads (None: torch's count)
+        # How a decode step's q/k/v go to pinned RAM and its output comes back: "auto" by a
+        # kernel that reads or writes the pinned memory itself where Triton runs (a copy would
+        # queue behind the weights' copy in flight: ``kernels.move_pinned``), else by copies;
+        # "copy" always by copies (a benchmark compares the two).
+        self.moves = moves
         super().__init__(config, batch, slots, device, dtype, bits, arena, stream)
         heads, dim, record = config.num_heads, config.head_dim, self._record_shape[-1]
         # The step's staging, flat: viewed at the live rows' size, so that every view is
@@ -463,7 +459,7 @@ class HostAttentionKV(HostKV):
         # (2, B, NH, R): the new slot's keys' and values' records
         records = torch.stack([encode_kv(x[:, 0], self._bits) for x in (key, value)])
         step = torch.stack([query[:, 0], key[:, 0], value[:, 0]])  # (3, B, NH, D)
-        by_kernel = self._cuda and _moves_by_kernel()
+        by_kernel = self._cuda and self.moves != "copy" and kernels.pinned_moves_available()
         if self._cuda:
             heads, dim, record = self._step_shape
             staged = self._step_values[: 3 * live * heads * dim].view(3, live, heads, dim)
