@@ -4,7 +4,9 @@ dequantization, and the expansion of compressed KV records.
 The torch version of ``quant.dequantize_int4`` makes four passes over the output matrix (low
 nibbles, high nibbles, scale, offset); for YaLM-100B's 27308 x 10240 matrices that is ~2.6 ms
 of a layer's compute, next to ~0.25 ms for the matmul that follows. ``fused_int4_dequantize``
-reads each packed byte once and writes both values once.
+reads each packed byte and its group's scale and offset once, and writes both values in one
+store (0.467 -> 0.407 ms for a 27308 x 10240 matrix on the H200 against its earlier form, which
+stored every other element and loaded the scale for each: same bits).
 
 The torch version of ``kvformat.decode_kv`` likewise makes several passes (mask, shift, cast,
 scale, offset, two strided writes) over every slot of every live row of a layer, at every decode
@@ -45,19 +47,23 @@ def _kernel():
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = j < half_cols
         byte = tl.load(packed + row * half_cols + j, mask=inside, other=0)
-        for nibble in tl.static_range(2):
-            column = 2 * j + nibble
-            code = ((byte >> (4 * nibble)) & 0xF).to(tl.float32)
-            group = row * groups + column // group_size
-            scale = tl.load(scales + group, mask=inside, other=0.0).to(tl.float32)
-            offset = tl.load(offsets + group, mask=inside, other=0.0).to(tl.float32)
-            if out_dtype == tl.float32:
-                value = code * scale + offset
-            else:  # round the product, then the sum, to nearest even: torch's two steps
-                product = code * scale
-                product = product.to(out_dtype, fp_downcast_rounding="rtne").to(tl.float32)
-                value = (product + offset).to(out_dtype, fp_downcast_rounding="rtne")
-            tl.store(out + row * cols + column, value, mask=inside)
+        # A byte's two columns share their group (group sizes are even): its scale and offset
+        # are loaded once, and the two values stored side by side in one store.
+        group = row * groups + (2 * j) // group_size
+        scale = tl.load(scales + group, mask=inside, other=0.0).to(tl.float32)
+        offset = tl.load(offsets + group, mask=inside, other=0.0).to(tl.float32)
+        low, high = (byte & 0xF).to(tl.float32), (byte >> 4).to(tl.float32)
+        if out_dtype == tl.float32:
+            low, high = low * scale + offset, high * scale + offset
+        else:  # round the product, then the sum, to nearest even: torch's two steps
+            low = (low * scale).to(out_dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            high = (high * scale).to(out_dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            low = (low + offset).to(out_dtype, fp_downcast_rounding="rtne")
+            high = (high + offset).to(out_dtype, fp_downcast_rounding="rtne")
+        values = tl.reshape(tl.join(low, high), (2 * BLOCK,))  # low0, high0, low1, ...
+        column = tl.reshape(tl.join(2 * j, 2 * j + 1), (2 * BLOCK,))
+        kept = tl.reshape(tl.join(inside, inside), (2 * BLOCK,))
+        tl.store(out + row * cols + column, values, mask=kept)
 
     return triton, tl, int4_dequantize
 

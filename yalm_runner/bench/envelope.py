@@ -183,32 +183,19 @@ def _tinygemm(stored, name, group, x, scratch, quantization) -> dict:
 
 
 def _dequantize_alone(stored, name, group, scratch) -> list[dict]:
-    """The engine's int4 dequantization kernel alone, and the candidate that stores a byte's
-    two values together (``bench.candidates``), with whether their bits agree."""
+    """The engine's int4 dequantization kernel alone."""
     from triton.testing import do_bench
 
-    from yalm_runner.bench.candidates import paired_int4_dequantize
     from yalm_runner.kernels import fused_int4_dequantize
 
     codes = stored[f"{name}.q"]
     scales, offsets = int4_scales_offsets(
         stored[f"{name}.scale"], stored[f"{name}.zero"], scratch.dtype
     )
-    engine = fused_int4_dequantize(codes, scales, offsets, group, scratch)
-    if engine is None:
+    if fused_int4_dequantize(codes, scales, offsets, group, scratch) is None:
         return [{"variant": "int4 dequantization alone", "error": "the fused kernel is off"}]
-    expected = engine.clone()
     engine_ms = do_bench(lambda: fused_int4_dequantize(codes, scales, offsets, group, scratch))
-    rows = [{"variant": "int4 dequantization alone (the engine's kernel)", "ms": engine_ms}]
-    try:
-        candidate = {
-            "variant": "int4 dequantization alone, pairs stored together (candidate)",
-            "ms": do_bench(lambda: paired_int4_dequantize(codes, scales, offsets, group, scratch)),
-        }
-        candidate["same bits"] = bool(torch.equal(scratch, expected))
-    except Exception as exc:  # a candidate that does not build here is a finding, not a crash
-        candidate = {"variant": "int4 dequantization, pairs together", "error": str(exc)[:200]}
-    return [*rows, candidate]
+    return [{"variant": "int4 dequantization alone (the engine's kernel)", "ms": engine_ms}]
 
 
 def matmul_variants(config: ModelConfig, quantization: Quantization, batch: int) -> list[dict]:
@@ -471,8 +458,6 @@ def format_envelope(r: dict) -> str:
         value = f"{row['ms']:.3f}" if "ms" in row else row.get("error", "")
         if "max error" in row:  # against the engine's dequantize-then-matmul, relative
             value += f" (max error {row['max error']:.1e})"
-        if "same bits" in row:
-            value += " (same bits)" if row["same bits"] else " (bits differ from the engine's)"
         lines.append(f"| {row['variant']} | {value} |")
     return "\n".join(lines)
 
